@@ -1,0 +1,179 @@
+"""Reward heads: a Hugging Face sequence-classification checkpoint as ``scores = f(ids, mask)``.
+
+``ScoreModel`` is the one definition of "the score of an item" on the torch side: training
+optimizes it, the exporter traces it to ONNX and parity compares the ONNX graph against it.
+Pooling is explicit (not left to each architecture's head) so that it is correct under left and
+right padding and so the exported graph takes only ``input_ids``/``attention_mask``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+Kind = Literal["encoder", "decoder"]
+Pooling = Literal["cls", "mean", "last_token"]
+
+# Families we export and test; anything else falls back on the head's attribute name below.
+ENCODER_TYPES = frozenset({"bert", "deberta-v2", "deberta", "roberta", "xlm-roberta", "distilbert", "electra"})
+DECODER_TYPES = frozenset({"llama", "qwen2", "qwen3", "gemma", "gemma2", "mistral", "phi3"})
+
+# Decoders are loaded with eager attention: its masking is exactly reproducible in ONNX and
+# it never turns a fully masked (left-padding) row into NaN.
+DECODER_ATTENTION = "eager"
+
+
+def kind_of(config: Any) -> Kind:
+    """Encoder or decoder, from the config's model_type (or, failing that, its head's name)."""
+    model_type = getattr(config, "model_type", "")
+    if model_type in ENCODER_TYPES:
+        return "encoder"
+    if model_type in DECODER_TYPES:
+        return "decoder"
+    # Decoder sequence-classification heads in transformers are called ``score``.
+    archs = getattr(config, "architectures", None) or []
+    if getattr(config, "is_decoder", False) or any("CausalLM" in a for a in archs):
+        return "decoder"
+    raise ValueError(f"cannot tell whether model_type {model_type!r} is an encoder or a decoder")
+
+
+def pooling_of(config: Any) -> Pooling:
+    """The pooling a checkpoint was trained with: ``rmserve_pooling`` in config.json, else the default."""
+    if kind_of(config) == "decoder":
+        return "last_token"
+    chosen = getattr(config, "rmserve_pooling", None) or "cls"
+    if chosen not in ("cls", "mean"):
+        raise ValueError(f"rmserve_pooling must be 'cls' or 'mean' for an encoder, not {chosen!r}")
+    return chosen  # type: ignore[no-any-return]
+
+
+def uses_token_type_ids(config: Any) -> bool:
+    """BERT-style encoders embed segment ids; DeBERTa-v2 (type_vocab_size 0) and decoders do not."""
+    return kind_of(config) == "encoder" and int(getattr(config, "type_vocab_size", 0) or 0) > 0
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token; right under left padding, right padding and none."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device, dtype=torch.long)
+    return (positions.unsqueeze(0) * attention_mask.long()).amax(dim=1)
+
+
+def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift a row's positions."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+class ScoreModel(nn.Module):
+    """One float32 reward per row of a padded batch."""
+
+    def __init__(self, hf_model: nn.Module, pooling: Pooling, kind: Kind) -> None:
+        super().__init__()
+        if kind == "decoder" and pooling != "last_token":
+            raise ValueError("a decoder reward model pools its last token")
+        if kind == "encoder" and pooling == "last_token":
+            raise ValueError("an encoder pools 'cls' or 'mean'")
+        self.hf_model = hf_model
+        self.pooling = pooling
+        self.kind = kind
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.pooling == "cls":
+            return self._cls(input_ids, attention_mask, token_type_ids)
+        if self.pooling == "mean":
+            return self._mean(input_ids, attention_mask, token_type_ids)
+        return self._last_token(input_ids, attention_mask)
+
+    def _encoder_kwargs(self, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        return kwargs
+
+    def _cls(self, input_ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None) -> torch.Tensor:
+        # The checkpoint's own head (BERT: pooler + classifier; DeBERTa: ContextPooler + classifier).
+        logits = self.hf_model(input_ids=input_ids, **self._encoder_kwargs(mask, types)).logits
+        return logits[:, 0].float()
+
+    def _mean(self, input_ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None) -> torch.Tensor:
+        base = self.hf_model.base_model
+        hidden = base(input_ids=input_ids, **self._encoder_kwargs(mask, types)).last_hidden_state
+        weights = mask.to(hidden.dtype).unsqueeze(-1)
+        # clamp: an all-padding row (never served, but possible in a batch) gives 0, not NaN.
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return self.hf_model.classifier(pooled)[:, 0].float()
+
+    def _last_token(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        base = self.hf_model.base_model
+        hidden = base(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids_of(mask),
+            use_cache=False,
+        ).last_hidden_state
+        index = last_token_index(mask)
+        last = hidden.gather(1, index.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])).squeeze(1)
+        return self.hf_model.score(last)[:, 0].float()
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What the exporter needs to know about a checkpoint besides its weights."""
+
+    kind: Kind
+    pooling: Pooling
+    model_type: str
+    architecture: str
+    base_model: str
+    pad_token_id: int
+    uses_token_type_ids: bool
+    max_position_embeddings: int | None
+
+
+def load_score_model(checkpoint_dir: str | Path, *, attn_implementation: str | None = None) -> tuple[
+    ScoreModel, Any, ModelMeta
+]:
+    """Load a num_labels=1 checkpoint as an fp32 ScoreModel in eval mode, with its tokenizer and meta.
+
+    A tokenizer without a pad token (most decoders) pads with EOS; pooling reads the attention
+    mask, never the pad id, so that choice cannot change a score.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = Path(checkpoint_dir)
+    config = AutoConfig.from_pretrained(path)
+    if int(getattr(config, "num_labels", 1)) != 1:
+        raise ValueError(f"{path} has num_labels={config.num_labels}; a reward model has exactly one")
+    kind = kind_of(config)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"{path}: the tokenizer has neither a pad token nor an EOS token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    config.pad_token_id = tokenizer.pad_token_id
+    attn = attn_implementation or (DECODER_ATTENTION if kind == "decoder" else None)
+    extra = {"attn_implementation": attn} if attn else {}
+    hf_model = AutoModelForSequenceClassification.from_pretrained(
+        path, config=config, dtype=torch.float32, **extra
+    )
+    model = ScoreModel(hf_model, pooling_of(config), kind).eval()
+    archs = getattr(config, "architectures", None) or [type(hf_model).__name__]
+    meta = ModelMeta(
+        kind=kind,
+        pooling=model.pooling,
+        model_type=config.model_type,
+        architecture=archs[0],
+        base_model=str(getattr(config, "_name_or_path", "") or path.name),
+        pad_token_id=int(tokenizer.pad_token_id),
+        uses_token_type_ids=uses_token_type_ids(config),
+        max_position_embeddings=getattr(config, "max_position_embeddings", None),
+    )
+    return model, tokenizer, meta
