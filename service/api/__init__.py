@@ -1,0 +1,1 @@
+"""The HTTP edge: schemas, routes, the error table and the ASGI middleware."""

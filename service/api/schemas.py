@@ -1,0 +1,126 @@
+"""The HTTP edge: pydantic models for requests and responses, and their conversion to items."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.errors import TooLarge
+from service.formatting import ChatItem, Item, Message, PairItem, TextItem
+
+
+class MessageIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Annotated[str, Field(min_length=1, max_length=64, examples=["user"])]
+    content: str
+
+
+class ScoreItemIn(BaseModel):
+    """One item, in one of three shapes: prompt + response, messages, or text."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"prompt": "What is 2+2?", "response": "4"},
+                {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+                {"text": "\n\nHuman: Hi\n\nAssistant: Hello!"},
+            ]
+        },
+    )
+
+    prompt: str | list[MessageIn] | None = Field(None, description="text, or a list of messages")
+    response: str | None = None
+    messages: list[MessageIn] | None = Field(None, min_length=1, description="ends with the assistant's reply")
+    text: str | None = Field(None, description="already formatted text")
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> ScoreItemIn:
+        pair = self.prompt is not None or self.response is not None
+        shapes = sum([pair, self.messages is not None, self.text is not None])
+        if shapes != 1:
+            raise ValueError("give exactly one of: prompt and response, messages, or text")
+        if pair and (self.prompt is None or self.response is None):
+            raise ValueError("prompt and response go together")
+        return self
+
+    def to_item(self) -> Item:
+        if self.messages is not None:
+            return ChatItem(tuple(Message(m.role, m.content) for m in self.messages))
+        if self.text is not None:
+            return TextItem(self.text)
+        assert self.prompt is not None and self.response is not None
+        if isinstance(self.prompt, str):
+            return PairItem(self.prompt, self.response)
+        return PairItem(tuple(Message(m.role, m.content) for m in self.prompt), self.response)
+
+    def chars(self) -> int:
+        msgs = (self.messages or []) + (self.prompt if isinstance(self.prompt, list) else [])
+        texts = [self.response, self.text, self.prompt if isinstance(self.prompt, str) else None]
+        return sum(len(t) for t in texts if t) + sum(len(m.content) + len(m.role) for m in msgs)
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="name of a loaded bundle (default: the only or 'default' one)")
+    items: list[ScoreItemIn] = Field(description="items to score, answered in order")
+    truncation: Literal["auto", "error"] = Field(
+        "auto", description='"auto" truncates an item over max_length (reported in usage); "error" gives 413'
+    )
+    timeout_s: float | None = Field(None, gt=0, description="deadline for this request (at most the server's)")
+
+
+class Usage(BaseModel):
+    items: int
+    tokens: int
+    cache_hits: int
+    truncated: int
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    model_version: str
+    scores: list[float]
+    usage: Usage
+
+
+class RewardRequest(BaseModel):
+    """OpenRLHF's remote reward model protocol."""
+
+    query: list[str] = Field(description="full texts rendered by the policy, special tokens included")
+    prompts: list[str] | None = Field(None, description="each query's prompt (a prefix of the query)")
+    labels: list[str] | None = Field(None, description="reference answers; logged, not used by the model")
+
+
+class RewardResponse(BaseModel):
+    rewards: list[float]
+    scores: list[float]
+    extra_logs: dict[str, list[float]]
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+    request_id: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def to_items(items: list[ScoreItemIn], max_chars: int) -> list[Item]:
+    out: list[Item] = []
+    for i, item in enumerate(items):
+        n = item.chars()
+        if n > max_chars:
+            raise TooLarge(f"items[{i}]: {n} characters is over the limit of {max_chars} per item")
+        out.append(item.to_item())
+    return out
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a route can answer."""
+    return {code: {"model": ErrorResponse} for code in codes}

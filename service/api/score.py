@@ -1,0 +1,102 @@
+"""Scoring routes: /v1/score and OpenRLHF's /get_reward. Thin: parse, call the scorer, answer."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Header, Request
+
+from service.api.schemas import (
+    RewardRequest,
+    RewardResponse,
+    ScoreRequest,
+    ScoreResponse,
+    Usage,
+    error_responses,
+    to_items,
+)
+from service.errors import BadRequest, TooLarge
+from service.openrlhf import query_items
+from service.state import AppState
+
+router = APIRouter()
+
+
+def _deadline(state: AppState, header: float | None, field: float | None) -> float:
+    limit = state.settings.request_timeout_s
+    asked = [t for t in (header, field) if t is not None and t > 0]
+    return time.monotonic() + min([limit, *asked])
+
+
+def _check_count(state: AppState, n: int) -> None:
+    if n > state.settings.max_items_per_request:
+        raise TooLarge(f"{n} items is over the limit of {state.settings.max_items_per_request} per request")
+
+
+@router.post(
+    "/v1/score",
+    response_model=ScoreResponse,
+    responses=error_responses(400, 401, 404, 413, 422, 429, 500, 503, 504),
+    summary="Score (prompt, response) items with a reward model",
+)
+async def score(
+    body: ScoreRequest,
+    request: Request,
+    x_request_timeout: float | None = Header(None, description="deadline in seconds"),
+) -> ScoreResponse:
+    state: AppState = request.app.state.rmserve
+    scorer = state.ready_scorer()
+    _check_count(state, len(body.items))
+    items = to_items(body.items, state.settings.max_chars_per_item)
+    request.state.items = len(items)
+    result = await scorer.score(
+        body.model, items, strict=body.truncation == "error",
+        deadline=_deadline(state, x_request_timeout, body.timeout_s),
+    )
+    request.state.cache_hits = result.cache_hits
+    return ScoreResponse(
+        model=result.model,
+        model_version=result.version,
+        scores=result.scores,
+        usage=Usage(items=len(items), tokens=result.tokens, cache_hits=result.cache_hits,
+                    truncated=result.truncated),
+    )
+
+
+@router.post(
+    "/get_reward",
+    response_model=RewardResponse,
+    responses=error_responses(400, 401, 413, 422, 429, 500, 503, 504),
+    summary="OpenRLHF remote reward model protocol",
+)
+async def get_reward(
+    body: RewardRequest,
+    request: Request,
+    x_request_timeout: float | None = Header(None, description="deadline in seconds"),
+) -> RewardResponse:
+    state: AppState = request.app.state.rmserve
+    scorer = state.ready_scorer()
+    n = len(body.query)
+    for name, values in (("prompts", body.prompts), ("labels", body.labels)):
+        if values is not None and len(values) != n:
+            raise BadRequest(f"{name} has {len(values)} entries but query has {n}")
+    if n == 0:
+        return RewardResponse(rewards=[], scores=[], extra_logs={})
+    _check_count(state, n)
+    rt = scorer.runtime(None)
+    fmt = rt.bundle.manifest.format
+    pad = rt.formatter.tokenizer.id_to_token(fmt.pad_token_id)
+    items = query_items(body.query, body.prompts, fmt, state.settings.max_chars_per_item, pad)
+    request.state.items = n
+    result = await scorer.score(
+        None, items, strict=False, deadline=_deadline(state, x_request_timeout, None)
+    )
+    request.state.cache_hits = result.cache_hits
+    return RewardResponse(
+        rewards=result.scores,
+        scores=result.scores,
+        extra_logs={
+            "rm_tokens": [float(t) for t in result.item_tokens],
+            "rm_truncated": [float(t) for t in result.item_truncated],
+        },
+    )

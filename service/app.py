@@ -1,0 +1,85 @@
+"""create_app(settings): wires config, models, cache, batching and routes. Nothing at import time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api import ops, score
+from service.api.errors import install_error_handlers
+from service.api.middleware import EdgeMiddleware
+from service.bundle import default_bundle_path
+from service.cache.factory import make_cache
+from service.config import Settings
+from service.engines.base import available_cpus
+from service.engines.select import create_engine
+from service.loading import EngineFactory, load_runtime
+from service.metrics import Metrics
+from service.scoring import ModelRuntime, Scorer
+from service.state import AppState
+
+log = logging.getLogger("rmserve")
+
+
+def create_app(settings: Settings | None = None, *, engine_factory: EngineFactory = create_engine) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    state = AppState(settings=settings, metrics=metrics)
+    pool = ThreadPoolExecutor(max_workers=max(2, available_cpus()), thread_name_prefix="tokenize")
+
+    async def start() -> None:
+        try:
+            models: dict[str, ModelRuntime] = {}
+            for name, path in settings.model_paths(default_bundle_path()).items():
+                models[name] = await load_runtime(name, path, settings, metrics, engine_factory)
+                log.info("loaded model %s version %s from %s", name, models[name].version, path)
+            state.scorer = Scorer(models, cache=make_cache(settings), metrics=metrics, tokenize_pool=pool,
+                                  max_tokens_per_request=settings.max_tokens_per_request)
+            state.phase = "ready"
+            metrics.ready.set(1)
+            log.info("ready: %s", ", ".join(models))
+        except Exception as exc:
+            state.phase = "failed"
+            state.failure = str(exc)
+            log.error("start-up failed: %s", exc)
+            raise
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = asyncio.create_task(start(), name="rmserve-start")
+        app.state.loader = loader
+        try:
+            yield
+        finally:
+            state.phase = "draining"
+            metrics.ready.set(0)
+            if not loader.done():
+                loader.cancel()
+            await asyncio.gather(loader, return_exceptions=True)
+            if state.scorer is not None:
+                for rt in state.scorer.models.values():
+                    await rt.batcher.stop()
+                    rt.engine.close()
+                if state.scorer.cache is not None:
+                    await state.scorer.cache.close()
+            pool.shutdown(wait=False)
+
+    app = FastAPI(
+        title="rmserve",
+        version="0.1.0",
+        summary="Reward models as a service: batched scoring of (prompt, response) pairs",
+        lifespan=lifespan,
+    )
+    app.state.rmserve = state
+    install_error_handlers(app)
+    app.include_router(score.router)
+    app.include_router(ops.router)
+    app.add_middleware(
+        EdgeMiddleware, metrics=metrics, keys=settings.key_set(), max_body_bytes=settings.max_body_bytes
+    )
+    return app

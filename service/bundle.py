@@ -1,0 +1,173 @@
+"""The model bundle: a directory holding ``model.onnx``, the tokenizer and ``manifest.json``.
+
+The manifest's ``version`` is a content digest of the model files, the tokenizer files and every
+setting that changes how text becomes a score, so any change gives a new version (and new cache
+keys). ``load_bundle`` recomputes the digest and refuses a bundle that does not match it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+FORMAT_VERSION = 1
+
+InputFormat = Literal["text_pair", "chat_template", "plain"]
+Pooling = Literal["cls", "mean", "last_token"]
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+
+
+class BundleError(Exception):
+    """A bundle is missing, malformed, or does not match its digest."""
+
+
+class FormatSettings(BaseModel):
+    """Everything about turning an item into token ids; all of it is part of the digest."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input_format: InputFormat
+    max_length: int = Field(gt=1)
+    # "left": when an item is too long, drop its oldest tokens first (the prompt from the left,
+    # then the response from the left), so the response and the final tokens survive.
+    truncation: Literal["left"] = "left"
+    pooling: Pooling
+    pad_token_id: int = Field(ge=0)
+    # Special tokens are added by the tokenizer's post-processor for encoders; decoder bundles
+    # receive text already rendered by a chat template and add none for plain text.
+    add_special_tokens: bool = True
+    # Only for chat_template bundles: the Jinja template that renders a message list.
+    chat_template: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+    # Only for text_pair bundles: how a message list becomes (prompt, response), and where a
+    # plain text transcript is split. "hh" renders turns as "\n\nHuman: ..." / "\n\nAssistant: ...".
+    turn_style: Literal["hh"] = "hh"
+    # Raw scores are served as the model gives them unless the bundle states an affine map.
+    score_shift: float = 0.0
+    score_scale: float = 1.0
+
+
+class Manifest(BaseModel):
+    """``manifest.json``: what the server needs to load, verify and describe a bundle."""
+
+    model_config = ConfigDict(frozen=True, extra="allow", protected_namespaces=())
+
+    format_version: int = FORMAT_VERSION
+    name: str
+    version: str
+    digest: str
+    architecture: str
+    model_type: str
+    kind: Literal["encoder", "decoder"]
+    base_model: str
+    format: FormatSettings
+    precision: Precision = "fp32"
+    opset: int
+    inputs: list[str]
+    output: str = "scores"
+    files: list[str]
+    parity: dict[str, Any] = Field(default_factory=dict)
+    calibration_file: str | None = None
+    training: dict[str, Any] | None = None
+    created_by: str = "rmserve export"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle on disk."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / "tokenizer.json"
+
+
+def compute_digest(directory: Path, files: list[str], settings: FormatSettings, precision: str) -> str:
+    """sha256 over each file (name, length, bytes, in sorted order) and the format settings."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        path = directory / name
+        if not path.is_file():
+            raise BundleError(f"bundle file {name!r} is missing from {directory}")
+        h.update(name.encode() + b"\0" + str(path.stat().st_size).encode() + b"\0")
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    meta = {"format": settings.model_dump(mode="json"), "precision": precision}
+    h.update(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+    return "sha256:" + h.hexdigest()
+
+
+def version_of(digest: str) -> str:
+    return digest.removeprefix("sha256:")[:16]
+
+
+def bundle_files(directory: Path) -> list[str]:
+    """The files that make up a bundle's content: the model (and its external data) and tokenizer."""
+    names = [MODEL_FILE]
+    names += sorted(p.name for p in directory.glob("*.onnx.data"))
+    names += [n for n in TOKENIZER_FILES if (directory / n).is_file()]
+    return names
+
+
+def write_manifest(directory: Path, **fields: Any) -> Manifest:
+    """Compute the digest of ``directory`` and write its manifest; returns the manifest written."""
+    settings = fields["format"]
+    if not isinstance(settings, FormatSettings):
+        settings = FormatSettings.model_validate(settings)
+    precision = fields.get("precision", "fp32")
+    files = bundle_files(directory)
+    digest = compute_digest(directory, files, settings, precision)
+    manifest = Manifest.model_validate(
+        {**fields, "format": settings, "files": files, "digest": digest, "version": version_of(digest)}
+    )
+    (directory / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    return manifest
+
+
+def read_manifest(directory: Path) -> Manifest:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{directory} is not a bundle: {MANIFEST} is missing")
+    try:
+        return Manifest.model_validate_json(path.read_text())
+    except ValueError as exc:
+        raise BundleError(f"{path} is not a valid manifest: {exc}") from None
+
+
+def load_bundle(directory: str | Path) -> Bundle:
+    """Read and verify a bundle; raises BundleError when its content does not match its digest."""
+    path = Path(directory).expanduser().resolve()
+    if not path.is_dir():
+        raise BundleError(f"bundle directory {path} does not exist")
+    manifest = read_manifest(path)
+    if manifest.format_version != FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format {manifest.format_version} is not supported")
+    actual = compute_digest(path, manifest.files, manifest.format, manifest.precision)
+    if actual != manifest.digest:
+        raise BundleError(
+            f"{path}: content digest {actual} does not match the manifest's {manifest.digest}; "
+            "the bundle was modified after export"
+        )
+    return Bundle(path=path, manifest=manifest)
+
+
+def default_bundle_path() -> Path:
+    """The default reward model shipped inside the package (``models/default``)."""
+    # Located by path rather than import so that serving never imports the torch-side package.
+    return Path(__file__).resolve().parent.parent / "models" / "default"

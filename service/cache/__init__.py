@@ -1,0 +1,1 @@
+"""The score cache: keys, an in-process LRU, Redis, and the single-flight of identical items."""

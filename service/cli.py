@@ -1,0 +1,69 @@
+"""The ``rmserve`` command: serve | export | train | eval | bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from service.config import add_settings_arguments, settings_from_args
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.app import create_app
+
+    try:
+        settings = settings_from_args(args)
+    except (ValidationError, ValueError) as exc:
+        print(f"rmserve: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
+        timeout_graceful_shutdown=int(settings.drain_grace_s) or None, lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if app.state.rmserve.phase != "failed" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rmserve", description="Reward models as a service")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve reward model bundles over HTTP")
+    add_settings_arguments(serve)
+    serve.set_defaults(func=_serve)
+    for name, help_text in OFFLINE.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+# Offline commands need the torch-side extras; their modules own their flags and are imported
+# only when run, so `rmserve serve` never imports torch.
+OFFLINE = {
+    "export": "export a Hugging Face checkpoint to a bundle (needs rmserve[export])",
+    "train": "train a Bradley-Terry reward model and export it (needs rmserve[train])",
+    "eval": "score preference eval sets: accuracy tables and plots (needs rmserve[eval])",
+    "bench": "benchmark the engine, the server and a naive PyTorch server (needs rmserve[dev])",
+}
+OFFLINE_MODULES = {"export": "models.export", "train": "models.train", "eval": "models.evaluate",
+                   "bench": "loadtests.bench"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in OFFLINE:
+        import importlib
+
+        module = importlib.import_module(OFFLINE_MODULES[argv[0]])
+        return int(module.main(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

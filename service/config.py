@@ -1,0 +1,139 @@
+"""One Settings object: every setting is one env var (RMSERVE_X), one flag (--x) and one help line."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Provider = Literal["auto", "cpu", "openvino", "cuda"]
+PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16", "int8"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RMSERVE_", extra="forbid", frozen=True)
+
+    models: str | None = Field(
+        None, description="bundles to serve: a path, or name=path,name2=path2 (unset: the bundled default model)"
+    )
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    provider: Provider = Field("auto", description="inference backend: auto, cpu (ONNX Runtime), openvino, cuda")
+    precision: PrecisionChoice = Field(
+        "auto", description="auto, fp32 (exact), bf16, fp16, int8; reduced ones only behind the quality gate"
+    )
+    threads: int | None = Field(None, ge=1, description="inference threads (default: the CPUs this process may use)")
+    max_batch_tokens: int | None = Field(
+        None, ge=16, description="padded-token budget of one forward pass (default: chosen per backend)"
+    )
+    max_wait_ms: float = Field(0.0, ge=0, le=1000, description="how long the batcher waits to fill a batch")
+    max_queue_items: int = Field(1024, ge=1, description="items waiting for the model before new requests get 429")
+    max_items_per_request: int = Field(512, ge=1, description="items one request may carry (more: 413)")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body accepted (more: 413)")
+    max_chars_per_item: int = Field(200_000, ge=1, description="characters one item may carry (more: 413)")
+    max_tokens_per_request: int = Field(
+        1_000_000, ge=1, description="tokens one request may carry after truncation (more: 413)"
+    )
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="default deadline of a request; X-Request-Timeout overrides it (lower only)"
+    )
+    cache: Literal["auto", "memory", "redis", "off"] = Field(
+        "auto", description="score cache: auto (redis when a URL is set, else in-process), memory, redis, off"
+    )
+    redis_url: SecretStr | None = Field(
+        None, description="redis-py URL: redis://, rediss://, redis+sentinel://, redis+cluster:// (see README)"
+    )
+    cache_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="score cache TTL in seconds (jittered by up to 10%)")
+    cache_max_items: int = Field(200_000, ge=0, description="entries kept by the in-process cache")
+    api_keys: SecretStr | None = Field(None, description="comma-separated API keys (unset: no auth)")
+    api_keys_file: Path | None = Field(None, description="file of API keys, one per line (Kubernetes secrets)")
+    drain_grace_s: float = Field(20.0, ge=0, description="on SIGTERM, how long accepted work may take to finish")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_bodies: bool = Field(False, description="log request texts (debug only: they may be private)")
+
+    @field_validator("models")
+    @classmethod
+    def _models_spec(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_models(value)
+        return value
+
+    @model_validator(mode="after")
+    def _cache_needs_url(self) -> Settings:
+        if self.cache == "redis" and self.redis_url is None:
+            raise ValueError("cache=redis needs RMSERVE_REDIS_URL")
+        return self
+
+    def model_paths(self, default: Path) -> dict[str, Path]:
+        """name -> bundle directory for every bundle to serve."""
+        if self.models is None:
+            return {"default": default}
+        return parse_models(self.models)
+
+    def cache_backend(self) -> str:
+        if self.cache == "auto":
+            return "redis" if self.redis_url is not None else "memory"
+        return self.cache
+
+    def key_set(self) -> frozenset[str]:
+        keys: list[str] = []
+        if self.api_keys is not None:
+            keys += self.api_keys.get_secret_value().split(",")
+        if self.api_keys_file is not None:
+            keys += self.api_keys_file.read_text().splitlines()
+        return frozenset(k.strip() for k in keys if k.strip())
+
+    def public(self) -> dict[str, Any]:
+        """The effective configuration for /info: secrets redacted."""
+        out = self.model_dump(mode="json")
+        out["api_keys"] = "***" if self.api_keys is not None else None
+        out["redis_url"] = redact_url(self.redis_url.get_secret_value()) if self.redis_url else None
+        return out
+
+
+def parse_models(spec: str) -> dict[str, Path]:
+    """``path`` or ``name=path,name2=path2`` -> {name: path}."""
+    entries = [e.strip() for e in spec.split(",") if e.strip()]
+    if not entries:
+        raise ValueError("RMSERVE_MODELS is empty")
+    if len(entries) == 1 and "=" not in entries[0]:
+        return {"default": Path(entries[0]).expanduser()}
+    out: dict[str, Path] = {}
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"RMSERVE_MODELS entry {entry!r} is not name=path")
+        if name.strip() in out:
+            raise ValueError(f"RMSERVE_MODELS names {name.strip()!r} twice")
+        out[name.strip()] = Path(path.strip()).expanduser()
+    return out
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting, named after its env var (RMSERVE_MAX_WAIT_MS is --max-wait-ms)."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = "RMSERVE_" + name.upper()
+        help_text = f"{field.description} [env {env}]"
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Flags override env vars; both are validated by the same model."""
+    given = {n: getattr(args, n) for n in Settings.model_fields if getattr(args, n, None) is not None}
+    return Settings(**given)

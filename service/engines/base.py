@@ -1,0 +1,112 @@
+"""The engine protocol: a padded batch of token ids in, one float32 score per row out."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Right-padded inputs for one forward pass."""
+
+    input_ids: np.ndarray  # int64 [B, T]
+    attention_mask: np.ndarray  # int64 [B, T]
+    token_type_ids: np.ndarray | None = None  # int64 [B, T], encoders that use them
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, cols = self.input_ids.shape
+        return int(rows), int(cols)
+
+    def feeds(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        arrays = {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "token_type_ids": self.token_type_ids,
+        }
+        out = {}
+        for name in names:
+            value = arrays.get(name)
+            if value is None:
+                value = np.zeros_like(self.input_ids)
+            out[name] = value
+        return out
+
+
+def pad_batch(
+    rows: Sequence[Sequence[int]], pad_id: int, type_ids: Sequence[Sequence[int] | None] | None = None
+) -> TokenBatch:
+    """Right-pad token id rows into a TokenBatch (the ONNX graph pools correctly under padding)."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    types = np.zeros((len(rows), width), dtype=np.int64) if type_ids is not None else None
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+        if types is not None and type_ids is not None and type_ids[i] is not None:
+            types[i, : len(row)] = type_ids[i]
+    return TokenBatch(ids, mask, types)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What an engine is, for /info, /v1/models and rmserve_model_info."""
+
+    provider: str  # "cpu" | "cuda" | "openvino"
+    precision: str
+    threads: int
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """A loaded model. ``infer`` blocks and is called from one worker thread at a time."""
+
+    info: EngineInfo
+
+    def infer(self, batch: TokenBatch) -> np.ndarray:
+        """float32 scores, one per row of the batch."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class EngineError(Exception):
+    """An engine cannot be created as configured (missing provider, bad model file)."""
+
+
+def available_cpus() -> int:
+    """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota.
+
+    A pod limited to 2 CPUs on a 64-core node sees 64 in os.cpu_count(); threads sized to that
+    would thrash, so the cgroup v2 ``cpu.max`` (or v1 quota) wins when it is lower.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return max(1, cpus)
+
+
+def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        q = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        p = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if q <= 0 else q / p
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,224 @@
+"""Items -> token ids, the way the bundle's model was trained to read them.
+
+Three input formats (SPEC): ``text_pair`` (encoders: prompt and response as a sentence pair),
+``chat_template`` (decoder reward models: messages rendered by the bundle's Jinja template) and
+``plain`` (text already formatted). Truncation keeps the response and the final tokens: the prompt
+loses its oldest tokens first, then the response does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Encoding, Tokenizer
+
+from service.bundle import Bundle, FormatSettings
+from service.errors import InvalidItem, ItemTooLong
+
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+_HH_ROLES = {"user": HUMAN, "human": HUMAN, "system": "\n\nSystem:", "assistant": ASSISTANT}
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+Messages = tuple[Message, ...]
+
+
+@dataclass(frozen=True)
+class PairItem:
+    prompt: str | Messages
+    response: str
+
+
+@dataclass(frozen=True)
+class ChatItem:
+    messages: Messages
+
+
+@dataclass(frozen=True)
+class TextItem:
+    text: str
+
+
+Item = PairItem | ChatItem | TextItem
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One item's token ids, ready for the batcher."""
+
+    ids: tuple[int, ...]
+    type_ids: tuple[int, ...] | None
+    truncated: bool
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def render_hh(messages: Messages) -> str:
+    """Messages as an HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...")."""
+    parts = []
+    for m in messages:
+        marker = _HH_ROLES.get(m.role)
+        if marker is None:
+            raise ValueError(f"unknown role {m.role!r}")
+        parts.append(f"{marker} {m.content}")
+    return "".join(parts)
+
+
+def split_hh(text: str) -> tuple[str, str] | None:
+    """Split an HH transcript at its last Assistant turn: (prompt ending in the marker, response)."""
+    cut = text.rfind(ASSISTANT)
+    if cut < 0:
+        return None
+    return text[: cut + len(ASSISTANT)], text[cut + len(ASSISTANT) :].strip()
+
+
+def as_pair(item: Item) -> tuple[str, str] | None:
+    """The (prompt, response) of an item for a text_pair model; None when the item is one text."""
+    if isinstance(item, PairItem):
+        prompt = item.prompt if isinstance(item.prompt, str) else render_hh(item.prompt) + ASSISTANT
+        return prompt, item.response
+    if isinstance(item, ChatItem):
+        *context, last = item.messages
+        if last.role != "assistant":
+            raise ValueError("the last message must be the assistant's response")
+        return render_hh(tuple(context)) + ASSISTANT, last.content
+    return split_hh(item.text)
+
+
+def as_messages(item: PairItem | ChatItem) -> list[dict[str, str]]:
+    if isinstance(item, ChatItem):
+        return [{"role": m.role, "content": m.content} for m in item.messages]
+    if isinstance(item.prompt, str):
+        context = [{"role": "user", "content": item.prompt}]
+    else:
+        context = [{"role": m.role, "content": m.content} for m in item.prompt]
+    return [*context, {"role": "assistant", "content": item.response}]
+
+
+def load_tokenizer(bundle: Bundle) -> Tokenizer:
+    tok = Tokenizer.from_file(str(bundle.tokenizer_path))
+    # Saved tokenizers often carry padding/truncation presets; the formatter does both itself.
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def _raise(message: str) -> None:
+    raise ValueError(message)
+
+
+class Formatter:
+    """Turns items into token ids for one bundle. Thread-safe: tokenizers releases the GIL."""
+
+    def __init__(self, bundle: Bundle, tokenizer: Tokenizer | None = None) -> None:
+        self.settings: FormatSettings = bundle.manifest.format
+        self.tokenizer = tokenizer or load_tokenizer(bundle)
+        self.uses_type_ids = "token_type_ids" in bundle.manifest.inputs
+        self._pair_specials = self.tokenizer.post_processor.num_special_tokens_to_add(True) if (
+            self.tokenizer.post_processor is not None
+        ) else 0
+        self._template: Any = None
+        if self.settings.input_format == "chat_template":
+            if not self.settings.chat_template:
+                raise ValueError("a chat_template bundle needs a chat template in its manifest")
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise
+            self._template = env.from_string(self.settings.chat_template)
+        bos = self.settings.bos_token
+        self._bos_id = self.tokenizer.token_to_id(bos) if bos else None
+
+    def encode(self, items: list[Item], *, strict: bool = False, positions: list[int] | None = None) -> list[Encoded]:
+        """Token ids for each item, in order. ``strict`` raises ItemTooLong instead of truncating.
+
+        ``positions`` are the items' indices in the caller's request, used to name an item in errors.
+        """
+        try:
+            if self.settings.input_format == "text_pair":
+                return self._encode_pairs(items, strict)
+            texts = [self._render(i, item) for i, item in enumerate(items)]
+            encs = self.tokenizer.encode_batch(texts, add_special_tokens=self.settings.add_special_tokens)
+            return [self._fit_single(i, e, strict) for i, e in enumerate(encs)]
+        except (InvalidItem, ItemTooLong) as exc:
+            if positions is not None:
+                raise exc.at(positions[exc.index]) from None
+            raise
+
+    def _render(self, index: int, item: Item) -> str:
+        if isinstance(item, TextItem) or self._template is None:
+            if isinstance(item, TextItem):
+                return item.text
+            pair = as_pair(item)
+            assert pair is not None
+            return pair[0] + " " + pair[1]
+        try:
+            return str(
+                self._template.render(
+                    messages=as_messages(item),
+                    add_generation_prompt=False,
+                    bos_token=self.settings.bos_token or "",
+                    eos_token=self.settings.eos_token or "",
+                )
+            )
+        except Exception as exc:  # a template's own raise_exception, or a Jinja error
+            raise InvalidItem(index, f"chat template rejected the messages: {exc}") from None
+
+    def _encode_pairs(self, items: list[Item], strict: bool) -> list[Encoded]:
+        pairs: list[tuple[str, str] | None] = []
+        for i, item in enumerate(items):
+            try:
+                pairs.append(as_pair(item))
+            except ValueError as exc:
+                raise InvalidItem(i, str(exc)) from None
+        both = [p for p in pairs if p is not None]
+        prompts = self.tokenizer.encode_batch([p[0] for p in both], add_special_tokens=False)
+        responses = self.tokenizer.encode_batch([p[1] for p in both], add_special_tokens=False)
+        singles = [i for i, p in enumerate(pairs) if p is None]
+        single_encs = self.tokenizer.encode_batch(
+            [items[i].text for i in singles if isinstance(items[i], TextItem)], add_special_tokens=True
+        )
+        out: list[Encoded] = []
+        it_pairs = iter(zip(prompts, responses, strict=True))
+        it_single = iter(single_encs)
+        for i, p in enumerate(pairs):
+            if p is None:
+                out.append(self._fit_single(i, next(it_single), strict))
+            else:
+                out.append(self._fit_pair(i, *next(it_pairs), strict))
+        return out
+
+    def _fit_pair(self, index: int, prompt: Encoding, response: Encoding, strict: bool) -> Encoded:
+        budget = self.settings.max_length - self._pair_specials
+        n_p, n_r = len(prompt.ids), len(response.ids)
+        truncated = n_p + n_r > budget
+        if truncated:
+            if strict:
+                raise ItemTooLong(index, n_p + n_r + self._pair_specials, self.settings.max_length)
+            keep_r = min(n_r, budget)
+            prompt.truncate(budget - keep_r, direction="left")
+            if keep_r < n_r:
+                response.truncate(keep_r, direction="left")
+        enc = self.tokenizer.post_process(prompt, response, add_special_tokens=True)
+        type_ids = tuple(enc.type_ids) if self.uses_type_ids else None
+        return Encoded(tuple(enc.ids), type_ids, truncated)
+
+    def _fit_single(self, index: int, enc: Encoding, strict: bool) -> Encoded:
+        ids = enc.ids
+        limit = self.settings.max_length
+        truncated = len(ids) > limit
+        if truncated:
+            if strict:
+                raise ItemTooLong(index, len(ids), limit)
+            # Keep a leading BOS/CLS, then the final tokens: a decoder scores the last one.
+            lead_special = enc.special_tokens_mask[0] == 1 or ids[0] == self._bos_id
+            head = ids[:1] if lead_special else []
+            ids = head + ids[len(ids) - (limit - len(head)) :]
+        type_ids = tuple([0] * len(ids)) if self.uses_type_ids else None
+        return Encoded(tuple(ids), type_ids, truncated)

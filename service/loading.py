@@ -1,0 +1,58 @@
+"""Load a bundle into a ModelRuntime: verify, pick the engine, warm up at the largest shape."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from service.batching import Batcher, BatchPolicy
+from service.bundle import Bundle, load_bundle
+from service.cache.keys import namespace
+from service.config import Settings
+from service.engines.base import Engine
+from service.engines.select import create_engine, default_batch_tokens
+from service.formatting import Formatter
+from service.metrics import Metrics
+from service.scoring import ModelRuntime
+
+EngineFactory = Callable[[Bundle, Settings], tuple[Engine, dict[str, Any]]]
+
+
+async def load_runtime(
+    name: str, path: Path, settings: Settings, metrics: Metrics, engine_factory: EngineFactory = create_engine
+) -> ModelRuntime:
+    bundle = await asyncio.to_thread(load_bundle, path)
+    formatter = await asyncio.to_thread(Formatter, bundle)
+    engine, selection = await asyncio.to_thread(engine_factory, bundle, settings)
+    fmt = bundle.manifest.format
+    budget = settings.max_batch_tokens or default_batch_tokens(engine.info.provider)
+    policy = BatchPolicy(
+        max_batch_tokens=max(budget, fmt.max_length),  # one item of max_length always fits
+        max_wait_s=settings.max_wait_ms / 1000,
+        max_queue_items=settings.max_queue_items,
+    )
+    batcher = Batcher(
+        name,
+        engine,
+        policy,
+        pad_id=fmt.pad_token_id,
+        with_type_ids="token_type_ids" in bundle.manifest.inputs,
+        metrics=metrics,
+    )
+    await batcher.warmup(fmt.max_length)
+    batcher.start()
+    info = engine.info
+    metrics.model_info.labels(
+        model=name, version=bundle.manifest.version, provider=info.provider, precision=info.precision
+    ).set(1)
+    return ModelRuntime(
+        name=name,
+        bundle=bundle,
+        formatter=formatter,
+        engine=engine,
+        batcher=batcher,
+        namespace=namespace(bundle.manifest, info.provider, info.precision),
+        selection=selection,
+    )

@@ -1,0 +1,35 @@
+"""What the app knows about itself: its settings, its models once loaded, and its phase."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from service.config import Settings
+from service.errors import NotReady
+from service.metrics import Metrics
+from service.scoring import Scorer
+
+Phase = Literal["starting", "ready", "draining", "failed"]
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    metrics: Metrics
+    phase: Phase = "starting"
+    scorer: Scorer | None = None
+    failure: str | None = None
+    started: float = field(default_factory=time.time)
+
+    def ready_scorer(self) -> Scorer:
+        """The scorer, or 503 while starting, draining, failed or a model's worker is down."""
+        if self.phase != "ready" or self.scorer is None:
+            raise NotReady(f"the server is {self.phase}")
+        return self.scorer
+
+    def is_ready(self) -> bool:
+        if self.phase != "ready" or self.scorer is None:
+            return False
+        return all(rt.batcher.healthy for rt in self.scorer.models.values())
