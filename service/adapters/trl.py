@@ -1,0 +1,126 @@
+"""TRL reward functions backed by rmserve: ``reward_funcs=[trl_reward_func("http://rm:8000")]``.
+
+GRPOTrainer calls a reward function as ``f(prompts=..., completions=..., **columns)`` and wants one
+float per completion. Prompts and completions are either text (standard datasets) or message lists
+(conversational datasets); both are scored as the API's items:
+
+- text prompt + text completion        -> ``{"prompt": p, "response": c}``
+- messages + ``[{"role": "assistant", ...}]`` -> ``{"messages": prompt + completion}``
+- messages + text completion           -> ``{"prompt": messages, "response": c}``
+
+The functions are callable objects, not closures, so they pickle (TRL and accelerate may copy them
+to other processes): the HTTP client is made on first use in each process. TRL names a reward
+function by its ``__name__`` in its logs (``rewards/<name>/mean``): ``rmserve`` or ``rmserve_<model>``.
+TRL runs ``async`` reward functions (it checks ``__call__``) on its own event loop, concurrently with
+other async reward functions; ``async_trl_reward_func`` gives one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from service.client import DEFAULT_URL, AsyncRewardClient, ItemLike, RewardClient, message_text
+
+__all__ = ["AsyncTRLRewardFunction", "TRLRewardFunction", "async_trl_reward_func", "trl_items",
+           "trl_reward_func"]
+
+
+def trl_items(prompts: list[Any], completions: list[Any]) -> list[ItemLike]:
+    """TRL's (prompt, completion) columns -> client items, one per completion, in order."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
+    items: list[ItemLike] = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        if isinstance(completion, list):  # conversational: the completion is the assistant's message(s)
+            messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            items.append({"messages": [*messages, *completion]})
+        elif isinstance(prompt, list):
+            items.append((prompt, message_text(completion)))
+        else:
+            items.append((str(prompt), str(completion)))
+    return items
+
+
+class _Base:
+    def __init__(self, url_or_client: str | RewardClient | AsyncRewardClient | None = None, *,
+                 model: str | None = None, api_key: str | None = None, name: str | None = None,
+                 **client_options: Any) -> None:
+        if isinstance(url_or_client, (RewardClient, AsyncRewardClient)):
+            self._given: RewardClient | AsyncRewardClient | None = url_or_client
+            self.url = url_or_client.base_url
+            model = model or url_or_client.model
+        else:
+            self._given = None
+            self.url = url_or_client or os.environ.get("RMSERVE_URL", DEFAULT_URL)
+        self.model = model
+        self.api_key = api_key if api_key is not None else os.environ.get("RMSERVE_API_KEY")
+        self.client_options = client_options
+        self.__name__ = name or ("rmserve" if not model else f"rmserve_{model}")
+
+    def _options(self) -> dict[str, Any]:
+        return {"model": self.model, "api_key": self.api_key, **self.client_options}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Clients hold sockets (and, async, an event loop): each process makes its own.
+        if self._given is not None:
+            raise TypeError("a reward function built on a client object does not pickle; pass a URL instead")
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_client")}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r}, model={self.model!r}, name={self.__name__!r})"
+
+
+class TRLRewardFunction(_Base):
+    """A blocking TRL reward function: one chunked /v1/score call per generation batch."""
+
+    _client: RewardClient | None = None
+
+    def client(self) -> RewardClient:
+        if isinstance(self._given, RewardClient):
+            return self._given
+        if self._client is None:
+            self._client = RewardClient(self.url, **self._options())
+        return self._client
+
+    def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+        return self.client().score(trl_items(prompts, completions))
+
+
+class AsyncTRLRewardFunction(_Base):
+    """The async mirror; TRL awaits it on its reward event loop, in parallel with other async rewards."""
+
+    _client: AsyncRewardClient | None = None
+    _client_loop: asyncio.AbstractEventLoop | None = None
+
+    async def client(self) -> AsyncRewardClient:
+        if isinstance(self._given, AsyncRewardClient):
+            return self._given
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client_loop is not loop:
+            # An httpx.AsyncClient's pool belongs to the loop it first ran on.
+            self._client, self._client_loop = AsyncRewardClient(self.url, **self._options()), loop
+        return self._client
+
+    async def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+        client = await self.client()
+        return await client.score(trl_items(prompts, completions))
+
+
+def trl_reward_func(url_or_client: str | RewardClient | None = None, *, model: str | None = None,
+                    api_key: str | None = None, name: str | None = None, **client_options: Any
+                    ) -> TRLRewardFunction:
+    """A TRL ``reward_funcs`` entry scoring with rmserve at ``url`` (default: $RMSERVE_URL or local).
+
+    ``api_key`` defaults to $RMSERVE_API_KEY; ``client_options`` go to ``RewardClient`` (chunk_size,
+    max_concurrency, max_retries, timeout, ...).
+    """
+    return TRLRewardFunction(url_or_client, model=model, api_key=api_key, name=name, **client_options)
+
+
+def async_trl_reward_func(url_or_client: str | AsyncRewardClient | None = None, *, model: str | None = None,
+                          api_key: str | None = None, name: str | None = None, **client_options: Any
+                          ) -> AsyncTRLRewardFunction:
+    """Like ``trl_reward_func``, as an ``async`` reward function (``AsyncRewardClient`` underneath)."""
+    return AsyncTRLRewardFunction(url_or_client, model=model, api_key=api_key, name=name, **client_options)
