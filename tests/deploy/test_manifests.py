@@ -7,6 +7,7 @@ schema there, so their shape is checked by the assertions below.
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import os
@@ -248,13 +249,12 @@ def test_settings_come_from_configmap_and_secret(name: str) -> None:
     # API keys: a file from the Secret, never a literal in the pod spec or ConfigMap.
     keys_file = Path(env["RMSERVE_API_KEYS_FILE"]["value"])
     assert "RMSERVE_API_KEYS" not in env and "RMSERVE_API_KEYS" not in cfg
-    pod = server(name)["spec"]["template"]["spec"]
     mounts = {m["name"]: m for m in c["volumeMounts"]}
-    (secret_vol,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "rmserve-api-keys"]
+    secret_vol = api_keys_volume(name)
     assert mounts[secret_vol["name"]]["mountPath"] == str(keys_file.parent)
     assert mounts[secret_vol["name"]]["readOnly"] is True
-    secret = one(name, "Secret", "rmserve-api-keys")
-    assert keys_file.name in secret.get("stringData", secret.get("data", {}))
+    secret = one(name, "Secret", secret_vol["secret"]["secretName"])
+    assert keys_file.name in secret["data"]
     # Threads follow the CPU limit, read from the pod spec.
     ref = env["RMSERVE_THREADS"]["valueFrom"]["resourceFieldRef"]
     assert ref["resource"] == "limits.cpu" and ref["containerName"] == "rmserve"
@@ -270,9 +270,35 @@ def test_configmap_keys_are_settings_the_server_knows() -> None:
         assert not unknown, f"{name}: settings rmserve does not define: {sorted(unknown)}"
 
 
-def test_the_secret_is_a_visible_placeholder() -> None:
-    value = one("cpu", "Secret", "rmserve-api-keys")["stringData"]["api-keys"]
-    assert "REPLACE-ME" in value
+def api_keys_volume(name: str) -> dict[str, Any]:
+    pod = server(name)["spec"]["template"]["spec"]
+    secret_names = {v["name"]: v.get("secret", {}).get("secretName", "") for v in pod["volumes"]}
+    (volume,) = [v for v in pod["volumes"] if secret_names[v["name"]].startswith("rmserve-api-keys")]
+    return volume
+
+
+def api_keys(rendered: tuple[dict[str, Any], ...]) -> str:
+    secrets = [o for o in rendered if o["kind"] == "Secret"]
+    (secret,) = [o for o in secrets if o["metadata"]["name"].startswith("rmserve-api-keys")]
+    return base64.b64decode(secret["data"]["api-keys"]).decode()
+
+
+def test_api_keys_placeholder_is_visible_and_an_overlay_replaces_it() -> None:
+    assert "REPLACE-ME" in api_keys(render("cpu"))
+    kubectl = find_kubectl()
+    assert kubectl
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "api-keys.txt").write_text("k1-real\nk2-real\n")
+        kustomization = {"resources": [Path(os.path.relpath(DEPLOY / "overlays/cpu", tmp)).as_posix()],
+                         "secretGenerator": [{"name": "rmserve-api-keys", "behavior": "replace",
+                                              "files": ["api-keys=api-keys.txt"]}]}
+        (Path(tmp) / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+        rendered = _kustomize(kubectl, Path(tmp))
+    assert api_keys(rendered) == "k1-real\nk2-real\n"
+    (dep,) = [o for o in rendered if o["kind"] == "Deployment" and o["metadata"]["name"] == "rmserve"]
+    (secret,) = [o for o in rendered if o["kind"] == "Secret"]
+    names = {v.get("secret", {}).get("secretName") for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert secret["metadata"]["name"] in names, "the pod must mount the replaced (re-hashed) Secret"
 
 
 # --- scaling, disruption, networking ---------------------------------------------------------------
