@@ -10,6 +10,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.cache.redis_url import parse_redis_url
+
 Provider = Literal["auto", "cpu", "openvino", "cuda"]
 PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 
@@ -48,6 +50,23 @@ class Settings(BaseSettings):
         None, description="redis-py URL: redis://, rediss://, redis+sentinel://, redis+cluster:// (see README)"
     )
     cache_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="score cache TTL in seconds (jittered by up to 10%)")
+    cache_prefix: str = Field("rmserve:", description="prefix of every Redis key this service reads and writes")
+    cache_timeout_ms: float = Field(
+        50.0, gt=0, le=10_000, description="deadline of one Redis lookup on the request path; slower is a miss"
+    )
+    cache_connect_timeout_ms: float = Field(
+        50.0, gt=0, le=10_000, description="deadline to open a Redis connection on the request path"
+    )
+    cache_pool_size: int = Field(32, ge=1, description="Redis connections for lookups (and lookups at once)")
+    cache_write_buffer: int = Field(
+        65_536, ge=1, description="scores waiting to be written to Redis; beyond it writes are dropped and counted"
+    )
+    cache_breaker_failures: int = Field(
+        5, ge=1, description="consecutive Redis failures that open the circuit (Redis bypassed)"
+    )
+    cache_breaker_cooldown_s: float = Field(
+        5.0, gt=0, description="how long an open circuit bypasses Redis before one probe may try it"
+    )
     cache_max_items: int = Field(200_000, ge=0, description="entries kept by the in-process cache")
     api_keys: SecretStr | None = Field(None, description="comma-separated API keys (unset: no auth)")
     api_keys_file: Path | None = Field(None, description="file of API keys, one per line (Kubernetes secrets)")
@@ -60,6 +79,13 @@ class Settings(BaseSettings):
     def _models_spec(cls, value: str | None) -> str | None:
         if value is not None:
             parse_models(value)
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_redis_url(value.get_secret_value())
         return value
 
     @model_validator(mode="after")
@@ -114,11 +140,18 @@ def parse_models(spec: str) -> dict[str, Path]:
 
 
 def redact_url(url: str) -> str:
+    """The URL with its password (userinfo or ``?...password=``) replaced by ***."""
     parts = urlsplit(url)
-    if parts.password is None:
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not (at and ":" in userinfo) and "password" not in parts.query.lower():
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
+    if at and ":" in userinfo:
+        userinfo = userinfo.partition(":")[0] + ":***"
+    query = "&".join(
+        f"{name}=***" if "password" in name.lower() else f"{name}{eq}{value}"
+        for name, eq, value in (q.partition("=") for q in parts.query.split("&") if q)
+    )
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{hosts}", query=query))
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:

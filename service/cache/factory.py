@@ -13,7 +13,17 @@ def make_cache(settings: Settings) -> ScoreCache | None:
         return None
     if backend == "memory":
         return MemoryCache(settings.cache_max_items)
-    from service.cache.redis import RedisCache  # redis is only imported when asked for
+    from service.cache.redis import RedisCache, RedisOptions  # redis is only imported when asked for
 
     assert settings.redis_url is not None
-    return RedisCache.from_url(settings.redis_url.get_secret_value(), ttl_s=settings.cache_ttl_s)
+    options = RedisOptions(
+        ttl_s=settings.cache_ttl_s,
+        prefix=settings.cache_prefix,
+        timeout_s=settings.cache_timeout_ms / 1000,
+        connect_timeout_s=settings.cache_connect_timeout_ms / 1000,
+        pool_size=settings.cache_pool_size,
+        write_buffer_items=settings.cache_write_buffer,
+        breaker_failures=settings.cache_breaker_failures,
+        breaker_cooldown_s=settings.cache_breaker_cooldown_s,
+    )
+    return RedisCache.from_url(settings.redis_url.get_secret_value(), ttl_s=settings.cache_ttl_s, options=options)
