@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+CALIBRATION_FILE = "calibration.jsonl"
 FORMAT_VERSION = 1
 
 InputFormat = Literal["text_pair", "chat_template", "plain"]
@@ -122,6 +123,8 @@ def bundle_files(directory: Path) -> list[str]:
     names = [MODEL_FILE]
     names += sorted(p.name for p in directory.glob("*.onnx.data"))
     names += [n for n in TOKENIZER_FILES if (directory / n).is_file()]
+    if (directory / CALIBRATION_FILE).is_file():  # the quality gate's input is content too
+        names.append(CALIBRATION_FILE)
     return names
 
 

@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     precision: PrecisionChoice = Field(
         "auto", description="auto, fp32 (exact), bf16, fp16, int8; reduced ones only behind the quality gate"
     )
+    gate_min_agreement: float = Field(
+        0.99, ge=0, le=1, description="quality gate: pairwise-order agreement with fp32 a reduced precision needs"
+    )
+    gate_min_spearman: float = Field(
+        0.995, ge=-1, le=1, description="quality gate: Spearman correlation with fp32 a reduced precision needs"
+    )
     threads: int | None = Field(None, ge=1, description="inference threads (default: the CPUs this process may use)")
     max_batch_tokens: int | None = Field(
         None, ge=16, description="padded-token budget of one forward pass (default: chosen per backend)"

@@ -22,6 +22,8 @@ TEXTS = [
     ("Can you help me?", "No."),
     ("What is 2+2?", "4"),
 ]
+# fp32 is the exact precision: these tests hold the server to PyTorch's scores.
+EXACT = {"RMSERVE_PRECISION": "fp32"}
 SPEC_METRICS = [
     "rmserve_requests_total", "rmserve_request_duration_seconds", "rmserve_queue_depth",
     "rmserve_queue_wait_seconds", "rmserve_tokenize_duration_seconds", "rmserve_inference_duration_seconds",
@@ -58,7 +60,7 @@ def test_http_scores_equal_pytorch_and_do_not_depend_on_the_batch(
 ) -> None:
     bundle = tiny_bundles[arch]
     expected = torch_scores(bundle, TEXTS)
-    with serve({"RMSERVE_MODELS": str(bundle), "RMSERVE_CACHE": "off"}, tmp_path) as server:
+    with serve({**EXACT, "RMSERVE_MODELS": str(bundle), "RMSERVE_CACHE": "off"}, tmp_path) as server:
         resp = post_score(server.url, TEXTS)
         assert resp.status_code == 200, resp.text
         body = resp.json()
@@ -147,7 +149,7 @@ def test_bad_input_gets_a_4xx_that_names_the_problem(tiny_bundles: dict[str, Pat
 
 
 def test_truncation_is_reported_and_keeps_the_response(tiny_bundles: dict[str, Path], tmp_path: Path) -> None:
-    with serve({"RMSERVE_MODELS": str(tiny_bundles["bert"])}, tmp_path) as server:
+    with serve({**EXACT, "RMSERVE_MODELS": str(tiny_bundles["bert"])}, tmp_path) as server:
         long_prompt = "a very long prompt " * 400
         body = post_score(server.url, [(long_prompt, "short answer"), ("short", "short")]).json()
         assert body["usage"]["truncated"] == 1

@@ -12,6 +12,11 @@ from service.engines.base import EngineError, EngineInfo, TokenBatch
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
+def cuda_present() -> bool:
+    """onnxruntime-gpu is installed and sees a device."""
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 class OnnxRuntimeEngine:
     def __init__(self, model_path: Path, *, provider: str = "cpu", threads: int = 1, precision: str = "fp32") -> None:
         wanted = _PROVIDERS.get(provider)

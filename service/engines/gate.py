@@ -1,0 +1,107 @@
+"""The quality gate: a reduced precision is served only if it agrees with fp32 on real pairs.
+
+Run at start-up on the calibration pairs the exporter stored in the bundle. It measures, against
+the exact fp32 engine: pairwise-order agreement over every pair of items, Spearman correlation,
+the largest deviation, and the batch-composition drift (an item alone vs inside a padded batch of
+all the others). Deviations are relative to the mean |fp32 score|, the scale rewards live on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.bundle import Bundle
+from service.engines.base import Engine, pad_batch
+from service.formatting import Encoded, Formatter, PairItem
+
+MIN_AGREEMENT = 0.99
+MIN_SPEARMAN = 0.995
+
+
+@dataclass(frozen=True)
+class GateReport:
+    provider: str
+    precision: str
+    items: int
+    pairwise_agreement: float
+    spearman: float
+    max_abs_deviation: float
+    max_rel_deviation: float
+    batch_drift_rel: float
+    min_agreement: float
+    min_spearman: float
+    passed: bool
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"{self.provider} {self.precision}: pairwise agreement {self.pairwise_agreement:.4f} "
+                f"(needs >= {self.min_agreement}), Spearman {self.spearman:.5f} (needs >= {self.min_spearman}), "
+                f"max relative deviation {self.max_rel_deviation:.4f}, batch drift {self.batch_drift_rel:.4f} "
+                f"on {self.items} calibration pairs")
+
+
+def calibration_items(bundle: Bundle, formatter: Formatter) -> list[Encoded]:
+    name = bundle.manifest.calibration_file
+    path = bundle.path / name if name else None
+    if path is None or not Path(path).is_file():
+        raise FileNotFoundError(f"{bundle.path} has no calibration pairs; a reduced precision cannot be gated")
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return formatter.encode([PairItem(r["prompt"], r["response"]) for r in rows])
+
+
+def score_items(engine: Engine, items: list[Encoded], pad_id: int, with_types: bool, batch: int) -> np.ndarray:
+    """Scores in the items' order, computed in length-sorted batches of ``batch``."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i]))
+    out = np.empty(len(items), dtype=np.float64)
+    for start in range(0, len(order), batch):
+        idx = order[start: start + batch]
+        tb = pad_batch([items[i].ids for i in idx], pad_id, [items[i].type_ids for i in idx] if with_types else None)
+        out[idx] = engine.infer(tb)
+    return out
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra = np.argsort(np.argsort(a)).astype(np.float64)
+    rb = np.argsort(np.argsort(b)).astype(np.float64)
+    if ra.std() == 0 or rb.std() == 0:
+        return 1.0 if np.array_equal(ra, rb) else 0.0
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def pairwise_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Fraction of item pairs that both score vectors order the same way (ties in fp32 skipped)."""
+    da = np.sign(a[:, None] - a[None, :])
+    db = np.sign(b[:, None] - b[None, :])
+    upper = np.triu(np.ones_like(da, dtype=bool), k=1) & (da != 0)
+    total = int(upper.sum())
+    return 1.0 if total == 0 else float((da[upper] == db[upper]).sum() / total)
+
+
+def run_gate(reference: Engine, candidate: Engine, items: list[Encoded], *, pad_id: int, with_types: bool,
+             min_agreement: float = MIN_AGREEMENT, min_spearman: float = MIN_SPEARMAN) -> GateReport:
+    exact = score_items(reference, items, pad_id, with_types, batch=1)
+    alone = score_items(candidate, items, pad_id, with_types, batch=1)
+    crowd = score_items(candidate, items, pad_id, with_types, batch=len(items))
+    scale = max(float(np.mean(np.abs(exact))), 1e-6)
+    agreement = pairwise_agreement(exact, alone)
+    rho = spearman(exact, alone)
+    dev = float(np.max(np.abs(alone - exact)))
+    return GateReport(
+        provider=candidate.info.provider,
+        precision=candidate.info.precision,
+        items=len(items),
+        pairwise_agreement=round(agreement, 6),
+        spearman=round(rho, 6),
+        max_abs_deviation=dev,
+        max_rel_deviation=dev / scale,
+        batch_drift_rel=float(np.max(np.abs(crowd - alone))) / scale,
+        min_agreement=min_agreement,
+        min_spearman=min_spearman,
+        passed=agreement >= min_agreement and rho >= min_spearman,
+    )
