@@ -20,7 +20,8 @@ from tests.support.tiny import corpus
 
 def load_example() -> ModuleType:
     """The GRPO example's tiny policy and config builders: the test trains what the example trains."""
-    spec = importlib.util.spec_from_file_location("grpo_remote_reward", REPO / "examples" / "grpo_remote_reward.py")
+    path = REPO / "examples" / "grpo_remote_reward.py"
+    spec = importlib.util.spec_from_file_location("grpo_remote_reward", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -47,14 +48,16 @@ class AsyncRecording(AsyncTRLRewardFunction):
         return rewards
 
 
-def test_trl_grpo_trainer_optimizes_against_the_live_server(tiny_bundles: dict[str, Path], tmp_path: Path) -> None:
+def test_trl_grpo_trainer_optimizes_against_the_live_server(
+    tiny_bundles: dict[str, Path], tmp_path: Path
+) -> None:
     from trl import GRPOTrainer
     from trl.trainer.utils import get_callable_name, is_async_callable
 
     example = load_example()
     steps = 3
     with serve({"RMSERVE_MODELS": str(tiny_bundles["bert"]), "RMSERVE_CACHE": "off"}, tmp_path) as server:
-        sync_rf = Recording(server.url, chunk_size=3)  # 8 completions -> 3 requests per call: chunking in the loop
+        sync_rf = Recording(server.url, chunk_size=3)  # 8 completions -> 3 requests per call
         async_rf = AsyncRecording(server.url, name="rmserve_async")
         sync_rf.calls, async_rf.calls = [], []
         assert get_callable_name(sync_rf) == "rmserve" and not is_async_callable(sync_rf)
@@ -99,7 +102,8 @@ def test_trl_grpo_trainer_optimizes_against_the_live_server(tiny_bundles: dict[s
             # TRL's completion table holds the last step's completions with the rewards it used.
             last = list(trainer._logs["completion"])
             table = list(trainer._logs["rewards"]["rmserve"])
-            assert client.score(trl_items(list(trainer._logs["prompt"]), last)) == pytest.approx(table, abs=1e-6)
+            again = client.score(trl_items(list(trainer._logs["prompt"]), last))
+            assert again == pytest.approx(table, abs=1e-6)
         assert all(not math.isnan(r) for _, _, rs in sync_rf.calls for r in rs)
 
 
@@ -112,7 +116,7 @@ def test_openrlhf_shaped_traffic_gets_its_rewards_in_order_and_batched(
     prompts = [f"Human: {sentences[i * 7 % len(sentences)]}\n\nAssistant:" for i in range(n)]
     responses = [sentences[(i * 11 + 3) % len(sentences)] for i in range(n)]
     # What the policy rendered: prompt, response, EOS and right padding.
-    queries = [p + " " + r + "</s>" + "<pad>" * (i % 3) for i, (p, r) in enumerate(zip(prompts, responses))]
+    queries = [f"{prompts[i]} {responses[i]}</s>" + "<pad>" * (i % 3) for i in range(n)]
     labels = [f"label {i}" for i in range(n)]
 
     env = {"RMSERVE_MODELS": str(tiny_bundles["bert"]), "RMSERVE_CACHE": "off", "RMSERVE_MAX_WAIT_MS": "50"}
@@ -143,7 +147,7 @@ def test_openrlhf_shaped_traffic_gets_its_rewards_in_order_and_batched(
     assert all(g is not None for g in got)
     rewards = [g["rewards"][0] for g in got if g is not None]
     assert rewards == pytest.approx(expected, abs=1e-6)
-    assert len(set(round(r, 6) for r in rewards)) > n // 4, "rewards barely differ: the test would not see a mix-up"
+    assert len(set(round(r, 6) for r in rewards)) > n // 4, "rewards barely differ: a mix-up would not show"
     for g in got:
         assert g is not None and len(g["rewards"]) == len(g["scores"]) == 1
         assert all(len(v) == 1 for v in g["extra_logs"].values())
