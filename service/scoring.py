@@ -8,6 +8,7 @@ await -> write new scores back to the cache off the request path.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from concurrent.futures import Executor
@@ -20,10 +21,12 @@ from service.cache.base import CacheUnavailable, ScoreCache
 from service.cache.keys import Scored, item_key
 from service.engines.base import Engine
 from service.errors import DeadlineExceeded, ItemTooLong, ModelNotFound, NotReady, TooLarge
-from service.formatting import Formatter, Item
+from service.formatting import Encoded, Formatter, Item
 from service.metrics import Metrics
 
 log = logging.getLogger("rmserve.scoring")
+
+_LINGER_S = 0.5  # how long a scored flight stays joinable after it lands
 
 
 @dataclass
@@ -77,13 +80,18 @@ class ScoreResult:
         return sum(self.item_truncated)
 
 
+class _Abandoned(Exception):
+    """The request leading a flight failed before its items reached the model; joiners retry."""
+
+
 @dataclass(frozen=True)
 class _Flight:
-    """An item being scored right now; identical items join it instead of scoring again."""
+    """An item being scored right now; identical items join it instead of scoring again.
 
-    future: asyncio.Future[float]
-    tokens: int
-    truncated: bool
+    Registered before the leader tokenizes, so an identical item arriving meanwhile joins it.
+    """
+
+    future: asyncio.Future[Scored]
 
 
 class Scorer:
@@ -120,40 +128,11 @@ class Scorer:
         keys = [item_key(rt.namespace, item) for item in items]
         results: list[Scored | None] = await self._lookup(keys)
         hits = sum(r is not None for r in results)
-        for i, r in enumerate(results):
-            if r is not None and strict and r.truncated:
-                raise ItemTooLong(i, r.tokens, rt.bundle.manifest.format.max_length)
-
-        # Misses: join an identical item in flight, or lead a new one (first occurrence only).
-        waits: dict[int, _Flight] = {}
-        leaders: dict[str, int] = {}
-        for i, key in enumerate(keys):
-            if results[i] is not None:
-                continue
-            flight = self._inflight.get(key)
-            if flight is not None:
-                waits[i] = flight
-            elif key not in leaders:
-                leaders[key] = i
-        if leaders:
-            await self._lead(rt, items, keys, leaders, waits, strict, deadline)
-        for i, key in enumerate(keys):  # duplicates of a leader inside this request
-            if results[i] is None and i not in waits:
-                waits[i] = waits[leaders[key]]
-
-        new: dict[str, bytes] = {}
-        if waits:
-            # shield: a caller that goes away must not cancel work that others share.
-            order = list(waits)
-            led = set(leaders.values())
-            scores = await asyncio.gather(*(asyncio.shield(waits[i].future) for i in order))
-            for i, score in zip(order, scores, strict=True):
-                flight = waits[i]
-                results[i] = Scored(score, flight.tokens, flight.truncated)
-                if i in led:
-                    new[keys[i]] = results[i].pack()  # type: ignore[union-attr]
-        if new and self.cache is not None:
-            self.cache.put_many(new)
+        self._check_strict(rt, results, strict)
+        todo = [i for i, r in enumerate(results) if r is None]
+        while todo:  # again only for items whose leader gave up before scoring them
+            todo = await self._score_misses(rt, items, keys, todo, results, strict, deadline)
+        self._check_strict(rt, results, strict)  # a joined flight may have been led without strict
         final = [r for r in results if r is not None]
         assert len(final) == len(items)
         return ScoreResult(
@@ -164,6 +143,53 @@ class Scorer:
             item_truncated=[r.truncated for r in final],
             cache_hits=hits,
         )
+
+    @staticmethod
+    def _check_strict(rt: ModelRuntime, results: list[Scored | None], strict: bool) -> None:
+        if not strict:
+            return
+        for i, r in enumerate(results):
+            if r is not None and r.truncated:
+                raise ItemTooLong(i, r.tokens, rt.bundle.manifest.format.max_length)
+
+    async def _score_misses(
+        self,
+        rt: ModelRuntime,
+        items: list[Item],
+        keys: list[str],
+        todo: list[int],
+        results: list[Scored | None],
+        strict: bool,
+        deadline: float,
+    ) -> list[int]:
+        """Join an identical item in flight, or lead a new one; returns the items to try again."""
+        loop = asyncio.get_running_loop()
+        waits: dict[int, _Flight] = {}
+        leaders: dict[str, int] = {}  # key -> first position in this request
+        for i in todo:
+            key = keys[i]
+            flight = self._inflight.get(key)
+            if flight is None:
+                flight = self._inflight[key] = _Flight(loop.create_future())
+                leaders[key] = i
+            waits[i] = flight
+        if leaders:
+            # A task of its own, shielded: a caller that goes away must not cancel work others share.
+            lead = loop.create_task(self._lead(rt, items, keys, leaders, strict, deadline))
+            lead.add_done_callback(_retrieve)
+            await asyncio.shield(lead)  # this request's own errors (413, 422, 429, 504) surface here
+        outcomes = await asyncio.gather(*(asyncio.shield(waits[i].future) for i in todo), return_exceptions=True)
+        again: list[int] = []
+        for i, outcome in zip(todo, outcomes, strict=True):
+            if isinstance(outcome, Scored):
+                results[i] = outcome
+            elif isinstance(outcome, _Abandoned) or (
+                isinstance(outcome, DeadlineExceeded) and time.monotonic() < deadline  # the leader's deadline
+            ):
+                again.append(i)
+            else:
+                raise outcome
+        return again
 
     async def _lookup(self, keys: list[str]) -> list[Scored | None]:
         if self.cache is None:
@@ -185,34 +211,68 @@ class Scorer:
         items: list[Item],
         keys: list[str],
         leaders: dict[str, int],
-        waits: dict[int, _Flight],
         strict: bool,
         deadline: float,
     ) -> None:
+        flights = {key: self._inflight[key] for key in leaders}
         positions = list(leaders.values())
-        started = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(
-            self._pool, lambda: rt.formatter.encode([items[i] for i in positions], strict=strict, positions=positions)
-        )
-        self._metrics.tokenize_duration.observe(time.perf_counter() - started)
-        total = sum(len(e) for e in encoded)
-        if total > self._max_tokens:
-            raise TooLarge(f"request has {total} tokens after truncation; the limit is {self._max_tokens}")
-        if time.monotonic() >= deadline:
-            raise DeadlineExceeded("the request's deadline passed before scoring")
-        if not rt.batcher.healthy:
-            raise NotReady(f"model {rt.name!r} is restarting")
-        futures = rt.batcher.submit(encoded, deadline)
-        for i, enc, fut in zip(positions, encoded, futures, strict=True):
-            flight = _Flight(fut, len(enc), enc.truncated)
-            key = keys[i]
-            self._inflight[key] = flight
-            fut.add_done_callback(lambda _f, k=key, fl=flight: self._land(k, fl))
-            waits[i] = flight
+        try:
+            started = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            encoded = await loop.run_in_executor(
+                self._pool,
+                lambda: rt.formatter.encode([items[i] for i in positions], strict=strict, positions=positions),
+            )
+            self._metrics.tokenize_duration.observe(time.perf_counter() - started)
+            total = sum(len(e) for e in encoded)
+            if total > self._max_tokens:
+                raise TooLarge(f"request has {total} tokens after truncation; the limit is {self._max_tokens}")
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded("the request's deadline passed before scoring")
+            if not rt.batcher.healthy:
+                raise NotReady(f"model {rt.name!r} is restarting")
+            futures = rt.batcher.submit(encoded, deadline)
+        except BaseException:
+            for key, flight in flights.items():
+                self._settle(key, flight, _Abandoned())
+            raise
+        for key, enc, fut in zip(leaders, encoded, futures, strict=True):
+            fut.add_done_callback(functools.partial(self._land, key, flights[key], enc))
 
-    def _land(self, key: str, flight: _Flight) -> None:
+    def _land(self, key: str, flight: _Flight, enc: Encoded, done: asyncio.Future[float]) -> None:
+        if done.cancelled():
+            self._settle(key, flight, _Abandoned())
+            return
+        error = done.exception()
+        if error is not None:
+            self._settle(key, flight, error)
+            return
+        scored = Scored(done.result(), len(enc), enc.truncated)
+        if self.cache is not None:
+            # Before the flight ends, so a lookup that misses the flight finds the cache entry.
+            self.cache.put_many({key: scored.pack()})
+        self._settle(key, flight, scored)
+
+    def _settle(self, key: str, flight: _Flight, outcome: Scored | BaseException) -> None:
+        if isinstance(outcome, Scored):
+            # A landed flight stays joinable a moment: requests of the same burst whose cache lookup
+            # started before the write-back (or failed: Redis slow or down) still find it.
+            asyncio.get_running_loop().call_later(_LINGER_S, self._forget, key, flight)
+        else:
+            self._forget(key, flight)
+        if flight.future.done():
+            return
+        if isinstance(outcome, Scored):
+            flight.future.set_result(outcome)
+        else:
+            flight.future.set_exception(outcome)
+            flight.future.exception()  # mark retrieved: its joiners may all have gone away
+
+    def _forget(self, key: str, flight: _Flight) -> None:
         if self._inflight.get(key) is flight:
             del self._inflight[key]
-        if not flight.future.cancelled():
-            flight.future.exception()  # mark retrieved: followers may all have gone away
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # the leading request may have gone away; its error needs no log line
