@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         reward_funcs=[trl_reward_func(args.url, model=args.model, api_key=args.api_key)],
         args=grpo_config(args.out, steps=args.steps, batch=args.batch, generations=args.generations,
                          completion_len=args.completion_len, learning_rate=args.lr, seed=args.seed),
-        train_dataset=prompt_dataset(args.steps * args.batch),
+        # Each prompt is sampled ``generations`` times per step: steps * batch / generations prompts in all.
+        train_dataset=prompt_dataset(args.steps * args.batch // args.generations),
     )
     started = time.monotonic()
     trainer.train()
