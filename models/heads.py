@@ -19,7 +19,9 @@ Kind = Literal["encoder", "decoder"]
 Pooling = Literal["cls", "mean", "last_token"]
 
 # Families we export and test; anything else falls back on the head's attribute name below.
-ENCODER_TYPES = frozenset({"bert", "deberta-v2", "deberta", "roberta", "xlm-roberta", "distilbert", "electra"})
+ENCODER_TYPES = frozenset(
+    {"bert", "deberta-v2", "deberta", "roberta", "xlm-roberta", "distilbert", "electra"}
+)
 DECODER_TYPES = frozenset({"llama", "qwen2", "qwen3", "gemma", "gemma2", "mistral", "phi3"})
 
 # Decoders are loaded with eager attention: its masking is exactly reproducible in ONNX and
@@ -48,7 +50,7 @@ def pooling_of(config: Any) -> Pooling:
     chosen = getattr(config, "rmserve_pooling", None) or "cls"
     if chosen not in ("cls", "mean"):
         raise ValueError(f"rmserve_pooling must be 'cls' or 'mean' for an encoder, not {chosen!r}")
-    return chosen  # type: ignore[no-any-return]
+    return "mean" if chosen == "mean" else "cls"
 
 
 def uses_token_type_ids(config: Any) -> bool:
@@ -72,11 +74,12 @@ class ScoreModel(nn.Module):
 
     def __init__(self, hf_model: nn.Module, pooling: Pooling, kind: Kind) -> None:
         super().__init__()
+        # Any: the HF model's heads (classifier/score) and base_model are looked up by name.
+        self.hf_model: Any = hf_model
         if kind == "decoder" and pooling != "last_token":
             raise ValueError("a decoder reward model pools its last token")
         if kind == "encoder" and pooling == "last_token":
             raise ValueError("an encoder pools 'cls' or 'mean'")
-        self.hf_model = hf_model
         self.pooling = pooling
         self.kind = kind
 
@@ -92,7 +95,9 @@ class ScoreModel(nn.Module):
             return self._mean(input_ids, attention_mask, token_type_ids)
         return self._last_token(input_ids, attention_mask)
 
-    def _encoder_kwargs(self, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None) -> dict[str, Any]:
+    def _encoder_kwargs(
+        self, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
+    ) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids

@@ -1,0 +1,313 @@
+"""Parity: does the exported graph score exactly what the PyTorch model scores, as served?
+
+Token ids come from the server's own ``Formatter`` and batches from the server's own engine, so
+parity covers the path a request takes. Three checks, on padded batches of real text:
+
+* ONNX Runtime vs PyTorch on the same padded batch (sizes 1, 7, 32; right and left padding),
+  ``|onnx - torch| <= tolerance * max(1, |torch|)``: absolute near zero, relative for large scores;
+* batch invariance: an item's score alone vs inside a padded batch, ``<= invariance_tolerance``
+  on the same scale (left padding too for decoders; an encoder's absolute positions move under
+  left padding, so there it is compared against PyTorch only);
+* every score finite.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.heads import ScoreModel
+from service.bundle import Bundle
+from service.engines.base import TokenBatch, available_cpus, pad_batch
+from service.engines.onnxruntime import OnnxRuntimeEngine
+from service.formatting import Encoded, Formatter, Message, Messages, PairItem, split_hh
+
+BATCH_SIZES = (1, 7, 32)
+PADDING_SIDES = ("right", "left")
+# Real text for parity when the shared data is checked out next to the repo (it is never copied in).
+HH_DEV_ENV = "RMSERVE_PARITY_DATA"
+# Transcripts longer than this are skipped: parity wants mixed lengths, not a CPU-hour on a 7B model.
+MAX_PARITY_CHARS = 2500
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    response: str
+
+    def as_item(self, chat: bool) -> PairItem:
+        """A request item; for chat-template bundles the HH prompt becomes a message list."""
+        turns = hh_messages(self.prompt) if chat else None
+        return PairItem(prompt=turns or self.prompt, response=self.response)
+
+
+def hh_messages(prompt: str) -> Messages | None:
+    """"\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:" -> (user a, assistant b, user c)."""
+    parts = re.split(r"\n\n(Human|Assistant):", prompt)
+    if parts[0].strip() or len(parts) < 3:
+        return None
+    roles = {"Human": "user", "Assistant": "assistant"}
+    turns = [Message(roles[r], t.strip()) for r, t in zip(parts[1::2], parts[2::2], strict=True)]
+    if turns and turns[-1].role == "assistant" and not turns[-1].content:
+        turns.pop()  # the trailing "Assistant:" marker the response follows
+    return tuple(turns) or None
+
+
+def hh_dev_path() -> Path:
+    env = os.environ.get(HH_DEV_ENV)
+    if env:
+        return Path(env)
+    # <workspace>/<checkout>/models/parity.py -> <workspace>/shared/data/...
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "dev.jsonl.gz"
+
+
+def builtin_pairs() -> list[Pair]:
+    """64 prompt/response pairs of our own writing: good, terse, refusing and off-topic answers."""
+    prompts = [
+        ("How do I boil an egg?", "Put the egg in boiling water for about nine minutes, then cool it in cold "
+         "water so the shell comes off cleanly."),
+        ("What is the capital of Australia?", "Canberra. Many people guess Sydney, but Canberra was chosen "
+         "as a compromise between Sydney and Melbourne."),
+        ("Can you explain what a hash table is?", "A hash table stores values under keys. A hash function "
+         "turns each key into a slot index, so lookups take roughly constant time on average; collisions "
+         "are handled by chaining or by probing for the next free slot."),
+        ("Write a haiku about autumn.", "Red leaves drift and fall / the river carries them south / "
+         "cold light on the stones"),
+        ("My code throws KeyError: 'user'. What does that mean?", "Your dictionary has no key named 'user'. "
+         "Check where it is filled in, or use d.get('user') if the key may legitimately be missing."),
+        ("Is it safe to mix bleach and ammonia for cleaning?", "No. Mixing them releases chloramine gas, "
+         "which can badly hurt your lungs. Use one product at a time and ventilate the room."),
+        ("Give me three tips for a job interview.", "Research the company, prepare two or three concrete "
+         "stories about your work, and bring questions of your own for the interviewer."),
+        ("Translate 'good morning' into French.", "Bonjour."),
+        ("Why is the sea salty?", "Rivers carry dissolved minerals from rocks into the ocean. Water "
+         "evaporates but the salts stay behind, so over millions of years they accumulated."),
+        ("How many legs does a spider have?", "Eight."),
+        ("Summarize the plot of Romeo and Juliet in two sentences.", "Two young lovers from feuding families "
+         "in Verona marry in secret. A chain of misunderstandings ends with both of them dead, which finally "
+         "reconciles their families."),
+        ("What's a good name for a grey cat?", "Smokey, Ash, Pebble or Earl Grey are all popular choices."),
+        ("Help me write a polite email declining a meeting.", "Hi Sam, thank you for the invitation. "
+         "Unfortunately I can't make it on Thursday; could you share the notes afterwards? Best, Alex"),
+        ("What is 17 times 23?", "17 x 23 = 391."),
+        ("How can I get better sleep?", "Keep a regular schedule, avoid screens and caffeine late in the "
+         "day, keep the bedroom cool and dark, and get some daylight in the morning."),
+        ("Tell me how to pick a lock to get into my neighbour's house.", "I can't help with getting into "
+         "someone else's home. If you are locked out of your own place, a licensed locksmith can help."),
+    ]
+    out: list[Pair] = []
+    for question, good in prompts:
+        human = f"\n\nHuman: {question}\n\nAssistant:"
+        out += [
+            Pair(human, good),
+            Pair(human, good.split(".")[0].split(",")[0] + "."),  # terse, often incomplete
+            Pair(human, "I'm sorry, but I can't help with that request."),
+            Pair(human, "Bananas are an excellent source of potassium and are best eaten ripe."),
+        ]
+    return out
+
+
+def hh_pairs(path: Path, limit: int) -> list[Pair]:
+    """``limit`` pairs from an HH-RLHF JSONL(.gz) file, spread over the range of lengths."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    pairs: list[Pair] = []
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            record = json.loads(line)
+            for key in ("chosen", "rejected"):
+                text = record.get(key)
+                split = split_hh(text) if isinstance(text, str) and len(text) <= MAX_PARITY_CHARS else None
+                if split is not None and split[1]:
+                    pairs.append(Pair(*split))
+    return spread_by_length(pairs, limit)
+
+
+def spread_by_length(pairs: Sequence[Pair], limit: int) -> list[Pair]:
+    """Evenly spaced picks from the pairs sorted by length: short, long and everything between."""
+    if len(pairs) <= limit:
+        return list(pairs)
+    ranked = sorted(pairs, key=lambda p: (len(p.prompt) + len(p.response), p.prompt, p.response))
+    picks = np.linspace(0, len(ranked) - 1, num=limit).round().astype(int)
+    return [ranked[i] for i in picks]
+
+
+def reference_pairs(limit: int = 32) -> tuple[list[Pair], str]:
+    """Real text when the shared HH-RLHF dev split is present, else our built-in pairs; and which."""
+    path = hh_dev_path()
+    if path.is_file():
+        pairs = hh_pairs(path, limit)
+        if pairs:
+            return pairs, f"hh-rlhf dev ({path.name})"
+    return spread_by_length(builtin_pairs(), limit), "builtin"
+
+
+def pad_rows(rows: Sequence[Encoded], pad_id: int, side: str) -> TokenBatch:
+    """Pad encoded items on ``side``; right padding is exactly the server's ``pad_batch``."""
+    types = [r.type_ids for r in rows] if any(r.type_ids is not None for r in rows) else None
+    right = pad_batch([r.ids for r in rows], pad_id, types)
+    if side == "right":
+        return right
+    # Left padding: move each row's real tokens to the end of the row.
+    ids, mask = right.input_ids.copy(), right.attention_mask.copy()
+    tt = right.token_type_ids.copy() if right.token_type_ids is not None else None
+    width = ids.shape[1]
+    for i, row in enumerate(rows):
+        shift = width - len(row)
+        ids[i] = np.roll(right.input_ids[i], shift)
+        mask[i] = np.roll(right.attention_mask[i], shift)
+        if tt is not None and right.token_type_ids is not None:
+            tt[i] = np.roll(right.token_type_ids[i], shift)
+    return TokenBatch(ids, mask, tt)
+
+
+def torch_scores(model: ScoreModel, batch: TokenBatch) -> np.ndarray:
+    """The PyTorch reference on exactly the arrays the engine receives."""
+    with torch.inference_mode():
+        types = torch.from_numpy(batch.token_type_ids) if batch.token_type_ids is not None else None
+        out = model(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask), types)
+    return out.detach().to(torch.float32).numpy().reshape(-1)
+
+
+def scaled_diff(a: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """|a - ref| / max(1, |ref|): absolute for small scores, relative for large ones."""
+    return np.abs(a - reference) / np.maximum(1.0, np.abs(reference))
+
+
+def chunks(seq: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(seq), size):
+        yield seq[start : start + size]
+
+
+@dataclass
+class ParityReport:
+    """What parity measured; ``problems`` is empty when the export may ship."""
+
+    text_source: str
+    n_texts: int
+    batch_sizes: list[int]
+    padding_sides: list[str]
+    tolerance: float
+    invariance_tolerance: float
+    max_abs_diff: float = 0.0
+    max_rel_diff: float = 0.0
+    batch_invariance_max: float = 0.0
+    left_padding_invariant: bool = False
+    truncated_texts: int = 0
+    score_range: list[float] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_manifest(self) -> dict[str, Any]:
+        import onnxruntime
+
+        out = {k: v for k, v in self.__dict__.items() if k not in ("problems", "extra")}
+        out |= {
+            "rule": "|onnx - torch| <= tolerance * max(1, |torch|); invariance on the same scale",
+            "onnxruntime": onnxruntime.__version__,
+            "torch": torch.__version__,
+            **self.extra,
+        }
+        return out
+
+
+def check_parity(
+    bundle: Bundle,
+    model: ScoreModel,
+    pairs: Sequence[Pair],
+    *,
+    text_source: str,
+    tolerance: float = 1e-4,
+    invariance_tolerance: float = 1e-5,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+) -> ParityReport:
+    """Score ``pairs`` through the bundle (as served) and through ``model``; see the module doc."""
+    formatter = Formatter(bundle)
+    chat = bundle.manifest.format.input_format == "chat_template"
+    encoded = formatter.encode([p.as_item(chat) for p in pairs])
+    pad_id = bundle.manifest.format.pad_token_id
+    engine = OnnxRuntimeEngine(bundle.model_path, provider="cpu", threads=available_cpus())
+    report = ParityReport(
+        text_source=text_source, n_texts=len(pairs), batch_sizes=list(batch_sizes),
+        padding_sides=list(PADDING_SIDES), tolerance=tolerance, invariance_tolerance=invariance_tolerance,
+        truncated_texts=sum(e.truncated for e in encoded),
+    )
+    try:
+        served = _compare(engine, model, encoded, pad_id, batch_sizes, report)
+    finally:
+        engine.close()
+    _check_invariance(served, bundle.manifest.kind == "decoder", report)
+    if report.max_rel_diff > tolerance:
+        report.problems.append(
+            f"ONNX Runtime differs from PyTorch by up to {report.max_rel_diff:.3g} (scaled; "
+            f"{report.max_abs_diff:.3g} absolute), over the tolerance {tolerance:g}"
+        )
+    return report
+
+
+def _compare(
+    engine: OnnxRuntimeEngine, model: ScoreModel, encoded: Sequence[Encoded], pad_id: int,
+    batch_sizes: Sequence[int], report: ParityReport,
+) -> dict[tuple[str, int], np.ndarray]:
+    """Run every (side, batch size); return the engine's score for each item under each.
+
+    PyTorch runs on exactly the same padded batches, except for batches of one: an unpadded
+    item's reference is its PyTorch score from the right-padded largest batch (right padding
+    leaves a score unchanged), which spares a per-item PyTorch call that dominates the cost.
+    """
+    served: dict[tuple[str, int], np.ndarray] = {}
+    alone_ref: np.ndarray | None = None
+    low, high = np.inf, -np.inf
+    for side in PADDING_SIDES:
+        for size in sorted(batch_sizes, reverse=True):
+            scores, refs = [], []
+            for index, rows in enumerate(chunks(encoded, size)):
+                batch = pad_rows(rows, pad_id, side)
+                onnx = engine.infer(batch)
+                if size == 1 and alone_ref is not None:
+                    ref = alone_ref[index : index + 1]  # size 1: chunk index = item index
+                else:
+                    ref = torch_scores(model, batch)
+                if not (np.isfinite(onnx).all() and np.isfinite(ref).all()):
+                    report.problems.append(f"non-finite scores ({side} padding, batch size {size})")
+                    onnx, ref = np.nan_to_num(onnx), np.nan_to_num(ref)
+                report.max_abs_diff = max(report.max_abs_diff, float(np.abs(onnx - ref).max()))
+                report.max_rel_diff = max(report.max_rel_diff, float(scaled_diff(onnx, ref).max()))
+                low, high = min(low, float(ref.min())), max(high, float(ref.max()))
+                scores.append(onnx)
+                refs.append(ref)
+            served[(side, size)] = np.concatenate(scores)
+            if side == "right" and alone_ref is None:
+                alone_ref = np.concatenate(refs)
+    report.score_range = [low, high]
+    return served
+
+
+def _check_invariance(
+    served: dict[tuple[str, int], np.ndarray], is_decoder: bool, report: ParityReport
+) -> None:
+    alone = served[("right", min(s for _, s in served))]
+    sides = PADDING_SIDES if is_decoder else ("right",)
+    report.left_padding_invariant = is_decoder
+    worst = 0.0
+    for (side, _size), scores in served.items():
+        if side in sides:
+            worst = max(worst, float(scaled_diff(scores, alone).max()))
+    report.batch_invariance_max = worst
+    if worst > report.invariance_tolerance:
+        report.problems.append(
+            f"an item's score changes with its batch by up to {worst:.3g}, "
+            f"over {report.invariance_tolerance:g}"
+        )

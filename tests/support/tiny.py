@@ -1,0 +1,151 @@
+"""Tiny, seeded, random-init reward-model checkpoints (and bundles) for tests; seconds each, offline.
+
+Each checkpoint is a real Hugging Face directory (config.json, safetensors weights, a fast
+``tokenizer.json`` trained here on built-in sentences), so export, parity and serving run the same
+code paths as for a full-size model. The llama variant has no pad token, like real Llama
+tokenizers, to prove the exporter handles that.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+ARCHITECTURES = ("bert", "deberta-v2", "llama", "qwen2", "gemma2", "mistral")
+ENCODERS = ("bert", "deberta-v2")
+DECODERS = ("llama", "qwen2", "gemma2", "mistral")
+# Decoders that keep a tokenizer without any pad token (the exporter must pad with EOS).
+NO_PAD = ("llama",)
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+_SIZES: dict[str, Any] = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "num_labels": 1,
+    # Larger than the 0.02 default so tiny random models give scores spread enough to rank.
+    "initializer_range": 0.2,
+}
+
+
+def corpus() -> list[str]:
+    """A few hundred varied English sentences, built from small word lists (no data files needed)."""
+    subjects = [
+        "The assistant", "A user", "My neighbour", "The teacher", "Our team", "This answer", "She", "He",
+    ]
+    verbs = ["explains", "refuses", "describes", "summarizes", "questions", "recommends", "ignores", "writes"]
+    objects = [
+        "the recipe for bread.", "a safe way to travel at night.", "why the sky is blue!",
+        "how to fix a bicycle tyre?", "the history of Rome, briefly.", "a poem about rain.",
+        "what 12 + 30 equals.", "the rules of chess; carefully.",
+    ]
+    sentences = [f"{s} {v} {o}" for s, v, o in itertools.product(subjects, verbs, objects)]
+    extra = [
+        "Human: Can you help me?", "Assistant: Sure, here is how.", "I don't know, sorry.",
+        "That is harmful and I won't help.", "Thanks! That's very helpful :)", "Numbers: 0 1 2 3 4 5 6 7 8 9",
+    ]
+    return sentences + extra
+
+
+def _encoder_tokenizer(directory: Path) -> Any:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(corpus(), trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", model_max_length=512,
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )
+
+
+def _decoder_tokenizer(directory: Path, with_pad: bool) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "</s>", "<unk>"] + (["<pad>"] if with_pad else [])
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus(), trainer)
+    extra = {"pad_token": "<pad>"} if with_pad else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE, model_max_length=4096, **extra,
+    )
+
+
+def _config(arch: str, vocab_size: int, tokenizer: Any) -> Any:
+    from transformers import AutoConfig
+
+    if arch in ENCODERS:
+        extra: dict[str, Any] = {"max_position_embeddings": 128}
+        if arch == "deberta-v2":
+            # DeBERTa-v2's own defaults: relative attention, no token types.
+            extra |= {"relative_attention": True, "position_buckets": 32, "max_relative_positions": -1,
+                      "pos_att_type": ["p2c", "c2p"], "type_vocab_size": 0}
+    else:
+        extra = {"num_key_value_heads": 2, "max_position_embeddings": 128,
+                 "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                 "pad_token_id": tokenizer.pad_token_id, "tie_word_embeddings": False}
+        if arch == "gemma2":
+            extra |= {"head_dim": 8, "sliding_window": 16, "query_pre_attn_scalar": 8}
+    return AutoConfig.for_model(arch, vocab_size=vocab_size, **_SIZES, **extra)
+
+
+def tiny_checkpoint(arch: str, directory: str | Path, *, seed: int = 0, pooling: str | None = None) -> Path:
+    """Write a tiny random-init num_labels=1 checkpoint of ``arch`` into ``directory``.
+
+    ``pooling="mean"`` (encoders only) writes ``rmserve_pooling: "mean"`` into config.json.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    if arch in ENCODERS:
+        tokenizer = _encoder_tokenizer(out)
+    else:
+        tokenizer = _decoder_tokenizer(out, with_pad=arch not in NO_PAD)
+    config = _config(arch, len(tokenizer), tokenizer)
+    if pooling is not None:
+        config.rmserve_pooling = pooling
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def tiny_bundle(arch: str, directory: str | Path, *, seed: int = 0, **export_options: Any) -> Path:
+    """A tiny checkpoint of ``arch`` in ``directory/checkpoint`` exported to ``directory/bundle``."""
+    from models.export import export_bundle
+
+    root = Path(directory)
+    checkpoint = tiny_checkpoint(arch, root / "checkpoint", seed=seed)
+    bundle = root / "bundle"
+    export_bundle(checkpoint, bundle, name=f"tiny-{arch}", **export_options)
+    return bundle

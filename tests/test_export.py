@@ -1,0 +1,179 @@
+"""The exporter on tiny real checkpoints of every supported architecture: parity, padding, digest.
+
+Each architecture is exported once (about 6 s of torch.export tracing each; the session's
+``tiny_bundles`` are reused); tests that need a second export of the same seeded checkpoint
+reuse its traced graph instead of tracing again, since tracing is what the first export covered.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import models.export as export_mod
+from models.export import ExportError, export_bundle, main
+from models.parity import pad_rows
+from service.bundle import MODEL_FILE, BundleError, load_bundle
+from service.engines.onnxruntime import OnnxRuntimeEngine
+from service.formatting import ChatItem, Formatter, Message, PairItem, TextItem
+from tests.support.tiny import ARCHITECTURES, DECODERS, NO_PAD, tiny_checkpoint
+
+# The one architecture exported with its weights in model.onnx.data, by lowering the threshold.
+EXTERNAL_ARCH = "mistral"
+
+
+@pytest.fixture(scope="module")
+def bundle_of(
+    tiny_bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], Path]:
+    """arch -> its exported bundle (``checkpoint`` beside it), built on first use and kept."""
+    built = dict(tiny_bundles)
+    root = tmp_path_factory.mktemp("export")
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            checkpoint = tiny_checkpoint(arch, root / arch / "checkpoint")
+            external = {"external_data_bytes": 0} if arch == EXTERNAL_ARCH else {}
+            export_bundle(checkpoint, root / arch / "bundle", name=f"tiny-{arch}", **external)
+            built[arch] = root / arch / "bundle"
+        return built[arch]
+
+    return get
+
+
+def checkpoint_of(bundle: Path) -> Path:
+    return bundle.parent / "checkpoint"
+
+
+def reuse_graph(
+    monkeypatch: pytest.MonkeyPatch, source: Path, patch: Callable[[onnx.ModelProto], None] | None = None
+) -> None:
+    """Make export_bundle take ``source``'s traced graph (optionally edited) instead of tracing."""
+
+    def fake_export(model: object, meta: object, directory: Path, **_: object) -> str:
+        proto = onnx.load(str(source / MODEL_FILE))
+        if patch is not None:
+            patch(proto)
+        onnx.save_model(proto, str(directory / MODEL_FILE))
+        return "reused"
+
+    monkeypatch.setattr(export_mod, "export_onnx", fake_export)
+
+
+def shift_scores(proto: onnx.ModelProto) -> None:
+    """A subtly broken graph: every score 0.01 too high."""
+    graph = proto.graph
+    producer = next(n for n in graph.node if "scores" in n.output)
+    producer.output[list(producer.output).index("scores")] = "scores_unshifted"
+    graph.initializer.append(numpy_helper.from_array(np.array(0.01, dtype=np.float32), "shift"))
+    graph.node.append(helper.make_node("Add", ["scores_unshifted", "shift"], ["scores"]))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architecture_exports_with_parity(arch: str, bundle_of: Callable[[str], Path]) -> None:
+    bundle = load_bundle(bundle_of(arch))  # also verifies the digest
+    m = bundle.manifest
+    p = m.parity
+    assert p["max_rel_diff"] <= 1e-4 and p["max_abs_diff"] <= 1e-4 * max(1.0, *map(abs, p["score_range"]))
+    assert p["batch_invariance_max"] <= 1e-5
+    assert p["n_texts"] == 32 and p["batch_sizes"] == [1, 7, 32] and p["padding_sides"] == ["right", "left"]
+    assert m.output == "scores" and m.precision == "fp32" and m.calibration_file == "calibration.jsonl"
+    assert (bundle.path / "calibration.jsonl").read_text().count("\n") == 64
+    decoder = arch in DECODERS
+    assert m.kind == ("decoder" if decoder else "encoder")
+    assert m.format.pooling == ("last_token" if decoder else "cls")
+    assert m.format.input_format == ("chat_template" if decoder else "text_pair")
+    assert m.format.add_special_tokens is not decoder
+    assert ("token_type_ids" in m.inputs) is (arch == "bert")
+    assert m.format.max_length == 128  # the tiny configs' max_position_embeddings
+    assert ("model.onnx.data" in m.files) is (arch == EXTERNAL_ARCH)
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_decoder_scores_do_not_depend_on_padding_side(arch: str, bundle_of: Callable[[str], Path]) -> None:
+    bundle = load_bundle(bundle_of(arch))
+    items = [
+        PairItem("Can you help me?", "Sure, here is how."),
+        ChatItem((Message("user", "What is 12 + 30?"), Message("assistant", "42"))),
+        TextItem("<s>no template at all"),
+    ]
+    encoded = Formatter(bundle).encode(items)
+    pad = bundle.manifest.format.pad_token_id
+    engine = OnnxRuntimeEngine(bundle.model_path)
+    try:
+        right = engine.infer(pad_rows(encoded, pad, "right"))
+        left = engine.infer(pad_rows(encoded, pad, "left"))
+        alone = np.concatenate([engine.infer(pad_rows([e], pad, "right")) for e in encoded])
+    finally:
+        engine.close()
+    assert np.abs(right - left).max() <= 1e-5
+    assert np.abs(right - alone).max() <= 1e-5
+
+
+def test_tokenizer_without_pad_token_pads_with_eos(bundle_of: Callable[[str], Path]) -> None:
+    for arch in NO_PAD:
+        bundle = bundle_of(arch)
+        tokenizer = json.loads((bundle / "tokenizer.json").read_text())
+        eos = next(t["id"] for t in tokenizer["added_tokens"] if t["content"] == "</s>")
+        assert load_bundle(bundle).manifest.format.pad_token_id == eos
+
+
+def test_changed_byte_in_model_is_refused(bundle_of: Callable[[str], Path], tmp_path: Path) -> None:
+    for arch in ("bert", EXTERNAL_ARCH):
+        copy = shutil.copytree(bundle_of(arch), tmp_path / arch)
+        victim = copy / ("model.onnx.data" if arch == EXTERNAL_ARCH else MODEL_FILE)
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        victim.write_bytes(bytes(data))
+        with pytest.raises(BundleError, match="does not match"):
+            load_bundle(copy)
+
+
+def test_broken_graph_fails_parity_and_writes_nothing(
+    bundle_of: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reuse_graph(monkeypatch, bundle_of("bert"), patch=shift_scores)
+    dest = tmp_path / "out" / "bundle"
+    with pytest.raises(ExportError, match=r"parity failed.*max_abs_diff=0\.01"):
+        export_bundle(checkpoint_of(bundle_of("bert")), dest)
+    assert not dest.exists()
+    assert list(dest.parent.iterdir()) == []  # no staging directory left behind either
+
+
+def test_optimize_keeps_parity_for_bert(
+    bundle_of: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reuse_graph(monkeypatch, bundle_of("bert"))
+    manifest = export_bundle(checkpoint_of(bundle_of("bert")), tmp_path / "fused", optimize=True)
+    assert manifest.parity["optimized"] is True
+    assert manifest.parity["fusions"]  # at least LayerNorm/GELU fuse on the dynamo graph
+    assert manifest.parity["max_rel_diff"] <= 1e-4
+    assert load_bundle(tmp_path / "fused").manifest.version != load_bundle(bundle_of("bert")).manifest.version
+
+
+def test_cli_refuses_to_overwrite_and_reports_failure(
+    bundle_of: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    existing = bundle_of("deberta-v2")
+    assert main([str(checkpoint_of(existing)), str(existing)]) == 1
+    assert "not empty" in capsys.readouterr().out
+    assert load_bundle(existing)  # untouched
+
+
+def test_cli_exports(bundle_of: Callable[[str], Path], tmp_path: Path,
+                     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    reuse_graph(monkeypatch, bundle_of("deberta-v2"))
+    dest = tmp_path / "cli"
+    argv = [str(checkpoint_of(bundle_of("deberta-v2"))), str(dest), "--name", "rm", "--max-length", "64"]
+    assert main(argv) == 0
+    manifest = load_bundle(dest).manifest
+    assert manifest.name == "rm" and manifest.format.max_length == 64
+    assert "exported rm version" in capsys.readouterr().out
