@@ -53,7 +53,7 @@ class Settings(BaseSettings):
         "auto", description="score cache: auto (redis when a URL is set, else in-process), memory, redis, off"
     )
     redis_url: SecretStr | None = Field(
-        None, description="redis-py URL: redis://, rediss://, redis+sentinel://, redis+cluster:// (see README)"
+        None, description="redis-py URL: redis://, rediss://, redis+sentinel://, redis+cluster:// (docs/cache.md)"
     )
     cache_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="score cache TTL in seconds (jittered by up to 10%)")
     cache_prefix: str = Field("rmserve:", description="prefix of every Redis key this service reads and writes")

@@ -137,6 +137,7 @@ def test_a_repeated_request_is_all_hits_with_identical_scores(replicas: tuple[Se
     assert server.metric("rmserve_cache_lookups_total", 'result="hit"') - hits_before == len(items)
     info = httpx.get(server.url + "/info").json()["cache"]
     assert info["backend"] == "redis" and info["mode"] == "single" and info["state"] == "closed"
+    assert info["parser"] == "hiredis"
 
 
 def test_another_replica_gets_hits_for_what_the_first_wrote(replicas: tuple[ServerProcess, ...]) -> None:

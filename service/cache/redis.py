@@ -27,6 +27,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.utils import HIREDIS_AVAILABLE
 
 from service.cache.base import CacheUnavailable
 from service.cache.breaker import CircuitBreaker
@@ -230,6 +231,7 @@ class RedisCache:
             "mode": self.target.mode,
             "url": redact_url(self.target.url),
             "state": self._breaker.state,
+            "parser": "hiredis" if HIREDIS_AVAILABLE else "python",
             "prefix": self._prefix,
             "ttl_s": self.options.ttl_s,
             "timeout_ms": self.options.timeout_s * 1000,
