@@ -104,8 +104,9 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_bundles: dict[str, Path]
 
         async def flood() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-                reqs = [client.post("/v1/score", json={"items": [{"prompt": p, "response": r} for p, r in long]})
-                        for _ in range(24)]
+                # Distinct items per request: identical ones in flight would be scored once (single-flight).
+                reqs = [client.post("/v1/score", json={"items": [{"prompt": p, "response": f"{r}{n}"} for p, r in long]})
+                        for n in range(24)]
                 return list(await asyncio.gather(*reqs))
 
         responses = asyncio.run(flood())
