@@ -88,7 +88,8 @@ def replicas(
     common = {"RMSERVE_REDIS_URL": redis_url, "RMSERVE_CACHE_PREFIX": prefix}
     with ExitStack() as stack:
         first, second = _start_all(
-            stack, tmp_path_factory.mktemp("replicas"),
+            stack,
+            tmp_path_factory.mktemp("replicas"),
             {**common, "RMSERVE_MODELS": str(bundle)},
             {**common, "RMSERVE_MODELS": f"default={bundle},next={next_bundle}"},
         )
@@ -161,10 +162,14 @@ def test_a_new_bundle_version_misses(replicas: tuple[ServerProcess, ...]) -> Non
     assert new["model_version"] != old["model_version"]
     assert new["usage"]["cache_hits"] == 0
     assert new["scores"] != old["scores"]
-    assert score(second, items)["usage"]["cache_hits"] == len(items)  # the old version's entries still serve it
+    assert score(second, items)["usage"]["cache_hits"] == len(
+        items
+    )  # the old version's entries still serve it
 
 
-def test_fifty_concurrent_requests_for_one_new_item_run_one_inference(replicas: tuple[ServerProcess, ...]) -> None:
+def test_fifty_concurrent_requests_for_one_new_item_run_one_inference(
+    replicas: tuple[ServerProcess, ...],
+) -> None:
     server = replicas[0]
     item = fresh_items()[:1]
     before = server.metric("rmserve_items_scored_total")
@@ -172,7 +177,9 @@ def test_fifty_concurrent_requests_for_one_new_item_run_one_inference(replicas: 
     async def burst() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=50)
         async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as client:
-            return list(await asyncio.gather(*(client.post("/v1/score", json={"items": item}) for _ in range(50))))
+            return list(
+                await asyncio.gather(*(client.post("/v1/score", json={"items": item}) for _ in range(50)))
+            )
 
     responses = asyncio.run(burst())
     assert [r.status_code for r in responses] == [200] * 50
@@ -182,8 +189,12 @@ def test_fifty_concurrent_requests_for_one_new_item_run_one_inference(replicas: 
 
 def test_entries_expire_after_the_ttl(bundle: Path, redis_url: str, tmp_path: Path) -> None:
     ttl_prefix = unique_prefix()
-    env = {"RMSERVE_MODELS": str(bundle), "RMSERVE_REDIS_URL": redis_url, "RMSERVE_CACHE_PREFIX": ttl_prefix,
-           "RMSERVE_CACHE_TTL_S": "1"}
+    env = {
+        "RMSERVE_MODELS": str(bundle),
+        "RMSERVE_REDIS_URL": redis_url,
+        "RMSERVE_CACHE_PREFIX": ttl_prefix,
+        "RMSERVE_CACHE_TTL_S": "1",
+    }
     client = redis.Redis.from_url(redis_url)
     try:
         with serve(env, tmp_path) as server:
@@ -209,8 +220,12 @@ def test_redis_outage_under_load_fails_no_request_and_the_cache_comes_back(
     bundle: Path, tmp_path: Path
 ) -> None:
     own = RedisProcess(tmp_path / "redis")  # not started yet: the server must start without it
-    env = {"RMSERVE_MODELS": str(bundle), "RMSERVE_REDIS_URL": own.url, "RMSERVE_CACHE_BREAKER_FAILURES": "3",
-           "RMSERVE_CACHE_BREAKER_COOLDOWN_S": "0.3"}
+    env = {
+        "RMSERVE_MODELS": str(bundle),
+        "RMSERVE_REDIS_URL": own.url,
+        "RMSERVE_CACHE_BREAKER_FAILURES": "3",
+        "RMSERVE_CACHE_BREAKER_COOLDOWN_S": "0.3",
+    }
     with serve(env, tmp_path) as server, ExitStack() as stack:
         stack.callback(own.stop)
         # Ready and serving with Redis down at start-up; the lookups count as errors.
@@ -247,7 +262,9 @@ def test_redis_outage_under_load_fails_no_request_and_the_cache_comes_back(
             await asyncio.gather(*clients)
 
         asyncio.run(outage())
-        assert codes and set(codes) == {200}, f"{sum(c != 200 for c in codes)} of {len(codes)} requests failed"
+        assert codes and set(codes) == {200}, (
+            f"{sum(c != 200 for c in codes)} of {len(codes)} requests failed"
+        )
         assert server.metric("rmserve_cache_lookups_total", 'result="error"') > errors
         assert httpx.get(server.url + "/info").json()["cache"]["breaker"]["opened"] >= 1
 
@@ -293,8 +310,13 @@ async def test_a_leader_that_goes_away_does_not_cancel_work_others_wait_for(bund
     settings = Settings(models=str(bundle), cache="memory")
     runtime = await load_runtime("default", bundle, settings, metrics)
     cache = MemoryCache(100)
-    scorer = Scorer({"default": runtime}, cache=cache, metrics=metrics, tokenize_pool=ThreadPoolExecutor(2),
-                    max_tokens_per_request=100_000)
+    scorer = Scorer(
+        {"default": runtime},
+        cache=cache,
+        metrics=metrics,
+        tokenize_pool=ThreadPoolExecutor(2),
+        max_tokens_per_request=100_000,
+    )
     try:
         item: list[Item] = [PairItem("a question nobody asked", "an answer")]
         deadline = time.monotonic() + 30
@@ -302,8 +324,9 @@ async def test_a_leader_that_goes_away_does_not_cancel_work_others_wait_for(bund
         leader = asyncio.create_task(scorer.score(None, item, strict=False, deadline=deadline))
         await asyncio.sleep(0)  # the leader looked up the cache and registered its flight
         await asyncio.sleep(0)
-        followers = [asyncio.create_task(scorer.score(None, item, strict=False, deadline=deadline))
-                     for _ in range(3)]
+        followers = [
+            asyncio.create_task(scorer.score(None, item, strict=False, deadline=deadline)) for _ in range(3)
+        ]
         await asyncio.sleep(0)
         leader.cancel()  # its client went away
         results = await asyncio.gather(*followers)
@@ -320,8 +343,9 @@ async def test_a_leader_that_goes_away_does_not_cancel_work_others_wait_for(bund
 # -- keys ----------------------------------------------------------------------------------------
 
 _text = st.text(max_size=12)
-_messages = st.lists(st.builds(Message, role=st.sampled_from(["user", "assistant", "system", ""]), content=_text),
-                     max_size=3).map(tuple)
+_messages = st.lists(
+    st.builds(Message, role=st.sampled_from(["user", "assistant", "system", ""]), content=_text), max_size=3
+).map(tuple)
 _items = st.one_of(
     st.builds(PairItem, prompt=st.one_of(_text, _messages), response=_text),
     st.builds(ChatItem, messages=_messages),
@@ -340,14 +364,21 @@ def test_different_items_never_share_a_key(a: Item, b: Item) -> None:
 def test_boundaries_and_shapes_are_part_of_the_key() -> None:
     ns = b"\x01" * 32
     confusable: list[Item] = [
-        PairItem("ab", "c"), PairItem("a", "bc"), PairItem("", "abc"), TextItem("abc"), TextItem("ab"),
-        PairItem((Message("user", "ab"),), "c"), PairItem((Message("user", "a"), Message("user", "b")), "c"),
+        PairItem("ab", "c"),
+        PairItem("a", "bc"),
+        PairItem("", "abc"),
+        TextItem("abc"),
+        TextItem("ab"),
+        PairItem((Message("user", "ab"),), "c"),
+        PairItem((Message("user", "a"), Message("user", "b")), "c"),
         ChatItem((Message("user", "ab"), Message("assistant", "c"))),
         ChatItem((Message("user", "a"), Message("bassistant", "c"))),
     ]
     keys = {item_key(ns, i) for i in confusable}
     assert len(keys) == len(set(confusable))
-    assert item_key(ns, TextItem("x")) != item_key(b"\x02" * 32, TextItem("x"))  # another version, another key
+    assert item_key(ns, TextItem("x")) != item_key(
+        b"\x02" * 32, TextItem("x")
+    )  # another version, another key
 
 
 # -- the in-process LRU --------------------------------------------------------------------------
@@ -418,8 +449,11 @@ def test_a_lost_probe_expires() -> None:
 async def test_a_dead_redis_opens_the_circuit_and_lookups_stop_calling_it() -> None:
     from tests.support.server import free_port
 
-    cache = RedisCache.from_url(f"redis://:s3cret@127.0.0.1:{free_port()}/0", ttl_s=60,
-                                options=RedisOptions(ttl_s=60, breaker_failures=2, breaker_cooldown_s=60))
+    cache = RedisCache.from_url(
+        f"redis://:s3cret@127.0.0.1:{free_port()}/0",
+        ttl_s=60,
+        options=RedisOptions(ttl_s=60, breaker_failures=2, breaker_cooldown_s=60),
+    )
     try:
         for _ in range(4):
             with pytest.raises(CacheUnavailable):
@@ -434,7 +468,9 @@ async def test_a_dead_redis_opens_the_circuit_and_lookups_stop_calling_it() -> N
 
 async def test_writes_beyond_the_buffer_are_dropped_and_counted(redis_url: str) -> None:
     name = unique_prefix()
-    cache = RedisCache.from_url(redis_url, ttl_s=60, options=RedisOptions(ttl_s=60, prefix=name, write_buffer_items=10))
+    cache = RedisCache.from_url(
+        redis_url, ttl_s=60, options=RedisOptions(ttl_s=60, prefix=name, write_buffer_items=10)
+    )
     try:
         cache.put_many({f"a{i}": b"v" for i in range(8)})
         cache.put_many({f"b{i}": b"v" for i in range(5)})  # the writer has not run yet: no room
@@ -463,7 +499,10 @@ async def test_each_entry_is_written_with_its_ttl_jittered_down_by_up_to_10_perc
 
 
 async def test_sentinel_url_reaches_the_master(tmp_path: Path) -> None:
-    with RedisProcess(tmp_path / "master") as master, RedisProcess(tmp_path / "sentinel", sentinel_of=master.port) as s:
+    with (
+        RedisProcess(tmp_path / "master") as master,
+        RedisProcess(tmp_path / "sentinel", sentinel_of=master.port) as s,
+    ):
         cache = RedisCache.from_url(f"redis+sentinel://127.0.0.1:{s.port}/mymaster/3", ttl_s=60)
         try:
             assert cache.state()["mode"] == "sentinel"
@@ -511,8 +550,14 @@ def test_redis_urls_of_every_deployment_shape_parse() -> None:
     assert sentinel.password == "pw" and sentinel.sentinel_password == "sp"
     cluster = parse_redis_url("rediss+cluster://n1:7000,n2:7001")
     assert cluster.mode == "cluster" and cluster.tls and cluster.hosts == (("n1", 7000), ("n2", 7001))
-    for bad in ("memcached://x", "redis+sentinel://s1:26379", "redis+cluster://n1:7000/3", "redis+cluster://n1:x",
-                "redis+sentinel://s1/m/x", "redis://"):
+    for bad in (
+        "memcached://x",
+        "redis+sentinel://s1:26379",
+        "redis+cluster://n1:7000/3",
+        "redis+cluster://n1:x",
+        "redis+sentinel://s1/m/x",
+        "redis://",
+    ):
         with pytest.raises(ValueError):
             parse_redis_url(bad)
 

@@ -17,7 +17,9 @@ BreakerState = Literal["closed", "open", "half-open"]
 
 
 class CircuitBreaker:
-    def __init__(self, failures: int, cooldown_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, failures: int, cooldown_s: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         if failures < 1:
             raise ValueError("failures must be at least 1")
         self.failures = failures

@@ -64,20 +64,31 @@ def _client(target: RedisTarget, opts: RedisOptions, *, timeout_s: float, connec
         "health_check_interval": 0,
     }
     if target.mode == "single":
-        pool = BlockingConnectionPool.from_url(target.url, max_connections=connections, timeout=timeout_s, **common)
+        pool = BlockingConnectionPool.from_url(
+            target.url, max_connections=connections, timeout=timeout_s, **common
+        )
         return Redis.from_pool(pool)
     if target.mode == "sentinel":
         assert target.service_name is not None
         sentinel_auth = {"username": target.sentinel_username, "password": target.sentinel_password}
         sentinel = Sentinel(list(target.hosts), sentinel_kwargs={**common, **sentinel_auth})
         return sentinel.master_for(
-            target.service_name, db=target.db, username=target.username, password=target.password,
-            ssl=target.tls, max_connections=connections, **common,
+            target.service_name,
+            db=target.db,
+            username=target.username,
+            password=target.password,
+            ssl=target.tls,
+            max_connections=connections,
+            **common,
         )
     return RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],
-        username=target.username, password=target.password, ssl=target.tls,
-        max_connections=connections, require_full_coverage=False, **common,
+        username=target.username,
+        password=target.password,
+        ssl=target.tls,
+        max_connections=connections,
+        require_full_coverage=False,
+        **common,
     )
 
 
@@ -167,7 +178,9 @@ class RedisCache:
             return
         self._buffer.update(entries)
         if self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(self._write_loop(), name="rmserve-cache-writer")
+            self._writer = asyncio.get_running_loop().create_task(
+                self._write_loop(), name="rmserve-cache-writer"
+            )
         self._wake.set()
 
     async def _write_loop(self) -> None:
@@ -193,7 +206,9 @@ class RedisCache:
         try:
             async with asyncio.timeout(self.options.write_timeout_s):
                 # One round trip (one per node on a Cluster); SET ... PX sets value and TTL atomically.
-                pipe = self._writer_client.pipeline() if self._cluster else self._writer_client.pipeline(False)
+                pipe = (
+                    self._writer_client.pipeline() if self._cluster else self._writer_client.pipeline(False)
+                )
                 for key, value in batch.items():
                     jitter = 1.0 - _TTL_JITTER * self._rng.random()
                     pipe.set(self._prefix + key, value, px=max(1, int(ttl_ms * jitter)))
@@ -215,8 +230,13 @@ class RedisCache:
         before = self._breaker.state
         self._breaker.failure()
         if before != "open" and self._breaker.state == "open":
-            log.warning("redis %s failed (%s: %s); circuit open, cache bypassed for %.1f s",
-                        what, type(exc).__name__, exc, self.options.breaker_cooldown_s)
+            log.warning(
+                "redis %s failed (%s: %s); circuit open, cache bypassed for %.1f s",
+                what,
+                type(exc).__name__,
+                exc,
+                self.options.breaker_cooldown_s,
+            )
 
     def _succeeded(self) -> None:
         if self._breaker.state != "closed":
@@ -236,8 +256,11 @@ class RedisCache:
             "ttl_s": self.options.ttl_s,
             "timeout_ms": self.options.timeout_s * 1000,
             "pool_size": self.options.pool_size,
-            "breaker": {"failures": self.options.breaker_failures, "cooldown_s": self.options.breaker_cooldown_s,
-                        "opened": self._breaker.opened},
+            "breaker": {
+                "failures": self.options.breaker_failures,
+                "cooldown_s": self.options.breaker_cooldown_s,
+                "opened": self._breaker.opened,
+            },
             "read_errors": self.read_errors,
             "reads_skipped": self.reads_skipped,
             "writes": self.writes,

@@ -6,7 +6,8 @@ Pure parsing, no redis import, so settings can validate a URL without loading th
   redis-py's own URL form, query options included.
 - Sentinel: ``redis+sentinel://[[user]:[password]@]host[:port][,host2[:port2]...]/service_name[/db]``
   (``rediss+sentinel://`` for TLS to the master). The hosts are the sentinels (default port 26379); the
-  credentials are the master's; ``?sentinel_username=...&sentinel_password=...`` authenticate to the sentinels.
+  credentials are the master's; ``?sentinel_username=...&sentinel_password=...`` authenticate to the
+  sentinels.
 - Cluster: ``redis+cluster://[[user]:[password]@]host[:port][,host2[:port2]...]`` (``rediss+cluster://`` for
   TLS). The hosts are startup nodes (default port 6379); the client discovers the rest.
 """
@@ -67,7 +68,9 @@ def parse_redis_url(url: str) -> RedisTarget:
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
     if not sep:
-        raise ValueError("redis URL needs a scheme: redis://, rediss://, redis+sentinel:// or redis+cluster://")
+        raise ValueError(
+            "redis URL needs a scheme: redis://, rediss://, redis+sentinel:// or redis+cluster://"
+        )
     if scheme in _SINGLE:
         if scheme != "unix" and not urlsplit(url).hostname:
             raise ValueError("redis URL names no host")
@@ -92,7 +95,9 @@ def parse_redis_url(url: str) -> RedisTarget:
             raise ValueError("redis+cluster URL takes no path (Redis Cluster has only db 0)")
         if options:
             raise ValueError(f"redis+cluster URL options {sorted(options)} are not supported")
-        return RedisTarget("cluster", url, _hosts(hostlist, 6379), username=username, password=password, tls=tls)
+        return RedisTarget(
+            "cluster", url, _hosts(hostlist, 6379), username=username, password=password, tls=tls
+        )
     unknown = set(options) - _SENTINEL_OPTIONS
     if unknown:
         raise ValueError(f"redis+sentinel URL options {sorted(unknown)} are not supported")
@@ -104,7 +109,14 @@ def parse_redis_url(url: str) -> RedisTarget:
     except ValueError:
         raise ValueError(f"redis+sentinel URL db {segments[1]!r} is not a number") from None
     return RedisTarget(
-        "sentinel", url, _hosts(hostlist, 26379), service_name=unquote(segments[0]), db=db,
-        username=username, password=password, tls=tls,
-        sentinel_username=options.get("sentinel_username"), sentinel_password=options.get("sentinel_password"),
+        "sentinel",
+        url,
+        _hosts(hostlist, 26379),
+        service_name=unquote(segments[0]),
+        db=db,
+        username=username,
+        password=password,
+        tls=tls,
+        sentinel_username=options.get("sentinel_username"),
+        sentinel_password=options.get("sentinel_password"),
     )

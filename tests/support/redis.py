@@ -40,7 +40,12 @@ class RedisProcess:
     """A redis-server of our own: no persistence, loopback only; stop() and start() keep the port."""
 
     def __init__(
-        self, directory: Path, port: int | None = None, *, extra: tuple[str, ...] = (), sentinel_of: int | None = None
+        self,
+        directory: Path,
+        port: int | None = None,
+        *,
+        extra: tuple[str, ...] = (),
+        sentinel_of: int | None = None,
     ) -> None:
         self.directory = directory
         self.port = port or free_port()
@@ -61,14 +66,25 @@ class RedisProcess:
         if binary is None:
             raise FileNotFoundError("redis-server is not on PATH")
         self.directory.mkdir(parents=True, exist_ok=True)
-        common = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-                  "--logfile", str(self.log_path), *self.extra]
+        common = [
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--logfile",
+            str(self.log_path),
+            *self.extra,
+        ]
         if self.sentinel_of is None:
             args = [binary, *common, "--save", "", "--appendonly", "no"]
         else:  # a Sentinel rewrites its config file, so it gets one of its own
             config = self.directory / f"sentinel-{self.port}.conf"
-            config.write_text(f"sentinel monitor mymaster 127.0.0.1 {self.sentinel_of} 1\n"
-                              "sentinel down-after-milliseconds mymaster 5000\n")
+            config.write_text(
+                f"sentinel monitor mymaster 127.0.0.1 {self.sentinel_of} 1\n"
+                "sentinel down-after-milliseconds mymaster 5000\n"
+            )
             args = [binary, str(config), "--sentinel", *common]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -107,7 +123,10 @@ def shared_redis_url(tmp: Path) -> tuple[str | None, str]:
     if answers(LOCAL):
         return LOCAL, "127.0.0.1:6379"
     if shutil.which("redis-server") is None:
-        return None, f"no Redis: {ENV} is unset, nothing answers at 127.0.0.1:6379, and redis-server is not on PATH"
+        return (
+            None,
+            f"no Redis: {ENV} is unset, nothing answers at 127.0.0.1:6379, and redis-server is not on PATH",
+        )
     if not _started:
         _started.append(RedisProcess(tmp).start())
         atexit.register(_started[0].stop)
@@ -124,7 +143,7 @@ def delete_prefix(url: str, prefix: str) -> int:
     try:
         names = list(client.scan_iter(match=prefix + "*", count=1000))
         for start in range(0, len(names), 500):
-            client.delete(*names[start:start + 500])
+            client.delete(*names[start : start + 500])
         return len(names)
     finally:
         client.close()
@@ -134,9 +153,14 @@ class RedisClusterProcesses:
     """A real Redis Cluster of ``size`` primaries on loopback, slots split evenly, no replicas."""
 
     def __init__(self, directory: Path, size: int = 3) -> None:
-        self.nodes = [RedisProcess(directory / f"node{i}", _cluster_port(), extra=("--cluster-enabled", "yes",
-                                                               "--cluster-config-file", "nodes.conf"))
-                      for i in range(size)]
+        self.nodes = [
+            RedisProcess(
+                directory / f"node{i}",
+                _cluster_port(),
+                extra=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+            )
+            for i in range(size)
+        ]
 
     @property
     def url(self) -> str:
@@ -149,7 +173,9 @@ class RedisClusterProcesses:
         try:
             slots, size = 16384, len(self.nodes)
             for i, client in enumerate(clients):
-                client.execute_command("CLUSTER ADDSLOTSRANGE", i * slots // size, (i + 1) * slots // size - 1)
+                client.execute_command(
+                    "CLUSTER ADDSLOTSRANGE", i * slots // size, (i + 1) * slots // size - 1
+                )
             for node in self.nodes[1:]:
                 clients[0].execute_command("CLUSTER MEET", "127.0.0.1", node.port)
             deadline = time.monotonic() + timeout
