@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from service.api import ops, score
 from service.api.errors import install_error_handlers
 from service.api.middleware import EdgeMiddleware
+from service.auth import KeyStore
 from service.bundle import default_bundle_path
 from service.cache.factory import make_cache
 from service.config import Settings
@@ -26,7 +27,13 @@ from service.state import AppState
 log = logging.getLogger("rmserve")
 
 
-def create_app(settings: Settings | None = None, *, engine_factory: EngineFactory = create_engine) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    engine_factory: EngineFactory = create_engine,
+    on_fatal: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """The app. ``on_fatal`` is told when start-up fails (``rmserve serve`` then exits non-zero)."""
     settings = settings or Settings()
     metrics = Metrics()
     state = AppState(settings=settings, metrics=metrics)
@@ -47,6 +54,8 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
             state.phase = "failed"
             state.failure = str(exc)
             log.error("start-up failed: %s", exc)
+            if on_fatal is not None:
+                on_fatal(str(exc))
             raise
 
     @asynccontextmanager
@@ -56,15 +65,13 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
         try:
             yield
         finally:
-            state.phase = "draining"
-            metrics.ready.set(0)
+            state.begin_drain()
             if not loader.done():
                 loader.cancel()
             await asyncio.gather(loader, return_exceptions=True)
             if state.scorer is not None:
                 for rt in state.scorer.models.values():
-                    await rt.batcher.stop()
-                    rt.engine.close()
+                    await rt.batcher.stop()  # finishes accepted work, then closes the engine
                 if state.scorer.cache is not None:
                     await state.scorer.cache.close()
             pool.shutdown(wait=False)
@@ -79,7 +86,9 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     install_error_handlers(app)
     app.include_router(score.router)
     app.include_router(ops.router)
+    keys = settings.api_keys.get_secret_value() if settings.api_keys is not None else None
     app.add_middleware(
-        EdgeMiddleware, metrics=metrics, keys=settings.key_set(), max_body_bytes=settings.max_body_bytes
+        EdgeMiddleware, metrics=metrics, keys=KeyStore(keys, settings.api_keys_file),
+        max_body_bytes=settings.max_body_bytes
     )
     return app

@@ -15,15 +15,19 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from service.engines.base import Engine, pad_batch
+from service.engines.base import Engine, EngineCrashed, pad_batch
 from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
 from service.formatting import Encoded
 from service.metrics import Metrics
 
 log = logging.getLogger("rmserve.batching")
+
+# After this many failed forward passes in a row the engine is presumed broken and rebuilt.
+CRASH_AFTER_FAILURES = 3
 
 
 @dataclass(eq=False)
@@ -55,8 +59,11 @@ class Batcher:
         pad_id: int,
         with_type_ids: bool,
         metrics: Metrics,
+        rebuild: Callable[[], Engine] | None = None,
     ) -> None:
         self.model = model
+        self._rebuild = rebuild
+        self._failures = 0
         self.engine = engine
         self.policy = policy
         self._pad_id = pad_id
@@ -71,6 +78,7 @@ class Batcher:
         self._closing = False
         self._rate = 0.0  # items/s of recent forward passes, for Retry-After
         self.healthy = True
+        self.restarts = 0
 
     # -- admission -----------------------------------------------------------------------------
 
@@ -128,6 +136,7 @@ class Batcher:
         if self._task is not None:
             await self._task
         self._executor.shutdown(wait=True)
+        self.engine.close()
 
     async def _supervise(self) -> None:
         # The loop only ends when closing; a bug in it must not leave callers waiting forever.
@@ -141,6 +150,34 @@ class Batcher:
                 self._fail_pending(InferenceFailed("the batcher failed"))
                 await asyncio.sleep(0.05)
                 self.healthy = True
+
+    async def _restart_engine(self) -> None:
+        """Rebuild a broken engine while readiness reports the model as restarting.
+
+        Items already queued wait for the new engine; new requests get 503 meanwhile.
+        """
+        if self._rebuild is None:
+            return
+        self.healthy = False
+        log.error("engine for %s is presumed broken; rebuilding it", self.model)
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            try:
+                fresh = await loop.run_in_executor(self._executor, self._rebuild)
+            except Exception:
+                log.exception("rebuilding the engine for %s failed; retrying", self.model)
+                await asyncio.sleep(1.0)
+                continue
+            old, self.engine = self.engine, fresh
+            try:
+                old.close()
+            except Exception:  # a broken engine may fail to close; it is dropped either way
+                log.warning("closing the broken engine for %s failed", self.model)
+            break
+        self._failures = 0
+        self.restarts += 1
+        self.healthy = True
+        log.info("engine for %s rebuilt (restart %d)", self.model, self.restarts)
 
     def _fail_pending(self, error: Exception) -> None:
         for job in [*self._window, *self._pending]:
@@ -225,13 +262,17 @@ class Batcher:
         started = time.perf_counter()
         try:
             scores = await loop.run_in_executor(self._executor, self.engine.infer, tensors)
-        except Exception:
+        except Exception as exc:
             log.exception("inference failed on a batch of %d items for %s", rows, self.model)
             self._metrics.inference_errors.labels(model=self.model).inc()
             for job in live:
                 if not job.future.done():
                     job.future.set_exception(InferenceFailed("inference failed on this item's batch"))
+            self._failures += 1
+            if isinstance(exc, EngineCrashed) or self._failures >= CRASH_AFTER_FAILURES:
+                await self._restart_engine()
             return
+        self._failures = 0
         elapsed = time.perf_counter() - started
         self._metrics.inference_duration.observe(elapsed)
         self._metrics.items_scored.labels(model=self.model).inc(rows)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from service.config import add_settings_arguments, settings_from_args
@@ -14,21 +13,37 @@ def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from service.app import create_app
+    from service.logs import configure_logging
+    from service.state import AppState
 
     try:
         settings = settings_from_args(args)
     except (ValidationError, ValueError) as exc:
         print(f"rmserve: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    app = create_app(settings)
+    configure_logging(settings.log_level)
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM/SIGINT, readiness turns 503 at once; uvicorn then stops accepting
+        connections and lets accepted requests finish within the drain grace."""
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            state.begin_drain()
+            super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+    def fatal(reason: str) -> None:
+        print(f"rmserve: start-up failed: {reason}", file=sys.stderr)
+        server.should_exit = True
+
+    app = create_app(settings, on_fatal=fatal)
+    state: AppState = app.state.rmserve
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-        timeout_graceful_shutdown=int(settings.drain_grace_s) or None, lifespan="on",
+        timeout_graceful_shutdown=int(settings.drain_grace_s) or None, lifespan="on", log_config=None,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config)
     server.run()
-    return 0 if app.state.rmserve.phase != "failed" else 1
+    return 1 if state.phase == "failed" else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -111,14 +111,6 @@ class Settings(BaseSettings):
             return "redis" if self.redis_url is not None else "memory"
         return self.cache
 
-    def key_set(self) -> frozenset[str]:
-        keys: list[str] = []
-        if self.api_keys is not None:
-            keys += self.api_keys.get_secret_value().split(",")
-        if self.api_keys_file is not None:
-            keys += self.api_keys_file.read_text().splitlines()
-        return frozenset(k.strip() for k in keys if k.strip())
-
     def public(self) -> dict[str, Any]:
         """The effective configuration for /info: secrets redacted."""
         out = self.model_dump(mode="json")

@@ -20,6 +20,10 @@ from service.scoring import ModelRuntime
 EngineFactory = Callable[[Bundle, Settings], tuple[Engine, dict[str, Any]]]
 
 
+def _pinned(selection: dict[str, Any]) -> dict[str, Any]:
+    return {k: selection[k] for k in ("provider", "precision") if k in selection}
+
+
 async def load_runtime(
     name: str, path: Path, settings: Settings, metrics: Metrics, engine_factory: EngineFactory = create_engine
 ) -> ModelRuntime:
@@ -40,6 +44,8 @@ async def load_runtime(
         pad_id=fmt.pad_token_id,
         with_type_ids="token_type_ids" in bundle.manifest.inputs,
         metrics=metrics,
+        # A rebuilt engine is the one chosen now, not a new measurement.
+        rebuild=lambda: engine_factory(bundle, settings.model_copy(update=_pinned(selection)))[0],
     )
     await batcher.warmup(fmt.max_length)
     batcher.start()

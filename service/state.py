@@ -29,6 +29,12 @@ class AppState:
             raise NotReady(f"the server is {self.phase}")
         return self.scorer
 
+    def begin_drain(self) -> None:
+        """Not ready from now on: new work gets 503, accepted work finishes."""
+        if self.phase != "failed":
+            self.phase = "draining"
+        self.metrics.ready.set(0)
+
     def is_ready(self) -> bool:
         if self.phase != "ready" or self.scorer is None:
             return False

@@ -82,6 +82,10 @@ class EngineError(Exception):
     """An engine cannot be created as configured (missing provider, bad model file)."""
 
 
+class EngineCrashed(EngineError):
+    """The engine can no longer run (a lost device, a dead session): it must be rebuilt."""
+
+
 def available_cpus() -> int:
     """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota.
 

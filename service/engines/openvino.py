@@ -69,5 +69,5 @@ class OpenVinoEngine:
         return np.asarray(result[0], dtype=np.float32).reshape(-1)
 
     def close(self) -> None:
-        del self._request
-        del self._compiled
+        self.__dict__.pop("_request", None)
+        self.__dict__.pop("_compiled", None)

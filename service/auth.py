@@ -1,0 +1,55 @@
+"""API keys: several at once (for rotation), from the environment and/or a file that is re-read
+when it changes (a Kubernetes Secret volume is updated in place), compared in constant time."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger("rmserve.auth")
+
+
+def _parse(text: str) -> list[bytes]:
+    return [k.strip().encode() for k in text.replace(",", "\n").splitlines() if k.strip()]
+
+
+class KeyStore:
+    def __init__(self, keys: str | None, path: Path | None, *, recheck_s: float = 1.0) -> None:
+        self.enabled = keys is not None or path is not None
+        self._static = _parse(keys or "")
+        self._path = path
+        self._recheck_s = recheck_s
+        self._from_file: list[bytes] = []
+        self._mtime: float | None = None
+        self._checked = 0.0
+        self._reload()
+
+    def _reload(self) -> None:
+        if self._path is None:
+            return
+        try:
+            mtime = self._path.stat().st_mtime
+            if mtime != self._mtime:
+                self._from_file = _parse(self._path.read_text())
+                self._mtime = mtime
+                log.info("read %d API keys from the keys file", len(self._from_file))
+        except OSError as exc:
+            # Keep the last keys read: a Secret volume is briefly absent while it is swapped.
+            log.warning("cannot read the API keys file: %s", exc.strerror)
+
+    def allows(self, authorization: str) -> bool:
+        """True when ``Authorization: Bearer <key>`` carries a configured key."""
+        now = time.monotonic()
+        if self._path is not None and now - self._checked >= self._recheck_s:
+            self._checked = now
+            self._reload()
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return False
+        given = token.strip().encode()
+        ok = False
+        for key in (*self._static, *self._from_file):  # every key compared: no early exit
+            ok |= hmac.compare_digest(given, key)
+        return ok
