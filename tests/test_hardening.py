@@ -98,7 +98,7 @@ def test_schemathesis_finds_no_server_error(hostile_server: str, tmp_path: Path)
     proc = subprocess.run(
         [st, "run", hostile_server + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "40",
          "--request-timeout", "30", "--generation-deterministic"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
