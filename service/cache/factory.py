@@ -26,4 +26,5 @@ def make_cache(settings: Settings) -> ScoreCache | None:
         breaker_failures=settings.cache_breaker_failures,
         breaker_cooldown_s=settings.cache_breaker_cooldown_s,
     )
-    return RedisCache.from_url(settings.redis_url.get_secret_value(), ttl_s=settings.cache_ttl_s, options=options)
+    url = settings.redis_url.get_secret_value()
+    return RedisCache.from_url(url, ttl_s=settings.cache_ttl_s, options=options)
