@@ -8,6 +8,7 @@ right padding and so the exported graph takes only ``input_ids``/``attention_mas
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,8 +25,9 @@ ENCODER_TYPES = frozenset(
 )
 DECODER_TYPES = frozenset({"llama", "qwen2", "qwen3", "gemma", "gemma2", "mistral", "phi3"})
 
-# Decoders are loaded with eager attention: its masking is exactly reproducible in ONNX and
-# it never turns a fully masked (left-padding) row into NaN.
+# Decoders are loaded with eager attention. Checked with torch 2.13 / transformers 5: sdpa also
+# exports (Llama) with the same parity, but Gemma2 has no sdpa path at all (logit softcapping),
+# and eager keeps fully masked left-padding rows finite; one choice for every family.
 DECODER_ATTENTION = "eager"
 
 
@@ -129,6 +131,21 @@ class ScoreModel(nn.Module):
         return self.hf_model.score(last)[:, 0].float()
 
 
+def base_model_of(checkpoint: Path) -> str:
+    """The hub name config.json records, if any; else the checkpoint's directory name.
+
+    (transformers fills ``config._name_or_path`` with the path it loaded from, which would put
+    a local path into the manifest, so the saved file is read instead.)
+    """
+    try:
+        recorded = json.loads((checkpoint / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError):
+        recorded = None
+    if isinstance(recorded, str) and recorded and not Path(recorded).is_absolute():
+        return recorded
+    return checkpoint.resolve().name
+
+
 @dataclass(frozen=True)
 class ModelMeta:
     """What the exporter needs to know about a checkpoint besides its weights."""
@@ -176,7 +193,7 @@ def load_score_model(checkpoint_dir: str | Path, *, attn_implementation: str | N
         pooling=model.pooling,
         model_type=config.model_type,
         architecture=archs[0],
-        base_model=str(getattr(config, "_name_or_path", "") or path.name),
+        base_model=base_model_of(path),
         pad_token_id=int(tokenizer.pad_token_id),
         uses_token_type_ids=uses_token_type_ids(config),
         max_position_embeddings=getattr(config, "max_position_embeddings", None),

@@ -311,3 +311,32 @@ def _check_invariance(
             f"an item's score changes with its batch by up to {worst:.3g}, "
             f"over {report.invariance_tolerance:g}"
         )
+
+
+def served_and_reference(
+    bundle: Bundle, model: ScoreModel, pairs: Sequence[Pair]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-item scores through the bundle (right-padded batches of 32) and through PyTorch."""
+    formatter = Formatter(bundle)
+    chat = bundle.manifest.format.input_format == "chat_template"
+    encoded = formatter.encode([p.as_item(chat) for p in pairs])
+    engine = OnnxRuntimeEngine(bundle.model_path, provider="cpu", threads=available_cpus())
+    served, reference = [], []
+    try:
+        for rows in chunks(encoded, 32):
+            batch = pad_rows(rows, bundle.manifest.format.pad_token_id, "right")
+            served.append(engine.infer(batch))
+            reference.append(torch_scores(model, batch))
+    finally:
+        engine.close()
+    return np.concatenate(served), np.concatenate(reference)
+
+
+def ranking_agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(fraction of item pairs that a and b order the same way, Spearman correlation)."""
+    i, j = np.triu_indices(len(a), k=1)
+    same = np.sign(a[i] - a[j]) == np.sign(b[i] - b[j])
+    pairwise = float(same.mean()) if len(i) else 1.0
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    spearman = float(np.corrcoef(ra, rb)[0, 1]) if len(a) > 1 and ra.std() and rb.std() else 1.0
+    return pairwise, spearman

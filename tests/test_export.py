@@ -177,3 +177,22 @@ def test_cli_exports(bundle_of: Callable[[str], Path], tmp_path: Path,
     manifest = load_bundle(dest).manifest
     assert manifest.name == "rm" and manifest.format.max_length == 64
     assert "exported rm version" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_fp16_export_records_its_deviation_and_keeps_the_interface(
+    arch: str, bundle_of: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fp32 = bundle_of(arch)
+    reuse_graph(monkeypatch, fp32)
+    manifest = export_bundle(checkpoint_of(fp32), tmp_path / "fp16", precision="fp16")
+    assert manifest.precision == "fp16"
+    deviation = manifest.parity["fp16"]
+    assert deviation["pairwise_ranking_agreement"] >= 0.98 and deviation["max_rel_diff"] < 0.05
+    assert manifest.parity["max_rel_diff"] <= 1e-4  # the fp32 graph it came from passed parity
+    proto = onnx.load(str(tmp_path / "fp16" / MODEL_FILE))
+    assert {i.type.tensor_type.elem_type for i in proto.graph.input} == {onnx.TensorProto.INT64}
+    assert [o.type.tensor_type.elem_type for o in proto.graph.output] == [onnx.TensorProto.FLOAT]
+    big = [t for t in proto.graph.initializer if len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 1024]
+    assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
+    assert load_bundle(tmp_path / "fp16").manifest.version != load_bundle(fp32).manifest.version
