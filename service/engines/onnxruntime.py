@@ -1,8 +1,24 @@
-"""ONNX Runtime engine: the CPU provider, or CUDA when asked for and present."""
+"""ONNX Runtime engine: the CPU provider, or CUDA (onnxruntime-gpu) when asked for and present.
+
+Every forward pass goes through IO binding, on both providers, so the path tested on a CPU in CI
+is the path that runs on a GPU:
+
+* inputs are copied to the provider's device once per batch (``bind_cpu_input`` on the CPU;
+  an ``OrtValue`` made on the GPU, bound as is, on CUDA), never again inside the graph;
+* the output is bound to a preallocated host buffer, so the scores (a few bytes) come back in
+  one copy and no per-batch output allocation happens.
+
+On CUDA the memory arena grows by what is requested (``kSameAsRequested``), not by doubling,
+and never past ``gpu_mem_limit`` when one is set: a long-running server that once saw a large
+batch keeps that batch's working set, not twice it. TF32 is off: an fp32 bundle promises scores
+equal to PyTorch's within 1e-4 relative (SPEC), which TF32 matrix products (~3e-4) would break;
+fp16 bundles never use TF32, and they are the fast path on a GPU (docs/gpu.md).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -10,6 +26,7 @@ import onnxruntime as ort
 from service.engines.base import EngineError, EngineInfo, TokenBatch
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_OUTPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 def cuda_present() -> bool:
@@ -17,8 +34,33 @@ def cuda_present() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def cuda_options(device_id: int, gpu_mem_limit_bytes: int) -> dict[str, str]:
+    """CUDAExecutionProvider options; see the module docstring for why each is set."""
+    options = {
+        "device_id": str(device_id),
+        "arena_extend_strategy": "kSameAsRequested",
+        "use_tf32": "0",
+        # Reward models have no convolutions; skip cuDNN's exhaustive search at the first run.
+        "cudnn_conv_algo_search": "DEFAULT",
+        # Input copies and kernels share one stream, so a bound input is ready when a kernel reads it.
+        "do_copy_in_default_stream": "1",
+    }
+    if gpu_mem_limit_bytes > 0:
+        options["gpu_mem_limit"] = str(gpu_mem_limit_bytes)
+    return options
+
+
 class OnnxRuntimeEngine:
-    def __init__(self, model_path: Path, *, provider: str = "cpu", threads: int = 1, precision: str = "fp32") -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        provider: str = "cpu",
+        threads: int = 1,
+        precision: str = "fp32",
+        device_id: int = 0,
+        gpu_mem_limit_bytes: int = 0,
+    ) -> None:
         wanted = _PROVIDERS.get(provider)
         if wanted is None:
             raise EngineError(f"onnxruntime has no provider {provider!r}; choose one of {sorted(_PROVIDERS)}")
@@ -35,19 +77,63 @@ class OnnxRuntimeEngine:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Spinning threads burn the cores that tokenization and HTTP need between batches.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
+        providers: list[Any]
+        if provider == "cuda":
+            providers = [(wanted, cuda_options(device_id, gpu_mem_limit_bytes)), "CPUExecutionProvider"]
+            self._device, self._device_id = "cuda", device_id
+        else:
+            providers = [wanted]
+            self._device, self._device_id = "cpu", 0
         try:
             self._session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise EngineError(f"onnxruntime could not load {model_path}: {exc}") from exc
+        if provider == "cuda" and wanted not in self._session.get_providers():
+            # onnxruntime-gpu falls back to the CPU silently when CUDA/cuDNN libraries are missing.
+            raise EngineError(
+                "onnxruntime-gpu could not start CUDAExecutionProvider (CUDA 12/13 runtime, cuBLAS or "
+                f"cuDNN libraries missing or not matching the wheel); session providers: "
+                f"{', '.join(self._session.get_providers())}"
+            )
         self._inputs = [i.name for i in self._session.get_inputs()]
-        self._output = self._session.get_outputs()[0].name
-        self.info = EngineInfo(provider=provider, precision=precision, threads=threads,
-                               detail={"runtime": f"onnxruntime {ort.__version__}", "providers": providers})
+        out = self._session.get_outputs()[0]
+        self._output = out.name
+        dtype = _OUTPUT_DTYPES.get(out.type)
+        if dtype is None:
+            raise EngineError(f"{model_path}: output {out.name!r} is {out.type}, not a float tensor")
+        self._scores = np.empty(64, dtype=dtype)  # grown on demand; bound as the output buffer
+        self._binding = self._session.io_binding()
+        detail: dict[str, Any] = {
+            "runtime": f"onnxruntime {ort.__version__}",
+            "providers": self._session.get_providers(),
+            "io_binding": True,
+        }
+        if provider == "cuda":
+            detail["cuda_options"] = cuda_options(device_id, gpu_mem_limit_bytes)
+        self.info = EngineInfo(provider=provider, precision=precision, threads=threads, detail=detail)
 
     def infer(self, batch: TokenBatch) -> np.ndarray:
-        (scores,) = self._session.run([self._output], batch.feeds(self._inputs))
-        return np.asarray(scores, dtype=np.float32).reshape(-1)
+        rows = batch.shape[0]
+        if self._scores.shape[0] < rows:
+            self._scores = np.empty(max(rows, 2 * self._scores.shape[0]), dtype=self._scores.dtype)
+        binding = self._binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        on_device = []  # the device copies must outlive the run
+        for name, array in batch.feeds(self._inputs).items():
+            array = np.ascontiguousarray(array, dtype=np.int64)
+            if self._device == "cpu":
+                binding.bind_cpu_input(name, array)
+            else:
+                value = ort.OrtValue.ortvalue_from_numpy(array, "cuda", self._device_id)
+                binding.bind_ortvalue_input(name, value)
+                on_device.append(value)
+        out = self._scores[:rows]
+        binding.bind_output(self._output, "cpu", 0, out.dtype, [rows], out.ctypes.data)
+        self._session.run_with_iobinding(binding)
+        return out.astype(np.float32, copy=True)
 
     def close(self) -> None:
-        del self._session
+        # Idempotent: the batcher and its owner may both close the engine.
+        self.__dict__.pop("_binding", None)
+        self.__dict__.pop("_session", None)

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU check (loadtests/gpu_check.py) on a machine with an NVIDIA GPU; under 8 minutes on an H100.
+#
+#   loadtests/gpu_check.sh              everything, with onnxruntime-gpu already installed
+#   loadtests/gpu_check.sh prepare      (no registry there) unpack carried wheels, start the export
+#   loadtests/gpu_check.sh run          join the carried onnxruntime-gpu parts, serve and measure
+#   loadtests/gpu_check.sh dry          the same code here, tiny shapes, CPU provider
+#
+# Without a registry, onnxruntime-gpu travels as an xz tarball of the installed package cut into
+# parts (.ortgpu/p*/part*, ignored by git); other wheels as .whl/*.whl. Everything installs into
+# $SITE, first on PYTHONPATH, so it shadows a CPU onnxruntime that may be preinstalled: only one
+# onnxruntime is ever importable (SPEC: onnxruntime-gpu instead of onnxruntime, never both).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SITE=${SITE:-/tmp/site}
+WORK=${WORK:-/tmp/gpucheck}
+OUT=${OUT:-/tmp/gpucheck-out}
+MODELS=${MODELS:-qwen2-0.5b,qwen2-1.5b}
+PY=${PYTHON:-python3}
+export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1
+mkdir -p "$SITE" "$WORK" "$OUT" /tmp/ortparts
+
+prepare() {
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+  fi
+  for part in .ortgpu/p*/part*; do [ -e "$part" ] && cp "$part" /tmp/ortparts/; done
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || true
+  # torch-only stage; setsid so it outlives this command while the next part travels.
+  setsid nohup "$PY" loadtests/gpu_check.py --stage export --models "$MODELS" --work "$WORK" \
+    >"$WORK/export.log" 2>&1 </dev/null &
+  echo "export started (log: $WORK/export.log)"
+}
+
+install_ortgpu() {
+  for part in .ortgpu/p*/part*; do [ -e "$part" ] && cp "$part" /tmp/ortparts/; done
+  if compgen -G "/tmp/ortparts/part*" >/dev/null; then
+    cat /tmp/ortparts/part* >/tmp/ortgpu.tar.xz
+    if [ -f .ortgpu/SHA256 ]; then
+      echo "$(cut -d' ' -f1 .ortgpu/SHA256)  /tmp/ortgpu.tar.xz" | sha256sum -c -
+    fi
+    tar -xJf /tmp/ortgpu.tar.xz -C "$SITE"
+  fi
+  "$PY" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.__file__, o.get_available_providers())"
+}
+
+serve() {
+  local status=0
+  "$PY" loadtests/gpu_check.py --stage serve --models "$MODELS" --work "$WORK" --out "$OUT" \
+    --deadline-s "${DEADLINE_S:-420}" --wait-s "${WAIT_S:-300}" 2>&1 | tee "$OUT/gpu_check.log" || status=$?
+  grep -v "TracerWarning\|torchvision\|^  " "$WORK/export.log" >"$OUT/export.log" 2>/dev/null || true
+  return $status
+}
+
+case "${1:-all}" in
+  prepare) prepare ;;
+  run) install_ortgpu && serve ;;
+  dry) "$PY" loadtests/gpu_check.py --cpu-dry-run --work "$WORK-dry" --out "$OUT" ;;
+  all)
+    "$PY" loadtests/gpu_check.py --stage export --models "$MODELS" --work "$WORK" 2>&1 | tee "$WORK/export.log"
+    serve ;;
+  *) echo "usage: $0 [all|prepare|run|dry]" >&2; exit 2 ;;
+esac
