@@ -336,7 +336,9 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rmserve export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="rmserve export", description="Export a Hugging Face reward model to a verified bundle."
+    )
     add_export_arguments(parser)
     return run_export(parser.parse_args(argv))
 
