@@ -84,14 +84,23 @@ class _Abandoned(Exception):
     """The request leading a flight failed before its items reached the model; joiners retry."""
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class _Flight:
     """An item being scored right now; identical items join it instead of scoring again.
 
     Registered before the leader tokenizes, so an identical item arriving meanwhile joins it.
+    ``waiters`` counts the requests waiting for it: when all of them have gone away (their clients
+    disconnected), the item is taken out of the model's queue instead of being scored for no one.
     """
 
     future: asyncio.Future[Scored]
+    waiters: int = 0
+    job: asyncio.Future[float] | None = None  # the batcher's future, once submitted
+
+    def release(self) -> None:
+        self.waiters -= 1
+        if self.waiters <= 0 and self.job is not None and not self.job.done():
+            self.job.cancel()  # the batcher skips cancelled items
 
 
 class Scorer:
@@ -173,12 +182,19 @@ class Scorer:
                 flight = self._inflight[key] = _Flight(loop.create_future())
                 leaders[key] = i
             waits[i] = flight
-        if leaders:
-            # A task of its own, shielded: a caller that goes away must not cancel work others share.
-            lead = loop.create_task(self._lead(rt, items, keys, leaders, strict, deadline))
-            lead.add_done_callback(_retrieve)
-            await asyncio.shield(lead)  # this request's own errors (413, 422, 429, 504) surface here
-        outcomes = await asyncio.gather(*(asyncio.shield(waits[i].future) for i in todo), return_exceptions=True)
+        for i in todo:
+            waits[i].waiters += 1
+        try:
+            if leaders:
+                # A task of its own, shielded: a caller that goes away must not cancel work others share.
+                lead = loop.create_task(self._lead(rt, items, keys, leaders, strict, deadline))
+                lead.add_done_callback(_retrieve)
+                await asyncio.shield(lead)  # this request's own errors (413, 422, 429, 504) surface here
+            outcomes = await asyncio.gather(*(asyncio.shield(waits[i].future) for i in todo),
+                                            return_exceptions=True)
+        finally:
+            for i in todo:
+                waits[i].release()
         again: list[int] = []
         for i, outcome in zip(todo, outcomes, strict=True):
             if isinstance(outcome, Scored):
@@ -237,7 +253,11 @@ class Scorer:
                 self._settle(key, flight, _Abandoned())
             raise
         for key, enc, fut in zip(leaders, encoded, futures, strict=True):
-            fut.add_done_callback(functools.partial(self._land, key, flights[key], enc))
+            flight = flights[key]
+            flight.job = fut
+            fut.add_done_callback(functools.partial(self._land, key, flight, enc))
+            if flight.waiters <= 0:  # everyone left while this request was being tokenized
+                fut.cancel()
 
     def _land(self, key: str, flight: _Flight, enc: Encoded, done: asyncio.Future[float]) -> None:
         if done.cancelled():

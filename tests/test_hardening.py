@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from service.app import create_app
-from service.bundle import Bundle, load_bundle
+from service.bundle import Bundle, default_bundle_path, load_bundle
 from service.config import Settings
 from service.engines.base import EngineCrashed, TokenBatch
 from service.engines.select import create_engine
@@ -169,3 +169,98 @@ def test_a_failing_batch_fails_alone_and_a_crashed_worker_is_rebuilt(
         wait_ready(url, timeout=30)
         assert len(builds) == 2
         assert httpx.post(url + "/v1/score", json=ONE).json()["scores"] == good
+
+
+def test_items_of_a_client_that_disconnected_are_not_scored(tiny_bundles: dict[str, Path], tmp_path: Path) -> None:
+    env = {"RMSERVE_MODELS": str(tiny_bundles["llama"]), "RMSERVE_CACHE": "off", "RMSERVE_PRECISION": "fp32",
+           "RMSERVE_PROVIDER": "cpu", "RMSERVE_MAX_BATCH_TOKENS": "128"}
+    # Each busy item fills a batch on its own, so the queue stays long for a while.
+    busy = [{"prompt": f"busy {i} " * 40, "response": f"work {i} " * 40} for i in range(480)]
+    gone = [{"prompt": f"gone {i} " * 10, "response": f"away {i}"} for i in range(20)]
+    with serve(env, tmp_path) as server:
+        before = server.metric("rmserve_items_scored_total")
+
+        def send_busy() -> None:
+            httpx.post(server.url + "/v1/score", json={"items": busy}, timeout=300)
+
+        worker = threading.Thread(target=send_busy)
+        worker.start()
+        deadline = time.monotonic() + 60
+        while server.metric("rmserve_queue_depth") < 20:
+            assert time.monotonic() < deadline, "the busy request never queued"
+            time.sleep(0.01)
+        with pytest.raises(httpx.TimeoutException):  # the client gives up and closes its connection
+            httpx.post(server.url + "/v1/score", json={"items": gone}, timeout=httpx.Timeout(5, read=0.1))
+        worker.join()
+        while server.metric("rmserve_queue_depth") > 0:
+            time.sleep(0.05)
+        assert server.metric("rmserve_items_scored_total") - before == len(busy)
+        assert server.metric("rmserve_requests_total", 'code="499"') == 1
+
+
+def test_twice_the_capacity_ends_every_request_in_time_with_right_scores(tmp_path: Path) -> None:
+    import asyncio
+
+    from service.engines.base import pad_batch
+    from service.engines.onnxruntime import OnnxRuntimeEngine
+
+    # A real-size model: with a tiny one the HTTP client, not the model, sets the capacity.
+    path = default_bundle_path()
+    bundle = load_bundle(path)
+    pool = [(f"question {i} about " + "things " * (i % 40), f"answer {i} " + "words " * (i % 30)) for i in range(64)]
+    engine = OnnxRuntimeEngine(bundle.model_path, threads=2)
+    encoded = Formatter(bundle).encode([PairItem(p, r) for p, r in pool])
+    expected = [float(engine.infer(pad_batch([e.ids], bundle.manifest.format.pad_token_id))[0]) for e in encoded]
+    engine.close()
+    env = {"RMSERVE_MODELS": str(path), "RMSERVE_CACHE": "off", "RMSERVE_PRECISION": "fp32", "RMSERVE_PROVIDER": "cpu",
+           "RMSERVE_MAX_QUEUE_ITEMS": "64"}
+    deadline_s, slack_s, per_request = 1.0, 2.0, 4
+
+    async def run(url: str) -> dict[str, int]:
+        rng = np.random.default_rng(0)
+        limits = httpx.Limits(max_connections=400)
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+
+            async def one(record: list[tuple[int, float, list[int], list[float] | None]]) -> None:
+                idx = [int(i) for i in rng.integers(0, len(pool), per_request)]
+                body = {"items": [{"prompt": pool[i][0], "response": pool[i][1]} for i in idx]}
+                t0 = time.monotonic()
+                resp = await client.post("/v1/score", json=body, headers={"X-Request-Timeout": str(deadline_s)})
+                scores = resp.json()["scores"] if resp.status_code == 200 else None
+                record.append((resp.status_code, time.monotonic() - t0, idx, scores))
+
+            # Capacity: closed loop, 16 clients back to back for 2 s.
+            closed: list[tuple[int, float, list[int], list[float] | None]] = []
+            stop = time.monotonic() + 2.0
+
+            async def loop_client() -> None:
+                while time.monotonic() < stop:
+                    await one(closed)
+
+            await asyncio.gather(*(loop_client() for _ in range(16)))
+            capacity = sum(1 for c in closed if c[0] == 200) * per_request / 2.0
+            # Open loop at twice that, for 4 s.
+            rate = 2 * capacity / per_request
+            record: list[tuple[int, float, list[int], list[float] | None]] = []
+            tasks = []
+            start = time.monotonic()
+            for n in range(int(rate * 4)):
+                await asyncio.sleep(max(0.0, start + n / rate - time.monotonic()))
+                tasks.append(asyncio.create_task(one(record)))
+            await asyncio.gather(*tasks)
+        codes = [r[0] for r in record]
+        late = [r for r in record if r[1] > deadline_s + slack_s]
+        wrong = 0
+        for _, _, idx, scores in record:
+            if scores is not None:
+                wrong += sum(abs(s - expected[i]) > 1e-5 * max(1.0, abs(expected[i])) for s, i in zip(scores, idx))
+        counts = {"requests": len(record), "200": codes.count(200), "429": codes.count(429),
+                  "504": codes.count(504), "other": len([c for c in codes if c not in (200, 429, 504)]),
+                  "late": len(late), "wrong_scores": wrong, "capacity_items_per_s": int(capacity)}
+        print("load at 2x capacity:", counts)
+        return counts
+
+    with serve(env, tmp_path) as server:
+        counts = asyncio.run(run(server.url))
+    assert counts["other"] == 0 and counts["late"] == 0 and counts["wrong_scores"] == 0, counts
+    assert counts["200"] > 0 and counts["429"] + counts["504"] > 0, counts  # overload was really reached

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -29,6 +30,8 @@ ROUTES = frozenset({
 # Health and metrics stay open: who may reach them is the network policy's business.
 OPEN_ROUTES = frozenset({"/metrics", "/health/live", "/health/ready", "/docs", "/openapi.json",
                          "/docs/oauth2-redirect", "/redoc"})
+# Scoring requests stop when their client goes away, so their items are not scored for no one.
+SCORING_ROUTES = frozenset({"/v1/score", "/get_reward"})
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -71,7 +74,12 @@ class EdgeMiddleware:
                 await _respond(send_with_id, 413, "too_large",
                                f"request body of {declared} bytes is over the limit of {self.max_body}", rid)
                 return
-            await self.app(scope, self._limited(receive), send_with_id)
+            if route in SCORING_ROUTES:
+                await self._until_disconnect(scope, self._limited(receive), send_with_id)
+                if state.get("disconnected"):
+                    status = 499  # client closed the request (nginx's code): nothing was sent
+            else:
+                await self.app(scope, self._limited(receive), send_with_id)
         finally:
             elapsed = time.perf_counter() - started
             self.metrics.requests.labels(route=route, code=str(status)).inc()
@@ -82,6 +90,44 @@ class EdgeMiddleware:
                     "items": state.get("items"), "cache_hits": state.get("cache_hits"),
                     "duration_ms": round(elapsed * 1000, 3),
                 })
+
+    async def _until_disconnect(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app; if the client disconnects before the response starts, cancel it.
+
+        Once the body is read, the request has nothing more to receive, so a second reader can wait
+        for the ``http.disconnect`` the server sends when the client goes away.
+        """
+        body_read = asyncio.Event()
+        started = False
+
+        async def receiving() -> Message:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body"):
+                body_read.set()
+            return message
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        handler = asyncio.ensure_future(self.app(scope, receiving, sending))
+
+        async def watch() -> None:
+            await body_read.wait()
+            message = await receive()
+            if message["type"] == "http.disconnect" and not started:
+                handler.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await handler
+        except asyncio.CancelledError:
+            if not watcher.done() or watcher.cancelled():
+                raise  # cancelled from outside (shutdown), not by a disconnect
+            scope["state"]["disconnected"] = True
+        finally:
+            watcher.cancel()
 
     def _limited(self, receive: Receive) -> Receive:
         seen = 0
