@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from fastapi import APIRouter, Header, Request
@@ -20,6 +21,14 @@ from service.openrlhf import query_items
 from service.state import AppState
 
 router = APIRouter()
+body_log = logging.getLogger("rmserve.bodies")
+
+
+def _log_body(state: AppState, request: Request, body: ScoreRequest | RewardRequest) -> None:
+    # Texts being scored may be private: logged only when RMSERVE_LOG_BODIES is switched on.
+    if state.settings.log_bodies:
+        body_log.info("request body", extra={"request_id": getattr(request.state, "request_id", None),
+                                             "body": body.model_dump(mode="json")})
 
 
 def _deadline(state: AppState, header: float | None, field: float | None) -> float:
@@ -46,6 +55,7 @@ async def score(
 ) -> ScoreResponse:
     state: AppState = request.app.state.rmserve
     scorer = state.ready_scorer()
+    _log_body(state, request, body)
     _check_count(state, len(body.items))
     items = to_items(body.items, state.settings.max_chars_per_item)
     request.state.items = len(items)
@@ -76,6 +86,7 @@ async def get_reward(
 ) -> RewardResponse:
     state: AppState = request.app.state.rmserve
     scorer = state.ready_scorer()
+    _log_body(state, request, body)
     n = len(body.query)
     for name, values in (("prompts", body.prompts), ("labels", body.labels)):
         if values is not None and len(values) != n:
