@@ -18,8 +18,10 @@ import random
 
 from locust import HttpUser, between, task
 
-_WORDS = ("the model answer question helpful careful explain reason step result because however "
-          "sorry cannot help please thanks example code water bread travel music science history").split()
+_WORDS = (
+    "the model answer question helpful careful explain reason step result because however "
+    "sorry cannot help please thanks example code water bread travel music science history"
+).split()
 
 
 def _sentence(rng: random.Random, n: int) -> str:
@@ -48,8 +50,11 @@ class TrainerUser(_RMUser):
     def openrlhf_one_sample(self) -> None:
         pair = _pair(self.rng)
         prompt = "\n\nHuman: " + pair["prompt"] + "\n\nAssistant:"
-        self.client.post("/get_reward", json={"query": [prompt + " " + pair["response"]], "prompts": [prompt],
-                                              "labels": [""]}, name="/get_reward (1 sample)")
+        self.client.post(
+            "/get_reward",
+            json={"query": [prompt + " " + pair["response"]], "prompts": [prompt], "labels": [""]},
+            name="/get_reward (1 sample)",
+        )
 
     @task(1)
     def score_one_pair(self) -> None:
@@ -62,8 +67,9 @@ class EvalUser(_RMUser):
 
     @task
     def score_batch(self) -> None:
-        self.client.post("/v1/score", json={"items": [_pair(self.rng) for _ in range(64)]},
-                         name="/v1/score (64 items)")
+        self.client.post(
+            "/v1/score", json={"items": [_pair(self.rng) for _ in range(64)]}, name="/v1/score (64 items)"
+        )
 
 
 class HotCacheUser(_RMUser):

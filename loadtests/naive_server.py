@@ -32,8 +32,14 @@ def create_naive_app(checkpoint: str, max_length: int = 512) -> FastAPI:
 
     @app.post("/v1/score")
     async def score(req: Request) -> dict[str, list[float]]:
-        enc = tokenizer([p.prompt for p in req.items], [p.response for p in req.items], padding=True,
-                        truncation="only_first", max_length=max_length, return_tensors="pt")
+        enc = tokenizer(
+            [p.prompt for p in req.items],
+            [p.response for p in req.items],
+            padding=True,
+            truncation="only_first",
+            max_length=max_length,
+            return_tensors="pt",
+        )
         with torch.inference_mode():
             logits = model(**enc).logits[:, 0]
         return {"scores": logits.tolist()}

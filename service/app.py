@@ -45,8 +45,13 @@ def create_app(
             for name, path in settings.model_paths(default_bundle_path()).items():
                 models[name] = await load_runtime(name, path, settings, metrics, engine_factory)
                 log.info("loaded model %s version %s from %s", name, models[name].version, path)
-            state.scorer = Scorer(models, cache=make_cache(settings), metrics=metrics, tokenize_pool=pool,
-                                  max_tokens_per_request=settings.max_tokens_per_request)
+            state.scorer = Scorer(
+                models,
+                cache=make_cache(settings),
+                metrics=metrics,
+                tokenize_pool=pool,
+                max_tokens_per_request=settings.max_tokens_per_request,
+            )
             state.phase = "ready"
             metrics.ready.set(1)
             log.info("ready: %s", ", ".join(models))
@@ -88,7 +93,9 @@ def create_app(
     app.include_router(ops.router)
     keys = settings.api_keys.get_secret_value() if settings.api_keys is not None else None
     app.add_middleware(
-        EdgeMiddleware, metrics=metrics, keys=KeyStore(keys, settings.api_keys_file),
-        max_body_bytes=settings.max_body_bytes
+        EdgeMiddleware,
+        metrics=metrics,
+        keys=KeyStore(keys, settings.api_keys_file),
+        max_body_bytes=settings.max_body_bytes,
     )
     return app

@@ -121,8 +121,9 @@ class Batcher:
     async def warmup(self, max_length: int) -> None:
         """One forward pass at the largest shape the batcher will build, before ready turns green."""
         rows = max(1, self.policy.max_batch_tokens // max_length)
-        batch = pad_batch([[self._pad_id] * max_length] * rows, self._pad_id,
-                          [None] * rows if self._with_type_ids else None)
+        batch = pad_batch(
+            [[self._pad_id] * max_length] * rows, self._pad_id, [None] * rows if self._with_type_ids else None
+        )
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self.engine.infer, batch)
 

@@ -38,8 +38,14 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(settings, on_fatal=fatal)
     state: AppState = app.state.rmserve
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-        timeout_graceful_shutdown=int(settings.drain_grace_s) or None, lifespan="on", log_config=None,
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.drain_grace_s) or None,
+        lifespan="on",
+        log_config=None,
     )
     server = DrainingServer(config)
     server.run()
@@ -65,8 +71,12 @@ OFFLINE = {
     "eval": "score preference eval sets: accuracy tables and plots (needs rmserve[eval])",
     "bench": "benchmark the engine, the server and a naive PyTorch server (needs rmserve[dev])",
 }
-OFFLINE_MODULES = {"export": "models.export", "train": "models.train", "eval": "models.evaluate",
-                   "bench": "loadtests.bench"}
+OFFLINE_MODULES = {
+    "export": "models.export",
+    "train": "models.train",
+    "eval": "models.evaluate",
+    "bench": "loadtests.bench",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

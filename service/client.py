@@ -29,10 +29,24 @@ from typing import Any, TypeVar
 import httpx
 
 __all__ = [
-    "AsyncRewardClient", "AuthenticationError", "BadRequestError", "DeadlineExceededError", "Health",
-    "ModelNotFoundError", "OverloadedError", "ProtocolError", "RequestTooLargeError", "RetryBudgetExceeded",
-    "RewardClient", "RewardResult", "RewardServerError", "ScoreResult", "ServerConnectionError",
-    "ServerError", "ServerUnavailableError", "Usage",
+    "AsyncRewardClient",
+    "AuthenticationError",
+    "BadRequestError",
+    "DeadlineExceededError",
+    "Health",
+    "ModelNotFoundError",
+    "OverloadedError",
+    "ProtocolError",
+    "RequestTooLargeError",
+    "RetryBudgetExceeded",
+    "RewardClient",
+    "RewardResult",
+    "RewardServerError",
+    "ScoreResult",
+    "ServerConnectionError",
+    "ServerError",
+    "ServerUnavailableError",
+    "Usage",
 ]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -54,8 +68,15 @@ ItemLike = tuple[Any, str] | Mapping[str, Any] | Sequence[Message] | str
 class RewardServerError(Exception):
     """Base of every error the client raises. ``status`` is None when no HTTP answer came back."""
 
-    def __init__(self, message: str, *, status: int | None = None, type: str | None = None,
-                 request_id: str | None = None, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        type: str | None = None,
+        request_id: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
@@ -108,15 +129,25 @@ class RetryBudgetExceeded(RewardServerError):
     """Retries ran out; ``last_error`` is the error of the final attempt."""
 
     def __init__(self, message: str, last_error: RewardServerError, attempts: int) -> None:
-        super().__init__(message, status=last_error.status, type=last_error.type,
-                         request_id=last_error.request_id, retry_after_s=last_error.retry_after_s)
+        super().__init__(
+            message,
+            status=last_error.status,
+            type=last_error.type,
+            request_id=last_error.request_id,
+            retry_after_s=last_error.retry_after_s,
+        )
         self.last_error = last_error
         self.attempts = attempts
 
 
 _STATUS_ERRORS: dict[int, type[RewardServerError]] = {
-    401: AuthenticationError, 404: ModelNotFoundError, 413: RequestTooLargeError, 429: OverloadedError,
-    502: ServerUnavailableError, 503: ServerUnavailableError, 504: DeadlineExceededError,
+    401: AuthenticationError,
+    404: ModelNotFoundError,
+    413: RequestTooLargeError,
+    429: OverloadedError,
+    502: ServerUnavailableError,
+    503: ServerUnavailableError,
+    504: DeadlineExceededError,
 }
 
 
@@ -137,8 +168,12 @@ class Usage:
     truncated: int = 0
 
     def __add__(self, other: Usage) -> Usage:
-        return Usage(self.items + other.items, self.tokens + other.tokens,
-                     self.cache_hits + other.cache_hits, self.truncated + other.truncated)
+        return Usage(
+            self.items + other.items,
+            self.tokens + other.tokens,
+            self.cache_hits + other.cache_hits,
+            self.truncated + other.truncated,
+        )
 
 
 @dataclass(frozen=True)
@@ -223,8 +258,12 @@ def message_text(content: Any) -> str:
 
 
 def _is_messages(value: Any) -> bool:
-    return isinstance(value, Sequence) and not isinstance(value, str) and bool(value) and all(
-        isinstance(m, Mapping) for m in value)
+    return (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and bool(value)
+        and all(isinstance(m, Mapping) for m in value)
+    )
 
 
 def to_item(value: ItemLike, index: int = 0) -> dict[str, Any]:
@@ -254,8 +293,9 @@ def to_item(value: ItemLike, index: int = 0) -> dict[str, Any]:
             return {"prompt": [_message_dict(m, where) for m in prompt], "response": response}
         if isinstance(prompt, str):
             return {"prompt": prompt, "response": response}
-    raise TypeError(f"{where}: expected (prompt, response), a dict, a message list or text, "
-                    f"not {type(value).__name__}")
+    raise TypeError(
+        f"{where}: expected (prompt, response), a dict, a message list or text, not {type(value).__name__}"
+    )
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
@@ -280,10 +320,21 @@ def normalize_base_url(url: str) -> str:
 class BaseRewardClient:
     """Everything a client decides, none of what it does: no sockets, no sleeping, no threads."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, *, model: str | None = None, api_key: str | None = None,
-                 chunk_size: int = 64, max_concurrency: int = 4, max_retries: int = 5,
-                 backoff_s: float = 0.25, max_backoff_s: float = 8.0, max_retry_after_s: float = 60.0,
-                 truncation: str | None = None, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        chunk_size: int = 64,
+        max_concurrency: int = 4,
+        max_retries: int = 5,
+        backoff_s: float = 0.25,
+        max_backoff_s: float = 8.0,
+        max_retry_after_s: float = 60.0,
+        truncation: str | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
         if chunk_size < 1 or max_concurrency < 1 or max_retries < 0:
             raise ValueError("chunk_size and max_concurrency must be >= 1, max_retries >= 0")
         self.base_url = normalize_base_url(base_url)
@@ -308,8 +359,9 @@ class BaseRewardClient:
     def _chunks(self, n: int) -> list[slice]:
         return [slice(i, min(i + self.chunk_size, n)) for i in range(0, n, self.chunk_size)]
 
-    def _score_calls(self, items: Iterable[ItemLike], model: str | None,
-                     truncation: str | None) -> list[Call]:
+    def _score_calls(
+        self, items: Iterable[ItemLike], model: str | None, truncation: str | None
+    ) -> list[Call]:
         if isinstance(items, (str, Mapping)):
             raise TypeError("score() takes a list of items, not a single item")
         payload = [to_item(v, i) for i, v in enumerate(items)]
@@ -320,8 +372,9 @@ class BaseRewardClient:
             extra["truncation"] = truncation or self.truncation
         return [Call("POST", "/v1/score", {"items": payload[s], **extra}) for s in self._chunks(len(payload))]
 
-    def _reward_calls(self, queries: Sequence[str], prompts: Sequence[str] | None,
-                      labels: Sequence[str] | None) -> list[Call]:
+    def _reward_calls(
+        self, queries: Sequence[str], prompts: Sequence[str] | None, labels: Sequence[str] | None
+    ) -> list[Call]:
         if isinstance(queries, str):
             raise TypeError("get_reward() takes a list of queries, not one string")
         for name, values in (("prompts", prompts), ("labels", labels)):
@@ -356,15 +409,28 @@ class BaseRewardClient:
         else:  # not ours: a proxy's HTML page, say
             type_, message, rid = None, reply.content[:200].decode("utf-8", "replace"), None
         raise _error_class(reply.status)(
-            f"{reply.status} {type_ or 'error'}: {message}", status=reply.status, type=type_,
-            request_id=rid or reply.headers.get("x-request-id"), retry_after_s=_retry_after(reply.headers))
+            f"{reply.status} {type_ or 'error'}: {message}",
+            status=reply.status,
+            type=type_,
+            request_id=rid or reply.headers.get("x-request-id"),
+            retry_after_s=_retry_after(reply.headers),
+        )
 
     @staticmethod
     def _transport_error(exc: httpx.TransportError) -> RewardServerError:
         if isinstance(exc, (httpx.ReadTimeout, httpx.WriteTimeout)):
             return DeadlineExceededError(f"no answer within the client's timeout ({type(exc).__name__})")
-        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError,
-                            httpx.RemoteProtocolError, httpx.CloseError)):
+        if isinstance(
+            exc,
+            (
+                httpx.ConnectError,
+                httpx.ConnectTimeout,
+                httpx.ReadError,
+                httpx.WriteError,
+                httpx.RemoteProtocolError,
+                httpx.CloseError,
+            ),
+        ):
             return ServerConnectionError(f"connection failed: {type(exc).__name__}: {exc}")
         return RewardServerError(f"transport error: {type(exc).__name__}: {exc}")
 
@@ -379,8 +445,12 @@ class BaseRewardClient:
         assert call.body is not None
         scores = self._floats(body, "scores", len(call.body["items"]))
         u = body.get("usage") or {}
-        usage = Usage(int(u.get("items", len(scores))), int(u.get("tokens", 0)),
-                      int(u.get("cache_hits", 0)), int(u.get("truncated", 0)))
+        usage = Usage(
+            int(u.get("items", len(scores))),
+            int(u.get("tokens", 0)),
+            int(u.get("cache_hits", 0)),
+            int(u.get("truncated", 0)),
+        )
         version = body.get("model_version")
         return ScoreResult(scores, body.get("model"), (version,) if version else (), usage, 1)
 
@@ -388,8 +458,9 @@ class BaseRewardClient:
         assert call.body is not None
         n = len(call.body["query"])
         extra = body.get("extra_logs") if isinstance(body, dict) else None
-        logs = {k: [float(x) for x in v] for k, v in (extra or {}).items()
-                if isinstance(v, list) and len(v) == n}
+        logs = {
+            k: [float(x) for x in v] for k, v in (extra or {}).items() if isinstance(v, list) and len(v) == n
+        }
         return RewardResult(self._floats(body, "rewards", n), self._floats(body, "scores", n), logs)
 
     @staticmethod
@@ -404,8 +475,11 @@ class BaseRewardClient:
     @staticmethod
     def _merge_rewards(parts: list[RewardResult]) -> RewardResult:
         keys = set.intersection(*(set(p.extra_logs) for p in parts)) if parts else set()
-        return RewardResult([r for p in parts for r in p.rewards], [s for p in parts for s in p.scores],
-                            {k: [x for p in parts for x in p.extra_logs[k]] for k in sorted(keys)})
+        return RewardResult(
+            [r for p in parts for r in p.rewards],
+            [s for p in parts for s in p.scores],
+            {k: [x for p in parts for x in p.extra_logs[k]] for k in sorted(keys)},
+        )
 
     @staticmethod
     def _parse_health(live: Outcome, ready: Outcome) -> Health:
@@ -422,7 +496,7 @@ class BaseRewardClient:
         """Seconds to wait before retry number ``attempt + 1``, or None: this error is not retried."""
         if not isinstance(error, (OverloadedError, ServerUnavailableError)):
             return None
-        delay = self._rng.uniform(0.0, min(self.max_backoff_s, self.backoff_s * 2 ** attempt))  # full jitter
+        delay = self._rng.uniform(0.0, min(self.max_backoff_s, self.backoff_s * 2**attempt))  # full jitter
         if error.retry_after_s is not None:
             delay = max(delay, min(error.retry_after_s, self.max_retry_after_s))
         return delay
@@ -448,7 +522,8 @@ class BaseRewardClient:
                 if attempt >= self.max_retries:
                     tries = attempt + 1
                     raise RetryBudgetExceeded(
-                        f"gave up on {call.path} after {tries} attempts: {err.message}", err, tries) from err
+                        f"gave up on {call.path} after {tries} attempts: {err.message}", err, tries
+                    ) from err
                 attempt += 1
                 yield Sleep(delay)
 
@@ -463,12 +538,19 @@ def _reply(resp: httpx.Response) -> Reply:
 class RewardClient(BaseRewardClient):
     """Blocking client. Long lists go out in chunks, up to ``max_concurrency`` at a time (threads)."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
-                 limits: httpx.Limits = DEFAULT_LIMITS, transport: httpx.BaseTransport | None = None,
-                 **options: Any) -> None:
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        limits: httpx.Limits = DEFAULT_LIMITS,
+        transport: httpx.BaseTransport | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__(base_url, **options)
-        self._http = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=timeout,
-                                  limits=limits, transport=transport)
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=self._headers, timeout=timeout, limits=limits, transport=transport
+        )
 
     def __enter__(self) -> RewardClient:
         return self
@@ -507,23 +589,33 @@ class RewardClient(BaseRewardClient):
         with ThreadPoolExecutor(min(self.max_concurrency, len(calls)), "rmserve-client") as pool:
             return list(pool.map(one, calls))
 
-    def score_result(self, items: Iterable[ItemLike], *, model: str | None = None,
-                     truncation: str | None = None) -> ScoreResult:
+    def score_result(
+        self, items: Iterable[ItemLike], *, model: str | None = None, truncation: str | None = None
+    ) -> ScoreResult:
         calls = self._score_calls(items, model, truncation)
         return self._merge_scores(self._map(calls, self._parse_score))
 
-    def score(self, items: Iterable[ItemLike], *, model: str | None = None,
-              truncation: str | None = None) -> list[float]:
+    def score(
+        self, items: Iterable[ItemLike], *, model: str | None = None, truncation: str | None = None
+    ) -> list[float]:
         """One raw reward per item, in order."""
         return self.score_result(items, model=model, truncation=truncation).scores
 
-    def get_reward_result(self, queries: Sequence[str], prompts: Sequence[str] | None = None,
-                          labels: Sequence[str] | None = None) -> RewardResult:
+    def get_reward_result(
+        self,
+        queries: Sequence[str],
+        prompts: Sequence[str] | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> RewardResult:
         calls = self._reward_calls(queries, prompts, labels)
         return self._merge_rewards(self._map(calls, self._parse_reward))
 
-    def get_reward(self, queries: Sequence[str], prompts: Sequence[str] | None = None,
-                   labels: Sequence[str] | None = None) -> list[float]:
+    def get_reward(
+        self,
+        queries: Sequence[str],
+        prompts: Sequence[str] | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> list[float]:
         """OpenRLHF's protocol: one reward per full policy-rendered query, in order."""
         return self.get_reward_result(queries, prompts, labels).rewards
 
@@ -533,8 +625,9 @@ class RewardClient(BaseRewardClient):
 
     def health(self) -> Health:
         """Live and ready, as the server answers them now (no retries)."""
-        return self._parse_health(self._send(Call("GET", "/health/live")),
-                                  self._send(Call("GET", "/health/ready")))
+        return self._parse_health(
+            self._send(Call("GET", "/health/live")), self._send(Call("GET", "/health/ready"))
+        )
 
     def wait_until_ready(self, timeout_s: float = 120.0, poll_s: float = 0.25) -> Health:
         deadline = time.monotonic() + timeout_s
@@ -553,12 +646,19 @@ class RewardClient(BaseRewardClient):
 class AsyncRewardClient(BaseRewardClient):
     """The asyncio mirror of ``RewardClient``: chunks run concurrently under a semaphore."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
-                 limits: httpx.Limits = DEFAULT_LIMITS, transport: httpx.AsyncBaseTransport | None = None,
-                 **options: Any) -> None:
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        limits: httpx.Limits = DEFAULT_LIMITS,
+        transport: httpx.AsyncBaseTransport | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__(base_url, **options)
-        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=timeout,
-                                       limits=limits, transport=transport)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=self._headers, timeout=timeout, limits=limits, transport=transport
+        )
 
     async def __aenter__(self) -> AsyncRewardClient:
         return self
@@ -604,22 +704,32 @@ class AsyncRewardClient(BaseRewardClient):
                 t.cancel()  # one chunk failed: the call fails, the rest need not finish
             raise
 
-    async def score_result(self, items: Iterable[ItemLike], *, model: str | None = None,
-                           truncation: str | None = None) -> ScoreResult:
+    async def score_result(
+        self, items: Iterable[ItemLike], *, model: str | None = None, truncation: str | None = None
+    ) -> ScoreResult:
         calls = self._score_calls(items, model, truncation)
         return self._merge_scores(await self._map(calls, self._parse_score))
 
-    async def score(self, items: Iterable[ItemLike], *, model: str | None = None,
-                    truncation: str | None = None) -> list[float]:
+    async def score(
+        self, items: Iterable[ItemLike], *, model: str | None = None, truncation: str | None = None
+    ) -> list[float]:
         return (await self.score_result(items, model=model, truncation=truncation)).scores
 
-    async def get_reward_result(self, queries: Sequence[str], prompts: Sequence[str] | None = None,
-                                labels: Sequence[str] | None = None) -> RewardResult:
+    async def get_reward_result(
+        self,
+        queries: Sequence[str],
+        prompts: Sequence[str] | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> RewardResult:
         calls = self._reward_calls(queries, prompts, labels)
         return self._merge_rewards(await self._map(calls, self._parse_reward))
 
-    async def get_reward(self, queries: Sequence[str], prompts: Sequence[str] | None = None,
-                         labels: Sequence[str] | None = None) -> list[float]:
+    async def get_reward(
+        self,
+        queries: Sequence[str],
+        prompts: Sequence[str] | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> list[float]:
         return (await self.get_reward_result(queries, prompts, labels)).rewards
 
     async def models(self) -> list[dict[str, Any]]:
@@ -627,8 +737,9 @@ class AsyncRewardClient(BaseRewardClient):
         return list(body.get("models", [])) if isinstance(body, dict) else []
 
     async def health(self) -> Health:
-        return self._parse_health(await self._send(Call("GET", "/health/live")),
-                                  await self._send(Call("GET", "/health/ready")))
+        return self._parse_health(
+            await self._send(Call("GET", "/health/live")), await self._send(Call("GET", "/health/ready"))
+        )
 
     async def wait_until_ready(self, timeout_s: float = 120.0, poll_s: float = 0.25) -> Health:
         deadline = time.monotonic() + timeout_s

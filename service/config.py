@@ -20,28 +20,43 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RMSERVE_", extra="forbid", frozen=True)
 
     models: str | None = Field(
-        None, description="bundles to serve: a path, or name=path,name2=path2 (unset: the bundled default model)"
+        None,
+        description="bundles to serve: a path, or name=path,name2=path2 (unset: the bundled default model)",
     )
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
-    provider: Provider = Field("auto", description="inference backend: auto, cpu (ONNX Runtime), openvino, cuda")
+    provider: Provider = Field(
+        "auto", description="inference backend: auto, cpu (ONNX Runtime), openvino, cuda"
+    )
     precision: PrecisionChoice = Field(
         "auto", description="auto, fp32 (exact), bf16, fp16, int8; reduced ones only behind the quality gate"
     )
     gate_min_agreement: float = Field(
-        0.99, ge=0, le=1, description="quality gate: pairwise-order agreement with fp32 a reduced precision needs"
+        0.99,
+        ge=0,
+        le=1,
+        description="quality gate: pairwise-order agreement with fp32 a reduced precision needs",
     )
     gate_min_spearman: float = Field(
-        0.995, ge=-1, le=1, description="quality gate: Spearman correlation with fp32 a reduced precision needs"
+        0.995,
+        ge=-1,
+        le=1,
+        description="quality gate: Spearman correlation with fp32 a reduced precision needs",
     )
-    threads: int | None = Field(None, ge=1, description="inference threads (default: the CPUs this process may use)")
+    threads: int | None = Field(
+        None, ge=1, description="inference threads (default: the CPUs this process may use)"
+    )
     max_batch_tokens: int | None = Field(
         None, ge=16, description="padded-token budget of one forward pass (default: chosen per backend)"
     )
     max_wait_ms: float = Field(0.0, ge=0, le=1000, description="how long the batcher waits to fill a batch")
-    max_queue_items: int = Field(1024, ge=1, description="items waiting for the model before new requests get 429")
+    max_queue_items: int = Field(
+        1024, ge=1, description="items waiting for the model before new requests get 429"
+    )
     max_items_per_request: int = Field(512, ge=1, description="items one request may carry (more: 413)")
-    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body accepted (more: 413)")
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="largest request body accepted (more: 413)"
+    )
     max_chars_per_item: int = Field(200_000, ge=1, description="characters one item may carry (more: 413)")
     max_tokens_per_request: int = Field(
         1_000_000, ge=1, description="tokens one request may carry after truncation (more: 413)"
@@ -53,19 +68,29 @@ class Settings(BaseSettings):
         "auto", description="score cache: auto (redis when a URL is set, else in-process), memory, redis, off"
     )
     redis_url: SecretStr | None = Field(
-        None, description="redis-py URL: redis://, rediss://, redis+sentinel://, redis+cluster:// (docs/cache.md)"
+        None,
+        description="redis-py URL: redis://, rediss://, redis+sentinel://, redis+cluster:// (docs/cache.md)",
     )
-    cache_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="score cache TTL in seconds (jittered by up to 10%)")
-    cache_prefix: str = Field("rmserve:", description="prefix of every Redis key this service reads and writes")
+    cache_ttl_s: int = Field(
+        7 * 24 * 3600, ge=1, description="score cache TTL in seconds (jittered by up to 10%)"
+    )
+    cache_prefix: str = Field(
+        "rmserve:", description="prefix of every Redis key this service reads and writes"
+    )
     cache_timeout_ms: float = Field(
-        50.0, gt=0, le=10_000, description="deadline of one Redis lookup on the request path; slower is a miss"
+        50.0,
+        gt=0,
+        le=10_000,
+        description="deadline of one Redis lookup on the request path; slower is a miss",
     )
     cache_connect_timeout_ms: float = Field(
         50.0, gt=0, le=10_000, description="deadline to open a Redis connection on the request path"
     )
     cache_pool_size: int = Field(32, ge=1, description="Redis connections for lookups (and lookups at once)")
     cache_write_buffer: int = Field(
-        65_536, ge=1, description="scores waiting to be written to Redis; beyond it writes are dropped and counted"
+        65_536,
+        ge=1,
+        description="scores waiting to be written to Redis; beyond it writes are dropped and counted",
     )
     cache_breaker_failures: int = Field(
         5, ge=1, description="consecutive Redis failures that open the circuit (Redis bypassed)"
@@ -75,8 +100,12 @@ class Settings(BaseSettings):
     )
     cache_max_items: int = Field(200_000, ge=0, description="entries kept by the in-process cache")
     api_keys: SecretStr | None = Field(None, description="comma-separated API keys (unset: no auth)")
-    api_keys_file: Path | None = Field(None, description="file of API keys, one per line (Kubernetes secrets)")
-    drain_grace_s: float = Field(20.0, ge=0, description="on SIGTERM, how long accepted work may take to finish")
+    api_keys_file: Path | None = Field(
+        None, description="file of API keys, one per line (Kubernetes secrets)"
+    )
+    drain_grace_s: float = Field(
+        20.0, ge=0, description="on SIGTERM, how long accepted work may take to finish"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_bodies: bool = Field(False, description="log request texts (debug only: they may be private)")
 
@@ -159,7 +188,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         env = "RMSERVE_" + name.upper()
         help_text = f"{field.description} [env {env}]"
         if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         else:
             parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
 

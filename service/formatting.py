@@ -122,9 +122,11 @@ class Formatter:
         self.settings: FormatSettings = bundle.manifest.format
         self.tokenizer = tokenizer or load_tokenizer(bundle)
         self.uses_type_ids = "token_type_ids" in bundle.manifest.inputs
-        self._pair_specials = self.tokenizer.post_processor.num_special_tokens_to_add(True) if (
-            self.tokenizer.post_processor is not None
-        ) else 0
+        self._pair_specials = (
+            self.tokenizer.post_processor.num_special_tokens_to_add(True)
+            if (self.tokenizer.post_processor is not None)
+            else 0
+        )
         self._template: Any = None
         if self.settings.input_format == "chat_template":
             if not self.settings.chat_template:
@@ -135,7 +137,9 @@ class Formatter:
         bos = self.settings.bos_token
         self._bos_id = self.tokenizer.token_to_id(bos) if bos else None
 
-    def encode(self, items: list[Item], *, strict: bool = False, positions: list[int] | None = None) -> list[Encoded]:
+    def encode(
+        self, items: list[Item], *, strict: bool = False, positions: list[int] | None = None
+    ) -> list[Encoded]:
         """Token ids for each item, in order. ``strict`` raises ItemTooLong instead of truncating.
 
         ``positions`` are the items' indices in the caller's request, used to name an item in errors.
@@ -180,10 +184,13 @@ class Formatter:
         both = [p for p in pairs if p is not None]
         prompts = self.tokenizer.encode_batch([p[0] for p in both], add_special_tokens=False)
         responses = self.tokenizer.encode_batch([p[1] for p in both], add_special_tokens=False)
-        singles = [i for i, p in enumerate(pairs) if p is None]
-        single_encs = self.tokenizer.encode_batch(
-            [items[i].text for i in singles if isinstance(items[i], TextItem)], add_special_tokens=True
-        )
+        # A text without an HH Assistant turn to split at is read as one sequence.
+        singles = [
+            item.text
+            for item, p in zip(items, pairs, strict=True)
+            if p is None and isinstance(item, TextItem)
+        ]
+        single_encs = self.tokenizer.encode_batch(singles, add_special_tokens=True)
         out: list[Encoded] = []
         it_pairs = iter(zip(prompts, responses, strict=True))
         it_single = iter(single_encs)

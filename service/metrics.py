@@ -13,25 +13,41 @@ _TOKENS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("rmserve_requests", "HTTP requests by route and status", ["route", "code"], registry=r)
+        self.requests = Counter(
+            "rmserve_requests", "HTTP requests by route and status", ["route", "code"], registry=r
+        )
         self.request_duration = Histogram(
-            "rmserve_request_duration_seconds", "HTTP request latency", ["route"], buckets=_SECONDS, registry=r
+            "rmserve_request_duration_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=_SECONDS,
+            registry=r,
         )
         self.queue_depth = Gauge("rmserve_queue_depth", "items waiting for a forward pass", registry=r)
         self.queue_wait = Histogram(
-            "rmserve_queue_wait_seconds", "time an item waited for its forward pass", buckets=_SECONDS, registry=r
+            "rmserve_queue_wait_seconds",
+            "time an item waited for its forward pass",
+            buckets=_SECONDS,
+            registry=r,
         )
         self.tokenize_duration = Histogram(
-            "rmserve_tokenize_duration_seconds", "time to format and tokenize a request", buckets=_SECONDS, registry=r
+            "rmserve_tokenize_duration_seconds",
+            "time to format and tokenize a request",
+            buckets=_SECONDS,
+            registry=r,
         )
         self.inference_duration = Histogram(
             "rmserve_inference_duration_seconds", "time of one forward pass", buckets=_SECONDS, registry=r
         )
-        self.batch_size = Histogram("rmserve_batch_size", "items per forward pass", buckets=_ITEMS, registry=r)
+        self.batch_size = Histogram(
+            "rmserve_batch_size", "items per forward pass", buckets=_ITEMS, registry=r
+        )
         self.batch_tokens = Histogram(
             "rmserve_batch_tokens", "padded tokens per forward pass", buckets=_TOKENS, registry=r
         )
-        self.items_scored = Counter("rmserve_items_scored", "items scored by the model", ["model"], registry=r)
+        self.items_scored = Counter(
+            "rmserve_items_scored", "items scored by the model", ["model"], registry=r
+        )
         self.cache_lookups = Counter(
             "rmserve_cache_lookups", "score cache lookups by result", ["result"], registry=r
         )

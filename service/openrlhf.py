@@ -18,8 +18,19 @@ from service.errors import TooLarge
 from service.formatting import Item, PairItem, TextItem
 
 # End-of-text markers of common policies; an encoder reward model must not read them as words.
-_POLICY_SPECIALS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<eos>",
-                    "<end_of_turn>", "<pad>", "<|pad|>", "[PAD]", "[SEP]")
+_POLICY_SPECIALS = (
+    "<|endoftext|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "</s>",
+    "<eos>",
+    "<end_of_turn>",
+    "<pad>",
+    "<|pad|>",
+    "[PAD]",
+    "[SEP]",
+)
 
 
 def strip_trailing(text: str, tokens: tuple[str, ...]) -> str:
@@ -44,8 +55,13 @@ def _strip_pad(text: str, fmt: FormatSettings, pad: str | None) -> str:
     return text
 
 
-def query_items(queries: list[str], prompts: list[str] | None, fmt: FormatSettings, max_chars: int,
-                pad_token: str | None = None) -> list[Item]:
+def query_items(
+    queries: list[str],
+    prompts: list[str] | None,
+    fmt: FormatSettings,
+    max_chars: int,
+    pad_token: str | None = None,
+) -> list[Item]:
     items: list[Item] = []
     for i, query in enumerate(queries):
         if len(query) > max_chars:
@@ -55,7 +71,7 @@ def query_items(queries: list[str], prompts: list[str] | None, fmt: FormatSettin
         if fmt.input_format != "text_pair":
             items.append(TextItem(text))
         elif prompt and text.startswith(prompt):
-            items.append(PairItem(prompt, strip_trailing(text[len(prompt):], _POLICY_SPECIALS).strip()))
+            items.append(PairItem(prompt, strip_trailing(text[len(prompt) :], _POLICY_SPECIALS).strip()))
         else:
             items.append(TextItem(strip_trailing(text, _POLICY_SPECIALS)))
     return items

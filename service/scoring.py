@@ -132,7 +132,9 @@ class Scorer:
             raise ModelNotFound(f"model {model!r} is not served; served: {', '.join(sorted(self.models))}")
         return rt
 
-    async def score(self, model: str | None, items: list[Item], *, strict: bool, deadline: float) -> ScoreResult:
+    async def score(
+        self, model: str | None, items: list[Item], *, strict: bool, deadline: float
+    ) -> ScoreResult:
         rt = self.runtime(model)
         keys = [item_key(rt.namespace, item) for item in items]
         results: list[Scored | None] = await self._lookup(keys)
@@ -190,8 +192,9 @@ class Scorer:
                 lead = loop.create_task(self._lead(rt, items, keys, leaders, strict, deadline))
                 lead.add_done_callback(_retrieve)
                 await asyncio.shield(lead)  # this request's own errors (413, 422, 429, 504) surface here
-            outcomes = await asyncio.gather(*(asyncio.shield(waits[i].future) for i in todo),
-                                            return_exceptions=True)
+            outcomes = await asyncio.gather(
+                *(asyncio.shield(waits[i].future) for i in todo), return_exceptions=True
+            )
         finally:
             for i in todo:
                 waits[i].release()
@@ -237,12 +240,16 @@ class Scorer:
             loop = asyncio.get_running_loop()
             encoded = await loop.run_in_executor(
                 self._pool,
-                lambda: rt.formatter.encode([items[i] for i in positions], strict=strict, positions=positions),
+                lambda: rt.formatter.encode(
+                    [items[i] for i in positions], strict=strict, positions=positions
+                ),
             )
             self._metrics.tokenize_duration.observe(time.perf_counter() - started)
             total = sum(len(e) for e in encoded)
             if total > self._max_tokens:
-                raise TooLarge(f"request has {total} tokens after truncation; the limit is {self._max_tokens}")
+                raise TooLarge(
+                    f"request has {total} tokens after truncation; the limit is {self._max_tokens}"
+                )
             if time.monotonic() >= deadline:
                 raise DeadlineExceeded("the request's deadline passed before scoring")
             if not rt.batcher.healthy:

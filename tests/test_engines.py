@@ -24,11 +24,17 @@ needs_bf16 = pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
-def test_openvino_fp32_matches_pytorch_over_http(arch: str, tiny_bundles: dict[str, Path], tmp_path: Path) -> None:
+def test_openvino_fp32_matches_pytorch_over_http(
+    arch: str, tiny_bundles: dict[str, Path], tmp_path: Path
+) -> None:
     bundle = tiny_bundles[arch]
     expected = torch_scores(bundle, TEXTS)
-    env = {"RMSERVE_MODELS": str(bundle), "RMSERVE_PROVIDER": "openvino", "RMSERVE_PRECISION": "fp32",
-           "RMSERVE_CACHE": "off"}
+    env = {
+        "RMSERVE_MODELS": str(bundle),
+        "RMSERVE_PROVIDER": "openvino",
+        "RMSERVE_PRECISION": "fp32",
+        "RMSERVE_CACHE": "off",
+    }
     with serve(env, tmp_path) as server:
         got = np.array(post_score(server.url, TEXTS).json()["scores"])
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
@@ -47,8 +53,13 @@ def test_bf16_passes_the_gate_on_the_real_default_bundle() -> None:
     items = calibration_items(bundle, Formatter(bundle))
     with_types = "token_type_ids" in bundle.manifest.inputs
     reference = OnnxRuntimeEngine(bundle.model_path, threads=2)
-    report = run_gate(reference, OpenVinoEngine(bundle.model_path, threads=2, precision="bf16"), items,
-                      pad_id=bundle.manifest.format.pad_token_id, with_types=with_types)
+    report = run_gate(
+        reference,
+        OpenVinoEngine(bundle.model_path, threads=2, precision="bf16"),
+        items,
+        pad_id=bundle.manifest.format.pad_token_id,
+        with_types=with_types,
+    )
     assert report.passed, report.summary()
     assert report.pairwise_agreement >= 0.99 and report.spearman >= 0.995
     assert report.max_rel_deviation > 0  # it is measured, not assumed: bf16 is not exact
@@ -109,11 +120,18 @@ def test_cpu_limits_size_the_threads(tmp_path: Path, tiny_bundles: dict[str, Pat
     (tmp_path / "cpu.max").write_text("max 100000\n")
     assert _cgroup_cpu_quota(tmp_path) is None
     # A process pinned to one core builds one-thread engines, whatever the machine has.
-    code = ("from service.engines.base import available_cpus; from service.config import Settings; "
-            "from service.bundle import load_bundle; from service.engines.select import create_engine; "
-            f"e, s = create_engine(load_bundle({str(tiny_bundles['bert'])!r}), Settings()); "
-            "print(available_cpus(), e.info.threads, s['threads'])")
-    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    code = (
+        "from service.engines.base import available_cpus; from service.config import Settings; "
+        "from service.bundle import load_bundle; from service.engines.select import create_engine; "
+        f"e, s = create_engine(load_bundle({str(tiny_bundles['bert'])!r}), Settings()); "
+        "print(available_cpus(), e.info.threads, s['threads'])"
+    )
+    out = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout.split()
     assert out == ["1", "1", "1"]
     assert available_cpus() >= 1

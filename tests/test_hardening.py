@@ -28,12 +28,18 @@ ONE = {"items": [{"prompt": "hello", "response": "world"}]}
 def test_api_keys_wrong_missing_and_rotated(tiny_bundles: dict[str, Path], tmp_path: Path) -> None:
     keys_file = tmp_path / "keys"
     keys_file.write_text("file-key-old\n")
-    env = {"RMSERVE_MODELS": str(tiny_bundles["bert"]), "RMSERVE_API_KEYS": "env-key-1,env-key-2",
-           "RMSERVE_API_KEYS_FILE": str(keys_file), "RMSERVE_LOG_LEVEL": "info"}
+    env = {
+        "RMSERVE_MODELS": str(tiny_bundles["bert"]),
+        "RMSERVE_API_KEYS": "env-key-1,env-key-2",
+        "RMSERVE_API_KEYS_FILE": str(keys_file),
+        "RMSERVE_LOG_LEVEL": "info",
+    }
     with serve(env, tmp_path) as server:
         url = server.url + "/v1/score"
         missing = httpx.post(url, json=ONE)
-        assert missing.status_code == 401 and missing.json()["error"]["message"] == "missing or invalid API key"
+        assert (
+            missing.status_code == 401 and missing.json()["error"]["message"] == "missing or invalid API key"
+        )
         for bad in ("Bearer nope", "Basic env-key-1", "Bearer", "env-key-1", "Bearer env-key-1x"):
             assert httpx.post(url, json=ONE, headers={"Authorization": bad}).status_code == 401, bad
         for good in ("env-key-1", "env-key-2", "file-key-old"):
@@ -61,10 +67,19 @@ HOSTILE = [
     ("body over the limit", {"content": b" " * 17_000_000}, 413, "bytes"),
     ("deeply nested JSON", {"content": b'{"items":' + b"[" * 100_000 + b"]" * 100_000 + b"}"}, 400, "pars"),
     ("invalid UTF-8", {"content": b'{"items":[{"prompt":"\xff\xfe","response":"x"}]}'}, 400, "pars"),
-    ("NaN deadline", {"content": b'{"items":[{"prompt":"a","response":"x"}],"timeout_s":NaN}'}, 422, "timeout_s"),
+    (
+        "NaN deadline",
+        {"content": b'{"items":[{"prompt":"a","response":"x"}],"timeout_s":NaN}'},
+        422,
+        "timeout_s",
+    ),
     ("NaN as text", {"content": b'{"items":[{"prompt":NaN,"response":"x"}]}'}, 422, "items[0].prompt"),
-    ("too many tokens", {"json": {"items": [{"prompt": f"word {i} " * 300, "response": "x"} for i in range(10)]}},
-     413, "tokens"),
+    (
+        "too many tokens",
+        {"json": {"items": [{"prompt": f"word {i} " * 300, "response": "x"} for i in range(10)]}},
+        413,
+        "tokens",
+    ),
     ("list as item", {"json": {"items": [["prompt", "response"]]}}, 422, "items[0]"),
     ("null items", {"json": {"items": None}}, 422, "items"),
 ]
@@ -85,8 +100,11 @@ def test_hostile_input_is_refused_with_the_limit_named(
 
 @pytest.fixture(scope="module")
 def hostile_server(tiny_bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    env = {"RMSERVE_MODELS": str(tiny_bundles["bert"]), "RMSERVE_MAX_BODY_BYTES": str(16_000_000),
-           "RMSERVE_MAX_TOKENS_PER_REQUEST": "1000"}
+    env = {
+        "RMSERVE_MODELS": str(tiny_bundles["bert"]),
+        "RMSERVE_MAX_BODY_BYTES": str(16_000_000),
+        "RMSERVE_MAX_TOKENS_PER_REQUEST": "1000",
+    }
     with serve(env, tmp_path_factory.mktemp("hostile")) as server:
         yield server.url
 
@@ -96,9 +114,22 @@ def test_schemathesis_finds_no_server_error(hostile_server: str, tmp_path: Path)
     if st is None:
         pytest.fail("schemathesis (the `st` command) is not installed: pip install -e '.[dev]'")
     proc = subprocess.run(
-        [st, "run", hostile_server + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "40",
-         "--request-timeout", "30", "--generation-deterministic"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        [
+            st,
+            "run",
+            hostile_server + "/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "40",
+            "--request-timeout",
+            "30",
+            "--generation-deterministic",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
@@ -128,9 +159,7 @@ def _poison_ids(bundle: Bundle) -> tuple[int, ...]:
     return Formatter(bundle).encode([PairItem("poison poison poison", "poison")])[0].ids
 
 
-def test_a_failing_batch_fails_alone_and_a_crashed_worker_is_rebuilt(
-    tiny_bundles: dict[str, Path]
-) -> None:
+def test_a_failing_batch_fails_alone_and_a_crashed_worker_is_rebuilt(tiny_bundles: dict[str, Path]) -> None:
     path = tiny_bundles["bert"]
     settings = Settings(models=str(path), precision="fp32", provider="cpu", cache="off")
     poison = _poison_ids(load_bundle(path))
@@ -171,9 +200,16 @@ def test_a_failing_batch_fails_alone_and_a_crashed_worker_is_rebuilt(
         assert httpx.post(url + "/v1/score", json=ONE).json()["scores"] == good
 
 
-def test_items_of_a_client_that_disconnected_are_not_scored(tiny_bundles: dict[str, Path], tmp_path: Path) -> None:
-    env = {"RMSERVE_MODELS": str(tiny_bundles["llama"]), "RMSERVE_CACHE": "off", "RMSERVE_PRECISION": "fp32",
-           "RMSERVE_PROVIDER": "cpu", "RMSERVE_MAX_BATCH_TOKENS": "128"}
+def test_items_of_a_client_that_disconnected_are_not_scored(
+    tiny_bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    env = {
+        "RMSERVE_MODELS": str(tiny_bundles["llama"]),
+        "RMSERVE_CACHE": "off",
+        "RMSERVE_PRECISION": "fp32",
+        "RMSERVE_PROVIDER": "cpu",
+        "RMSERVE_MAX_BATCH_TOKENS": "128",
+    }
     # Each busy item fills a batch on its own, so the queue stays long for a while.
     busy = [{"prompt": f"busy {i} " * 40, "response": f"work {i} " * 40} for i in range(480)]
     gone = [{"prompt": f"gone {i} " * 10, "response": f"away {i}"} for i in range(20)]
@@ -207,13 +243,23 @@ def test_twice_the_capacity_ends_every_request_in_time_with_right_scores(tmp_pat
     # A real-size model: with a tiny one the HTTP client, not the model, sets the capacity.
     path = default_bundle_path()
     bundle = load_bundle(path)
-    pool = [(f"question {i} about " + "things " * (i % 40), f"answer {i} " + "words " * (i % 30)) for i in range(64)]
+    pool = [
+        (f"question {i} about " + "things " * (i % 40), f"answer {i} " + "words " * (i % 30))
+        for i in range(64)
+    ]
     engine = OnnxRuntimeEngine(bundle.model_path, threads=2)
     encoded = Formatter(bundle).encode([PairItem(p, r) for p, r in pool])
-    expected = [float(engine.infer(pad_batch([e.ids], bundle.manifest.format.pad_token_id))[0]) for e in encoded]
+    expected = [
+        float(engine.infer(pad_batch([e.ids], bundle.manifest.format.pad_token_id))[0]) for e in encoded
+    ]
     engine.close()
-    env = {"RMSERVE_MODELS": str(path), "RMSERVE_CACHE": "off", "RMSERVE_PRECISION": "fp32", "RMSERVE_PROVIDER": "cpu",
-           "RMSERVE_MAX_QUEUE_ITEMS": "64"}
+    env = {
+        "RMSERVE_MODELS": str(path),
+        "RMSERVE_CACHE": "off",
+        "RMSERVE_PRECISION": "fp32",
+        "RMSERVE_PROVIDER": "cpu",
+        "RMSERVE_MAX_QUEUE_ITEMS": "64",
+    }
     deadline_s, slack_s, per_request = 1.0, 2.0, 4
 
     async def run(url: str) -> dict[str, int]:
@@ -225,7 +271,9 @@ def test_twice_the_capacity_ends_every_request_in_time_with_right_scores(tmp_pat
                 idx = [int(i) for i in rng.integers(0, len(pool), per_request)]
                 body = {"items": [{"prompt": pool[i][0], "response": pool[i][1]} for i in idx]}
                 t0 = time.monotonic()
-                resp = await client.post("/v1/score", json=body, headers={"X-Request-Timeout": str(deadline_s)})
+                resp = await client.post(
+                    "/v1/score", json=body, headers={"X-Request-Timeout": str(deadline_s)}
+                )
                 scores = resp.json()["scores"] if resp.status_code == 200 else None
                 record.append((resp.status_code, time.monotonic() - t0, idx, scores))
 
@@ -253,10 +301,19 @@ def test_twice_the_capacity_ends_every_request_in_time_with_right_scores(tmp_pat
         wrong = 0
         for _, _, idx, scores in record:
             if scores is not None:
-                wrong += sum(abs(s - expected[i]) > 1e-5 * max(1.0, abs(expected[i])) for s, i in zip(scores, idx))
-        counts = {"requests": len(record), "200": codes.count(200), "429": codes.count(429),
-                  "504": codes.count(504), "other": len([c for c in codes if c not in (200, 429, 504)]),
-                  "late": len(late), "wrong_scores": wrong, "capacity_items_per_s": int(capacity)}
+                wrong += sum(
+                    abs(s - expected[i]) > 1e-5 * max(1.0, abs(expected[i])) for s, i in zip(scores, idx)
+                )
+        counts = {
+            "requests": len(record),
+            "200": codes.count(200),
+            "429": codes.count(429),
+            "504": codes.count(504),
+            "other": len([c for c in codes if c not in (200, 429, 504)]),
+            "late": len(late),
+            "wrong_scores": wrong,
+            "capacity_items_per_s": int(capacity),
+        }
         print("load at 2x capacity:", counts)
         return counts
 

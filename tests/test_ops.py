@@ -22,15 +22,22 @@ REPO = Path(__file__).resolve().parents[1]
 def test_sigterm_drains_accepted_work_and_exits_within_the_grace(
     tiny_bundles: dict[str, Path], tmp_path: Path
 ) -> None:
-    env = {"RMSERVE_MODELS": str(tiny_bundles["llama"]), "RMSERVE_CACHE": "off", "RMSERVE_PRECISION": "fp32",
-           "RMSERVE_MAX_BATCH_TOKENS": "256", "RMSERVE_DRAIN_GRACE_S": "30"}
+    env = {
+        "RMSERVE_MODELS": str(tiny_bundles["llama"]),
+        "RMSERVE_CACHE": "off",
+        "RMSERVE_PRECISION": "fp32",
+        "RMSERVE_MAX_BATCH_TOKENS": "256",
+        "RMSERVE_DRAIN_GRACE_S": "30",
+    }
     items = [{"prompt": f"question {i} " * 20, "response": f"answer {i} " * 20} for i in range(8)]
     with serve(env, tmp_path) as server:
         expected = httpx.post(server.url + "/v1/score", json={"items": items}, timeout=60).json()["scores"]
 
         async def load_then_sigterm() -> tuple[list[httpx.Response], float]:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-                sent = [asyncio.create_task(client.post("/v1/score", json={"items": items})) for _ in range(24)]
+                sent = [
+                    asyncio.create_task(client.post("/v1/score", json={"items": items})) for _ in range(24)
+                ]
                 while server.metric("rmserve_queue_depth") < 8:  # accepted and waiting for the model
                     await asyncio.sleep(0.01)
                 server.process.send_signal(signal.SIGTERM)
@@ -62,7 +69,8 @@ def test_every_metric_the_dashboard_queries_exists_on_a_live_server(
     families = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
     assert dashboard_series_names() <= exposed, dashboard_series_names() - exposed
     assert dashboard_metric_names() <= families | {f.removesuffix("_total") for f in families} | {
-        f + "_total" for f in families}
+        f + "_total" for f in families
+    }
 
 
 def test_locust_smoke_run_on_loopback(tiny_bundles: dict[str, Path], tmp_path: Path) -> None:
@@ -70,15 +78,40 @@ def test_locust_smoke_run_on_loopback(tiny_bundles: dict[str, Path], tmp_path: P
     assert locust is not None, "locust is not installed: pip install -e '.[dev]'"
     with serve({"RMSERVE_MODELS": str(tiny_bundles["bert"])}, tmp_path) as server:
         proc = subprocess.run(
-            [locust, "-f", str(REPO / "loadtests" / "locustfile.py"), "--host", server.url, "--headless",
-             "-u", "8", "-r", "8", "-t", "8s", "--only-summary", "--exit-code-on-error", "1",
-             "--csv", str(tmp_path / "locust")],
-            capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            [
+                locust,
+                "-f",
+                str(REPO / "loadtests" / "locustfile.py"),
+                "--host",
+                server.url,
+                "--headless",
+                "-u",
+                "8",
+                "-r",
+                "8",
+                "-t",
+                "8s",
+                "--only-summary",
+                "--exit-code-on-error",
+                "1",
+                "--csv",
+                str(tmp_path / "locust"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
         )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         stats = (tmp_path / "locust_stats.csv").read_text().splitlines()
         total = next(line for line in stats if ",Aggregated," in line).split(",")
         assert int(total[2]) > 0 and int(total[3]) == 0, stats  # requests made, none failed
         names = "\n".join(stats)
-        for name in ("/get_reward (1 sample)", "/v1/score (1 item)", "/v1/score (64 items)", "/v1/score (hot)"):
+        for name in (
+            "/get_reward (1 sample)",
+            "/v1/score (1 item)",
+            "/v1/score (64 items)",
+            "/v1/score (hot)",
+        ):
             assert name in names

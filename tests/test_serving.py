@@ -25,9 +25,16 @@ TEXTS = [
 # fp32 is the exact precision: these tests hold the server to PyTorch's scores.
 EXACT = {"RMSERVE_PRECISION": "fp32"}
 SPEC_METRICS = [
-    "rmserve_requests_total", "rmserve_request_duration_seconds", "rmserve_queue_depth",
-    "rmserve_queue_wait_seconds", "rmserve_tokenize_duration_seconds", "rmserve_inference_duration_seconds",
-    "rmserve_batch_size", "rmserve_batch_tokens", "rmserve_items_scored_total", "rmserve_cache_lookups_total",
+    "rmserve_requests_total",
+    "rmserve_request_duration_seconds",
+    "rmserve_queue_depth",
+    "rmserve_queue_wait_seconds",
+    "rmserve_tokenize_duration_seconds",
+    "rmserve_inference_duration_seconds",
+    "rmserve_batch_size",
+    "rmserve_batch_tokens",
+    "rmserve_items_scored_total",
+    "rmserve_cache_lookups_total",
     "rmserve_model_info",
 ]
 
@@ -76,7 +83,9 @@ def test_http_scores_equal_pytorch_and_do_not_depend_on_the_batch(
         assert abs(alone - mixed) <= 1e-5 * max(1.0, abs(alone))
 
 
-def test_concurrent_one_item_requests_are_batched_together(tiny_bundles: dict[str, Path], tmp_path: Path) -> None:
+def test_concurrent_one_item_requests_are_batched_together(
+    tiny_bundles: dict[str, Path], tmp_path: Path
+) -> None:
     env = {"RMSERVE_MODELS": str(tiny_bundles["bert"]), "RMSERVE_CACHE": "off", "RMSERVE_MAX_WAIT_MS": "50"}
     with serve(env, tmp_path) as server:
         before_batches = server.metric("rmserve_batch_size_count")
@@ -84,8 +93,10 @@ def test_concurrent_one_item_requests_are_batched_together(tiny_bundles: dict[st
 
         async def burst() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-                reqs = [client.post("/v1/score", json={"items": [{"prompt": f"q{i}", "response": f"a{i}"}]})
-                        for i in range(16)]
+                reqs = [
+                    client.post("/v1/score", json={"items": [{"prompt": f"q{i}", "response": f"a{i}"}]})
+                    for i in range(16)
+                ]
                 return list(await asyncio.gather(*reqs))
 
         responses = asyncio.run(burst())
@@ -97,16 +108,24 @@ def test_concurrent_one_item_requests_are_batched_together(tiny_bundles: dict[st
 
 
 def test_a_full_queue_answers_429_with_retry_after(tiny_bundles: dict[str, Path], tmp_path: Path) -> None:
-    env = {"RMSERVE_MODELS": str(tiny_bundles["llama"]), "RMSERVE_CACHE": "off", "RMSERVE_MAX_QUEUE_ITEMS": "8",
-           "RMSERVE_MAX_BATCH_TOKENS": "64"}
+    env = {
+        "RMSERVE_MODELS": str(tiny_bundles["llama"]),
+        "RMSERVE_CACHE": "off",
+        "RMSERVE_MAX_QUEUE_ITEMS": "8",
+        "RMSERVE_MAX_BATCH_TOKENS": "64",
+    }
     long = [(f"question {i} " * 30, f"answer {i} " * 30) for i in range(8)]
     with serve(env, tmp_path) as server:
 
         async def flood() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
                 # Distinct items per request: identical ones in flight would be scored once (single-flight).
-                reqs = [client.post("/v1/score", json={"items": [{"prompt": p, "response": f"{r}{n}"} for p, r in long]})
-                        for n in range(24)]
+                reqs = [
+                    client.post(
+                        "/v1/score", json={"items": [{"prompt": p, "response": f"{r}{n}"} for p, r in long]}
+                    )
+                    for n in range(24)
+                ]
                 return list(await asyncio.gather(*reqs))
 
         responses = asyncio.run(flood())
@@ -121,7 +140,11 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_bundles: dict[str, Path]
 
 BAD_INPUTS = [
     ({"items": [{"prompt": "p"}]}, 422, "items[0]"),
-    ({"items": [{"prompt": "p", "response": "r"}, {"prompt": "p", "response": "r", "text": "t"}]}, 422, "items[1]"),
+    (
+        {"items": [{"prompt": "p", "response": "r"}, {"prompt": "p", "response": "r", "text": "t"}]},
+        422,
+        "items[1]",
+    ),
     ({"items": [{"prompt": "p", "response": "r"}, {"prompt": "p", "response": 5}]}, 422, "items[1]"),
     ({"items": [{"messages": []}]}, 422, "items[0]"),
     ({"items": [{"messages": [{"role": "user", "content": "hi"}]}]}, 422, "items[0]"),
@@ -131,8 +154,14 @@ BAD_INPUTS = [
     ({"model": "nope", "items": [{"prompt": "p", "response": "r"}]}, 404, "nope"),
     ({"items": [{"prompt": "p", "response": "r"}], "truncation": "sometimes"}, 422, "truncation"),
     ({"items": [{"prompt": "p", "response": "r"}] * 3, "truncation": "auto"}, 413, "3 items"),
-    ({"items": [{"prompt": "x", "response": "r"}, {"prompt": "p " * 5000, "response": "r"}],
-      "truncation": "error"}, 413, "items[1]"),
+    (
+        {
+            "items": [{"prompt": "x", "response": "r"}, {"prompt": "p " * 5000, "response": "r"}],
+            "truncation": "error",
+        },
+        413,
+        "items[1]",
+    ),
 ]
 
 
@@ -145,7 +174,9 @@ def test_bad_input_gets_a_4xx_that_names_the_problem(tiny_bundles: dict[str, Pat
             error = resp.json()["error"]
             assert needle in error["message"], (body, error)
             assert "Traceback" not in resp.text
-        resp = httpx.post(server.url + "/v1/score", content=b"{not json", headers={"content-type": "application/json"})
+        resp = httpx.post(
+            server.url + "/v1/score", content=b"{not json", headers={"content-type": "application/json"}
+        )
         assert resp.status_code == 422 and resp.json()["error"]["type"] == "invalid_request"
 
 
@@ -159,7 +190,9 @@ def test_truncation_is_reported_and_keeps_the_response(tiny_bundles: dict[str, P
         assert same["scores"][0] == pytest.approx(body["scores"][0], abs=1e-6)
 
 
-def test_every_spec_metric_is_exported_and_ops_routes_answer(tiny_bundles: dict[str, Path], tmp_path: Path) -> None:
+def test_every_spec_metric_is_exported_and_ops_routes_answer(
+    tiny_bundles: dict[str, Path], tmp_path: Path
+) -> None:
     with serve({"RMSERVE_MODELS": f"a={tiny_bundles['bert']},b={tiny_bundles['qwen2']}"}, tmp_path) as server:
         assert post_score(server.url, TEXTS[:2], model="b").status_code == 200
         text = httpx.get(server.url + "/metrics").text

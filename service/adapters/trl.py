@@ -23,8 +23,13 @@ from typing import Any
 
 from service.client import DEFAULT_URL, AsyncRewardClient, ItemLike, RewardClient, message_text
 
-__all__ = ["AsyncTRLRewardFunction", "TRLRewardFunction", "async_trl_reward_func", "trl_items",
-           "trl_reward_func"]
+__all__ = [
+    "AsyncTRLRewardFunction",
+    "TRLRewardFunction",
+    "async_trl_reward_func",
+    "trl_items",
+    "trl_reward_func",
+]
 
 
 def trl_items(prompts: list[Any], completions: list[Any]) -> list[ItemLike]:
@@ -44,9 +49,15 @@ def trl_items(prompts: list[Any], completions: list[Any]) -> list[ItemLike]:
 
 
 class _Base:
-    def __init__(self, url_or_client: str | RewardClient | AsyncRewardClient | None = None, *,
-                 model: str | None = None, api_key: str | None = None, name: str | None = None,
-                 **client_options: Any) -> None:
+    def __init__(
+        self,
+        url_or_client: str | RewardClient | AsyncRewardClient | None = None,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        name: str | None = None,
+        **client_options: Any,
+    ) -> None:
         if isinstance(url_or_client, (RewardClient, AsyncRewardClient)):
             self._given: RewardClient | AsyncRewardClient | None = url_or_client
             self.url = url_or_client.base_url
@@ -108,9 +119,14 @@ class AsyncTRLRewardFunction(_Base):
         return await client.score(trl_items(prompts, completions))
 
 
-def trl_reward_func(url_or_client: str | RewardClient | None = None, *, model: str | None = None,
-                    api_key: str | None = None, name: str | None = None, **client_options: Any
-                    ) -> TRLRewardFunction:
+def trl_reward_func(
+    url_or_client: str | RewardClient | None = None,
+    *,
+    model: str | None = None,
+    api_key: str | None = None,
+    name: str | None = None,
+    **client_options: Any,
+) -> TRLRewardFunction:
     """A TRL ``reward_funcs`` entry scoring with rmserve at ``url`` (default: $RMSERVE_URL or local).
 
     ``api_key`` defaults to $RMSERVE_API_KEY; ``client_options`` go to ``RewardClient`` (chunk_size,
@@ -119,8 +135,13 @@ def trl_reward_func(url_or_client: str | RewardClient | None = None, *, model: s
     return TRLRewardFunction(url_or_client, model=model, api_key=api_key, name=name, **client_options)
 
 
-def async_trl_reward_func(url_or_client: str | AsyncRewardClient | None = None, *, model: str | None = None,
-                          api_key: str | None = None, name: str | None = None, **client_options: Any
-                          ) -> AsyncTRLRewardFunction:
+def async_trl_reward_func(
+    url_or_client: str | AsyncRewardClient | None = None,
+    *,
+    model: str | None = None,
+    api_key: str | None = None,
+    name: str | None = None,
+    **client_options: Any,
+) -> AsyncTRLRewardFunction:
     """Like ``trl_reward_func``, as an ``async`` reward function (``AsyncRewardClient`` underneath)."""
     return AsyncTRLRewardFunction(url_or_client, model=model, api_key=api_key, name=name, **client_options)

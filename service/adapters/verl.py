@@ -62,15 +62,24 @@ def _sync_client() -> RewardClient:
     return _client(os.getpid(), tuple(sorted(_settings().items())))
 
 
-def compute_score(data_source: str, solution_str: str, ground_truth: Any,
-                  extra_info: Mapping[str, Any] | None = None, **kwargs: Any) -> float:
+def compute_score(
+    data_source: str,
+    solution_str: str,
+    ground_truth: Any,
+    extra_info: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> float:
     """veRL's ``compute_score``: the reward model's raw score for one rollout."""
     return _sync_client().score([verl_item(solution_str, extra_info)])[0]
 
 
-def compute_score_batch(data_sources: Sequence[str], solution_strs: Sequence[str],
-                        ground_truths: Sequence[Any], extra_infos: Sequence[Mapping[str, Any] | None],
-                        **kwargs: Any) -> list[float]:
+def compute_score_batch(
+    data_sources: Sequence[str],
+    solution_strs: Sequence[str],
+    ground_truths: Sequence[Any],
+    extra_infos: Sequence[Mapping[str, Any] | None],
+    **kwargs: Any,
+) -> list[float]:
     """veRL's ``batch`` reward manager form: every rollout of a step in one chunked call."""
     items = [verl_item(s, e) for s, e in zip(solution_strs, extra_infos, strict=True)]
     return _sync_client().score(items)

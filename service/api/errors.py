@@ -15,8 +15,13 @@ from service.errors import RMServeError
 log = logging.getLogger("rmserve.api")
 
 
-def error_response(status: int, type_: str, message: str, request: Request | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    type_: str,
+    message: str,
+    request: Request | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body: dict[str, Any] = {"type": type_, "message": message}
     rid = getattr(request.state, "request_id", None) if request is not None else None
     if rid:
@@ -58,7 +63,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         types = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
-        return error_response(exc.status_code, types.get(exc.status_code, "http_error"), str(exc.detail), request)
+        return error_response(
+            exc.status_code, types.get(exc.status_code, "http_error"), str(exc.detail), request
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

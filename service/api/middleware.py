@@ -23,13 +23,23 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 access_log = logging.getLogger("rmserve.access")
 
-ROUTES = frozenset({
-    "/v1/score", "/get_reward", "/v1/models", "/info", "/metrics", "/health/live", "/health/ready",
-    "/docs", "/openapi.json",
-})
+ROUTES = frozenset(
+    {
+        "/v1/score",
+        "/get_reward",
+        "/v1/models",
+        "/info",
+        "/metrics",
+        "/health/live",
+        "/health/ready",
+        "/docs",
+        "/openapi.json",
+    }
+)
 # Health and metrics stay open: who may reach them is the network policy's business.
-OPEN_ROUTES = frozenset({"/metrics", "/health/live", "/health/ready", "/docs", "/openapi.json",
-                         "/docs/oauth2-redirect", "/redoc"})
+OPEN_ROUTES = frozenset(
+    {"/metrics", "/health/live", "/health/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
+)
 # Scoring requests stop when their client goes away, so their items are not scored for no one.
 SCORING_ROUTES = frozenset({"/v1/score", "/get_reward"})
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -65,14 +75,29 @@ class EdgeMiddleware:
             await send(message)
 
         try:
-            if self.keys.enabled and path not in OPEN_ROUTES and not self.keys.allows(headers.get("authorization", "")):
-                await _respond(send_with_id, 401, "unauthorized", "missing or invalid API key", rid,
-                               {"www-authenticate": "Bearer"})
+            if (
+                self.keys.enabled
+                and path not in OPEN_ROUTES
+                and not self.keys.allows(headers.get("authorization", ""))
+            ):
+                await _respond(
+                    send_with_id,
+                    401,
+                    "unauthorized",
+                    "missing or invalid API key",
+                    rid,
+                    {"www-authenticate": "Bearer"},
+                )
                 return
             declared = headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-                await _respond(send_with_id, 413, "too_large",
-                               f"request body of {declared} bytes is over the limit of {self.max_body}", rid)
+                await _respond(
+                    send_with_id,
+                    413,
+                    "too_large",
+                    f"request body of {declared} bytes is over the limit of {self.max_body}",
+                    rid,
+                )
                 return
             if route in SCORING_ROUTES:
                 await self._until_disconnect(scope, self._limited(receive), send_with_id)
@@ -85,11 +110,18 @@ class EdgeMiddleware:
             self.metrics.requests.labels(route=route, code=str(status)).inc()
             self.metrics.request_duration.labels(route=route).observe(elapsed)
             if access_log.isEnabledFor(logging.INFO):
-                access_log.info("request", extra={
-                    "request_id": rid, "method": scope.get("method"), "route": route, "status": status,
-                    "items": state.get("items"), "cache_hits": state.get("cache_hits"),
-                    "duration_ms": round(elapsed * 1000, 3),
-                })
+                access_log.info(
+                    "request",
+                    extra={
+                        "request_id": rid,
+                        "method": scope.get("method"),
+                        "route": route,
+                        "status": status,
+                        "items": state.get("items"),
+                        "cache_hits": state.get("cache_hits"),
+                        "duration_ms": round(elapsed * 1000, 3),
+                    },
+                )
 
     async def _until_disconnect(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the app; if the client disconnects before the response starts, cancel it.
@@ -145,8 +177,9 @@ class EdgeMiddleware:
         return wrapped
 
 
-async def _respond(send: Send, status: int, type_: str, message: str, rid: str,
-                   extra: dict[str, str] | None = None) -> None:
+async def _respond(
+    send: Send, status: int, type_: str, message: str, rid: str, extra: dict[str, str] | None = None
+) -> None:
     body = json.dumps({"error": {"type": type_, "message": message, "request_id": rid}}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]

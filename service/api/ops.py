@@ -26,17 +26,25 @@ async def live() -> dict[str, str]:
     return {"status": "live"}
 
 
-@router.get("/health/ready", summary="Every bundle is loaded and warm, and the server is not draining",
-            responses={503: {"description": "starting, draining, failed, or a model worker is down"}})
+@router.get(
+    "/health/ready",
+    summary="Every bundle is loaded and warm, and the server is not draining",
+    responses={503: {"description": "starting, draining, failed, or a model worker is down"}},
+)
 async def ready(request: Request) -> JSONResponse:
     state = _state(request)
     body: dict[str, Any] = {"status": "ready" if state.is_ready() else state.phase}
     if state.scorer is not None:
-        body["models"] = {n: ("ok" if rt.batcher.healthy else "restarting") for n, rt in state.scorer.models.items()}
+        body["models"] = {
+            n: ("ok" if rt.batcher.healthy else "restarting") for n, rt in state.scorer.models.items()
+        }
     if state.failure:
         body["failure"] = state.failure
-    return JSONResponse(body, status_code=200 if state.is_ready() else 503,
-                        headers=None if state.is_ready() else {"Retry-After": "1"})
+    return JSONResponse(
+        body,
+        status_code=200 if state.is_ready() else 503,
+        headers=None if state.is_ready() else {"Retry-After": "1"},
+    )
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
@@ -63,9 +71,14 @@ async def info(request: Request) -> dict[str, Any]:
     if state.scorer is not None:
         out["cache"] = state.scorer.cache.state() if state.scorer.cache is not None else {"backend": "off"}
         out["models"] = {
-            n: {"version": rt.version, "provider": rt.engine.info.provider, "precision": rt.engine.info.precision,
-                "threads": rt.engine.info.threads, "selection": rt.selection,
-                "max_batch_tokens": rt.batcher.policy.max_batch_tokens}
+            n: {
+                "version": rt.version,
+                "provider": rt.engine.info.provider,
+                "precision": rt.engine.info.precision,
+                "threads": rt.engine.info.threads,
+                "selection": rt.selection,
+                "max_batch_tokens": rt.batcher.policy.max_batch_tokens,
+            }
             for n, rt in state.scorer.models.items()
         }
     return out

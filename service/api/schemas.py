@@ -33,7 +33,9 @@ class ScoreItemIn(BaseModel):
 
     prompt: str | list[MessageIn] | None = Field(None, description="text, or a list of messages")
     response: str | None = None
-    messages: list[MessageIn] | None = Field(None, min_length=1, description="ends with the assistant's reply")
+    messages: list[MessageIn] | None = Field(
+        None, min_length=1, description="ends with the assistant's reply"
+    )
     text: str | None = Field(None, description="already formatted text")
 
     @model_validator(mode="after")
@@ -65,12 +67,16 @@ class ScoreItemIn(BaseModel):
 class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, description="name of a loaded bundle (default: the only or 'default' one)")
+    model: str | None = Field(
+        None, description="name of a loaded bundle (default: the only or 'default' one)"
+    )
     items: list[ScoreItemIn] = Field(description="items to score, answered in order")
     truncation: Literal["auto", "error"] = Field(
         "auto", description='"auto" truncates an item over max_length (reported in usage); "error" gives 413'
     )
-    timeout_s: float | None = Field(None, gt=0, description="deadline for this request (at most the server's)")
+    timeout_s: float | None = Field(
+        None, gt=0, description="deadline for this request (at most the server's)"
+    )
 
 
 class Usage(BaseModel):

@@ -27,8 +27,13 @@ body_log = logging.getLogger("rmserve.bodies")
 def _log_body(state: AppState, request: Request, body: ScoreRequest | RewardRequest) -> None:
     # Texts being scored may be private: logged only when RMSERVE_LOG_BODIES is switched on.
     if state.settings.log_bodies:
-        body_log.info("request body", extra={"request_id": getattr(request.state, "request_id", None),
-                                             "body": body.model_dump(mode="json")})
+        body_log.info(
+            "request body",
+            extra={
+                "request_id": getattr(request.state, "request_id", None),
+                "body": body.model_dump(mode="json"),
+            },
+        )
 
 
 def _deadline(state: AppState, header: float | None, field: float | None) -> float:
@@ -60,7 +65,9 @@ async def score(
     items = to_items(body.items, state.settings.max_chars_per_item)
     request.state.items = len(items)
     result = await scorer.score(
-        body.model, items, strict=body.truncation == "error",
+        body.model,
+        items,
+        strict=body.truncation == "error",
         deadline=_deadline(state, x_request_timeout, body.timeout_s),
     )
     request.state.cache_hits = result.cache_hits
@@ -68,8 +75,9 @@ async def score(
         model=result.model,
         model_version=result.version,
         scores=result.scores,
-        usage=Usage(items=len(items), tokens=result.tokens, cache_hits=result.cache_hits,
-                    truncated=result.truncated),
+        usage=Usage(
+            items=len(items), tokens=result.tokens, cache_hits=result.cache_hits, truncated=result.truncated
+        ),
     )
 
 
@@ -99,9 +107,7 @@ async def get_reward(
     pad = rt.formatter.tokenizer.id_to_token(fmt.pad_token_id)
     items = query_items(body.query, body.prompts, fmt, state.settings.max_chars_per_item, pad)
     request.state.items = n
-    result = await scorer.score(
-        None, items, strict=False, deadline=_deadline(state, x_request_timeout, None)
-    )
+    result = await scorer.score(None, items, strict=False, deadline=_deadline(state, x_request_timeout, None))
     request.state.cache_hits = result.cache_hits
     return RewardResponse(
         rewards=result.scores,

@@ -51,8 +51,9 @@ def pad_batch(
     for i, row in enumerate(rows):
         ids[i, : len(row)] = row
         mask[i, : len(row)] = 1
-        if types is not None and type_ids is not None and type_ids[i] is not None:
-            types[i, : len(row)] = type_ids[i]
+        row_types = type_ids[i] if type_ids is not None else None
+        if types is not None and row_types is not None:
+            types[i, : len(row)] = row_types
     return TokenBatch(ids, mask, types)
 
 

@@ -40,28 +40,36 @@ class GateReport:
         return asdict(self)
 
     def summary(self) -> str:
-        return (f"{self.provider} {self.precision}: pairwise agreement {self.pairwise_agreement:.4f} "
-                f"(needs >= {self.min_agreement}), Spearman {self.spearman:.5f} (needs >= {self.min_spearman}), "
-                f"max relative deviation {self.max_rel_deviation:.4f}, batch drift {self.batch_drift_rel:.4f} "
-                f"on {self.items} calibration pairs")
+        return (
+            f"{self.provider} {self.precision}: pairwise agreement {self.pairwise_agreement:.4f} "
+            f"(needs >= {self.min_agreement}), Spearman {self.spearman:.5f} (needs >= {self.min_spearman}), "
+            f"max relative deviation {self.max_rel_deviation:.4f}, batch drift {self.batch_drift_rel:.4f} "
+            f"on {self.items} calibration pairs"
+        )
 
 
 def calibration_items(bundle: Bundle, formatter: Formatter) -> list[Encoded]:
     name = bundle.manifest.calibration_file
     path = bundle.path / name if name else None
     if path is None or not Path(path).is_file():
-        raise FileNotFoundError(f"{bundle.path} has no calibration pairs; a reduced precision cannot be gated")
+        raise FileNotFoundError(
+            f"{bundle.path} has no calibration pairs; a reduced precision cannot be gated"
+        )
     rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     return formatter.encode([PairItem(r["prompt"], r["response"]) for r in rows])
 
 
-def score_items(engine: Engine, items: list[Encoded], pad_id: int, with_types: bool, batch: int) -> np.ndarray:
+def score_items(
+    engine: Engine, items: list[Encoded], pad_id: int, with_types: bool, batch: int
+) -> np.ndarray:
     """Scores in the items' order, computed in length-sorted batches of ``batch``."""
     order = sorted(range(len(items)), key=lambda i: len(items[i]))
     out = np.empty(len(items), dtype=np.float64)
     for start in range(0, len(order), batch):
-        idx = order[start: start + batch]
-        tb = pad_batch([items[i].ids for i in idx], pad_id, [items[i].type_ids for i in idx] if with_types else None)
+        idx = order[start : start + batch]
+        tb = pad_batch(
+            [items[i].ids for i in idx], pad_id, [items[i].type_ids for i in idx] if with_types else None
+        )
         out[idx] = engine.infer(tb)
     return out
 
@@ -83,8 +91,16 @@ def pairwise_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else float((da[upper] == db[upper]).sum() / total)
 
 
-def run_gate(reference: Engine, candidate: Engine, items: list[Encoded], *, pad_id: int, with_types: bool,
-             min_agreement: float = MIN_AGREEMENT, min_spearman: float = MIN_SPEARMAN) -> GateReport:
+def run_gate(
+    reference: Engine,
+    candidate: Engine,
+    items: list[Encoded],
+    *,
+    pad_id: int,
+    with_types: bool,
+    min_agreement: float = MIN_AGREEMENT,
+    min_spearman: float = MIN_SPEARMAN,
+) -> GateReport:
     exact = score_items(reference, items, pad_id, with_types, batch=1)
     alone = score_items(candidate, items, pad_id, with_types, batch=1)
     crowd = score_items(candidate, items, pad_id, with_types, batch=len(items))

@@ -37,30 +37,45 @@ class OpenVinoEngine:
         try:
             import openvino as ov
         except ImportError as exc:
-            raise EngineError("provider 'openvino' needs the openvino package (pip install openvino)") from exc
+            raise EngineError(
+                "provider 'openvino' needs the openvino package (pip install openvino)"
+            ) from exc
         hint = _HINTS.get(precision)
         if hint is None:
             raise EngineError(f"the openvino engine serves fp32 or bf16, not {precision!r}")
         if precision == "bf16" and not cpu_supports_bf16():
-            raise EngineError("this CPU has no native bf16 units (AMX or AVX-512 BF16); bf16 would be emulated")
+            raise EngineError(
+                "this CPU has no native bf16 units (AMX or AVX-512 BF16); bf16 would be emulated"
+            )
         core = ov.Core()
         try:
             model = core.read_model(str(model_path))
-            self._compiled = core.compile_model(model, "CPU", {
-                "PERFORMANCE_HINT": "LATENCY",
-                "NUM_STREAMS": 1,
-                "INFERENCE_NUM_THREADS": threads,
-                "INFERENCE_PRECISION_HINT": hint,
-                # Pinning threads to cores fights other processes on a shared node.
-                "ENABLE_CPU_PINNING": False,
-            })
+            self._compiled = core.compile_model(
+                model,
+                "CPU",
+                {
+                    "PERFORMANCE_HINT": "LATENCY",
+                    "NUM_STREAMS": 1,
+                    "INFERENCE_NUM_THREADS": threads,
+                    "INFERENCE_PRECISION_HINT": hint,
+                    # Pinning threads to cores fights other processes on a shared node.
+                    "ENABLE_CPU_PINNING": False,
+                },
+            )
         except Exception as exc:  # openvino raises RuntimeError subclasses with long texts
             raise EngineError(f"openvino could not compile {model_path}: {exc}") from exc
         self._inputs = [p.get_any_name() for p in self._compiled.inputs]
         self._request = self._compiled.create_infer_request()
-        self.info = EngineInfo(provider="openvino", precision=precision, threads=threads,
-                               detail={"runtime": f"openvino {ov.get_version()}", "hint": "LATENCY",
-                                       "inference_precision": hint})
+        self.info = EngineInfo(
+            provider="openvino",
+            precision=precision,
+            threads=threads,
+            detail={
+                "runtime": f"openvino {ov.get_version()}",
+                "hint": "LATENCY",
+                "inference_precision": hint,
+            },
+        )
 
     def infer(self, batch: TokenBatch) -> np.ndarray:
         # One request reused: infer() releases the GIL, so the event loop and the tokenizer threads

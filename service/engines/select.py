@@ -37,8 +37,9 @@ class Candidate:
 def build(candidate: Candidate, bundle: Bundle, threads: int) -> Engine:
     if candidate.provider == "openvino":
         return OpenVinoEngine(bundle.model_path, threads=threads, precision=candidate.precision)
-    return OnnxRuntimeEngine(bundle.model_path, provider=candidate.provider, threads=threads,
-                             precision=candidate.precision)
+    return OnnxRuntimeEngine(
+        bundle.model_path, provider=candidate.provider, threads=threads, precision=candidate.precision
+    )
 
 
 def candidates(bundle: Bundle, settings: Settings) -> list[Candidate]:
@@ -48,8 +49,10 @@ def candidates(bundle: Bundle, settings: Settings) -> list[Candidate]:
     provider = settings.provider
     if provider == "cuda" or (provider == "auto" and cuda_present()):
         if wanted not in ("auto", native):
-            raise EngineError(f"precision {wanted!r} on cuda needs a {wanted} bundle (rmserve export "
-                              f"--precision {wanted}); this bundle is {native}")
+            raise EngineError(
+                f"precision {wanted!r} on cuda needs a {wanted} bundle (rmserve export "
+                f"--precision {wanted}); this bundle is {native}"
+            )
         return [Candidate("cuda", native)]
     if native != "fp32":
         raise EngineError(f"this bundle is {native}, made for the GPU; export an fp32 bundle for the CPU")
@@ -67,8 +70,10 @@ def candidates(bundle: Bundle, settings: Settings) -> list[Candidate]:
     allowed = [c for c in found if wanted == "auto" or c.precision == wanted]
     if not allowed:
         have = ", ".join(c.label for c in found) or "none"
-        raise EngineError(f"precision {wanted!r} is not available with provider {provider!r} on this machine "
-                          f"(available: {have})")
+        raise EngineError(
+            f"precision {wanted!r} is not available with provider {provider!r} on this machine "
+            f"(available: {have})"
+        )
     return allowed
 
 
@@ -81,13 +86,18 @@ def create_engine(bundle: Bundle, settings: Settings) -> tuple[Engine, dict[str,
         why = "the only option the settings allow" if settings.provider != "auto" else "a GPU is present"
         if chosen.provider == "cpu" and settings.provider == "auto":
             why = "the only backend present"
-        return build(chosen, bundle, threads), {"provider": chosen.provider, "precision": chosen.precision,
-                                                "threads": threads, "reason": why}
+        return build(chosen, bundle, threads), {
+            "provider": chosen.provider,
+            "precision": chosen.precision,
+            "threads": threads,
+            "reason": why,
+        }
     return _measure_and_choose(bundle, settings, options, threads)
 
 
-def _measure_and_choose(bundle: Bundle, settings: Settings, options: list[Candidate],
-                        threads: int) -> tuple[Engine, dict[str, Any]]:
+def _measure_and_choose(
+    bundle: Bundle, settings: Settings, options: list[Candidate], threads: int
+) -> tuple[Engine, dict[str, Any]]:
     formatter = Formatter(bundle)
     items = calibration_items(bundle, formatter)
     pad_id = bundle.manifest.format.pad_token_id
@@ -100,13 +110,22 @@ def _measure_and_choose(bundle: Bundle, settings: Settings, options: list[Candid
         for cand in options:
             engine = reference if cand == Candidate("cpu", "fp32") else build(cand, bundle, threads)
             if cand.precision != "fp32":
-                report = run_gate(reference, engine, items, pad_id=pad_id, with_types=with_types,
-                                  min_agreement=settings.gate_min_agreement, min_spearman=settings.gate_min_spearman)
+                report = run_gate(
+                    reference,
+                    engine,
+                    items,
+                    pad_id=pad_id,
+                    with_types=with_types,
+                    min_agreement=settings.gate_min_agreement,
+                    min_spearman=settings.gate_min_spearman,
+                )
                 gates[cand.label] = report.as_dict()
                 log.info("quality gate %s: %s", "passed" if report.passed else "FAILED", report.summary())
                 if not report.passed:
                     if settings.precision != "auto":
-                        raise EngineError(f"precision {cand.precision} failed the quality gate: {report.summary()}")
+                        raise EngineError(
+                            f"precision {cand.precision} failed the quality gate: {report.summary()}"
+                        )
                     engine.close()
                     continue
             rate = _pairs_per_second(engine, items, pad_id, with_types)
@@ -123,11 +142,19 @@ def _measure_and_choose(bundle: Bundle, settings: Settings, options: list[Candid
     if best is None:
         raise EngineError("no engine passed the quality gate")
     rate, chosen, engine = best
-    reason = (f"fastest of {', '.join(f'{k} {v} pairs/s' for k, v in measured.items())} "
-              f"on {len(items)} calibration pairs" + (" that passed the quality gate" if gates else ""))
+    reason = (
+        f"fastest of {', '.join(f'{k} {v} pairs/s' for k, v in measured.items())} "
+        f"on {len(items)} calibration pairs" + (" that passed the quality gate" if gates else "")
+    )
     log.info("serving %s: %s", chosen.label, reason)
-    return engine, {"provider": chosen.provider, "precision": chosen.precision, "threads": threads,
-                    "reason": reason, "measured_pairs_per_s": measured, "quality_gate": gates}
+    return engine, {
+        "provider": chosen.provider,
+        "precision": chosen.precision,
+        "threads": threads,
+        "reason": reason,
+        "measured_pairs_per_s": measured,
+        "quality_gate": gates,
+    }
 
 
 def _pairs_per_second(engine: Engine, items: list[Any], pad_id: int, with_types: bool) -> float:

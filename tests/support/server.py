@@ -62,15 +62,27 @@ def wait_ready(url: str, process: subprocess.Popen[bytes] | None = None, timeout
 
 
 @contextmanager
-def serve(env: dict[str, str], tmp: Path, *, ready: bool = True, timeout: float = 120.0) -> Iterator[ServerProcess]:
+def serve(
+    env: dict[str, str], tmp: Path, *, ready: bool = True, timeout: float = 120.0
+) -> Iterator[ServerProcess]:
     """Run ``rmserve serve`` with RMSERVE_* ``env`` on a free port; stop it afterwards."""
     port = free_port()
-    full_env = {**os.environ, "RMSERVE_HOST": "127.0.0.1", "RMSERVE_PORT": str(port),
-                "RMSERVE_LOG_LEVEL": "warning", **env}
+    full_env = {
+        **os.environ,
+        "RMSERVE_HOST": "127.0.0.1",
+        "RMSERVE_PORT": str(port),
+        "RMSERVE_LOG_LEVEL": "warning",
+        **env,
+    }
     log_path = tmp / f"server-{port}.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=full_env, cwd=REPO,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve"],
+            env=full_env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     server = ServerProcess(f"http://127.0.0.1:{port}", proc, log_path)
     try:
         if ready:
