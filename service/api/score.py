@@ -17,7 +17,9 @@ from service.api.schemas import (
     to_items,
 )
 from service.errors import BadRequest, TooLarge
+from service.formatting import Item
 from service.openrlhf import query_items
+from service.scoring import Scorer, ScoreResult
 from service.state import AppState
 
 router = APIRouter()
@@ -47,6 +49,15 @@ def _check_count(state: AppState, n: int) -> None:
         raise TooLarge(f"{n} items is over the limit of {state.settings.max_items_per_request} per request")
 
 
+async def _score(
+    scorer: Scorer, request: Request, model: str | None, items: list[Item], *, strict: bool, deadline: float
+) -> ScoreResult:
+    request.state.items = len(items)  # for the access log
+    result = await scorer.score(model, items, strict=strict, deadline=deadline)
+    request.state.cache_hits = result.cache_hits
+    return result
+
+
 @router.post(
     "/v1/score",
     response_model=ScoreResponse,
@@ -63,14 +74,10 @@ async def score(
     _log_body(state, request, body)
     _check_count(state, len(body.items))
     items = to_items(body.items, state.settings.max_chars_per_item)
-    request.state.items = len(items)
-    result = await scorer.score(
-        body.model,
-        items,
-        strict=body.truncation == "error",
-        deadline=_deadline(state, x_request_timeout, body.timeout_s),
+    deadline = _deadline(state, x_request_timeout, body.timeout_s)
+    result = await _score(
+        scorer, request, body.model, items, strict=body.truncation == "error", deadline=deadline
     )
-    request.state.cache_hits = result.cache_hits
     return ScoreResponse(
         model=result.model,
         model_version=result.version,
@@ -106,9 +113,8 @@ async def get_reward(
     fmt = rt.bundle.manifest.format
     pad = rt.formatter.tokenizer.id_to_token(fmt.pad_token_id)
     items = query_items(body.query, body.prompts, fmt, state.settings.max_chars_per_item, pad)
-    request.state.items = n
-    result = await scorer.score(None, items, strict=False, deadline=_deadline(state, x_request_timeout, None))
-    request.state.cache_hits = result.cache_hits
+    deadline = _deadline(state, x_request_timeout, None)
+    result = await _score(scorer, request, None, items, strict=False, deadline=deadline)
     return RewardResponse(
         rewards=result.scores,
         scores=result.scores,
