@@ -186,7 +186,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = "RMSERVE_" + name.upper()
-        help_text = f"{field.description} [env {env}]"
+        help_text = f"{field.description} [env {env}]".replace("%", "%%")  # argparse formats help
         if field.annotation is bool:
             parser.add_argument(
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
