@@ -4,7 +4,8 @@ The bundle is built in a staging directory next to the destination and moved int
 after parity holds (see models/parity.py), so a failed export leaves nothing behind. Steps:
 load the checkpoint as a ``ScoreModel`` -> torch.onnx (dynamo) export with dynamic batch and
 sequence axes -> tokenizer files -> manifest -> parity through the server's own formatter and
-engine -> optional fusions (kept only if parity still holds) -> optional fp16 -> publish.
+engine -> optional fusions (kept only if parity still holds) -> optional fp16 (models/fp16.py:
+converted, measured against fp32 PyTorch, gated) -> publish.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from models import fp16
 from models import parity as parity_mod
 from models.heads import ModelMeta, ScoreModel, load_score_model
 from models.parity import Pair, ParityReport, check_parity
@@ -31,8 +33,6 @@ DATA_FILE = MODEL_FILE + ".data"
 MAX_CALIBRATION_PAIRS = 64
 # Protobuf cannot hold a model over 2 GiB; above this the weights go to model.onnx.data.
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2
-# fp16 must order at least this share of item pairs as fp32 PyTorch does (ties in fp16 flip some).
-MIN_FP16_RANKING = 0.98
 DEFAULT_MAX_LENGTH = {"encoder": 512, "decoder": 4096}
 # Used when a decoder's tokenizer has no chat template of its own.
 DEFAULT_CHAT_TEMPLATE = (
@@ -105,7 +105,7 @@ def export_bundle(
                                    texts, source, tolerance, invariance_tolerance)
         if precision == "fp16":
             fields["precision"] = "fp16"
-            report = _to_fp16(staging, model, fields, report, texts, source)
+            report = _to_fp16(staging, model, fields, report, texts, source, external_data_bytes)
         manifest = write_manifest(staging, **fields, parity=report.as_manifest())
         load_bundle(staging)  # the digest we wrote must verify, exactly as the server will check it
         _publish(staging, dest, staging_root / "previous")
@@ -291,6 +291,27 @@ def fuse_encoder(path: Path) -> dict[str, int]:
     return {op: int(n) for op, n in stats.items() if n}
 
 
+def _to_fp16(
+    staging: Path, model: ScoreModel, fields: dict[str, Any], report: ParityReport,
+    texts: Sequence[Pair], source: str, external_data_bytes: int,
+) -> ParityReport:
+    """Convert the parity-checked fp32 graph to fp16 (models/fp16.py); ship it only if its drift passes."""
+    path = staging / MODEL_FILE
+    try:
+        conversion = fp16.convert_model_fp16(path, path, external_data_bytes=external_data_bytes)
+        write_manifest(staging, **fields)
+        # No tolerance: fp16 deviates by design; what it deviates by is measured and recorded.
+        drift = fp16.check_fp16(load_bundle(staging), model, texts, text_source=source)
+    except fp16.Fp16Error as exc:
+        raise ExportError(str(exc)) from exc
+    except EngineError as exc:
+        raise ExportError(f"onnxruntime (CPU) cannot run the fp16 graph, so it is unchecked: {exc}") from exc
+    if drift.problems:
+        raise ExportError("fp16 check failed, nothing was written: " + "; ".join(drift.problems))
+    report.extra["fp16"] = fp16.manifest_record(drift, conversion)
+    return report
+
+
 def _summary(report: ParityReport) -> dict[str, float]:
     return {"max_abs_diff": report.max_abs_diff, "max_rel_diff": report.max_rel_diff,
             "batch_invariance_max": report.batch_invariance_max}
@@ -342,149 +363,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_export_arguments(parser)
     return run_export(parser.parse_args(argv))
 
-
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def _to_fp16(
-    staging: Path, model: ScoreModel, fields: dict[str, Any], report: ParityReport,
-    texts: Sequence[Pair], source: str,
-) -> ParityReport:
-    """Convert the parity-checked fp32 graph to fp16 and measure it against fp32 PyTorch."""
-    counts = convert_fp16(staging / MODEL_FILE, external=(staging / DATA_FILE).is_file())
-    write_manifest(staging, **fields)
-    bundle = load_bundle(staging)
-    try:
-        # No tolerance: fp16 deviates by design; what it deviates by is measured and recorded.
-        drift = check_parity(bundle, model, texts, text_source=source,
-                             tolerance=float("inf"), invariance_tolerance=float("inf"))
-        served, reference = parity_mod.served_and_reference(bundle, model, texts)
-    except EngineError as exc:
-        raise ExportError(f"onnxruntime (CPU) cannot run the fp16 graph, so it is unchecked: {exc}") from exc
-    pairwise, spearman = parity_mod.ranking_agreement(served, reference)
-    problems = list(drift.problems)
-    if pairwise < MIN_FP16_RANKING:
-        problems.append(f"fp16 orders only {pairwise:.3f} of item pairs like fp32 (need {MIN_FP16_RANKING})")
-    if problems:
-        raise ExportError("fp16 check failed, nothing was written: " + "; ".join(problems))
-    report.extra["fp16"] = {
-        "max_abs_diff": drift.max_abs_diff, "max_rel_diff": drift.max_rel_diff,
-        "batch_drift_max": drift.batch_invariance_max, "pairwise_ranking_agreement": pairwise,
-        "spearman": spearman, "n_texts": drift.n_texts, "reference": "fp32 PyTorch", **counts,
-    }
-    return report
-
-
-# --- fp16 (issue 10) -------------------------------------------------------------------------
-# A mixed-precision rewrite of the fp32 graph: linear layers, attention products and the
-# residual stream run in fp16; whatever overflows or loses meaning in fp16 stays fp32:
-# normalization statistics, softmax, exp/trig (rotary phases reach thousands of radians), and
-# everything computed from integer inputs (positions, masks). Inputs stay int64, the output fp32.
-KEEP_FP32 = frozenset({
-    "LayerNormalization", "SimplifiedLayerNormalization", "Softmax", "LogSoftmax", "Pow", "ReduceMean",
-    "ReduceSum", "Sqrt", "Reciprocal", "Exp", "Log", "Cos", "Sin", "CumSum", "Range",
-})
-LINEAR_OPS = frozenset({"MatMul", "Gemm"})
-# Mask constants are float32's minimum; in fp16 they become -inf and a fully masked (padding)
-# row turns NaN. 2**15 is still "minus infinity" after softmax but stays finite when added to.
-FP16_CLAMP = 32768.0
-
-
-def convert_fp16(path: Path, external: bool) -> dict[str, int]:
-    """Rewrite ``path`` (an fp32 graph) to mixed fp16 in place; returns node counts per precision."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
-    graph = model.graph
-    subgraph = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-    if any(a.type in subgraph for n in graph.node for a in n.attribute):
-        raise ExportError("fp16 conversion does not handle graphs with control flow (If/Loop)")
-    _hoist_constants(graph)
-    dtype = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output, *graph.value_info]}
-    inits = {t.name: t for t in graph.initializer}
-    dtype |= {name: t.data_type for name, t in inits.items()}
-    is_float = {n for n, t in dtype.items() if t == TensorProto.FLOAT}
-    weights = {n for n, t in inits.items() if t.data_type == TensorProto.FLOAT and len(t.dims) >= 2
-               and int(np.prod(t.dims)) >= 256}
-    half_of: dict[str, str] = {}  # fp32 name -> its fp16 version (initializer copy or Cast output)
-    single_of: dict[str, str] = {}  # fp16 name -> its fp32 Cast output
-    precision: dict[str, int] = {}  # activation name -> 16 or 32
-    nodes: list[onnx.NodeProto] = []
-    counts = {"fp16_nodes": 0, "fp32_nodes": 0}
-
-    def as_half(name: str) -> str:
-        if name in inits:
-            if name not in half_of:
-                arr = numpy_helper.to_array(inits[name]).astype(np.float32)
-                half = np.clip(arr, -FP16_CLAMP, FP16_CLAMP).astype(np.float16)
-                graph.initializer.append(numpy_helper.from_array(half, name + "__fp16"))
-                half_of[name] = name + "__fp16"
-            return half_of[name]
-        if precision.get(name, 32) == 16:
-            return name
-        if name not in half_of:
-            half_of[name] = name + "__fp16"
-            nodes.append(helper.make_node("Cast", [name], [half_of[name]], to=TensorProto.FLOAT16))
-        return half_of[name]
-
-    def as_single(name: str) -> str:
-        if name in inits or precision.get(name, 32) == 32:
-            return name
-        if name not in single_of:
-            single_of[name] = name + "__fp32"
-            nodes.append(helper.make_node("Cast", [name], [single_of[name]], to=TensorProto.FLOAT))
-        return single_of[name]
-
-    for node in graph.node:
-        floats = [i for i in node.input if i in is_float]
-        acts = [i for i in floats if i not in inits]
-        if node.op_type in KEEP_FP32 or node.op_type == "Cast" or not floats:
-            bits = 32
-        elif node.op_type in LINEAR_OPS:
-            bits = 16 if any(i in weights or precision.get(i) == 16 for i in floats) else 32
-        else:
-            bits = 32 if any(precision.get(i, 32) == 32 for i in acts) else 16
-        if node.op_type != "Cast":  # a Cast reads any precision and writes its declared type
-            convert = as_half if bits == 16 else as_single
-            node.input[:] = [convert(i) if i in is_float else i for i in node.input]
-        for out in node.output:
-            if out in is_float:
-                precision[out] = 32 if node.op_type == "Cast" else bits
-        counts[f"fp{bits}_nodes"] += 1
-        nodes.append(node)
-    out = graph.output[0].name
-    if precision.get(out) == 16:
-        for node in nodes:
-            node.output[:] = [o + "__fp16" if o == out else o for o in node.output]
-        nodes.append(helper.make_node("Cast", [out + "__fp16"], [out], to=TensorProto.FLOAT))
-    graph.ClearField("node")
-    graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    graph.ClearField("initializer")
-    graph.initializer.extend(kept)
-    graph.ClearField("value_info")  # stale fp32 types; ORT infers them again
-    data = path.parent / DATA_FILE
-    data.unlink(missing_ok=True)
-    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024)
-    return counts
-
-
-def _hoist_constants(graph: Any) -> None:
-    """Float Constant nodes become initializers, so they are converted like weights."""
-    from onnx import TensorProto
-
-    kept = []
-    for node in graph.node:
-        value = next((a.t for a in node.attribute if a.name == "value"), None)
-        if node.op_type == "Constant" and value is not None and value.data_type == TensorProto.FLOAT:
-            value.name = node.output[0]
-            graph.initializer.append(value)
-        else:
-            kept.append(node)
-    graph.ClearField("node")
-    graph.node.extend(kept)

@@ -1,30 +1,33 @@
-"""fp16 graphs for large models, with a residual-stream overflow guard, and their measurement.
+"""fp16 bundles: the one mixed-precision converter, and how far its scores drift from fp32.
 
-``convert_model_fp16`` turns an fp32 ONNX graph into float16 with ONNX Runtime's converter;
-inputs and the ``scores`` output keep their types. It works on graphs over protobuf's 2 GB
-limit (shape inference by path, weights in ``model.onnx.data``), which a 1.5B+ parameter fp32
-export always is; loadtests/gpu_check.py uses it for its 0.5B and 1.5B bundles.
-``rmserve export --precision fp16`` has its own mixed-precision rewrite in models/export.py
-(residual stream in fp16, mask constants clamped); the two are to be merged (docs/gpu.md).
+``convert_model_fp16`` rewrites an fp32 ONNX graph of any size (shape inference runs on the
+file path, which works past protobuf's 2 GB limit; weights over the threshold go to
+``model.onnx.data``) so that matrix products and the activations between them run in float16.
+Whatever overflows or loses meaning there (float16 saturates at 65504 and holds integers
+exactly only up to 2048) stays float32:
 
-Overflow guard (float16 saturates at 65504; Gemma-style residual streams and attention masks get
-there): these stay in float32:
+* normalization and softmax in any form (LayerNormalization, or RMSNorm as torch.onnx writes
+  it: Pow/ReduceMean/Sqrt/Reciprocal), exp/log/reductions and trig (rotary phases reach
+  thousands of radians): ``FP32_OPS``;
+* every ``Add`` whose result feeds one of those (``guarded_nodes``): each residual add, so the
+  residual stream stays float32 from layer to layer (Gemma-style streams overflow float16),
+  each norm's epsilon add and the attention-mask add;
+* values computed from integer inputs and constants alone (positions, rotary phases and
+  cos/sin, masks): float32, and clamped to +-32768 where a float16 node reads them, as every
+  float16 constant is, so a float32 ``finfo.min`` mask stays finite when added to and a fully
+  masked padding row never turns NaN.
 
-* normalization and softmax, whatever their form (LayerNormalization, or RMSNorm decomposed into
-  Pow/ReduceMean/Sqrt/Reciprocal as torch.onnx writes it), plus exp/log/reductions;
-* every ``Add`` whose result feeds a normalization or a softmax: in a transformer that is each
-  residual add (the residual stream itself stays float32 from layer to layer), each norm's
-  epsilon add and the attention mask add (a float32 mask minimum added in float16 is -inf, and a
-  fully masked padding row would turn NaN).
+A float32 value stays float32 until a matrix product reads it, so casts sit only where the
+precision changes (never fp32 -> fp16 -> fp32 between two guarded nodes). Inputs stay int64
+and ``scores`` float32.
 
-Matrix products, the MLP and rotary embeddings run in float16 (they carry the FLOPs). Constants
-are clipped into float16's range by the converter, so an fp32 ``finfo.min`` mask becomes -65504.
-``measure_fp16`` compares an engine's scores with fp32 PyTorch scores on padded batches.
+``measure_fp16`` compares an engine's scores with fp32 PyTorch scores on padded batches;
+``check_fp16`` is that measurement as ``rmserve export --precision fp16`` gates on it.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,37 +35,33 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from onnx import TensorProto, helper, numpy_helper
 
 from models.heads import ScoreModel
-from models.parity import PADDING_SIDES, ParityReport, chunks, pad_rows, scaled_diff
-from service.bundle import MODEL_FILE
-from service.engines.base import TokenBatch
+from models.parity import BATCH_SIZES, PADDING_SIDES, Pair, ParityReport, chunks, pad_rows, scaled_diff
+from service.bundle import Bundle
+from service.engines.base import TokenBatch, available_cpus
 from service.engines.gate import MIN_AGREEMENT, MIN_SPEARMAN, pairwise_agreement, spearman
-from service.formatting import Encoded
+from service.engines.onnxruntime import OnnxRuntimeEngine
+from service.formatting import Encoded, Formatter
 
-DATA_FILE = MODEL_FILE + ".data"
-FP32_OPS = frozenset(
-    {
-        "LayerNormalization",
-        "SimplifiedLayerNormalization",
-        "SkipLayerNormalization",
-        "RMSNormalization",
-        "Pow",
-        "ReduceMean",
-        "Sqrt",
-        "Reciprocal",
-        "Softmax",
-        "LogSoftmax",
-        "Exp",
-        "Log",
-        "ReduceSum",
-        "ReduceMax",
-        "ReduceL2",
-    }
-)
-# Ops that a value feeding a guarded op passes through a guarded op passes through unchanged in type.
+FP32_OPS = frozenset({
+    "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "RMSNormalization",
+    "Pow", "ReduceMean", "Sqrt", "Reciprocal", "Softmax", "LogSoftmax", "Exp", "Log", "ReduceSum",
+    "ReduceMax", "ReduceL2", "Cos", "Sin", "CumSum", "Range",
+})
+LINEAR_OPS = frozenset({"MatMul", "Gemm"})
+# Values a guarded op reads through unchanged in type.
 _TRANSPARENT = frozenset({"Cast", "Identity"})
-FP16_BATCH_SIZES = (1, 7, 32)
+# 2**15 is still "minus infinity" after softmax, and stays finite when a second mask is added.
+FP16_CLAMP = 32768.0
+# fp16 must order at least this share of item pairs as fp32 PyTorch does for export to ship it
+# (ties that fp16 creates flip some); the serving-time quality gate asks for MIN_AGREEMENT.
+MIN_EXPORT_AGREEMENT = 0.98
+
+
+class Fp16Error(ValueError):
+    """The graph cannot be converted to fp16."""
 
 
 def guarded_nodes(model: onnx.ModelProto) -> list[str]:
@@ -76,117 +75,248 @@ def guarded_nodes(model: onnx.ModelProto) -> list[str]:
         for node in consumers.get(value, []):
             if node.op_type in FP32_OPS:
                 return True
-            if (
-                node.op_type in _TRANSPARENT
-                and depth < 3
-                and any(feeds_guarded(o, depth + 1) for o in node.output)
-            ):
+            through = node.op_type in _TRANSPARENT and depth < 3
+            if through and any(feeds_guarded(o, depth + 1) for o in node.output):
                 return True
         return False
 
-    return [
-        n.name for n in model.graph.node if n.op_type == "Add" and any(feeds_guarded(o) for o in n.output)
-    ]
-
-
-def _name_nodes(model: onnx.ModelProto) -> None:
-    """The converter blocks nodes by name; give unnamed nodes one."""
-    for i, node in enumerate(model.graph.node):
-        if not node.name:
-            node.name = f"rmserve_node_{i}"
+    adds = (n for n in model.graph.node if n.op_type == "Add")
+    return [n.name for n in adds if any(feeds_guarded(o) for o in n.output)]
 
 
 def convert_model_fp16(source: Path, dest: Path, *, external_data_bytes: int) -> dict[str, Any]:
-    """Write the float16 version of the ONNX model at ``source`` to ``dest``; returns what was kept fp32."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    """Write the mixed fp16 version of the fp32 graph at ``source`` to ``dest`` (may be ``source``).
 
-    # Types of every intermediate value tell the converter where casts go; the path form of shape
-    # inference also works for models over protobuf's 2 GB limit.
+    Returns what was kept float32 and how many nodes run at each precision.
+    """
+    model = _load_typed(source)
+    graph = model.graph
+    _hoist_constants(graph)
+    for i, node in enumerate(graph.node):
+        node.name = node.name or f"rmserve_node_{i}"
+    keep = set(guarded_nodes(model))
+    rewrite = _Rewrite(graph)
+    for node in list(graph.node):
+        rewrite.convert(node, keep)
+    rewrite.finish()
+    _save(model, dest, external_data_bytes)
+    fp32_ops = Counter(n.op_type for n in rewrite.nodes if n.op_type in FP32_OPS)
+    return {
+        "fp16_nodes": rewrite.counts[16],
+        "fp32_nodes": rewrite.counts[32],
+        "fp32_ops": dict(sorted(fp32_ops.items())),
+        "fp32_residual_and_mask_adds": len(keep),
+        "rule": "norms, softmax, exp/log/trig/reductions, every Add feeding them and values computed "
+        "from integers or constants stay float32; constants clamped to +-32768; int64 inputs, float32 scores",
+    }
+
+
+class _Rewrite:
+    """One pass over the nodes in graph order, choosing each node's precision (module docstring).
+
+    An *activation* is a float value computed from a weight (embedding lookups and everything
+    after them); other float values (from integer inputs and constants) stay float32.
+    """
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self.inits = {t.name: t for t in graph.initializer}
+        values = [*graph.input, *graph.output, *graph.value_info]
+        types = {v.name: v.type.tensor_type.elem_type for v in values}
+        types |= {name: t.data_type for name, t in self.inits.items()}
+        self.floats = {n for n, t in types.items() if t == TensorProto.FLOAT}
+        self.weights = {n for n, t in self.inits.items() if t.data_type == TensorProto.FLOAT
+                        and len(t.dims) >= 2 and int(np.prod(t.dims)) >= 256}
+        self.bits: dict[str, int] = {}  # activation -> 16 or 32
+        self.copies: dict[tuple[str, int], str] = {}  # (value, bits) -> its cast or converted copy
+        self.nodes: list[onnx.NodeProto] = []
+        self.counts = {16: 0, 32: 0}
+
+    def precision(self, node: onnx.NodeProto, keep: set[str]) -> tuple[int, bool]:
+        """(bits the node runs at, whether its float outputs are activations)."""
+        captured = _captured(node)
+        floats = [i for i in [*node.input, *captured] if i in self.floats]
+        acts = [i for i in floats if i in self.bits]
+        if node.op_type in FP32_OPS or node.op_type == "Cast" or node.name in keep or captured:
+            return 32, bool(acts)
+        if any(i in self.weights for i in floats):
+            return 16, True
+        if not acts:
+            return 32, False
+        return (16 if node.op_type in LINEAR_OPS or all(self.bits[i] == 16 for i in acts) else 32), True
+
+    def convert(self, node: onnx.NodeProto, keep: set[str]) -> None:
+        bits, activation = self.precision(node, keep)
+        if node.op_type != "Cast":  # a Cast reads any precision and writes its declared type
+            node.input[:] = [self.read(i, bits) if i in self.floats else i for i in node.input]
+        # Control flow (If/Loop) runs float32 with its branches untouched: what they read from
+        # outside is handed to them in float32.
+        outer = {i: self.read(i, 32) for i in _captured(node) if i in self.floats}
+        for graph in _subgraphs(node):
+            _rename_inputs(graph, outer)
+        outputs = [o for o in node.output if o in self.floats]
+        if activation:
+            self.bits |= {o: bits for o in outputs}
+        if outputs or any(i in self.floats for i in node.input):
+            self.counts[bits] += 1
+        self.nodes.append(node)
+
+    def read(self, name: str, bits: int) -> str:
+        """``name`` as a node running at ``bits`` reads it; each cast or copy is made once."""
+        if self.bits.get(name, 32) == bits:
+            return name
+        key = (name, bits)
+        if key not in self.copies:
+            copy = self.copies[key] = f"{name}__fp{bits}"
+            if name in self.inits:
+                arr = numpy_helper.to_array(self.inits[name]).astype(np.float32)
+                half = np.clip(arr, -FP16_CLAMP, FP16_CLAMP).astype(np.float16)
+                self.graph.initializer.append(numpy_helper.from_array(half, copy))
+            elif name not in self.bits:  # from integers/constants: may hold float32's extremes
+                low, high = self._clamp_bounds()
+                self.nodes.append(helper.make_node("Clip", [name, low, high], [copy + "_clamped"]))
+                cast = helper.make_node("Cast", [copy + "_clamped"], [copy], to=TensorProto.FLOAT16)
+                self.nodes.append(cast)
+            else:
+                to = TensorProto.FLOAT16 if bits == 16 else TensorProto.FLOAT
+                self.nodes.append(helper.make_node("Cast", [name], [copy], to=to))
+        return self.copies[key]
+
+    def _clamp_bounds(self) -> tuple[str, str]:
+        names = ("rmserve_fp16_clamp_low", "rmserve_fp16_clamp_high")
+        if names[0] not in self.inits:
+            for name, value in zip(names, (-FP16_CLAMP, FP16_CLAMP), strict=True):
+                self.inits[name] = numpy_helper.from_array(np.array(value, dtype=np.float32), name)
+                self.graph.initializer.append(self.inits[name])
+        return names
+
+    def finish(self) -> None:
+        """Cast an fp16 output back to float32, drop unused initializers, retype value_info."""
+        graph = self.graph
+        out = graph.output[0].name
+        if self.bits.get(out) == 16:
+            for node in self.nodes:
+                node.output[:] = [o + "__fp16" if o == out else o for o in node.output]
+            self.nodes.append(helper.make_node("Cast", [out + "__fp16"], [out], to=TensorProto.FLOAT))
+        graph.ClearField("node")
+        graph.node.extend(self.nodes)
+        used = {i for n in graph.node for i in n.input}
+        kept = [t for t in graph.initializer if t.name in used]
+        graph.ClearField("initializer")
+        graph.initializer.extend(kept)
+        for value in graph.value_info:
+            if self.bits.get(value.name) == 16:
+                value.type.tensor_type.elem_type = TensorProto.FLOAT16
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
+
+
+def _captured(node: onnx.NodeProto) -> set[str]:
+    """Names that ``node``'s branches or loop body read from the enclosing graph."""
+    used: set[str] = set()
+    for graph in _subgraphs(node):
+        defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+        defined |= {o for n in graph.node for o in n.output}
+        for inner in graph.node:
+            used |= ({*inner.input} | _captured(inner)) - defined
+    return used - {""}
+
+
+def _rename_inputs(graph: onnx.GraphProto, names: dict[str, str]) -> None:
+    for node in graph.node:
+        node.input[:] = [names.get(i, i) for i in node.input]
+        for inner in _subgraphs(node):
+            _rename_inputs(inner, names)
+
+
+def _load_typed(source: Path) -> onnx.ModelProto:
+    """The model with every value's type, its external data loaded (works for graphs over 2 GB)."""
     inferred = source.with_name(source.name + ".inferred")
     try:
         onnx.shape_inference.infer_shapes_path(str(source), str(inferred))
-        model = onnx.load(str(inferred))  # external data too, when the fp32 model has it
+        return onnx.load(str(inferred))
     finally:
         inferred.unlink(missing_ok=True)
-    _name_nodes(model)
-    keep = guarded_nodes(model)
-    ops = sorted(set(DEFAULT_OP_BLOCK_LIST) | FP32_OPS)
-    fp16 = convert_float_to_float16(
-        model, keep_io_types=True, op_block_list=ops, node_block_list=keep, disable_shape_infer=True
-    )
-    size = sum(int(np.prod(t.dims)) * 2 for t in fp16.graph.initializer)
+
+
+def _hoist_constants(graph: onnx.GraphProto) -> None:
+    """Float Constant nodes become initializers, so they are converted (and clamped) like weights."""
+    kept = []
+    for node in graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and value is not None and value.data_type == TensorProto.FLOAT:
+            value.name = node.output[0]
+            graph.initializer.append(value)
+        else:
+            kept.append(node)
+    graph.ClearField("node")
+    graph.node.extend(kept)
+
+
+def _save(model: onnx.ModelProto, dest: Path, external_data_bytes: int) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if size > external_data_bytes:
-        onnx.save_model(
-            fp16,
-            str(dest),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=DATA_FILE,
-            size_threshold=1024,
-        )
-    else:
-        onnx.save_model(fp16, str(dest))
-    counts: dict[str, int] = defaultdict(int)
-    for node in model.graph.node:
-        if node.op_type in FP32_OPS:
-            counts[node.op_type] += 1
-    return {
-        "fp32_ops": dict(sorted(counts.items())),
-        "fp32_residual_and_mask_adds": len(keep),
-        "rule": "norms, softmax, exp/log/reductions and every Add feeding them stay float32; "
-        "inputs and scores keep their types",
-    }
+    data = dest.with_name(dest.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    external = sum(t.ByteSize() for t in model.graph.initializer) > external_data_bytes
+    onnx.save_model(model, str(dest), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+
+
+# -- measurement --------------------------------------------------------------------------------
 
 
 def torch_scores_on(model: ScoreModel, batch: TokenBatch) -> np.ndarray:
     """The fp32 PyTorch reference on exactly the engine's arrays, on the model's own device."""
     device = next(model.parameters()).device
     with torch.inference_mode():
-        types = (
-            torch.from_numpy(batch.token_type_ids).to(device) if batch.token_type_ids is not None else None
-        )
-        out = model(
-            torch.from_numpy(batch.input_ids).to(device),
-            torch.from_numpy(batch.attention_mask).to(device),
-            types,
-        )
+        tt = batch.token_type_ids
+        types = torch.from_numpy(tt).to(device) if tt is not None else None
+        out = model(torch.from_numpy(batch.input_ids).to(device),
+                    torch.from_numpy(batch.attention_mask).to(device), types)
     return out.detach().to(torch.float32).cpu().numpy().reshape(-1)
 
 
+def reference_scores(
+    model: ScoreModel, encoded: Sequence[Encoded], pad_id: int, batch: int = 32
+) -> np.ndarray:
+    """fp32 PyTorch scores of ``encoded``, one per item (right padding leaves a score unchanged)."""
+    return np.concatenate(
+        [torch_scores_on(model, pad_rows(rows, pad_id, "right")) for rows in chunks(encoded, batch)]
+    )
+
+
 def measure_fp16(
-    bundle: Any,
+    bundle: Bundle,
     engine: Any,
     encoded: Sequence[Encoded],
     reference: np.ndarray,
     *,
     text_source: str,
-    batch_sizes: Sequence[int] = FP16_BATCH_SIZES,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+    min_agreement: float = MIN_AGREEMENT,
+    min_spearman: float | None = MIN_SPEARMAN,
 ) -> ParityReport:
     """Score ``encoded`` items through ``engine`` and compare with ``reference`` (fp32 scores, one per item).
 
     Records max |fp16 - fp32| (absolute and scaled as in parity.py), the ranking agreement of the
     fp16 scores with fp32 (pairwise and Spearman, over all items) and the batch drift (an item
     alone vs inside padded batches, both padding sides for decoders). Problems: non-finite
-    scores, pairwise agreement under the quality gate's minimum, Spearman under its minimum.
+    scores, pairwise agreement under ``min_agreement``, Spearman under ``min_spearman`` (if set).
     """
     pad_id = bundle.manifest.format.pad_token_id
     sides = PADDING_SIDES if bundle.manifest.kind == "decoder" else ("right",)
     report = ParityReport(
-        text_source=text_source,
-        n_texts=len(encoded),
-        batch_sizes=list(batch_sizes),
-        padding_sides=list(sides),
-        tolerance=float("nan"),
-        invariance_tolerance=float("nan"),
+        text_source=text_source, n_texts=len(encoded), batch_sizes=list(batch_sizes),
+        padding_sides=list(sides), tolerance=float("nan"), invariance_tolerance=float("nan"),
         truncated_texts=sum(e.truncated for e in encoded),
     )
     served: list[np.ndarray] = []
     for side in sides:
         for size in sorted(batch_sizes):
-            scores = np.concatenate(
-                [engine.infer(pad_rows(rows, pad_id, side)) for rows in chunks(encoded, size)]
-            )
+            batches = (pad_rows(rows, pad_id, side) for rows in chunks(encoded, size))
+            scores = np.concatenate([engine.infer(b) for b in batches])
             if not np.isfinite(scores).all():
                 report.problems.append(f"non-finite fp16 scores ({side} padding, batch size {size})")
                 scores = np.nan_to_num(scores)
@@ -199,26 +329,40 @@ def measure_fp16(
     report.score_range = [float(reference.min()), float(reference.max())]
     agreement, rho = pairwise_agreement(alone, reference), spearman(alone, reference)
     report.extra |= {
-        "precision": "fp16",
-        "ranking_agreement": round(agreement, 6),
-        "spearman": round(rho, 6),
-        "reference": "fp32 PyTorch",
-        "engine": engine.info.provider,
-        "rule": "max |fp16 - fp32| as measured; ranking agreement >= the quality gate's minimum",
+        "precision": "fp16", "ranking_agreement": round(agreement, 6), "spearman": round(rho, 6),
+        "reference": "fp32 PyTorch", "engine": engine.info.provider,
+        "rule": f"max |fp16 - fp32| as measured; pairwise ranking agreement >= {min_agreement}",
     }
-    if agreement < MIN_AGREEMENT:
+    if agreement < min_agreement:
         report.problems.append(
-            f"fp16 ranks pairs differently from fp32: agreement {agreement:.4f} < {MIN_AGREEMENT}"
+            f"fp16 ranks pairs differently from fp32: agreement {agreement:.4f} < {min_agreement}"
         )
-    if rho < MIN_SPEARMAN:
-        report.problems.append(f"fp16 Spearman vs fp32 {rho:.4f} < {MIN_SPEARMAN}")
+    if min_spearman is not None and rho < min_spearman:
+        report.problems.append(f"fp16 Spearman vs fp32 {rho:.4f} < {min_spearman}")
     return report
 
 
-def reference_scores(
-    model: ScoreModel, encoded: Sequence[Encoded], pad_id: int, batch: int = 32
-) -> np.ndarray:
-    """fp32 PyTorch scores of ``encoded``, one per item (right padding leaves a score unchanged)."""
-    return np.concatenate(
-        [torch_scores_on(model, pad_rows(rows, pad_id, "right")) for rows in chunks(encoded, batch)]
-    )
+def check_fp16(bundle: Bundle, model: ScoreModel, pairs: Sequence[Pair], *, text_source: str) -> ParityReport:
+    """The export gate: the fp16 bundle, as served on the CPU, against fp32 ``model`` on ``pairs``.
+
+    Raises EngineError when onnxruntime cannot run the graph; the problems say what failed.
+    """
+    chat = bundle.manifest.format.input_format == "chat_template"
+    encoded = Formatter(bundle).encode([p.as_item(chat) for p in pairs])
+    reference = reference_scores(model, encoded, bundle.manifest.format.pad_token_id)
+    engine = OnnxRuntimeEngine(bundle.model_path, provider="cpu", threads=available_cpus(), precision="fp16")
+    try:
+        return measure_fp16(bundle, engine, encoded, reference, text_source=text_source,
+                            min_agreement=MIN_EXPORT_AGREEMENT, min_spearman=None)
+    finally:
+        engine.close()
+
+
+def manifest_record(report: ParityReport, conversion: dict[str, Any]) -> dict[str, Any]:
+    """What an fp16 bundle's ``manifest.parity.fp16`` records: the measured drift, the conversion."""
+    return {
+        "max_abs_diff": report.max_abs_diff, "max_rel_diff": report.max_rel_diff,
+        "batch_drift_max": report.batch_invariance_max,
+        "pairwise_ranking_agreement": report.extra["ranking_agreement"], "spearman": report.extra["spearman"],
+        "n_texts": report.n_texts, "reference": "fp32 PyTorch", **conversion,
+    }

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 import models.export as export_mod
 from models.export import export_bundle
@@ -58,7 +59,7 @@ def exported_fp16(tiny_bundles: dict[str, Path], tmp_path_factory: pytest.TempPa
 
 @pytest.fixture(scope="module")
 def converted(tiny_bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """arch -> the fp32 tiny bundle's graph through models/fp16.py (the GPU check's converter)."""
+    """arch -> the fp32 tiny bundle's graph through models/fp16.py's converter alone."""
     root = tmp_path_factory.mktemp("fp16-guarded")
     out = {}
     for arch in ("qwen2", "bert"):
@@ -130,6 +131,14 @@ def test_overflow_guard_keeps_norms_softmax_and_residual_adds_in_fp32(
     for node in fp16.graph.node:
         if node.op_type in FP32_OPS and node.output[0] in types:  # float ones; ReduceMax also pools int64
             assert types[node.output[0]] != onnx.TensorProto.FLOAT16, node.name
+    # The rotary phases (integer positions x inv_freq) reach Cos/Sin in float32, never via float16.
+    producers = {o: n for n in fp16.graph.node for o in n.output}
+    for node in fp16.graph.node:
+        if node.op_type in ("Cos", "Sin"):
+            assert producers[node.input[0]].op_type != "Cast", node.name
+    halves = [numpy_helper.to_array(t, base_dir=str(converted["qwen2"].parent))
+              for t in fp16.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert halves and max(float(np.abs(h).max()) for h in halves) <= 32768  # constants clamped
 
 
 def test_io_binding_equals_a_plain_run_and_buffers_do_not_alias(tiny_bundles: dict[str, Path]) -> None:
