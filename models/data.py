@@ -37,8 +37,10 @@ class DataError(ValueError):
     """A row (or a whole file) that cannot be read as a preference pair."""
 
     def __init__(self, path: str | Path, line: int | None, reason: str, *, unit: str = "line") -> None:
-        where = f"{path}:{line}" if line is not None and unit == "line" else (
-            f"{path} row {line}" if line is not None else str(path)
+        where = (
+            f"{path}:{line}"
+            if line is not None and unit == "line"
+            else (f"{path} row {line}" if line is not None else str(path))
         )
         super().__init__(f"{where}: {reason}")
         self.path = str(path)
@@ -109,7 +111,8 @@ def _split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
     return prompt, chosen[len(prompt) :].strip(), rejected[len(prompt) :].strip()
 
 
-def _messages(value: Any, what: str) -> Messages:
+def parse_messages(value: Any, what: str) -> Messages:
+    """A row's message list as Messages; ValueError names the field (``what``) and the bad entry."""
     if not isinstance(value, list | tuple) or not value:
         raise ValueError(f"'{what}' must be a non-empty list of messages")
     out = []
@@ -126,7 +129,7 @@ def _reply(value: Any, what: str) -> str:
     if not isinstance(value, list | tuple):
         kind = type(value).__name__
         raise ValueError(f"'{what}' must be a string or a list of one assistant message, not {kind}")
-    turns = _messages(value, what)
+    turns = parse_messages(value, what)
     if len(turns) != 1 or turns[0].role != "assistant":
         raise ValueError(f"'{what}' must be one assistant message, got {[m.role for m in turns]}")
     return turns[0].content.strip()
@@ -162,7 +165,7 @@ def pair_from_row(row: Any, *, source: str = "", line: int = 0) -> PreferencePai
         text, good, bad = _split_transcripts(chosen, rejected)
         parsed: str | Messages = parse_hh_prompt(text)
     else:
-        parsed = parse_hh_prompt(prompt) if isinstance(prompt, str) else _messages(prompt, "prompt")
+        parsed = parse_hh_prompt(prompt) if isinstance(prompt, str) else parse_messages(prompt, "prompt")
         good, bad = _reply(chosen, "chosen"), _reply(rejected, "rejected")
     if isinstance(parsed, tuple):
         render_hh(parsed)  # raises ValueError on a role an HH transcript cannot show
@@ -172,28 +175,30 @@ def pair_from_row(row: Any, *, source: str = "", line: int = 0) -> PreferencePai
 # --- files -> rows -----------------------------------------------------------------------------
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as fh:
+def jsonl_rows(path: Path, *, errors: str = "strict") -> Iterator[tuple[int, Any]]:
+    """Numbered rows of a JSON Lines file (also ``.gz``). A line that is not JSON is yielded as a
+    DataError, not raised: lenient loading goes on past it. ``errors`` is how undecodable bytes
+    are decoded (``open``'s argument): training data stops at them, ``rmserve eval`` reads on."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors=errors) as fh:
         for number, text in enumerate(fh, start=1):
             if not text.strip():
                 continue
             try:
                 yield number, json.loads(text)
             except json.JSONDecodeError as exc:
-                # Yielded, not raised: lenient loading goes on past a broken line.
-                yield number, DataError(path, number, f"invalid JSON: {exc.msg}")
+                yield number, DataError(path, number, f"invalid JSON: {exc.msg} (column {exc.colno})")
 
 
 def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    opener = gzip.open if path.name.endswith(".gz") else open
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as fh:
         text = fh.read()
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # JSON Lines under a .json name
-            yield from _jsonl_rows(path)
+            yield from jsonl_rows(path)
             return
         raise DataError(path, exc.lineno, f"invalid JSON: {exc.msg}") from None
     if isinstance(data, dict):  # {"data": [...]} / {"train": [...]}: the one list inside
@@ -239,7 +244,7 @@ def read_rows(path: str | Path, *, split: str | None = None) -> tuple[Iterator[t
         return _hf_rows(p, split), "row"
     name = p.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-        return _jsonl_rows(p), "line"
+        return jsonl_rows(p), "line"
     if name.endswith((".json", ".json.gz")):
         return _json_rows(p), "row"
     if name.endswith(".parquet"):

@@ -10,6 +10,8 @@ How a row counts (``outcome``):
 * a best-of-N row with several chosen responses (RewardBench-2's Ties shape) is right when every
   chosen response outscores every rejected one. RewardBench-2's weighted Ties score (accuracy plus
   margin terms over paired ref/tied prompts) is not computed.
+
+The plots, ``report.md`` and the console lines that show a summary are in ``models.report_render``.
 """
 
 from __future__ import annotations
@@ -18,13 +20,12 @@ import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from models.evaluate import BadRow, DataFile
+    from models.eval_rows import BadRow, DataFile
 
 NO_SUBSET = "(no subset)"
 PLOTS = {"scores": "scores.png", "margins": "margins.png", "accuracy": "accuracy_by_subset.png"}
@@ -273,203 +274,3 @@ def summarize(
     if rb2:
         summary["rewardbench2"] = rb2
     return summary
-
-
-# ------------------------------------------------------------------ plots and report
-
-
-def write_plots(out: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
-    """The PNGs this run's data supports; returns their file names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scored = [r for r in records if "error" not in r]
-    prefs = [r for r in scored if r["kind"] != "score"]
-    chosen = [s for r in prefs for s in r["scores"][: r["n_chosen"]]]
-    rejected = [s for r in prefs for s in r["scores"][r["n_chosen"] :]]
-    plain = [r["scores"][0] for r in scored if r["kind"] == "score"]
-    written = []
-    if chosen or plain:
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        every = np.asarray(chosen + rejected + plain, dtype=np.float64)
-        bins = np.histogram_bin_edges(every, bins=min(60, max(10, int(math.sqrt(every.size))))).tolist()
-        for values, label, color in (
-            (chosen, "chosen", "tab:green"),
-            (rejected, "rejected", "tab:red"),
-            (plain, "plain rows", "tab:blue"),
-        ):
-            if values:
-                ax.hist(values, bins=bins, alpha=0.55, label=f"{label} (n={len(values)})", color=color)
-        ax.set(xlabel="reward score", ylabel="responses", title="Score distributions: chosen vs rejected")
-        ax.legend()
-        written.append(_save(fig, out / PLOTS["scores"], plt))
-    if prefs:
-        margins = [outcome(r)[1] for r in prefs]
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        ax.hist(margins, bins=min(60, max(10, int(math.sqrt(len(margins))))), color="tab:purple", alpha=0.8)
-        ax.axvline(0.0, color="black", linestyle="--", linewidth=1)
-        ax.set(
-            xlabel="margin: r_chosen - r_rejected (best-of-N: minus the best rejected)",
-            ylabel="rows",
-            title=f"Margins (accuracy {summary['accuracy']:.4f}, mean margin {summary['mean_margin']:.4f})",
-        )
-        written.append(_save(fig, out / PLOTS["margins"], plt))
-        subsets = summary["subsets"]
-        names = list(subsets)
-        fig, ax = plt.subplots(figsize=(7, 1.2 + 0.45 * len(names)))
-        acc = [subsets[n]["accuracy"] for n in names]
-        ax.barh(range(len(names)), acc, color="tab:blue")
-        ax.set_yticks(range(len(names)), [f"{n} (n={subsets[n]['rows']})" for n in names])
-        ax.invert_yaxis()
-        for i, a in enumerate(acc):
-            ax.text(min(a + 0.01, 0.9), i, f"{a:.3f}", va="center")
-        ax.axvline(0.5, color="gray", linestyle=":", linewidth=1, label="coin flip (pairs)")
-        ax.set(xlim=(0, 1), xlabel="accuracy", title="Accuracy per subset")
-        ax.legend(loc="lower right")
-        written.append(_save(fig, out / PLOTS["accuracy"], plt))
-    return written
-
-
-def _save(fig: Any, path: Path, plt: Any) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
-
-
-def _fmt(x: float | None, digits: int = 4) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
-
-
-def markdown(summary: dict[str, Any], plots: list[str]) -> str:
-    m, c = summary["model"], summary["counts"]
-    how = (
-        f"in process ({m.get('provider')}/{m.get('precision')})"
-        if m.get("mode") == "in-process"
-        else f"through rmserve at {m.get('source')}"
-    )
-    lines = [
-        "# rmserve eval report",
-        "",
-        f"Model **{m.get('name')}** version `{m.get('version')}`, scored {how}.",
-        "",
-        "| data file | rows | bad rows | sha256 |",
-        "| --- | ---: | ---: | --- |",
-    ]
-    for f in summary["data"]["files"]:
-        short = f["digest"].removeprefix("sha256:")[:16]
-        lines.append(f"| `{f['path']}` | {f['rows']} | {f['bad_rows']} | `{short}` |")
-    lines += [
-        "",
-        f"{c['rows_scored']} rows scored: {c['pairs']} pairs, {c['best_of_n']} best-of-N rows, "
-        f"{c['plain']} plain rows; {c['bad_rows']} bad rows skipped.",
-        "",
-    ]
-    if summary["accuracy"] is not None:
-        lines += [
-            "## Accuracy",
-            "",
-            "| | rows | accuracy | ties | mean margin |",
-            "| --- | ---: | ---: | ---: | ---: |",
-            f"| **overall** | {sum(g['rows'] for g in summary['subsets'].values())} | "
-            f"**{_fmt(summary['accuracy'])}** | {summary['ties']} | {_fmt(summary['mean_margin'])} |",
-        ]
-        for name, g in summary["subsets"].items():
-            lines.append(
-                f"| {name} | {g['rows']} | {_fmt(g['accuracy'])} | {g['ties']} | {_fmt(g['mean_margin'])} |"
-            )
-        lines += [
-            "",
-            "Ties (equal scores) count as wrong for pairs; best-of-N rows split credit on ties "
-            "as RewardBench-2 does.",
-            "",
-        ]
-    for key, title in (("rewardbench", "RewardBench"), ("rewardbench2", "RewardBench 2")):
-        rb = summary.get(key)
-        if rb:
-            parts = rb.get("sections") or rb.get("subsets")
-            lines += [
-                f"## {title}",
-                "",
-                f"Score **{_fmt(rb['score'])}**"
-                + ("" if rb["complete"] else " (not every subset is present: a partial score)")
-                + ".",
-                "",
-                "| section | accuracy |",
-                "| --- | ---: |",
-            ]
-            lines += [f"| {k} | {_fmt(v)} |" for k, v in parts.items()]
-            lines += ["", rb["method"] + ".", ""]
-    if plots:
-        lines += ["## Plots", ""]
-        captions = {
-            PLOTS["scores"]: "Score distributions",
-            PLOTS["margins"]: "Margins",
-            PLOTS["accuracy"]: "Accuracy per subset",
-        }
-        lines += [f"![{captions[p]}]({p})\n" for p in plots]
-    bad = summary["bad_rows"]
-    if bad["count"]:
-        lines += ["## Bad rows", "", f"{bad['count']} rows were skipped (all in `bad_rows.jsonl`):", ""]
-        lines += [
-            f"- `{b['file']}` {'line' if b['unit'] == 'line' else 'row'} {b['line']}: {b['reason']}"
-            for b in bad["first"][:20]
-        ]
-        lines.append("")
-    r = summary["run"]
-    lines += [
-        "## Run",
-        "",
-        f"{r['rows_scored']} rows scored in {r['seconds']} s "
-        f"({r['items_sent_to_model']} items sent to the model"
-        + (f", {r['pairs_per_s']} pairs/s" if r.get("pairs_per_s") else "")
-        + "); "
-        f"{r['rows_resumed']} rows were already scored by an earlier run.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def write_report(out: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> None:
-    import json
-
-    plots = write_plots(out, summary, records)
-    summary["plots"] = plots
-    (out / "summary.json").write_text(
-        json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
-    (out / "report.md").write_text(markdown(summary, plots), encoding="utf-8")
-
-
-def console_lines(summary: dict[str, Any], out: Path) -> list[str]:
-    m, c, r = summary["model"], summary["counts"], summary["run"]
-    lines = [
-        f"model {m.get('name')} {m.get('version')} ({m.get('mode')}); {c['rows_scored']} rows scored, "
-        f"{c['bad_rows']} bad rows skipped"
-    ]
-    if summary["accuracy"] is not None:
-        width = max([len("overall"), *map(len, summary["files"]), *map(len, summary["subsets"])])
-        lines.append(f"  {'':{width}}  {'rows':>6}  {'accuracy':>8}  {'margin':>8}")
-        groups = list(summary["files"].items())
-        if len(summary["subsets"]) > 1:
-            groups += list(summary["subsets"].items())
-        for name, g in groups:
-            lines.append(f"  {name:{width}}  {g['rows']:>6}  {g['accuracy']:>8.4f}  {g['mean_margin']:>8.4f}")
-        total = sum(g["rows"] for g in summary["files"].values())
-        lines.append(
-            f"  {'overall':{width}}  {total:>6}  {summary['accuracy']:>8.4f}  {summary['mean_margin']:>8.4f}"
-        )
-    if summary.get("rewardbench"):
-        lines.append(f"  RewardBench score {summary['rewardbench']['score']:.4f}")
-    if summary.get("rewardbench2"):
-        lines.append(f"  RewardBench 2 score {summary['rewardbench2']['score']:.4f}")
-    rate = f", {r['pairs_per_s']} pairs/s" if r.get("pairs_per_s") else ""
-    lines.append(
-        f"{r['rows_scored']} rows scored now, {r['rows_resumed']} resumed, in {r['seconds']} s{rate}"
-    )
-    lines.append(
-        f"wrote {out}/summary.json, scores.jsonl, report.md and {len(summary.get('plots', []))} plots"
-    )
-    return lines

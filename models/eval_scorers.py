@@ -1,0 +1,214 @@
+"""``rmserve eval``, second stage: rows -> score records, in process or through a running rmserve.
+
+``LocalScorer`` runs the server's own Formatter and ONNX Runtime engine in this process;
+``RemoteScorer`` sends the items with ``service.client.RewardClient``. Either way a row the model
+side refuses becomes an ``error`` record and the other rows of its chunk are scored as usual.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from models.eval_rows import EvalError, EvalRow
+from service.formatting import Item
+
+
+class Scorer(Protocol):
+    """Scores items in order. ``items_sent`` counts every item handed to the model (the proof that a
+    resumed run scores no row twice); ``model`` describes what scored them."""
+
+    items_sent: int
+    model: dict[str, Any]
+
+    def score(self, items: list[Item]) -> list[float]: ...
+
+    def close(self) -> None: ...
+
+
+class RejectedItem(Exception):
+    """The model side refused one item (its formatter or the server said it is malformed)."""
+
+
+class LocalScorer:
+    """In process: the server's Formatter and engine, length-sorted batches under a token budget."""
+
+    def __init__(
+        self,
+        bundle_dir: str,
+        *,
+        provider: str = "cpu",
+        precision: str = "fp32",
+        threads: int | None = None,
+        batch_tokens: int | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        from service.bundle import load_bundle
+        from service.config import Settings
+        from service.engines.select import create_engine, default_batch_tokens
+        from service.formatting import Formatter
+
+        self.bundle = load_bundle(bundle_dir)
+        chosen: dict[str, Any] = {"provider": provider, "precision": precision}
+        if threads is not None:  # else RMSERVE_THREADS or the CPUs this process may use, as the server does
+            chosen["threads"] = threads
+        settings = Settings(**chosen)
+        self.engine, selection = create_engine(self.bundle, settings)
+        self.formatter = Formatter(self.bundle)
+        self.batch_tokens = batch_tokens or default_batch_tokens(self.engine.info.provider)
+        self.batch_size = batch_size
+        self.items_sent = 0
+        m = self.bundle.manifest
+        self.model = {
+            "name": m.name,
+            "version": m.version,
+            "source": str(self.bundle.path),
+            "mode": "in-process",
+            "provider": self.engine.info.provider,
+            "precision": self.engine.info.precision,
+            "threads": self.engine.info.threads,
+            "selection": selection.get("reason"),
+        }
+
+    def score(self, items: list[Item]) -> list[float]:
+        from service.engines.base import pad_batch
+        from service.errors import InvalidItem
+
+        try:
+            encoded = self.formatter.encode(items)
+        except InvalidItem as exc:
+            raise RejectedItem(exc.reason) from None
+        except ValueError as exc:
+            raise RejectedItem(str(exc)) from None
+        pad_id = self.formatter.settings.pad_token_id
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        scores = [0.0] * len(encoded)
+        start = 0
+        while start < len(order):
+            end = start + 1  # batch rows are sorted by length, so the last one sets the padded width
+            while (
+                end < len(order)
+                and end - start < self.batch_size
+                and (end - start + 1) * len(encoded[order[end]]) <= self.batch_tokens
+            ):
+                end += 1
+            idx = order[start:end]
+            types = [encoded[i].type_ids for i in idx] if self.formatter.uses_type_ids else None
+            batch = pad_batch([encoded[i].ids for i in idx], pad_id, types)
+            out = self.engine.infer(batch)
+            self.items_sent += len(idx)
+            for i, s in zip(idx, out.tolist(), strict=True):
+                scores[i] = float(s)
+            start = end
+        return scores
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class RemoteScorer:
+    """Through a running rmserve: the client chunks each call and runs ``concurrency`` requests at once."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        api_key: str | None = None,
+        model: str | None = None,
+        batch_size: int = 64,
+        concurrency: int = 4,
+    ) -> None:
+        from service.client import RewardClient
+
+        self.client = RewardClient(
+            url, api_key=api_key, model=model, chunk_size=batch_size, max_concurrency=concurrency
+        )
+        if self.client.health().status == "unreachable":  # fail fast; a starting server gets a minute
+            self.client.close()
+            raise EvalError(f"no rmserve answers at {url}")
+        self.client.wait_until_ready(timeout_s=60.0)
+        served = self.client.models()
+        chosen = _served_model(served, model)
+        manifest = chosen.get("manifest", {})
+        self.items_sent = 0
+        self.model = {
+            "name": chosen.get("name"),
+            "version": chosen.get("version"),
+            "source": url,
+            "mode": "server",
+            "provider": chosen.get("provider"),
+            "precision": chosen.get("precision"),
+            "bundle_name": manifest.get("name"),
+            "concurrency": concurrency,
+        }
+
+    def score(self, items: list[Item]) -> list[float]:
+        from service.client import BadRequestError, RequestTooLargeError
+
+        try:
+            result = self.client.score_result(items)
+        except RequestTooLargeError:
+            raise
+        except BadRequestError as exc:
+            if exc.status in (400, 422):
+                raise RejectedItem(exc.message) from None
+            raise
+        finally:
+            self.items_sent += len(items)
+        versions = set(result.model_versions)
+        if versions - {self.model["version"]}:
+            raise EvalError(
+                f"the server now serves model version {sorted(versions)}, not "
+                f"{self.model['version']}: scores of two models would mix; rerun with a new --out"
+            )
+        return result.scores
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _served_model(served: list[dict[str, Any]], name: str | None) -> dict[str, Any]:
+    if not served:
+        raise EvalError("the server lists no models at /v1/models")
+    by_name = {m.get("name"): m for m in served}
+    if name is not None:
+        if name not in by_name:
+            raise EvalError(f"the server does not serve {name!r}; it serves {', '.join(map(str, by_name))}")
+        return by_name[name]
+    if "default" in by_name:
+        return by_name["default"]
+    if len(served) == 1:
+        return served[0]
+    raise EvalError(
+        f"the server serves several models ({', '.join(map(str, by_name))}); choose one with --model"
+    )
+
+
+def _where(row: EvalRow) -> dict[str, Any]:
+    return {"key": row.key, "file": row.file, "line": row.line, "kind": row.kind, "subset": row.subset}
+
+
+def _record(row: EvalRow, scores: list[float]) -> dict[str, Any]:
+    record = {**_where(row), "n_chosen": row.n_chosen, "scores": scores}
+    if row.row_id is not None:
+        record["id"] = row.row_id
+    return record
+
+
+def score_chunk(scorer: Scorer, chunk: list[EvalRow]) -> list[dict[str, Any]]:
+    """Records for a chunk of rows; a row the model side refuses gets an ``error`` record."""
+    items = [item for row in chunk for item in row.items]
+    try:
+        flat = scorer.score(items)
+    except RejectedItem:
+        records = []
+        for row in chunk:  # find the row(s) at fault; the others are scored as usual
+            try:
+                records.append(_record(row, scorer.score(list(row.items))))
+            except RejectedItem as exc:
+                records.append({**_where(row), "error": str(exc)})
+        return records
+    records, at = [], 0
+    for row in chunk:
+        records.append(_record(row, flat[at : at + len(row.items)]))
+        at += len(row.items)
+    return records

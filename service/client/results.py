@@ -1,0 +1,54 @@
+"""What the client's calls return: frozen records, chunk answers merged into one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Usage:
+    items: int = 0
+    tokens: int = 0
+    cache_hits: int = 0
+    truncated: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.items + other.items,
+            self.tokens + other.tokens,
+            self.cache_hits + other.cache_hits,
+            self.truncated + other.truncated,
+        )
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Scores in request order, summed usage, and every model version that answered (one, normally)."""
+
+    scores: list[float]
+    model: str | None
+    model_versions: tuple[str, ...]
+    usage: Usage
+    requests: int
+
+    @property
+    def model_version(self) -> str | None:
+        return self.model_versions[0] if len(self.model_versions) == 1 else None
+
+
+@dataclass(frozen=True)
+class RewardResult:
+    """/get_reward's answer: rewards (what a trainer optimizes), scores, and per-item extra logs."""
+
+    rewards: list[float]
+    scores: list[float]
+    extra_logs: dict[str, list[float]]
+
+
+@dataclass(frozen=True)
+class Health:
+    live: bool
+    ready: bool
+    status: str
+    detail: dict[str, Any] = field(default_factory=dict)
