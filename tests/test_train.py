@@ -1,0 +1,114 @@
+"""rmserve train: a real Trainer run on a tiny checkpoint, and the shipped default bundle's accuracy."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.data import data_digest, load_pairs
+from models.evaluate_pairs import pairwise_accuracy, score_bundle
+from models.train import TrainConfig, bradley_terry_loss, main, train
+from service.bundle import CALIBRATION_FILE, default_bundle_path, load_bundle
+from tests.support.tiny import tiny_checkpoint
+
+GOOD = ["The assistant explains the recipe for bread.", "Our team recommends a safe way to travel at night.",
+        "The teacher describes why the sky is blue!", "This answer summarizes the history of Rome, briefly."]
+BAD = ["I don't know, sorry.", "He ignores the rules of chess; carefully.", "She refuses a poem about rain.",
+       "That is harmful and I won't help."]
+QUESTIONS = ["Can you help me?", "how to fix a bicycle tyre?", "what 12 + 30 equals.", "a poem about rain."]
+
+
+def tiny_pairs(path: Path, n: int = 64) -> Path:
+    """n learnable pairs (a helpful reply over an unhelpful one), in all three row shapes."""
+    rows = []
+    for i in range(n):
+        q, good, bad = QUESTIONS[i % 4], GOOD[(i // 4) % 4], BAD[(i // 16) % 4]
+        if i % 3 == 0:
+            rows.append({"chosen": f"\n\nHuman: {q}\n\nAssistant: {good}",
+                         "rejected": f"\n\nHuman: {q}\n\nAssistant: {bad}", "subset": "hh"})
+        elif i % 3 == 1:
+            rows.append({"prompt": q, "chosen": good, "rejected": bad, "subset": "explicit"})
+        else:
+            rows.append({"prompt": [{"role": "user", "content": q}], "subset": "conversational",
+                         "chosen": [{"role": "assistant", "content": good}],
+                         "rejected": [{"role": "assistant", "content": bad}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_loss_is_bradley_terry_with_margin_and_centering() -> None:
+    r_c, r_r = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0])
+    plain = bradley_terry_loss(r_c, r_r, torch.zeros(2))
+    assert plain.item() == pytest.approx((math.log1p(math.exp(-1.0)) + math.log(2.0)) / 2)
+    with_margin = bradley_terry_loss(r_c, r_r, torch.tensor([1.0, 0.0]))
+    assert with_margin.item() == pytest.approx(math.log(2.0))
+    centred = bradley_terry_loss(r_c, r_r, torch.zeros(2), center_coef=0.1)
+    assert centred.item() == pytest.approx(plain.item() + 0.1 * (9.0 + 0.0) / 2)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_tiny_model_trains_end_to_end_into_a_bundle(
+    arch: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tiny_pairs(tmp_path / "pairs.jsonl")
+    base = tiny_checkpoint(arch, tmp_path / "base", seed=0)
+    bundle_dir = tmp_path / "bundle"
+    argv = ["--train", str(data), "--dev", str(data), "--base-model", str(base),
+            "--output-dir", str(tmp_path / "run"), "--bundle-dir", str(bundle_dir), "--name", "tiny",
+            "--max-length", "64", "--epochs", "8", "--lr", "2e-3", "--batch-size", "8",
+            "--warmup-ratio", "0", "--seed", "0", "--calibration-pairs", "8"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out  # the Trainer prints its logs first; the summary is last
+    summary = json.loads(out[out.rindex('{\n  "checkpoint"'):])
+    assert summary["bundle"] == str(bundle_dir)
+
+    bundle = load_bundle(bundle_dir)  # the digest verifies
+    training = bundle.manifest.training
+    assert training is not None
+    assert bundle.manifest.format.pooling == ("mean" if arch == "bert" else "last_token")
+    assert training["recipe"]["learning_rate"] == 2e-3 and training["seed"] == 0
+    assert training["data"]["train"] == [{"path": str(data), "digest": data_digest(data)}]
+    assert len(training["epochs"]) == 8
+
+    # It ranks its own training pairs right, measured on the exported ONNX bundle.
+    pairs = load_pairs(data)
+    measured = pairwise_accuracy(score_bundle(bundle_dir, pairs), pairs)
+    assert measured["accuracy"] > 0.9
+    assert training["metrics"]["dev"]["accuracy"] == measured["accuracy"]
+    assert (bundle_dir / CALIBRATION_FILE).read_text().count("\n") == 8
+
+
+def test_loss_falls_and_training_is_reproducible(tmp_path: Path) -> None:
+    data = tiny_pairs(tmp_path / "pairs.jsonl")
+    base = tiny_checkpoint("bert", tmp_path / "base", seed=1)
+
+    def run(name: str) -> list[float]:
+        cfg = TrainConfig(train=(str(data),), base_model=str(base), output_dir=str(tmp_path / name),
+                          max_length=64, epochs=4, learning_rate=2e-3, batch_size=8, warmup_ratio=0.0,
+                          seed=3, bf16=True)
+        result = train(cfg)
+        return [h["loss"] for h in result.history if "loss" in h]
+
+    first, second = run("a"), run("b")
+    assert first == second  # same seed, same data order, same weights
+    assert first[-1] < first[0]
+
+
+def test_shipped_default_bundle_states_its_hh_dev_accuracy(shared_data: Path) -> None:
+    bundle = load_bundle(default_bundle_path())  # raises if the digest does not verify
+    training = bundle.manifest.training
+    assert training is not None, "the default bundle must record how it was trained"
+    stated = training["metrics"]["dev"]
+    dev = shared_data / "hh-rlhf" / "dev.jsonl.gz"
+    assert stated["data"] == [{"path": stated["data"][0]["path"], "digest": data_digest(dev)}]
+
+    pairs = load_pairs(dev)
+    measured = pairwise_accuracy(score_bundle(bundle.path, pairs), pairs)
+    assert measured["pairs"] == stated["pairs"] == 1107
+    assert round(measured["accuracy"], 3) == round(stated["accuracy"], 3)
+    card = (bundle.path / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert f"{stated['accuracy']:.3f}" in card
