@@ -63,6 +63,9 @@ class TrainConfig:
     max_train_pairs: int | None = None
     eval_batch_size: int = 64
     calibration_pairs: int = 64
+    # "dev": pairs of the dev data; "builtin": the exporter's own sentences (for a bundle that is
+    # published where the dev data may not be copied, like the shipped default model).
+    calibration: str = "dev"
     optimize: bool = False
     evals: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
@@ -446,9 +449,10 @@ def export(cfg: TrainConfig, checkpoint: Path, pairs: list[PreferencePair], reci
     assert cfg.bundle_dir is not None
     # Calibration for the reduced-precision quality gate: real (prompt, response) items of the
     # dev data, chosen and rejected alike, formatted the way the server reads them.
-    calibration = [{"prompt": p.prompt_text, "response": r} for p in pairs for r in (p.chosen, p.rejected)]
+    dev = [{"prompt": p.prompt_text, "response": r} for p in pairs for r in (p.chosen, p.rejected)]
+    calibration = "builtin" if cfg.calibration == "builtin" else dev[: cfg.calibration_pairs]
     export_bundle(checkpoint, Path(cfg.bundle_dir), name=cfg.name, max_length=cfg.max_length,
-                  calibration_pairs=calibration[: cfg.calibration_pairs], training=recipe,
+                  calibration_pairs=calibration, training=recipe,
                   optimize=cfg.optimize, base_model=base_model_name(cfg.base_model), overwrite=True)
     return Path(cfg.bundle_dir)
 
@@ -548,6 +552,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-train-pairs", type=int, default=None, help="train on a seeded random subset (pilots)")
     a("--eval-batch-size", type=int, default=d.eval_batch_size)
     a("--calibration-pairs", type=int, default=d.calibration_pairs, help="dev pairs stored in the bundle")
+    a("--calibration", choices=("dev", "builtin"), default=d.calibration,
+      help="calibration pairs for the quality gate: from the dev data, or the exporter's own sentences")
     a("--optimize", action="store_true", help="export with ONNX Runtime transformer fusions")
 
 
