@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from service.config import add_settings_arguments, settings_from_args
@@ -30,6 +31,12 @@ def _serve(args: argparse.Namespace) -> int:
         def handle_exit(self, sig: int, frame: object) -> None:
             state.begin_drain()
             super().handle_exit(sig, frame)  # type: ignore[arg-type]
+            if sig == signal.SIGTERM:
+                # uvicorn re-raises the signal after its graceful shutdown, so the process would die
+                # by SIGTERM; a completed drain is a clean exit (status 0) for Kubernetes and systemd.
+                captured = getattr(self, "_captured_signals", None)
+                if isinstance(captured, list) and sig in captured:
+                    captured.remove(sig)
 
     def fatal(reason: str) -> None:
         print(f"rmserve: start-up failed: {reason}", file=sys.stderr)

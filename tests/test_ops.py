@@ -12,11 +12,30 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
+from service.bundle import load_bundle
+from service.engines.base import pad_batch
+from service.engines.onnxruntime import OnnxRuntimeEngine
+from service.formatting import Formatter, PairItem
 from tests.deploy.dashboard import dashboard_metric_names, dashboard_series_names
 from tests.support.server import serve
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _engine_scores(bundle_dir: Path, requests: list[list[dict[str, str]]]) -> list[list[float]]:
+    """Each request's scores from a direct fp32 engine call (an item's score does not depend on its batch)."""
+    bundle = load_bundle(bundle_dir)
+    engine = OnnxRuntimeEngine(bundle.model_path, threads=1)
+    formatter = Formatter(bundle)
+    out = []
+    for items in requests:
+        encoded = formatter.encode([PairItem(i["prompt"], i["response"]) for i in items])
+        batch = pad_batch([e.ids for e in encoded], bundle.manifest.format.pad_token_id)
+        out.append([float(x) for x in engine.infer(batch)])
+    engine.close()
+    return out
 
 
 def test_sigterm_drains_accepted_work_and_exits_within_the_grace(
@@ -29,16 +48,21 @@ def test_sigterm_drains_accepted_work_and_exits_within_the_grace(
         "RMSERVE_MAX_BATCH_TOKENS": "256",
         "RMSERVE_DRAIN_GRACE_S": "30",
     }
-    items = [{"prompt": f"question {i} " * 20, "response": f"answer {i} " * 20} for i in range(8)]
+    # Distinct items in every request: identical ones would be scored once for all (single-flight).
+    requests = [
+        [{"prompt": f"question {r} {i} " * 20, "response": f"answer {r} {i} " * 20} for i in range(8)]
+        for r in range(24)
+    ]
+    expected = _engine_scores(tiny_bundles["llama"], requests)
     with serve(env, tmp_path) as server:
-        expected = httpx.post(server.url + "/v1/score", json={"items": items}, timeout=60).json()["scores"]
 
         async def load_then_sigterm() -> tuple[list[httpx.Response], float]:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-                sent = [
-                    asyncio.create_task(client.post("/v1/score", json={"items": items})) for _ in range(24)
-                ]
-                while server.metric("rmserve_queue_depth") < 8:  # accepted and waiting for the model
+                sent = [asyncio.create_task(client.post("/v1/score", json={"items": r})) for r in requests]
+                deadline = time.monotonic() + 30
+                # SIGTERM once work is accepted and waiting for the model.
+                while await asyncio.to_thread(server.metric, "rmserve_queue_depth") < 8:
+                    assert time.monotonic() < deadline, "the requests never queued"
                     await asyncio.sleep(0.01)
                 server.process.send_signal(signal.SIGTERM)
                 signalled = time.monotonic()
@@ -46,14 +70,16 @@ def test_sigterm_drains_accepted_work_and_exits_within_the_grace(
 
         responses, signalled = asyncio.run(load_then_sigterm())
         # Every accepted request finished with its right scores: nothing accepted was lost.
-        assert [r.status_code for r in responses] == [200] * 24
-        assert all(r.json()["scores"] == expected for r in responses)
+        assert [r.status_code for r in responses] == [200] * len(requests)
+        for resp, want in zip(responses, expected, strict=True):
+            np.testing.assert_allclose(resp.json()["scores"], want, rtol=1e-5, atol=1e-5)
         # New work is refused once draining: the listener is closed (or, on a kept connection, 503).
         try:
-            late = httpx.post(server.url + "/v1/score", json={"items": items[:1]}, timeout=5).status_code
+            late = httpx.post(server.url + "/v1/score", json={"items": requests[0][:1]}, timeout=5)
+            late_status: int | None = late.status_code
         except httpx.TransportError:
-            late = None
-        assert late in (None, 503)
+            late_status = None
+        assert late_status in (None, 503)
         assert server.process.wait(timeout=35) == 0
         assert time.monotonic() - signalled < 30
 
