@@ -85,7 +85,10 @@ def replicas(
     bundle: Path, next_bundle: Path, redis_url: str, prefix: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     """Two replicas sharing one Redis; the second also serves the next bundle version as "next"."""
-    common = {"RMSERVE_REDIS_URL": redis_url, "RMSERVE_CACHE_PREFIX": prefix}
+    # The backend and precision are part of the key, and `auto` measures them per process: on a busy
+    # machine two replicas could pick differently and rightly share nothing. Pin them.
+    common = {"RMSERVE_REDIS_URL": redis_url, "RMSERVE_CACHE_PREFIX": prefix,
+              "RMSERVE_PROVIDER": "cpu", "RMSERVE_PRECISION": "fp32"}
     with ExitStack() as stack:
         first, second = _start_all(
             stack,
