@@ -1,11 +1,13 @@
 """Cross-request dynamic batching: admission, one bounded queue, token-budget batches, deadlines.
 
-Requests put tokenized items in one queue per model. A single loop takes everything waiting (a
-window), sorts it by length, cuts it into batches whose padded size fits the token budget, and
-runs them one at a time on the engine's own thread, off the event loop. Items arriving meanwhile
-form the next window, so under load batches fill by themselves; ``max_wait_ms`` can add a short
-wait to fill them further. Every accepted item's future is resolved: with its score, or with the
-error that stopped it (deadline passed, inference failed, shutting down).
+Requests put tokenized items in one queue per model. Whenever one of the engine's streams is free
+the loop plans the waiting items: sorted by length, cut into the batches that cost least (padded
+tokens plus a fixed price per forward pass, each within the token budget), and the batch that holds
+the oldest item runs on the engine's worker threads, off the event loop. The rest wait and are
+planned again with whatever arrives meanwhile, so under load batches group items of like length
+by themselves; ``max_wait_ms`` can add a short wait to fill them further. Every accepted item's
+future is resolved: with its score, or with the error that stopped it (deadline passed, inference
+failed, shutting down).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -28,6 +30,49 @@ log = logging.getLogger("rmserve.batching")
 
 # After this many failed forward passes in a row the engine is presumed broken and rebuilt.
 CRASH_AFTER_FAILURES = 3
+
+# Up to this many waiting items are planned exactly; a longer queue is cut greedily by the budget
+# (its sorted lengths lie so close together that the greedy cut pads almost nothing).
+PLAN_EXACT_ITEMS = 64
+
+
+def plan_batches(lengths: Sequence[int], budget: int, overhead: int) -> list[int]:
+    """The cheapest way to cut ascending ``lengths`` into consecutive batches; returns their ends.
+
+    A batch of ``rows`` items whose longest has ``width`` tokens costs ``overhead + rows * width``:
+    the padded tokens it computes plus the fixed price of one forward pass, in tokens. No batch's
+    padded size exceeds ``budget`` (an item longer than the budget runs alone).
+    """
+    n = len(lengths)
+    cost = [0.0] + [math.inf] * n
+    start = [0] * (n + 1)
+    for end in range(1, n + 1):
+        width = lengths[end - 1]
+        max_rows = max(1, budget // max(width, 1))
+        for first in range(end - 1, max(0, end - max_rows) - 1, -1):
+            c = cost[first] + overhead + (end - first) * width
+            if c < cost[end]:
+                cost[end], start[end] = c, first
+    ends: list[int] = []
+    end = n
+    while end > 0:
+        ends.append(end)
+        end = start[end]
+    return ends[::-1]
+
+
+def greedy_batches(lengths: Sequence[int], budget: int) -> list[int]:
+    """Ends of the batches that fill ``budget`` one after another over ascending ``lengths``."""
+    ends: list[int] = []
+    first = 0
+    for i, width in enumerate(lengths):
+        # Ascending, so this item's length is the padded width of the batch it joins.
+        if i > first and (i + 1 - first) * width > budget:
+            ends.append(i)
+            first = i
+    if lengths:
+        ends.append(len(lengths))
+    return ends
 
 
 @dataclass(eq=False)
@@ -45,6 +90,8 @@ class BatchPolicy:
     max_batch_tokens: int
     max_wait_s: float
     max_queue_items: int
+    # The fixed cost of one forward pass, in padded tokens: how much padding is worth one call less.
+    call_overhead_tokens: int = 64
 
 
 class Batcher:
@@ -69,11 +116,13 @@ class Batcher:
         self._pad_id = pad_id
         self._with_type_ids = with_type_ids
         self._metrics = metrics
-        self._pending: deque[Job] = deque()
-        self._window: list[Job] = []  # taken from the queue, not yet resolved
+        self._pending: deque[Job] = deque()  # oldest first
+        self._running: dict[asyncio.Task[None], list[Job]] = {}  # forward passes in flight
         self._queued = 0  # items accepted and not yet taken into a forward pass
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{model}")
+        self._streams = max(1, engine.info.streams)
+        self._executor = ThreadPoolExecutor(max_workers=self._streams, thread_name_prefix=f"engine-{model}")
+        self._restart_needed = False
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._rate = 0.0  # items/s of recent forward passes, for Retry-After
@@ -119,13 +168,15 @@ class Batcher:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def warmup(self, max_length: int) -> None:
-        """One forward pass at the largest shape the batcher will build, before ready turns green."""
+        """A forward pass on every stream at the largest shape the batcher builds, before ready."""
         rows = max(1, self.policy.max_batch_tokens // max_length)
         batch = pad_batch(
             [[self._pad_id] * max_length] * rows, self._pad_id, [None] * rows if self._with_type_ids else None
         )
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self.engine.infer, batch)
+        await asyncio.gather(
+            *(loop.run_in_executor(self._executor, self.engine.infer, batch) for _ in range(self._streams))
+        )
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._supervise(), name=f"batcher-{self.model}")
@@ -176,15 +227,15 @@ class Batcher:
                 log.warning("closing the broken engine for %s failed", self.model)
             break
         self._failures = 0
+        self._restart_needed = False
         self.restarts += 1
         self.healthy = True
         log.info("engine for %s rebuilt (restart %d)", self.model, self.restarts)
 
     def _fail_pending(self, error: Exception) -> None:
-        for job in [*self._window, *self._pending]:
+        for job in [*(j for batch in self._running.values() for j in batch), *self._pending]:
             if not job.future.done():
                 job.future.set_exception(error)
-        self._window = []
         self._pending.clear()
         self._add_queued(-self._queued)
 
@@ -192,19 +243,40 @@ class Batcher:
 
     async def _loop(self) -> None:
         while True:
+            if self._restart_needed:
+                await self._settle()  # the other streams finish (or fail) first
+                await self._restart_engine()
+                continue
             if not self._pending:
                 if self._closing:
+                    await self._settle()
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            if len(self._running) >= self._streams:
+                await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
+                continue
             if self.policy.max_wait_s > 0:
                 await self._fill()
-            self._window = list(self._pending)
-            self._pending.clear()
-            for batch in self._cut(self._window):
-                await self._run(batch)
-            self._window = []
+            batch = self._take()
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._running[task] = batch
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        batch = self._running.pop(task, [])
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log.error("a batch of %s failed outside the engine", self.model, exc_info=error)
+        # A bug in _run must not leave its callers waiting forever.
+        for job in batch:
+            if not job.future.done():
+                job.future.set_exception(InferenceFailed("the batcher failed on this item's batch"))
+
+    async def _settle(self) -> None:
+        while self._running:
+            await asyncio.wait(list(self._running))
 
     async def _fill(self) -> None:
         """Wait until the budget is full or the oldest item has waited max_wait."""
@@ -220,35 +292,39 @@ class Batcher:
             except TimeoutError:
                 return
 
-    def _cut(self, window: list[Job]) -> list[list[Job]]:
-        """Sort by length and cut into batches whose padded size fits the budget."""
-        window.sort(key=lambda j: len(j.encoded))
-        batches: list[list[Job]] = []
-        current: list[Job] = []
-        for job in window:
-            # Sorted ascending, so this job's length is the padded width of the batch.
-            if current and (len(current) + 1) * len(job.encoded) > self.policy.max_batch_tokens:
-                batches.append(current)
-                current = []
-            current.append(job)
-        if current:
-            batches.append(current)
-        return batches
+    def _take(self) -> list[Job]:
+        """Plan the waiting items and take out the batch that holds the oldest."""
+        oldest = self._pending[0]
+        jobs = sorted(self._pending, key=lambda j: len(j.encoded))
+        lengths = [len(j.encoded) for j in jobs]
+        budget = self.policy.max_batch_tokens
+        if len(jobs) <= PLAN_EXACT_ITEMS:
+            ends = plan_batches(lengths, budget, self.policy.call_overhead_tokens)
+        else:
+            ends = greedy_batches(lengths, budget)
+        at = jobs.index(oldest)
+        first = 0
+        for end in ends:
+            if at < end:
+                batch = jobs[first:end]
+                break
+            first = end
+        taken = set(map(id, batch))
+        self._pending = deque(j for j in self._pending if id(j) not in taken)
+        self._add_queued(-len(batch))
+        return batch
 
     async def _run(self, batch: list[Job]) -> None:
         now = time.monotonic()
         live: list[Job] = []
-        try:
-            for job in batch:
-                if job.future.done():  # its caller went away
-                    continue
-                if job.deadline <= now:
-                    job.future.set_exception(DeadlineExceeded("the request's deadline passed before scoring"))
-                    continue
-                self._metrics.queue_wait.observe(now - job.enqueued)
-                live.append(job)
-        finally:
-            self._add_queued(-len(batch))
+        for job in batch:
+            if job.future.done():  # its caller went away
+                continue
+            if job.deadline <= now:
+                job.future.set_exception(DeadlineExceeded("the request's deadline passed before scoring"))
+                continue
+            self._metrics.queue_wait.observe(now - job.enqueued)
+            live.append(job)
         if not live:
             return
         tensors = pad_batch(
@@ -271,13 +347,14 @@ class Batcher:
                     job.future.set_exception(InferenceFailed("inference failed on this item's batch"))
             self._failures += 1
             if isinstance(exc, EngineCrashed) or self._failures >= CRASH_AFTER_FAILURES:
-                await self._restart_engine()
+                self._restart_needed = True
+                self._wakeup.set()
             return
         self._failures = 0
         elapsed = time.perf_counter() - started
         self._metrics.inference_duration.observe(elapsed)
         self._metrics.items_scored.labels(model=self.model).inc(rows)
-        rate = rows / max(elapsed, 1e-6)
+        rate = rows * self._streams / max(elapsed, 1e-6)  # every stream busy under load
         self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
         for job, score in zip(live, scores.tolist(), strict=True):
             if job.future.done():

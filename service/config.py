@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     threads: int | None = Field(
         None, ge=1, description="inference threads (default: the CPUs this process may use)"
     )
+    streams: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="CPU forward passes run side by side, sharing the threads (default: by CPU count)",
+    )
     max_batch_tokens: int | None = Field(
         None, ge=16, description="padded-token budget of one forward pass (default: chosen per backend)"
     )

@@ -12,7 +12,7 @@ from service.bundle import Bundle, load_bundle
 from service.cache.keys import namespace
 from service.config import Settings
 from service.engines.base import Engine
-from service.engines.select import create_engine, default_batch_tokens
+from service.engines.select import call_overhead_tokens, create_engine, default_batch_tokens
 from service.formatting import Formatter
 from service.metrics import Metrics
 from service.scoring import ModelRuntime
@@ -36,6 +36,7 @@ async def load_runtime(
         max_batch_tokens=max(budget, fmt.max_length),  # one item of max_length always fits
         max_wait_s=settings.max_wait_ms / 1000,
         max_queue_items=settings.max_queue_items,
+        call_overhead_tokens=call_overhead_tokens(engine.info.provider),
     )
     batcher = Batcher(
         name,

@@ -55,6 +55,7 @@ class ModelRuntime:
             "provider": info.provider,
             "precision": info.precision,
             "threads": info.threads,
+            "streams": info.streams,
             "engine": info.detail,
             "selection": self.selection,
             "max_batch_tokens": self.batcher.policy.max_batch_tokens,

@@ -88,8 +88,8 @@ def test_a_broken_precision_fails_the_gate_auto_falls_back_explicit_stops(
 ) -> None:
     real_build = select_mod.build
 
-    def build(candidate, bundle, threads):  # type: ignore[no-untyped-def]
-        engine = real_build(candidate, bundle, threads)
+    def build(candidate, bundle, threads, streams=1):  # type: ignore[no-untyped-def]
+        engine = real_build(candidate, bundle, threads, streams)
         return BrokenPrecision(engine) if candidate.precision == "bf16" else engine
 
     monkeypatch.setattr(select_mod, "build", build)
@@ -119,12 +119,12 @@ def test_cpu_limits_size_the_threads(tmp_path: Path, tiny_bundles: dict[str, Pat
     assert _cgroup_cpu_quota(tmp_path) == 1.5
     (tmp_path / "cpu.max").write_text("max 100000\n")
     assert _cgroup_cpu_quota(tmp_path) is None
-    # A process pinned to one core builds one-thread engines, whatever the machine has.
+    # A process pinned to one core builds one-thread, one-stream engines, whatever the machine has.
     code = (
         "from service.engines.base import available_cpus; from service.config import Settings; "
         "from service.bundle import load_bundle; from service.engines.select import create_engine; "
         f"e, s = create_engine(load_bundle({str(tiny_bundles['bert'])!r}), Settings()); "
-        "print(available_cpus(), e.info.threads, s['threads'])"
+        "print(available_cpus(), e.info.threads, s['threads'], e.info.streams, s['streams'])"
     )
     out = subprocess.run(
         ["taskset", "-c", "0", sys.executable, "-c", code],
@@ -133,5 +133,5 @@ def test_cpu_limits_size_the_threads(tmp_path: Path, tiny_bundles: dict[str, Pat
         check=True,
         cwd=Path(__file__).resolve().parents[1],
     ).stdout.split()
-    assert out == ["1", "1", "1"]
+    assert out == ["1", "1", "1", "1", "1"]
     assert available_cpus() >= 1

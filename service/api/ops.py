@@ -76,6 +76,7 @@ async def info(request: Request) -> dict[str, Any]:
                 "provider": rt.engine.info.provider,
                 "precision": rt.engine.info.precision,
                 "threads": rt.engine.info.threads,
+                "streams": rt.engine.info.streams,
                 "selection": rt.selection,
                 "max_batch_tokens": rt.batcher.policy.max_batch_tokens,
             }

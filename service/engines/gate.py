@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from service.bundle import Bundle
-from service.engines.base import Engine, pad_batch
+from service.engines.base import Engine, infer_all, pad_batch
 from service.formatting import Encoded, Formatter, PairItem
 
 MIN_AGREEMENT = 0.99
@@ -64,13 +64,16 @@ def score_items(
 ) -> np.ndarray:
     """Scores in the items' order, computed in length-sorted batches of ``batch``."""
     order = sorted(range(len(items)), key=lambda i: len(items[i]))
-    out = np.empty(len(items), dtype=np.float64)
-    for start in range(0, len(order), batch):
-        idx = order[start : start + batch]
-        tb = pad_batch(
+    groups = [order[start : start + batch] for start in range(0, len(order), batch)]
+    batches = [
+        pad_batch(
             [items[i].ids for i in idx], pad_id, [items[i].type_ids for i in idx] if with_types else None
         )
-        out[idx] = engine.infer(tb)
+        for idx in groups
+    ]
+    out = np.empty(len(items), dtype=np.float64)
+    for idx, scores in zip(groups, infer_all(engine, batches), strict=True):
+        out[idx] = scores
     return out
 
 

@@ -17,13 +17,14 @@ fp16 bundles never use TF32, and they are the fast path on a GPU (docs/gpu.md).
 
 from __future__ import annotations
 
+import queue
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from service.engines.base import EngineError, EngineInfo, TokenBatch
+from service.engines.base import EngineError, EngineInfo, TokenBatch, split_threads
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _OUTPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -50,7 +51,18 @@ def cuda_options(device_id: int, gpu_mem_limit_bytes: int) -> dict[str, str]:
     return options
 
 
+class _Lane:
+    """One session with its IO binding and output buffer: one forward pass at a time."""
+
+    def __init__(self, session: ort.InferenceSession, dtype: Any) -> None:
+        self.session = session
+        self.binding = session.io_binding()
+        self.scores = np.empty(64, dtype=dtype)  # grown on demand; bound as the output buffer
+
+
 class OnnxRuntimeEngine:
+    """``streams`` > 1 (CPU only) loads that many sessions, each with its share of the threads."""
+
     def __init__(
         self,
         model_path: Path,
@@ -60,6 +72,7 @@ class OnnxRuntimeEngine:
         precision: str = "fp32",
         device_id: int = 0,
         gpu_mem_limit_bytes: int = 0,
+        streams: int = 1,
     ) -> None:
         wanted = _PROVIDERS.get(provider)
         if wanted is None:
@@ -70,6 +83,50 @@ class OnnxRuntimeEngine:
                 f"provider {provider!r} needs {wanted}, which this onnxruntime build lacks "
                 f"(it has {', '.join(present)}); install onnxruntime-gpu instead of onnxruntime"
             )
+        providers: list[Any]
+        if provider == "cuda":
+            # One session per device: a second would hold a second copy of the weights and arena.
+            streams = 1
+            providers = [(wanted, cuda_options(device_id, gpu_mem_limit_bytes)), "CPUExecutionProvider"]
+            self._device, self._device_id = "cuda", device_id
+        else:
+            streams = max(1, min(streams, threads))
+            providers = [wanted]
+            self._device, self._device_id = "cpu", 0
+        sessions = [
+            self._session(model_path, lane_threads, providers)
+            for lane_threads in split_threads(threads, streams)
+        ]
+        first = sessions[0]
+        if provider == "cuda" and wanted not in first.get_providers():
+            # onnxruntime-gpu falls back to the CPU silently when CUDA/cuDNN libraries are missing.
+            raise EngineError(
+                "onnxruntime-gpu could not start CUDAExecutionProvider (CUDA 12/13 runtime, cuBLAS or "
+                f"cuDNN libraries missing or not matching the wheel); session providers: "
+                f"{', '.join(first.get_providers())}"
+            )
+        self._inputs = [i.name for i in first.get_inputs()]
+        out = first.get_outputs()[0]
+        self._output = out.name
+        dtype = _OUTPUT_DTYPES.get(out.type)
+        if dtype is None:
+            raise EngineError(f"{model_path}: output {out.name!r} is {out.type}, not a float tensor")
+        self._lanes: queue.SimpleQueue[_Lane] = queue.SimpleQueue()
+        for session in sessions:
+            self._lanes.put(_Lane(session, dtype))
+        detail: dict[str, Any] = {
+            "runtime": f"onnxruntime {ort.__version__}",
+            "providers": first.get_providers(),
+            "io_binding": True,
+        }
+        if provider == "cuda":
+            detail["cuda_options"] = cuda_options(device_id, gpu_mem_limit_bytes)
+        self.info = EngineInfo(
+            provider=provider, precision=precision, threads=threads, streams=streams, detail=detail
+        )
+
+    @staticmethod
+    def _session(model_path: Path, threads: int, providers: list[Any]) -> ort.InferenceSession:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -77,46 +134,23 @@ class OnnxRuntimeEngine:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Spinning threads burn the cores that tokenization and HTTP need between batches.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers: list[Any]
-        if provider == "cuda":
-            providers = [(wanted, cuda_options(device_id, gpu_mem_limit_bytes)), "CPUExecutionProvider"]
-            self._device, self._device_id = "cuda", device_id
-        else:
-            providers = [wanted]
-            self._device, self._device_id = "cpu", 0
         try:
-            self._session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
+            return ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise EngineError(f"onnxruntime could not load {model_path}: {exc}") from exc
-        if provider == "cuda" and wanted not in self._session.get_providers():
-            # onnxruntime-gpu falls back to the CPU silently when CUDA/cuDNN libraries are missing.
-            raise EngineError(
-                "onnxruntime-gpu could not start CUDAExecutionProvider (CUDA 12/13 runtime, cuBLAS or "
-                f"cuDNN libraries missing or not matching the wheel); session providers: "
-                f"{', '.join(self._session.get_providers())}"
-            )
-        self._inputs = [i.name for i in self._session.get_inputs()]
-        out = self._session.get_outputs()[0]
-        self._output = out.name
-        dtype = _OUTPUT_DTYPES.get(out.type)
-        if dtype is None:
-            raise EngineError(f"{model_path}: output {out.name!r} is {out.type}, not a float tensor")
-        self._scores = np.empty(64, dtype=dtype)  # grown on demand; bound as the output buffer
-        self._binding = self._session.io_binding()
-        detail: dict[str, Any] = {
-            "runtime": f"onnxruntime {ort.__version__}",
-            "providers": self._session.get_providers(),
-            "io_binding": True,
-        }
-        if provider == "cuda":
-            detail["cuda_options"] = cuda_options(device_id, gpu_mem_limit_bytes)
-        self.info = EngineInfo(provider=provider, precision=precision, threads=threads, detail=detail)
 
     def infer(self, batch: TokenBatch) -> np.ndarray:
+        lane = self._lanes.get()
+        try:
+            return self._run(lane, batch)
+        finally:
+            self._lanes.put(lane)
+
+    def _run(self, lane: _Lane, batch: TokenBatch) -> np.ndarray:
         rows = batch.shape[0]
-        if self._scores.shape[0] < rows:
-            self._scores = np.empty(max(rows, 2 * self._scores.shape[0]), dtype=self._scores.dtype)
-        binding = self._binding
+        if lane.scores.shape[0] < rows:
+            lane.scores = np.empty(max(rows, 2 * lane.scores.shape[0]), dtype=lane.scores.dtype)
+        binding = lane.binding
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
         on_device = []  # the device copies must outlive the run
@@ -128,12 +162,11 @@ class OnnxRuntimeEngine:
                 value = ort.OrtValue.ortvalue_from_numpy(array, "cuda", self._device_id)
                 binding.bind_ortvalue_input(name, value)
                 on_device.append(value)
-        out = self._scores[:rows]
+        out = lane.scores[:rows]
         binding.bind_output(self._output, "cpu", 0, out.dtype, [rows], out.ctypes.data)
-        self._session.run_with_iobinding(binding)
+        lane.session.run_with_iobinding(binding)
         return out.astype(np.float32, copy=True)
 
     def close(self) -> None:
         # Idempotent: the batcher and its owner may both close the engine.
-        self.__dict__.pop("_binding", None)
-        self.__dict__.pop("_session", None)
+        self.__dict__.pop("_lanes", None)
