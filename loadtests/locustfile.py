@@ -18,10 +18,11 @@ import random
 
 from locust import HttpUser, between, task
 
-_WORDS = (
-    "the model answer question helpful careful explain reason step result because however "
-    "sorry cannot help please thanks example code water bread travel music science history"
-).split()
+_WORDS = [
+    *("the", "model", "answer", "question", "helpful", "careful", "explain", "reason", "step"),
+    *("result", "because", "however", "sorry", "cannot", "help", "please", "thanks", "example"),
+    *("code", "water", "bread", "travel", "music", "science", "history"),
+]
 
 
 def _sentence(rng: random.Random, n: int) -> str:
