@@ -12,6 +12,7 @@ loadtests/README.md). Threads are the CPUs the process may use, never one per no
 from __future__ import annotations
 
 import queue
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,7 @@ class OpenVinoEngine:
             raise EngineError(f"openvino could not compile {model_path}: {exc}") from exc
         self._inputs = [p.get_any_name() for p in self._compiled.inputs]
         # One infer request per stream, handed to whichever worker thread runs a batch next.
+        self._api = threading.Lock()
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(streams):
             self._requests.put(self._compiled.create_infer_request())
@@ -89,12 +91,18 @@ class OpenVinoEngine:
         )
 
     def infer(self, batch: TokenBatch) -> np.ndarray:
-        # infer() releases the GIL, so the event loop and the tokenizer prepare the next batch
-        # (and other streams run theirs) while this one runs.
         request = self._requests.get()
         try:
-            result = request.infer(batch.feeds(self._inputs), share_inputs=True)
-            return np.array(result[0], dtype=np.float32).reshape(-1)
+            # Python threads touching OpenVINO's API at once can deadlock on the GIL (two
+            # streams' first sync infer() calls hung a server start in about one of ten tries), so
+            # one thread at a time sets inputs and starts a request, and reads its output; the
+            # forward passes themselves run side by side on OpenVINO's own stream threads, and
+            # wait() releases the GIL for the event loop and the tokenizer meanwhile.
+            with self._api:
+                request.start_async(batch.feeds(self._inputs), share_inputs=True)
+            request.wait()
+            with self._api:
+                return np.array(request.get_output_tensor(0).data, dtype=np.float32).reshape(-1)
         finally:
             self._requests.put(request)
 
