@@ -19,9 +19,10 @@ from service.formatting import Formatter
 
 log = logging.getLogger("rmserve.engines")
 
-# Padded tokens per forward pass. On a CPU, attention and padding grow faster than the gain from
-# bigger GEMMs, so small batches win (see loadtests/README.md); a GPU wants large ones.
-DEFAULT_BATCH_TOKENS = {"cpu": 2048, "openvino": 2048, "cuda": 65536}
+# Padded tokens per forward pass, measured per backend on the 2-vCPU development machine with two
+# streams (loadtests/README.md): ONNX Runtime is fastest at batches of 1 to 4 HH pairs and loses 15%
+# at 2,048 tokens; OpenVINO is flat from 1,024 to 2,048. A GPU wants large batches.
+DEFAULT_BATCH_TOKENS = {"cpu": 512, "openvino": 2048, "cuda": 65536}
 
 # The fixed cost of one forward pass in padded tokens, which the batcher weighs against padding.
 # On the 2-vCPU development machine (MiniLM-L6) a call costs about 4 ms and a token about 70 us;
