@@ -2,8 +2,12 @@
 
 The loop is the transformers ``Trainer`` with a pairwise loss: each batch holds B chosen and B
 rejected sequences, the model (``models.heads.ScoreModel``, the very function the exporter traces)
-scores all 2B rows, and the loss is ``-logsigmoid(r_chosen - r_rejected - margin)`` plus an
-optional reward-centering term ``coef * (r_chosen + r_rejected)^2``. Token ids come from the
+scores all 2B rows, and the loss is ``-logsigmoid(r_chosen - r_rejected - margin)`` (optionally
+label-smoothed) plus an optional reward-centering term ``coef * (r_chosen + r_rejected)^2``.
+``--soup N`` trains N members from the same initial weights, each with its own data order and
+dropout seed, and ships the uniform average of their weights (a "model soup"): one model, the cost
+of one at inference, and less of the seed-to-seed spread that a few thousand pairs leave. ``--export-only``
+exports a checkpoint trained earlier (on a GPU machine, say) with its recorded recipe. Token ids come from the
 server's own ``Formatter``, so training truncates exactly as serving does (the prompt loses its
 oldest tokens first, the response is kept). Batches are grouped by length and padded per batch.
 """
@@ -18,7 +22,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,7 @@ from transformers import Trainer, TrainingArguments
 
 from models.data import PreferencePair, data_digest, load_many
 from models.evaluate_pairs import encode_pairs, pairwise_accuracy, score_bundle
-from models.heads import ModelMeta, ScoreModel, kind_of, uses_token_type_ids
+from models.heads import ModelMeta, ScoreModel, kind_of, load_score_model, uses_token_type_ids
 from service.bundle import Bundle, Manifest, read_manifest
 from service.formatting import Formatter, load_tokenizer
 
@@ -55,10 +59,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     dropout: float | None = 0.0
     center_coef: float = 0.0
+    label_smoothing: float = 0.0
     head_lr_mult: float = 1.0
     freeze_embeddings: bool = False
     freeze_layers: int = 0
     seed: int = 42
+    soup: int = 1
     bf16: bool = False
     max_train_pairs: int | None = None
     eval_batch_size: int = 64
@@ -67,6 +73,7 @@ class TrainConfig:
     # published where the dev data may not be copied, like the shipped default model).
     calibration: str = "dev"
     optimize: bool = False
+    export_only: bool = False
     evals: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
 
@@ -227,9 +234,17 @@ class PairCollator:
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor,
-                       center_coef: float = 0.0) -> torch.Tensor:
-    """Mean of -log sigmoid(r_c - r_r - margin), plus coef * (r_c + r_r)^2 to keep rewards centred."""
-    loss = -F.logsigmoid(r_chosen - r_rejected - margin).mean()
+                       center_coef: float = 0.0, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean of -log sigmoid(r_c - r_r - margin), plus coef * (r_c + r_r)^2 to keep rewards centred.
+
+    With label smoothing eps the target is "chosen wins with probability 1 - eps": the loss is
+    -(1 - eps) log sigmoid(d) - eps log sigmoid(-d), which stops pushing a pair apart once
+    sigmoid(d) reaches 1 - eps (crowdworkers disagree on a good share of HH pairs).
+    """
+    delta = r_chosen - r_rejected - margin
+    loss = -F.logsigmoid(delta).mean()
+    if label_smoothing:
+        loss = (1.0 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-delta).mean()
     if center_coef:
         loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
     return loss
@@ -239,10 +254,11 @@ class PairwiseTrainer(Trainer):
     """The transformers Trainer with the Bradley-Terry loss over (chosen, rejected) batches."""
 
     def __init__(self, *args: Any, center_coef: float = 0.0, head_lr_mult: float = 1.0,
-                 **kwargs: Any) -> None:
+                 label_smoothing: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.center_coef = center_coef
         self.head_lr_mult = head_lr_mult
+        self.label_smoothing = label_smoothing
 
     def create_optimizer(self, model: Any = None) -> Any:
         optimizer = super().create_optimizer() if model is None else super().create_optimizer(model)
@@ -277,7 +293,7 @@ class PairwiseTrainer(Trainer):
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
                      return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
         r_c, r_r = self._rewards(model, inputs)
-        loss = bradley_terry_loss(r_c, r_r, inputs["margin"], self.center_coef)
+        loss = bradley_terry_loss(r_c, r_r, inputs["margin"], self.center_coef, self.label_smoothing)
         return (loss, torch.stack([r_c, r_r], dim=1)) if return_outputs else loss
 
     def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
@@ -294,11 +310,11 @@ def _accuracy_metric(prediction: Any) -> dict[str, float]:
     return {"pairwise_accuracy": float(np.mean(rewards[:, 0] > rewards[:, 1]))}
 
 
-def _training_arguments(cfg: TrainConfig, has_dev: bool, n_train: int) -> TrainingArguments:
+def _training_arguments(cfg: TrainConfig, has_dev: bool, n_train: int, member: int = 0) -> TrainingArguments:
     steps = math.ceil(math.ceil(n_train / cfg.batch_size) / cfg.grad_accum) * cfg.epochs
     on_cpu = not torch.cuda.is_available()
     kwargs: dict[str, Any] = dict(
-        output_dir=str(Path(cfg.output_dir) / "trainer"),
+        output_dir=str(Path(cfg.output_dir) / ("trainer" if cfg.soup == 1 else f"trainer-{member}")),
         num_train_epochs=cfg.epochs,
         learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.batch_size,
@@ -307,8 +323,10 @@ def _training_arguments(cfg: TrainConfig, has_dev: bool, n_train: int) -> Traini
         warmup_steps=int(cfg.warmup_ratio * steps),  # an int: releases differ on ratios
         lr_scheduler_type=cfg.scheduler,
         weight_decay=cfg.weight_decay,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
+        # Soup members share the initial weights (init_model seeds with cfg.seed) and differ in
+        # data order and dropout; member 0 is exactly the single run.
+        seed=cfg.seed + member,
+        data_seed=cfg.seed + member,
         bf16=cfg.bf16,
         use_cpu=on_cpu,
         eval_strategy="epoch" if has_dev else "no",
@@ -332,10 +350,24 @@ class TrainResult:
     wall_s: float
 
 
+@dataclass
+class Member:
+    """One trained member of a soup (the single run is a soup of one)."""
+
+    seed: int
+    history: list[dict[str, Any]]
+    loss: float
+    dev_accuracy: float | None
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Train, save the checkpoint, export the bundle and record recipe + metrics in its manifest."""
     started = time.time()
     cfg = cfg if cfg.base_model else TrainConfig(**{**asdict(cfg), "base_model": default_base_model()})
+    if cfg.soup < 1:
+        raise ValueError(f"--soup takes a number of members >= 1, not {cfg.soup}")
+    if cfg.export_only:
+        return export_trained(cfg, started)
     train_pairs = load_many(cfg.train)
     if cfg.max_train_pairs is not None:
         rng = np.random.default_rng(cfg.seed)
@@ -347,32 +379,99 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     model = init_model(cfg)
     formatter = training_formatter(cfg.base_model, model, cfg.max_length)
-    use_types = formatter.uses_type_ids
     train_ds = PairDataset(formatter, train_pairs)
     dev_ds = PairDataset(formatter, dev_pairs, by_length=True) if dev_pairs else None
-    trainer = PairwiseTrainer(
-        model=model,
-        args=_training_arguments(cfg, dev_ds is not None, len(train_ds)),
-        train_dataset=train_ds,
-        eval_dataset=dev_ds,
-        data_collator=PairCollator(formatter.settings.pad_token_id, use_types),
-        compute_metrics=_accuracy_metric,
-        center_coef=cfg.center_coef,
-        head_lr_mult=cfg.head_lr_mult,
-    )
-    output = trainer.train()
-    history = [dict(h) for h in trainer.state.log_history]
+    members: list[Member] = []
+    states: list[dict[str, torch.Tensor]] = []
+    for index in range(cfg.soup):
+        if index:
+            model = init_model(cfg)  # the same initial weights for every member
+        trainer = _trainer(cfg, model, formatter, train_ds, dev_ds, index)
+        output = trainer.train()
+        history = [dict(h) for h in trainer.state.log_history]
+        members.append(Member(cfg.seed + index, history, output.training_loss, _last_dev_accuracy(history)))
+        if cfg.soup > 1:
+            states.append({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+    soup: dict[str, Any] | None = None
+    if cfg.soup > 1:
+        model.load_state_dict(average_weights(states))
+        soup = {"members": cfg.soup, "seeds": [m.seed for m in members],
+                "member_dev_accuracy": [m.dev_accuracy for m in members]}
+        if dev_ds is not None:
+            soup["dev_accuracy"] = trainer.evaluate()["eval_pairwise_accuracy"]
     train_s = time.time() - started
 
     checkpoint = Path(cfg.output_dir) / "checkpoint"
     save_checkpoint(model, cfg.base_model, checkpoint)
-    recipe = training_record(cfg, train_pairs, dev_pairs, train_s, output.training_loss, history)
+    recipe = training_record(cfg, train_pairs, dev_pairs, train_s, members, soup)
     (checkpoint / TRAINING_RECORD).write_text(json.dumps(recipe, indent=2) + "\n")
     bundle = None
     metrics: dict[str, Any] = {}
     if cfg.bundle_dir:
         bundle, metrics = ship(cfg, checkpoint, recipe, formatter, dev_pairs or train_pairs)
+    history = [h for m in members for h in m.history]
     return TrainResult(checkpoint, bundle, history, metrics, time.time() - started)
+
+
+def _trainer(cfg: TrainConfig, model: ScoreModel, formatter: Formatter, train_ds: PairDataset,
+             dev_ds: PairDataset | None, member: int) -> PairwiseTrainer:
+    return PairwiseTrainer(
+        model=model,
+        args=_training_arguments(cfg, dev_ds is not None, len(train_ds), member),
+        train_dataset=train_ds,
+        eval_dataset=dev_ds,
+        data_collator=PairCollator(formatter.settings.pad_token_id, formatter.uses_type_ids),
+        compute_metrics=_accuracy_metric,
+        center_coef=cfg.center_coef,
+        head_lr_mult=cfg.head_lr_mult,
+        label_smoothing=cfg.label_smoothing,
+    )
+
+
+def _last_dev_accuracy(history: list[dict[str, Any]]) -> float | None:
+    values = [h["eval_pairwise_accuracy"] for h in history if "eval_pairwise_accuracy" in h]
+    return values[-1] if values else None
+
+
+def average_weights(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The uniform soup: the mean of each floating-point tensor (in float64, cast back); integer
+    buffers (position ids) must agree across members and are taken as they are."""
+    averaged: dict[str, torch.Tensor] = {}
+    for name, first in states[0].items():
+        if first.is_floating_point():
+            total = torch.zeros(first.shape, dtype=torch.float64)
+            for state in states:
+                total += state[name].to(torch.float64)
+            averaged[name] = (total / len(states)).to(first.dtype)
+        else:
+            if any(not torch.equal(state[name], first) for state in states[1:]):
+                raise ValueError(f"soup members disagree on the integer buffer {name}")
+            averaged[name] = first
+    return averaged
+
+
+def export_trained(cfg: TrainConfig, started: float) -> TrainResult:
+    """Export and measure a checkpoint that ``rmserve train`` wrote earlier (``--output-dir``).
+
+    The recipe comes from the checkpoint's own training record, so a model trained on another
+    machine ships with the record of how it was really made; this run's flags choose only how it
+    is exported (bundle, name, calibration, fusions) and where it is measured.
+    """
+    if not cfg.bundle_dir:
+        raise ValueError("--export-only needs --bundle-dir")
+    checkpoint = Path(cfg.output_dir) / "checkpoint"
+    record_file = checkpoint / TRAINING_RECORD
+    if not record_file.is_file():
+        raise FileNotFoundError(
+            f"{record_file} is missing: --export-only takes a checkpoint written by rmserve train")
+    recipe = json.loads(record_file.read_text())
+    trained = recipe["recipe"]
+    model, _, _ = load_score_model(checkpoint)
+    cfg = replace(cfg, max_length=int(trained["max_length"]), pooling=trained["pooling"])
+    formatter = training_formatter(checkpoint, model, cfg.max_length)
+    pairs = load_many(cfg.dev) or load_many(cfg.train)
+    bundle, metrics = ship(cfg, checkpoint, recipe, formatter, pairs)
+    return TrainResult(checkpoint, bundle, [], metrics, time.time() - started)
 
 
 def ship(cfg: TrainConfig, checkpoint: Path, recipe: dict[str, Any], formatter: Formatter,
@@ -399,7 +498,8 @@ def save_checkpoint(model: ScoreModel, base_model: str, checkpoint: Path) -> Non
 
 
 def training_record(cfg: TrainConfig, train_pairs: list[PreferencePair], dev_pairs: list[PreferencePair],
-                    train_s: float, loss: float, history: list[dict[str, Any]]) -> dict[str, Any]:
+                    train_s: float, members: list[Member],
+                    soup: dict[str, Any] | None = None) -> dict[str, Any]:
     import transformers
 
     hardware: dict[str, Any] = {"machine": platform.machine(), "processor": _cpu_name(),
@@ -407,8 +507,9 @@ def training_record(cfg: TrainConfig, train_pairs: list[PreferencePair], dev_pai
     if torch.cuda.is_available():
         hardware["gpu"] = torch.cuda.get_device_name(0)
     epochs = [{"epoch": h["epoch"], "dev_pairwise_accuracy": h["eval_pairwise_accuracy"],
-               "dev_loss": h.get("eval_loss")} for h in history if "eval_pairwise_accuracy" in h]
-    return {
+               "dev_loss": h.get("eval_loss"), **({"member": i} if len(members) > 1 else {})}
+              for i, m in enumerate(members) for h in m.history if "eval_pairwise_accuracy" in h]
+    record: dict[str, Any] = {
         "objective": "bradley-terry",
         "recipe": {k: v for k, v in asdict(cfg).items() if k not in ("output_dir", "bundle_dir", "evals")},
         "data": {
@@ -419,13 +520,16 @@ def training_record(cfg: TrainConfig, train_pairs: list[PreferencePair], dev_pai
         },
         "seed": cfg.seed,
         "train_wall_s": round(train_s, 1),
-        "final_train_loss": loss,
+        "final_train_loss": float(np.mean([m.loss for m in members])),
         "epochs": epochs,
         "hardware": hardware,
         "software": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "command": shlex.join(["rmserve", "train", *_train_flags()]),
     }
+    if soup is not None:
+        record["soup"] = soup
+    return record
 
 
 def _train_flags() -> list[str]:
@@ -543,11 +647,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--weight-decay", type=float, default=d.weight_decay)
     a("--dropout", type=float, default=d.dropout, help="dropout during training (0 disables it)")
     a("--center-coef", type=float, default=d.center_coef, help="reward-centering coefficient (0: off)")
+    a("--label-smoothing", type=float, default=d.label_smoothing,
+      help="target P(chosen wins) = 1 - eps in the Bradley-Terry loss (0: off)")
     a("--head-lr-mult", type=float, default=d.head_lr_mult, help="learning rate of the fresh head / body's")
     a("--freeze-embeddings", action="store_true", help="keep the token embeddings fixed")
     a("--freeze-layers", type=int, default=d.freeze_layers,
       help="also keep all embeddings and the N lowest layers fixed (faster steps, less overfitting)")
-    a("--seed", type=int, default=d.seed)
+    a("--seed", type=int, default=d.seed,
+      help="initial weights; soup member i also uses seed + i for its data order")
+    a("--soup", type=int, default=d.soup,
+      help="train N members from the same initial weights (data order and dropout seeded seed..seed+N-1) "
+           "and ship the uniform average of their weights")
     a("--bf16", action="store_true", help="bf16 autocast (CPU with AMX, or GPU)")
     a("--max-train-pairs", type=int, default=None, help="train on a seeded random subset (pilots)")
     a("--eval-batch-size", type=int, default=d.eval_batch_size)
@@ -555,6 +665,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--calibration", choices=("dev", "builtin"), default=d.calibration,
       help="calibration pairs for the quality gate: from the dev data, or the exporter's own sentences")
     a("--optimize", action="store_true", help="export with ONNX Runtime transformer fusions")
+    a("--export-only", action="store_true",
+      help="no training: export and measure the checkpoint that an earlier run wrote in --output-dir "
+           "(its recorded recipe goes into the manifest)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -11,7 +11,7 @@ import torch
 
 from models.data import data_digest, load_pairs
 from models.evaluate_pairs import pairwise_accuracy, score_bundle
-from models.train import TrainConfig, bradley_terry_loss, main, train
+from models.train import TRAINING_RECORD, TrainConfig, average_weights, bradley_terry_loss, main, train
 from service.bundle import CALIBRATION_FILE, default_bundle_path, load_bundle
 from tests.support.tiny import tiny_checkpoint
 
@@ -48,6 +48,23 @@ def test_loss_is_bradley_terry_with_margin_and_centering() -> None:
     assert with_margin.item() == pytest.approx(math.log(2.0))
     centred = bradley_terry_loss(r_c, r_r, torch.zeros(2), center_coef=0.1)
     assert centred.item() == pytest.approx(plain.item() + 0.1 * (9.0 + 0.0) / 2)
+    smoothed = bradley_terry_loss(r_c, r_r, torch.zeros(2), label_smoothing=0.1)
+    flipped = (math.log1p(math.exp(1.0)) + math.log(2.0)) / 2  # -log sigmoid(-d), mean over the pairs
+    assert smoothed.item() == pytest.approx(0.9 * plain.item() + 0.1 * flipped)
+    # Smoothing stops pushing once sigmoid(d) = 1 - eps: the loss is smallest there, not at d -> inf.
+    d = torch.linspace(0.0, 8.0, 801)
+    losses = [bradley_terry_loss(x[None], torch.zeros(1), torch.zeros(1), label_smoothing=0.1) for x in d]
+    best = d[torch.argmin(torch.stack(losses))]
+    assert best.item() == pytest.approx(math.log(0.9 / 0.1), abs=0.01)
+
+
+def test_average_weights_is_the_elementwise_mean_and_keeps_integer_buffers() -> None:
+    a = {"w": torch.tensor([1.0, 2.0]), "ids": torch.tensor([0, 1])}
+    b = {"w": torch.tensor([3.0, 6.0]), "ids": torch.tensor([0, 1])}
+    soup = average_weights([a, b])
+    assert torch.equal(soup["w"], torch.tensor([2.0, 4.0])) and torch.equal(soup["ids"], a["ids"])
+    with pytest.raises(ValueError, match="ids"):
+        average_weights([a, {"w": b["w"], "ids": torch.tensor([1, 0])}])
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
@@ -96,6 +113,49 @@ def test_loss_falls_and_training_is_reproducible(tmp_path: Path) -> None:
     first, second = run("a"), run("b")
     assert first == second  # same seed, same data order, same weights
     assert first[-1] < first[0]
+
+
+def test_soup_trains_members_averages_them_and_ships_through_export_only(tmp_path: Path) -> None:
+    data = tiny_pairs(tmp_path / "pairs.jsonl")
+    base = tiny_checkpoint("bert", tmp_path / "base", seed=2)
+    common = dict(train=(str(data),), dev=(str(data),), base_model=str(base), max_length=64, epochs=3,
+                  learning_rate=2e-3, batch_size=8, warmup_ratio=0.0, seed=5, dropout=0.1)
+    single = train(TrainConfig(**common, output_dir=str(tmp_path / "single")))
+    soup = train(TrainConfig(**common, output_dir=str(tmp_path / "soup"), soup=3))
+
+    record = json.loads((soup.checkpoint / TRAINING_RECORD).read_text())
+    assert record["soup"]["members"] == 3 and record["soup"]["seeds"] == [5, 6, 7]
+    assert len(record["epochs"]) == 9 and {e["member"] for e in record["epochs"]} == {0, 1, 2}
+    soup_losses = [h["loss"] for h in soup.history if "loss" in h]
+    single_losses = [h["loss"] for h in single.history if "loss" in h]
+    assert len(soup_losses) == 3 * len(single_losses)
+    assert soup_losses[: len(single_losses)] == single_losses  # member 0 is exactly the single run
+    assert soup_losses[len(single_losses): 2 * len(single_losses)] != single_losses
+    # The members really differ (data order, dropout), so the soup is not any one of them.
+    from safetensors.torch import load_file
+    soup_w = load_file(str(soup.checkpoint / "model.safetensors"))
+    single_w = load_file(str(single.checkpoint / "model.safetensors"))
+    assert any(not torch.equal(soup_w[k], single_w[k]) for k in soup_w if soup_w[k].is_floating_point())
+
+    # --export-only: the checkpoint (trained "elsewhere") becomes a bundle with its own record.
+    bundle_dir = tmp_path / "bundle"
+    argv = ["--train", str(data), "--dev", str(data), "--output-dir", str(tmp_path / "soup"),
+            "--bundle-dir", str(bundle_dir), "--name", "soup", "--export-only", "--calibration-pairs", "4"]
+    assert main(argv) == 0
+    training = load_bundle(bundle_dir).manifest.training
+    assert training is not None
+    assert training["soup"] == record["soup"] and training["recipe"] == record["recipe"]
+    pairs = load_pairs(data)
+    measured = pairwise_accuracy(score_bundle(bundle_dir, pairs), pairs)
+    assert training["metrics"]["dev"]["accuracy"] == measured["accuracy"] > 0.9
+
+
+def test_export_only_needs_a_checkpoint_written_by_train(tmp_path: Path) -> None:
+    data = tiny_pairs(tmp_path / "pairs.jsonl", n=8)
+    argv = ["--train", str(data), "--output-dir", str(tmp_path / "nothing"), "--bundle-dir",
+            str(tmp_path / "b"), "--export-only", "--base-model", "unused"]
+    with pytest.raises(FileNotFoundError, match="rmserve train"):
+        main(argv)
 
 
 def test_shipped_default_bundle_states_its_hh_dev_accuracy(shared_data: Path) -> None:
