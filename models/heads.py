@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 Kind = Literal["encoder", "decoder"]
-Pooling = Literal["cls", "mean", "last_token"]
+Pooling = Literal["cls", "mean", "mean_response", "last_token"]
 
 # Families we export and test; anything else falls back on the head's attribute name below.
 ENCODER_TYPES = frozenset(
@@ -29,6 +29,12 @@ DECODER_TYPES = frozenset({"llama", "qwen2", "qwen3", "gemma", "gemma2", "mistra
 # exports (Llama) with the same parity, but Gemma2 has no sdpa path at all (logit softcapping),
 # and eager keeps fully masked left-padding rows finite; one choice for every family.
 DECODER_ATTENTION = "eager"
+
+# cls: the checkpoint's own head on the first token; mean: the mean of the last hidden states
+# over every real token; mean_response: the mean over the response's tokens only (segment B of
+# the text pair, its closing [SEP] included), so a long prompt, identical for every response to
+# it, does not dilute what differs between them.
+ENCODER_POOLINGS = ("cls", "mean", "mean_response")
 
 
 def kind_of(config: Any) -> Kind:
@@ -50,9 +56,13 @@ def pooling_of(config: Any) -> Pooling:
     if kind_of(config) == "decoder":
         return "last_token"
     chosen = getattr(config, "rmserve_pooling", None) or "cls"
-    if chosen not in ("cls", "mean"):
-        raise ValueError(f"rmserve_pooling must be 'cls' or 'mean' for an encoder, not {chosen!r}")
-    return "mean" if chosen == "mean" else "cls"
+    if chosen not in ENCODER_POOLINGS:
+        raise ValueError(f"rmserve_pooling must be one of {', '.join(ENCODER_POOLINGS)} for an encoder, "
+                         f"not {chosen!r}")
+    if chosen == "mean_response" and not uses_token_type_ids(config):
+        raise ValueError("mean_response pooling needs segment ids "
+                         "(a BERT-style encoder with type_vocab_size > 0)")
+    return "cls" if chosen == "cls" else "mean" if chosen == "mean" else "mean_response"
 
 
 def uses_token_type_ids(config: Any) -> bool:
@@ -80,8 +90,8 @@ class ScoreModel(nn.Module):
         self.hf_model: Any = hf_model
         if kind == "decoder" and pooling != "last_token":
             raise ValueError("a decoder reward model pools its last token")
-        if kind == "encoder" and pooling == "last_token":
-            raise ValueError("an encoder pools 'cls' or 'mean'")
+        if kind == "encoder" and pooling not in ENCODER_POOLINGS:
+            raise ValueError(f"an encoder pools {', '.join(ENCODER_POOLINGS)}, not {pooling!r}")
         self.pooling = pooling
         self.kind = kind
 
@@ -95,6 +105,10 @@ class ScoreModel(nn.Module):
             return self._cls(input_ids, attention_mask, token_type_ids)
         if self.pooling == "mean":
             return self._mean(input_ids, attention_mask, token_type_ids)
+        if self.pooling == "mean_response":
+            if token_type_ids is None:
+                raise ValueError("mean_response pooling needs token_type_ids (the response is segment 1)")
+            return self._mean(input_ids, attention_mask, token_type_ids, only_segment=1)
         return self._last_token(input_ids, attention_mask)
 
     def _encoder_kwargs(
@@ -110,10 +124,14 @@ class ScoreModel(nn.Module):
         logits = self.hf_model(input_ids=input_ids, **self._encoder_kwargs(mask, types)).logits
         return logits[:, 0].float()
 
-    def _mean(self, input_ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None) -> torch.Tensor:
+    def _mean(self, input_ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None,
+              only_segment: int | None = None) -> torch.Tensor:
         base = self.hf_model.base_model
         hidden = base(input_ids=input_ids, **self._encoder_kwargs(mask, types)).last_hidden_state
-        weights = mask.to(hidden.dtype).unsqueeze(-1)
+        keep = mask
+        if only_segment is not None and types is not None:
+            keep = mask * (types == only_segment).to(mask.dtype)
+        weights = keep.to(hidden.dtype).unsqueeze(-1)
         # clamp: an all-padding row (never served, but possible in a batch) gives 0, not NaN.
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
         return self.hf_model.classifier(pooled)[:, 0].float()

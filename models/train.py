@@ -33,7 +33,14 @@ from transformers import Trainer, TrainingArguments
 
 from models.data import PreferencePair, data_digest, load_many
 from models.evaluate_pairs import encode_pairs, pairwise_accuracy, score_bundle
-from models.heads import ModelMeta, ScoreModel, kind_of, load_score_model, uses_token_type_ids
+from models.heads import (
+    ENCODER_POOLINGS,
+    ModelMeta,
+    ScoreModel,
+    kind_of,
+    load_score_model,
+    uses_token_type_ids,
+)
 from service.bundle import Bundle, Manifest, read_manifest
 from service.formatting import Formatter, load_tokenizer
 
@@ -465,6 +472,8 @@ def export_trained(cfg: TrainConfig, started: float) -> TrainResult:
         raise FileNotFoundError(
             f"{record_file} is missing: --export-only takes a checkpoint written by rmserve train")
     recipe = json.loads(record_file.read_text())
+    recipe["export"] = {"command": shlex.join(["rmserve", "train", *_train_flags()]),
+                        "optimize": cfg.optimize, "calibration": cfg.calibration}
     trained = recipe["recipe"]
     model, _, _ = load_score_model(checkpoint)
     cfg = replace(cfg, max_length=int(trained["max_length"]), pooling=trained["pooling"])
@@ -634,7 +643,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--output-dir", default=d.output_dir, help="where the checkpoint and trainer state go")
     a("--bundle-dir", default=None, help="export the trained model as a bundle here")
     a("--name", default=d.name, help="bundle name in its manifest")
-    a("--pooling", choices=["mean", "cls"], default=d.pooling, help="encoder pooling (decoders: last token)")
+    a("--pooling", choices=list(ENCODER_POOLINGS), default=d.pooling,
+      help="encoder pooling: cls, mean over all tokens, or mean over the response's tokens "
+           "(decoders: last token)")
     a("--max-length", type=int, default=d.max_length,
       help="tokens per (prompt, response), cut like the server")
     a("--epochs", type=float, default=d.epochs)

@@ -22,7 +22,7 @@ CALIBRATION_FILE = "calibration.jsonl"
 FORMAT_VERSION = 1
 
 InputFormat = Literal["text_pair", "chat_template", "plain"]
-Pooling = Literal["cls", "mean", "last_token"]
+Pooling = Literal["cls", "mean", "mean_response", "last_token"]
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
 
 

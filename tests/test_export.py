@@ -196,3 +196,44 @@ def test_fp16_export_records_its_deviation_and_keeps_the_interface(
     big = [t for t in proto.graph.initializer if len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 1024]
     assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
     assert load_bundle(tmp_path / "fp16").manifest.version != load_bundle(fp32).manifest.version
+
+
+def test_mean_response_pooling_averages_the_responses_tokens_only(tmp_path: Path) -> None:
+    """``rmserve_pooling: mean_response`` in torch and in the exported graph: segment 1 alone."""
+    import torch
+
+    from models.heads import load_score_model
+
+    checkpoint = tiny_checkpoint("bert", tmp_path / "checkpoint", seed=4, pooling="mean_response")
+    export_bundle(checkpoint, tmp_path / "bundle", name="tiny-response")
+    bundle = load_bundle(tmp_path / "bundle")
+    assert bundle.manifest.format.pooling == "mean_response"
+    items = [PairItem("Can you help me with a long question about bread?", "Sure, here is how."),
+             PairItem("Hi", "A much longer answer that goes on for a while, with details.")]
+    encoded = Formatter(bundle).encode(items)
+    batch = pad_rows(encoded, bundle.manifest.format.pad_token_id, "right")
+
+    model, _, _ = load_score_model(checkpoint)
+    ids, mask = torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask)
+    assert batch.token_type_ids is not None
+    types = torch.from_numpy(batch.token_type_ids)
+    with torch.no_grad():
+        hidden = model.hf_model.base_model(input_ids=ids, attention_mask=mask,
+                                           token_type_ids=types).last_hidden_state
+        response = (types == 1) & (mask == 1)
+        assert response.sum(dim=1).min() > 0 and (response != (mask == 1)).any()  # prompts are excluded
+        pooled = torch.stack([hidden[i][response[i]].mean(dim=0) for i in range(len(items))])
+        expected = model.hf_model.classifier(pooled)[:, 0].numpy()
+        torch_scores = model(ids, mask, types).numpy()
+    engine = OnnxRuntimeEngine(bundle.model_path)
+    try:
+        onnx_scores = engine.infer(batch)
+    finally:
+        engine.close()
+    assert np.abs(torch_scores - expected).max() <= 1e-5
+    assert np.abs(onnx_scores - expected).max() <= 1e-4
+
+    # Without segment ids (DeBERTa-v2 has type_vocab_size 0) there is no response to pool over.
+    deberta = tiny_checkpoint("deberta-v2", tmp_path / "deberta", pooling="mean_response")
+    with pytest.raises(ValueError, match="segment ids"):
+        load_score_model(deberta)

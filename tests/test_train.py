@@ -67,9 +67,10 @@ def test_average_weights_is_the_elementwise_mean_and_keeps_integer_buffers() -> 
         average_weights([a, {"w": b["w"], "ids": torch.tensor([1, 0])}])
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize(("arch", "pooling"),
+                         [("bert", "mean"), ("bert", "mean_response"), ("llama", "mean")])
 def test_tiny_model_trains_end_to_end_into_a_bundle(
-    arch: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    arch: str, pooling: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = tiny_pairs(tmp_path / "pairs.jsonl")
     base = tiny_checkpoint(arch, tmp_path / "base", seed=0)
@@ -77,7 +78,7 @@ def test_tiny_model_trains_end_to_end_into_a_bundle(
     argv = ["--train", str(data), "--dev", str(data), "--base-model", str(base),
             "--output-dir", str(tmp_path / "run"), "--bundle-dir", str(bundle_dir), "--name", "tiny",
             "--max-length", "64", "--epochs", "8", "--lr", "2e-3", "--batch-size", "8",
-            "--warmup-ratio", "0", "--seed", "0", "--calibration-pairs", "8"]
+            "--warmup-ratio", "0", "--seed", "0", "--calibration-pairs", "8", "--pooling", pooling]
     assert main(argv) == 0
     out = capsys.readouterr().out  # the Trainer prints its logs first; the summary is last
     summary = json.loads(out[out.rindex('{\n  "checkpoint"'):])
@@ -86,7 +87,7 @@ def test_tiny_model_trains_end_to_end_into_a_bundle(
     bundle = load_bundle(bundle_dir)  # the digest verifies
     training = bundle.manifest.training
     assert training is not None
-    assert bundle.manifest.format.pooling == ("mean" if arch == "bert" else "last_token")
+    assert bundle.manifest.format.pooling == (pooling if arch == "bert" else "last_token")
     assert training["recipe"]["learning_rate"] == 2e-3 and training["seed"] == 0
     assert training["data"]["train"] == [{"path": str(data), "digest": data_digest(data)}]
     assert len(training["epochs"]) == 8
