@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ def pooling_of(config: Any) -> Pooling:
     if chosen == "mean_response" and not uses_token_type_ids(config):
         raise ValueError("mean_response pooling needs segment ids "
                          "(a BERT-style encoder with type_vocab_size > 0)")
-    return "cls" if chosen == "cls" else "mean" if chosen == "mean" else "mean_response"
+    return cast(Pooling, chosen)
 
 
 def uses_token_type_ids(config: Any) -> bool:
@@ -128,9 +128,7 @@ class ScoreModel(nn.Module):
               only_segment: int | None = None) -> torch.Tensor:
         base = self.hf_model.base_model
         hidden = base(input_ids=input_ids, **self._encoder_kwargs(mask, types)).last_hidden_state
-        keep = mask
-        if only_segment is not None and types is not None:
-            keep = mask * (types == only_segment).to(mask.dtype)
+        keep = mask if only_segment is None or types is None else mask * (types == only_segment)
         weights = keep.to(hidden.dtype).unsqueeze(-1)
         # clamp: an all-padding row (never served, but possible in a batch) gives 0, not NaN.
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)

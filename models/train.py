@@ -5,9 +5,10 @@ rejected sequences, the model (``models.heads.ScoreModel``, the very function th
 scores all 2B rows, and the loss is ``-logsigmoid(r_chosen - r_rejected - margin)`` (optionally
 label-smoothed) plus an optional reward-centering term ``coef * (r_chosen + r_rejected)^2``.
 ``--soup N`` trains N members from the same initial weights, each with its own data order and
-dropout seed, and ships the uniform average of their weights (a "model soup"): one model, the cost
-of one at inference, and less of the seed-to-seed spread that a few thousand pairs leave. ``--export-only``
-exports a checkpoint trained earlier (on a GPU machine, say) with its recorded recipe. Token ids come from the
+dropout seed, and ships the uniform average of their weights (a "model soup": one model, the cost
+of one at inference; on HH with MiniLM it measured no better than its members' mean, see the
+default model's card). ``--export-only`` exports a checkpoint trained earlier (on a GPU machine,
+say) with its recorded recipe. Token ids come from the
 server's own ``Formatter``, so training truncates exactly as serving does (the prompt loses its
 oldest tokens first, the response is kept). Batches are grouped by length and padded per batch.
 """
