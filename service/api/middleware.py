@@ -1,4 +1,10 @@
-"""Pure ASGI middleware at the edge: request id, API keys, body limit, metrics, access log."""
+"""Pure ASGI middleware at the edge: request id, API keys, body limit, timing, metrics, access log.
+
+Every response carries ``X-Request-Id`` and ``Server-Timing: app;dur=<ms>``, the time from the
+request's arrival here to the start of its response. A request's deadline also counts from its
+arrival (``scope["state"]["arrived"]``), so the time spent reading and validating its body is part of
+the time it asked for.
+"""
 
 from __future__ import annotations
 
@@ -57,11 +63,13 @@ class EdgeMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        arrived = time.monotonic()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         given = headers.get("x-request-id", "")
         rid = given if _SAFE_ID.match(given) else uuid.uuid4().hex[:16]
         state = scope.setdefault("state", {})
         state["request_id"] = rid
+        state["arrived"] = arrived
         path = scope["path"]
         route = path if path in ROUTES else "other"
         status = 500
@@ -71,7 +79,12 @@ class EdgeMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+                took_ms = (time.perf_counter() - started) * 1000
+                message["headers"] = [
+                    *message["headers"],
+                    (b"x-request-id", rid.encode()),
+                    (b"server-timing", f"app;dur={took_ms:.1f}".encode()),
+                ]
             await send(message)
 
         try:

@@ -38,10 +38,13 @@ def _log_body(state: AppState, request: Request, body: ScoreRequest | RewardRequ
         )
 
 
-def _deadline(state: AppState, header: float | None, field: float | None) -> float:
+def _deadline(state: AppState, request: Request, header: float | None, field: float | None) -> float:
+    """The monotonic time by which the request's items must be in a forward pass, counted from its
+    arrival at the edge (reading and validating the body is part of the time it asked for)."""
     limit = state.settings.request_timeout_s
     asked = [t for t in (header, field) if t is not None and t > 0]
-    return time.monotonic() + min([limit, *asked])
+    arrived = getattr(request.state, "arrived", None)
+    return (arrived if arrived is not None else time.monotonic()) + min([limit, *asked])
 
 
 def _check_count(state: AppState, n: int) -> None:
@@ -74,7 +77,7 @@ async def score(
     _log_body(state, request, body)
     _check_count(state, len(body.items))
     items = to_items(body.items, state.settings.max_chars_per_item)
-    deadline = _deadline(state, x_request_timeout, body.timeout_s)
+    deadline = _deadline(state, request, x_request_timeout, body.timeout_s)
     result = await _score(
         scorer, request, body.model, items, strict=body.truncation == "error", deadline=deadline
     )
@@ -113,7 +116,7 @@ async def get_reward(
     fmt = rt.bundle.manifest.format
     pad = rt.formatter.tokenizer.id_to_token(fmt.pad_token_id)
     items = query_items(body.query, body.prompts, fmt, state.settings.max_chars_per_item, pad)
-    deadline = _deadline(state, x_request_timeout, None)
+    deadline = _deadline(state, request, x_request_timeout, None)
     result = await _score(scorer, request, None, items, strict=False, deadline=deadline)
     return RewardResponse(
         rewards=result.scores,
