@@ -3,8 +3,8 @@
 # rmserve images. Two targets, one wheel:
 #   docker build -t rmserve:cpu .                   # default target: cpu (python:3.11-slim, onnxruntime)
 #   docker build -t rmserve:cuda --target cuda .    # NVIDIA CUDA runtime base, onnxruntime-gpu
-# The runtime stages hold a venv with the project's base dependencies only (no torch, never the
-# export/train extras) and the default bundle, which ships inside the package as models/default.
+# The runtime stages hold a venv with the project and its `server` extra only (no torch, never the
+# export/train extras) and the default bundle, which ships inside the package as rmserve/models/default.
 # deploy/README.md shows how to build, push and deploy both.
 
 ARG PYTHON_IMAGE=python:3.11-slim
@@ -27,7 +27,7 @@ COPY models/ ./models/
 RUN pip wheel --no-deps --wheel-dir /wheels . \
     && python -c "import sys, zipfile, glob; \
 names = zipfile.ZipFile(glob.glob('/wheels/rmserve-*.whl')[0]).namelist(); \
-sys.exit(0 if any(n.startswith('models/default/') for n in names) else 'default bundle missing from the wheel')"
+sys.exit(0 if any(n.startswith('rmserve/models/default/') for n in names) else 'default bundle missing from the wheel')"
 
 # ---------------------------------------------------------------------------------------------------
 # cpu-venv: the runtime venv for the cpu target (same base image as the runtime, so the venv moves as is).
@@ -41,7 +41,8 @@ COPY --from=wheel /wheels/ /wheels/
 # pin them with a constraints file (PIP_CONSTRAINT) for reproducible builds, not in this file.
 # hadolint ignore=DL3013
 RUN pip install --upgrade pip \
-    && pip install /wheels/rmserve-*.whl \
+    && WHEEL="$(echo /wheels/rmserve-*.whl)" \
+    && pip install "${WHEEL}[server]" \
     && pip check \
     && python -c "import importlib.util as u, sys; sys.exit('torch must not be in the runtime image' if u.find_spec('torch') else 0)" \
     && rm -rf /wheels
@@ -70,13 +71,14 @@ RUN uv python install 3.11 \
 ENV PATH=/opt/rmserve/bin:$PATH
 COPY --from=wheel /wheels/ /wheels/
 # onnxruntime and onnxruntime-gpu install into the same `onnxruntime` package, so they must never be
-# both present: install the base dependencies, remove onnxruntime, then install onnxruntime-gpu alone.
+# both present: install the server extra, remove onnxruntime, then install onnxruntime-gpu alone.
 # (No `pip check` here: it would report the deliberately absent onnxruntime.)
 # DL3013 (pin pip versions): versions come from pyproject.toml's ranges, as for any `pip install rmserve`;
 # pin them with a constraints file (PIP_CONSTRAINT) for reproducible builds, not in this file.
 # hadolint ignore=DL3013
 RUN pip install --upgrade pip \
-    && pip install /wheels/rmserve-*.whl \
+    && WHEEL="$(echo /wheels/rmserve-*.whl)" \
+    && pip install "${WHEEL}[server]" \
     && pip uninstall -y onnxruntime \
     && pip install "${ONNXRUNTIME_GPU_SPEC}" \
     && if pip show onnxruntime >/dev/null 2>&1; then echo "onnxruntime and onnxruntime-gpu both installed" >&2; exit 1; fi \

@@ -20,15 +20,24 @@ from pathlib import Path
 from typing import Any
 
 # Words the policy may say. The reward model never sees this split; it has to be learned from scores.
-HELPFUL = ("sure happy to help here is how glad you asked great question thank you please let me "
-           "explain step by step of course certainly gladly kind safe careful useful honest")
-RUDE = ("no stupid go away idiot shut up whatever hate dumb boring never ugh leave alone figure it out "
-        "yourself not my problem lazy useless")
+HELPFUL = (
+    "sure happy to help here is how glad you asked great question thank you please let me "
+    "explain step by step of course certainly gladly kind safe careful useful honest"
+)
+RUDE = (
+    "no stupid go away idiot shut up whatever hate dumb boring never ugh leave alone figure it out "
+    "yourself not my problem lazy useless"
+)
 FILLER = "the a and it so well maybe really"
 PROMPTS = [
-    "Can you help me fix my bike?", "How do I bake bread at home?", "What is a good way to learn chess?",
-    "Could you explain how rain forms?", "I need advice on writing a poem.",
-    "How should I travel safely at night?", "Can you summarize the history of Rome?", "Why is the sky blue?",
+    "Can you help me fix my bike?",
+    "How do I bake bread at home?",
+    "What is a good way to learn chess?",
+    "Could you explain how rain forms?",
+    "I need advice on writing a poem.",
+    "How should I travel safely at night?",
+    "Can you summarize the history of Rome?",
+    "Why is the sky blue?",
 ]
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 
@@ -47,8 +56,14 @@ def build_tokenizer() -> Any:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>", padding_side="left")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
 
 
 def build_policy(tokenizer: Any, seed: int = 0) -> Any:
@@ -57,11 +72,19 @@ def build_policy(tokenizer: Any, seed: int = 0) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -73,15 +96,35 @@ def prompt_dataset(n: int) -> Any:
     return Dataset.from_dict({"prompt": [PROMPTS[i % len(PROMPTS)] for i in range(n)]})
 
 
-def grpo_config(output_dir: str | Path, *, steps: int, batch: int, generations: int, completion_len: int,
-                learning_rate: float, seed: int = 0, **extra: Any) -> Any:
+def grpo_config(
+    output_dir: str | Path,
+    *,
+    steps: int,
+    batch: int,
+    generations: int,
+    completion_len: int,
+    learning_rate: float,
+    seed: int = 0,
+    **extra: Any,
+) -> Any:
     from trl import GRPOConfig
 
     return GRPOConfig(
-        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=batch,
-        num_generations=generations, max_completion_length=completion_len, learning_rate=learning_rate,
-        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
-        seed=seed, temperature=1.0, disable_tqdm=True, **extra,
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        num_generations=generations,
+        max_completion_length=completion_len,
+        learning_rate=learning_rate,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=seed,
+        temperature=1.0,
+        disable_tqdm=True,
+        **extra,
     )
 
 
@@ -99,8 +142,10 @@ def save_plot(curve: list[float], path: Path, url: str) -> None:
     ax.plot(range(1, len(curve) + 1), curve, marker=".", label="mean reward per step")
     if len(curve) >= 5:
         k = 5
-        smooth = [sum(curve[max(0, i - k + 1): i + 1]) / len(curve[max(0, i - k + 1): i + 1])
-                  for i in range(len(curve))]
+        smooth = [
+            sum(curve[max(0, i - k + 1) : i + 1]) / len(curve[max(0, i - k + 1) : i + 1])
+            for i in range(len(curve))
+        ]
         ax.plot(range(1, len(curve) + 1), smooth, label=f"moving mean ({k})")
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("rmserve reward")
@@ -127,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from trl import GRPOTrainer
 
-    from service.adapters.trl import trl_reward_func
-    from service.client import RewardClient
+    from rmserve.adapters.trl import trl_reward_func
+    from rmserve.client import RewardClient
 
     torch.set_num_threads(2)
     with RewardClient(args.url, api_key=args.api_key) as client:
@@ -141,8 +186,15 @@ def main(argv: list[str] | None = None) -> int:
         model=build_policy(tokenizer, args.seed),
         processing_class=tokenizer,
         reward_funcs=[trl_reward_func(args.url, model=args.model, api_key=args.api_key)],
-        args=grpo_config(args.out, steps=args.steps, batch=args.batch, generations=args.generations,
-                         completion_len=args.completion_len, learning_rate=args.lr, seed=args.seed),
+        args=grpo_config(
+            args.out,
+            steps=args.steps,
+            batch=args.batch,
+            generations=args.generations,
+            completion_len=args.completion_len,
+            learning_rate=args.lr,
+            seed=args.seed,
+        ),
         # Each prompt is sampled ``generations`` times per step: steps * batch / generations prompts in all.
         train_dataset=prompt_dataset(args.steps * args.batch // args.generations),
     )
@@ -155,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     k = max(1, min(5, len(curve) // 4))
     first, last = sum(curve[:k]) / k, sum(curve[-k:]) / k
     print(f"{len(curve)} steps in {time.monotonic() - started:.0f} s; reward curve: {png}")
-    print(f"mean reward, first {k} steps: {first:.4f}  last {k} steps: {last:.4f}  "
-          f"(change {last - first:+.4f})")
+    print(
+        f"mean reward, first {k} steps: {first:.4f}  last {k} steps: {last:.4f}  (change {last - first:+.4f})"
+    )
     samples = list(trainer._logs["completion"])[:4]
     print("last completions:", *[repr(s) for s in samples], sep="\n  ")
     return 0

@@ -27,10 +27,11 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
-from service.bundle import default_bundle_path, load_bundle
-from service.engines.base import Engine, available_cpus, infer_all, pad_batch
-from service.engines.select import default_streams
-from service.formatting import Formatter, PairItem, split_hh
+from rmserve.bundle import default_bundle_path, load_bundle
+from rmserve.engines.base import Engine, available_cpus, infer_all, pad_batch
+from rmserve.engines.select import default_streams
+from rmserve.formatting import Formatter
+from rmserve.items import PairItem, split_hh
 from tests.support.server import free_port, serve, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,8 +216,8 @@ RAW_NAMES = {
 
 def raw_engines(bundle: Path, threads: int, streams: int) -> dict[str, list[Callable[[], Engine]]]:
     """Each backend with one stream and with the server's streams; its best is the bar to meet."""
-    from service.engines.onnxruntime import OnnxRuntimeEngine
-    from service.engines.openvino import OpenVinoEngine, cpu_supports_bf16
+    from rmserve.engines.onnxruntime import OnnxRuntimeEngine
+    from rmserve.engines.openvino import OpenVinoEngine, cpu_supports_bf16
 
     model = bundle / "model.onnx"
     counts = sorted({1, streams})
@@ -238,7 +239,9 @@ def raw_engines(bundle: Path, threads: int, streams: int) -> dict[str, list[Call
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="rmserve bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m loadtests.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--data", type=Path, default=DEFAULT_DATA, help="HH-style JSONL(.gz) of chosen/rejected"

@@ -84,7 +84,7 @@ def build_tokenizer() -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from models.parity import builtin_pairs
+    from rmserve.models.parity import builtin_pairs
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
@@ -115,7 +115,7 @@ def build_model(name: str, tokenizer: Any, device: str) -> Any:
     import torch
     from transformers import AutoModelForSequenceClassification, Qwen2Config
 
-    from models.heads import ScoreModel
+    from rmserve.models.heads import ScoreModel
 
     hidden, layers, heads, kv, inter, vocab = SHAPES[name]
     config = Qwen2Config(  # type: ignore[call-arg]
@@ -149,8 +149,8 @@ def flop_params(model: Any) -> tuple[int, int]:
 
 def parity_items(formatter: Any, vocab_used: int, max_len: int) -> list[Any]:
     """32 real-text chat items (the built-in pairs) and 32 random-token items of 16..max_len tokens."""
-    from models.parity import builtin_pairs, spread_by_length
-    from service.formatting import Encoded
+    from rmserve.formatting import Encoded
+    from rmserve.models.parity import builtin_pairs, spread_by_length
 
     texts = spread_by_length(builtin_pairs(), PARITY_TEXTS)
     encoded = formatter.encode([p.as_item(True) for p in texts])
@@ -164,11 +164,11 @@ def parity_items(formatter: Any, vocab_used: int, max_len: int) -> list[Any]:
 def export_stage(name: str, work: Path, device: str, max_len: int, legacy: bool) -> None:
     import torch
 
-    from models import export as ex
-    from models.fp16 import convert_model_fp16, reference_scores
-    from models.heads import ModelMeta
-    from service.bundle import FORMAT_VERSION, Bundle, Manifest, write_manifest
-    from service.formatting import Formatter
+    from rmserve.bundle import FORMAT_VERSION, Bundle, Manifest, write_manifest
+    from rmserve.formatting import Formatter
+    from rmserve.models import export as ex
+    from rmserve.models.fp16 import convert_model_fp16, reference_scores
+    from rmserve.models.heads import ModelMeta
 
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference is fp32
     torch.backends.cudnn.allow_tf32 = False
@@ -321,7 +321,7 @@ def model_flops(meta: dict[str, Any], tokens: int) -> float:
 
 
 def random_items(n: int, length: int, vocab_used: int, seed: int) -> list[Any]:
-    from service.formatting import Encoded
+    from rmserve.formatting import Encoded
 
     rng = np.random.default_rng(seed)
     return [
@@ -359,9 +359,9 @@ async def bench_model(
     peak: float | None,
     budget_tokens: int,
 ) -> list[Row]:
-    from service.batching import Batcher, BatchPolicy
-    from service.engines.base import pad_batch
-    from service.metrics import Metrics
+    from rmserve.batching import Batcher, BatchPolicy
+    from rmserve.engines.base import pad_batch
+    from rmserve.metrics import Metrics
 
     policy = BatchPolicy(max_batch_tokens=budget_tokens, max_wait_s=0.0, max_queue_items=100_000)
     pad_id = bundle.manifest.format.pad_token_id
@@ -439,12 +439,12 @@ def serve_stage(
     counts: dict[int, int],
     peak: float | None,
 ) -> tuple[list[Row], dict[str, Any]]:
-    from models.fp16 import measure_fp16
-    from service.bundle import load_bundle, read_manifest, write_manifest
-    from service.config import Settings
-    from service.engines.onnxruntime import OnnxRuntimeEngine
-    from service.engines.select import create_engine, default_batch_tokens
-    from service.formatting import Encoded
+    from rmserve.bundle import load_bundle, read_manifest, write_manifest
+    from rmserve.config import Settings
+    from rmserve.engines.onnxruntime import OnnxRuntimeEngine
+    from rmserve.engines.select import create_engine, default_batch_tokens
+    from rmserve.formatting import Encoded
+    from rmserve.models.fp16 import measure_fp16
 
     root = work / name
     meta = json.loads((root / "meta.json").read_text())
@@ -678,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fp32_copy(root: Path) -> None:
     """Dry run only: the fp32 graph as a bundle of its own, for the CPU server."""
-    from service.bundle import read_manifest, write_manifest
+    from rmserve.bundle import read_manifest, write_manifest
 
     dest = root / "bundle_fp32"
     shutil.rmtree(dest, ignore_errors=True)

@@ -51,8 +51,9 @@ def zero_other_archs(data: bytearray, keep: int) -> Counter[str]:
             arch = struct.unpack_from("<I", data, entry + 28)[0]
             start = entry + entry_header
             if kind not in (1, 2) or entry_header < 32 or start + payload > end:
-                raise ValueError(f"unexpected fatbin entry at byte {entry}: kind {kind}, "
-                                 f"header {entry_header}")
+                raise ValueError(
+                    f"unexpected fatbin entry at byte {entry}: kind {kind}, header {entry_header}"
+                )
             if arch == keep:
                 stats[f"kept sm_{arch}"] += payload
             else:
@@ -94,8 +95,9 @@ def pack(wheel: Path, out: Path, arch: int, part_bytes: int) -> list[Path]:
         part.write_bytes(blob[offset : offset + part_bytes])
         parts.append(part)
     (out / "SHA256").write_text(f"{hashlib.sha256(blob).hexdigest()}  ortgpu.tar.xz\n")
-    print(f"{wheel.name}: {wheel.stat().st_size / 1e6:.0f} MB -> {len(blob) / 1e6:.1f} MB "
-          f"in {len(parts)} parts")
+    print(
+        f"{wheel.name}: {wheel.stat().st_size / 1e6:.0f} MB -> {len(blob) / 1e6:.1f} MB in {len(parts)} parts"
+    )
     return parts
 
 

@@ -4,7 +4,7 @@ Three row shapes (``../shared/data/README.md``), read from JSONL (also ``.gz``),
 a Hugging Face dataset saved with ``save_to_disk``:
 
 * HH transcripts with an implicit prompt: ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...",
-  "rejected": ...}``, split at the last Assistant turn (``service.formatting.split_hh``);
+  "rejected": ...}``, split at the last Assistant turn (``rmserve.formatting.split_hh``);
 * explicit strings: ``{"prompt": str, "chosen": str, "rejected": str}`` (TRL's standard form);
 * conversational: ``{"prompt": [messages], "chosen": [{"role": "assistant", ...}], "rejected": [...]}``.
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.formatting import ASSISTANT, Message, Messages, PairItem, render_hh, split_hh
+from rmserve.items import ASSISTANT, Message, Messages, PairItem, render_hh, split_hh
 
 _ROLE_OF = {"Human": "user", "Assistant": "assistant", "System": "system"}
 _TURN = re.compile(r"\n\n(Human|Assistant|System):")

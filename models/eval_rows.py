@@ -1,9 +1,9 @@
 """``rmserve eval``, first stage: data files -> rows to score, and the bad rows with file and line.
 
-Rows come in three shapes: preference pairs in the shapes of ``models.data``, best-of-N rows in
+Rows come in three shapes: preference pairs in the shapes of ``rmserve.models.data``, best-of-N rows in
 RewardBench-2's shape (one prompt, ``chosen`` and ``rejected`` as lists of responses), and plain
 prompt/response, ``messages`` or ``text`` rows that are only scored. Files are JSONL (also ``.gz``)
-and CSV here; JSON, Parquet and saved HF datasets through ``models.data.read_rows``.
+and CSV here; JSON, Parquet and saved HF datasets through ``rmserve.models.data.read_rows``.
 
 Every row has a key: the first 16 hex digits of its data file's sha256 and its row number.
 """
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from models.data import (
+from rmserve.items import ChatItem, Item, Messages, PairItem, TextItem, render_hh
+from rmserve.models.data import (
     DataError,
     data_digest,
     jsonl_rows,
@@ -28,7 +29,6 @@ from models.data import (
     parse_messages,
     read_rows,
 )
-from service.formatting import ChatItem, Item, Messages, PairItem, TextItem, render_hh
 
 Kind = Literal["pair", "best_of_n", "score"]
 

@@ -1,7 +1,7 @@
 """``rmserve eval``, second stage: rows -> score records, in process or through a running rmserve.
 
 ``LocalScorer`` runs the server's own Formatter and ONNX Runtime engine in this process;
-``RemoteScorer`` sends the items with ``service.client.RewardClient``. Either way a row the model
+``RemoteScorer`` sends the items with ``rmserve.client.RewardClient``. Either way a row the model
 side refuses becomes an ``error`` record and the other rows of its chunk are scored as usual.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from models.eval_rows import EvalError, EvalRow
-from service.formatting import Item
+from rmserve.items import Item
+from rmserve.models.eval_rows import EvalError, EvalRow
 
 
 class Scorer(Protocol):
@@ -42,10 +42,10 @@ class LocalScorer:
         batch_tokens: int | None = None,
         batch_size: int = 64,
     ) -> None:
-        from service.bundle import load_bundle
-        from service.config import Settings
-        from service.engines.select import create_engine, default_batch_tokens
-        from service.formatting import Formatter
+        from rmserve.bundle import load_bundle
+        from rmserve.config import Settings
+        from rmserve.engines.select import create_engine, default_batch_tokens
+        from rmserve.formatting import Formatter
 
         self.bundle = load_bundle(bundle_dir)
         chosen: dict[str, Any] = {"provider": provider, "precision": precision}
@@ -70,8 +70,8 @@ class LocalScorer:
         }
 
     def score(self, items: list[Item]) -> list[float]:
-        from service.engines.base import pad_batch
-        from service.errors import InvalidItem
+        from rmserve.engines.base import pad_batch
+        from rmserve.errors import InvalidItem
 
         try:
             encoded = self.formatter.encode(items)
@@ -117,7 +117,7 @@ class RemoteScorer:
         batch_size: int = 64,
         concurrency: int = 4,
     ) -> None:
-        from service.client import RewardClient
+        from rmserve.client import RewardClient
 
         self.client = RewardClient(
             url, api_key=api_key, model=model, chunk_size=batch_size, max_concurrency=concurrency
@@ -142,7 +142,7 @@ class RemoteScorer:
         }
 
     def score(self, items: list[Item]) -> list[float]:
-        from service.client import BadRequestError, RequestTooLargeError
+        from rmserve.client import BadRequestError, RequestTooLargeError
 
         try:
             result = self.client.score_result(items)

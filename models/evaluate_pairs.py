@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from models.data import PreferencePair
-from service.engines.base import TokenBatch, available_cpus, pad_batch
-from service.formatting import Encoded, Formatter
+from rmserve.engines.base import TokenBatch, available_cpus, pad_batch
+from rmserve.formatting import Encoded, Formatter
+from rmserve.models.data import PreferencePair
 
 
 def encode_pairs(
@@ -47,8 +47,9 @@ def score_encoded(
     return scores
 
 
-def _score_pairs(formatter: Formatter, pairs: Sequence[PreferencePair],
-                 infer: Callable[[TokenBatch], np.ndarray]) -> np.ndarray:
+def _score_pairs(
+    formatter: Formatter, pairs: Sequence[PreferencePair], infer: Callable[[TokenBatch], np.ndarray]
+) -> np.ndarray:
     chosen, rejected = encode_pairs(formatter, pairs)
     flat = score_encoded([*chosen, *rejected], infer, formatter.settings.pad_token_id)
     return np.stack([flat[: len(pairs)], flat[len(pairs) :]], axis=1)
@@ -58,8 +59,8 @@ def score_bundle(
     bundle_dir: str | Path, pairs: Sequence[PreferencePair], *, threads: int | None = None
 ) -> np.ndarray:
     """[N, 2] (chosen, rejected) scores from a bundle on the ONNX Runtime CPU engine."""
-    from service.bundle import load_bundle
-    from service.engines.onnxruntime import OnnxRuntimeEngine
+    from rmserve.bundle import load_bundle
+    from rmserve.engines.onnxruntime import OnnxRuntimeEngine
 
     bundle = load_bundle(bundle_dir)
     engine = OnnxRuntimeEngine(bundle.model_path, threads=threads or available_cpus())
@@ -76,9 +77,15 @@ def score_torch(model: Any, formatter: Formatter, pairs: Sequence[PreferencePair
     device = next(model.parameters()).device
 
     def infer(batch: TokenBatch) -> np.ndarray:
-        feeds = {k: torch.from_numpy(v).to(device) for k, v in
-                 (("input_ids", batch.input_ids), ("attention_mask", batch.attention_mask),
-                  ("token_type_ids", batch.token_type_ids)) if v is not None}
+        feeds = {
+            k: torch.from_numpy(v).to(device)
+            for k, v in (
+                ("input_ids", batch.input_ids),
+                ("attention_mask", batch.attention_mask),
+                ("token_type_ids", batch.token_type_ids),
+            )
+            if v is not None
+        }
         with torch.no_grad():
             return model(**feeds).float().cpu().numpy()
 
@@ -99,7 +106,9 @@ def pairwise_accuracy(scores: np.ndarray, pairs: Sequence[PreferencePair]) -> di
     return {
         "accuracy": round(float(wins.mean()), 6) if len(pairs) else None,
         "pairs": len(pairs),
-        "subsets": {name: {"accuracy": round(float(np.mean(v)), 6), "pairs": len(v)}
-                    for name, v in sorted(by_subset.items())},
+        "subsets": {
+            name: {"accuracy": round(float(np.mean(v)), 6), "pairs": len(v)}
+            for name, v in sorted(by_subset.items())
+        },
         "mean_margin": round(float((scores[:, 0] - scores[:, 1]).mean()), 6) if len(pairs) else None,
     }

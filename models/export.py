@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from models import fp16
-from models import parity as parity_mod
-from models.heads import ModelMeta, ScoreModel, load_score_model
-from models.parity import Pair, ParityReport, check_parity
-from service.bundle import CALIBRATION_FILE, MODEL_FILE, FormatSettings, Manifest, load_bundle, write_manifest
-from service.engines.base import EngineError
+from rmserve.bundle import CALIBRATION_FILE, MODEL_FILE, FormatSettings, Manifest, load_bundle, write_manifest
+from rmserve.engines.base import EngineError
+from rmserve.models import fp16
+from rmserve.models import parity as parity_mod
+from rmserve.models.heads import ModelMeta, ScoreModel, load_score_model
+from rmserve.models.parity import Pair, ParityReport, check_parity
 
 DEFAULT_OPSET = 18
 DATA_FILE = MODEL_FILE + ".data"
@@ -101,8 +101,18 @@ def export_bundle(
         write_manifest(staging, **fields)
         report = _parity(staging, model, texts, source, tolerance, invariance_tolerance)
         if optimize:
-            report = _try_optimize(staging, staging_root / "optimized", model, meta, fields, report,
-                                   texts, source, tolerance, invariance_tolerance)
+            report = _try_optimize(
+                staging,
+                staging_root / "optimized",
+                model,
+                meta,
+                fields,
+                report,
+                texts,
+                source,
+                tolerance,
+                invariance_tolerance,
+            )
         if precision == "fp16":
             fields["precision"] = "fp16"
             report = _to_fp16(staging, model, fields, report, texts, source, external_data_bytes)
@@ -166,8 +176,14 @@ def export_onnx(
         try:
             batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
             program = torch.onnx.export(
-                model, args, input_names=names, output_names=["scores"], opset_version=opset,
-                dynamo=True, dynamic_shapes={n: {0: batch, 1: seq} for n in names}, verbose=False,
+                model,
+                args,
+                input_names=names,
+                output_names=["scores"],
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes={n: {0: batch, 1: seq} for n in names},
+                verbose=False,
             )
             assert program is not None
             import onnx_ir
@@ -187,18 +203,36 @@ def export_onnx(
 
 
 def _export_legacy(
-    model: ScoreModel, args: tuple[torch.Tensor, ...], names: list[str], path: Path, opset: int,
+    model: ScoreModel,
+    args: tuple[torch.Tensor, ...],
+    names: list[str],
+    path: Path,
+    opset: int,
     external: bool,
 ) -> None:
     import onnx
 
     axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"scores": {0: "batch"}}
-    torch.onnx.export(model, args, str(path), input_names=names, output_names=["scores"],
-                      opset_version=opset, dynamo=False, dynamic_axes=axes)
+    torch.onnx.export(
+        model,
+        args,
+        str(path),
+        input_names=names,
+        output_names=["scores"],
+        opset_version=opset,
+        dynamo=False,
+        dynamic_axes=axes,
+    )
     if external:
         proto = onnx.load(str(path))
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024)
+        onnx.save_model(
+            proto,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=DATA_FILE,
+            size_threshold=1024,
+        )
 
 
 def save_tokenizer(tokenizer: Any, directory: Path) -> None:
@@ -239,14 +273,25 @@ def write_calibration(directory: Path, pairs: Sequence[Pair]) -> None:
 
 
 def _parity(
-    bundle_dir: Path, model: ScoreModel, texts: Sequence[Pair], source: str, tolerance: float,
+    bundle_dir: Path,
+    model: ScoreModel,
+    texts: Sequence[Pair],
+    source: str,
+    tolerance: float,
     invariance: float,
 ) -> ParityReport:
-    report = check_parity(load_bundle(bundle_dir), model, texts, text_source=source,
-                          tolerance=tolerance, invariance_tolerance=invariance)
+    report = check_parity(
+        load_bundle(bundle_dir),
+        model,
+        texts,
+        text_source=source,
+        tolerance=tolerance,
+        invariance_tolerance=invariance,
+    )
     if not report.ok:
         raise ExportError(
-            "parity failed, nothing was written: " + "; ".join(report.problems)
+            "parity failed, nothing was written: "
+            + "; ".join(report.problems)
             + f" (max_abs_diff={report.max_abs_diff:.3g}, max_rel_diff={report.max_rel_diff:.3g}, "
             f"batch_invariance_max={report.batch_invariance_max:.3g}, n_texts={report.n_texts})"
         )
@@ -254,8 +299,16 @@ def _parity(
 
 
 def _try_optimize(
-    staging: Path, candidate: Path, model: ScoreModel, meta: ModelMeta, fields: dict[str, Any],
-    report: ParityReport, texts: Sequence[Pair], source: str, tolerance: float, invariance: float,
+    staging: Path,
+    candidate: Path,
+    model: ScoreModel,
+    meta: ModelMeta,
+    fields: dict[str, Any],
+    report: ParityReport,
+    texts: Sequence[Pair],
+    source: str,
+    tolerance: float,
+    invariance: float,
 ) -> ParityReport:
     """ORT transformer fusions on a copy of the bundle; adopted only if parity still holds."""
     if meta.kind != "encoder":
@@ -292,8 +345,13 @@ def fuse_encoder(path: Path) -> dict[str, int]:
 
 
 def _to_fp16(
-    staging: Path, model: ScoreModel, fields: dict[str, Any], report: ParityReport,
-    texts: Sequence[Pair], source: str, external_data_bytes: int,
+    staging: Path,
+    model: ScoreModel,
+    fields: dict[str, Any],
+    report: ParityReport,
+    texts: Sequence[Pair],
+    source: str,
+    external_data_bytes: int,
 ) -> ParityReport:
     """Convert the parity-checked fp32 graph to fp16 (models/fp16.py); ship it only if its drift passes."""
     path = staging / MODEL_FILE
@@ -313,8 +371,11 @@ def _to_fp16(
 
 
 def _summary(report: ParityReport) -> dict[str, float]:
-    return {"max_abs_diff": report.max_abs_diff, "max_rel_diff": report.max_rel_diff,
-            "batch_invariance_max": report.batch_invariance_max}
+    return {
+        "max_abs_diff": report.max_abs_diff,
+        "max_rel_diff": report.max_rel_diff,
+        "batch_invariance_max": report.batch_invariance_max,
+    }
 
 
 def _publish(staging: Path, dest: Path, previous: Path) -> None:
@@ -329,8 +390,11 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", type=Path, help="where to write the bundle (must be absent or empty)")
     parser.add_argument("--name", help="bundle name (default: the checkpoint directory's name)")
     parser.add_argument("--max-length", type=int, help="token limit (default: the model's, at most 512/4096)")
-    parser.add_argument("--input-format", choices=["text_pair", "chat_template", "plain"],
-                        help="default: text_pair for encoders, chat_template for decoders")
+    parser.add_argument(
+        "--input-format",
+        choices=["text_pair", "chat_template", "plain"],
+        help="default: text_pair for encoders, chat_template for decoders",
+    )
     parser.add_argument("--optimize", action="store_true", help="ORT fusions, kept only if parity holds")
     parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="weights precision")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
@@ -342,17 +406,26 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 def run_export(args: argparse.Namespace) -> int:
     try:
         manifest = export_bundle(
-            args.checkpoint, args.bundle, name=args.name, max_length=args.max_length,
-            input_format=args.input_format, optimize=args.optimize, precision=args.precision,
-            opset=args.opset, calibration_pairs=args.calibration, base_model=args.base_model,
+            args.checkpoint,
+            args.bundle,
+            name=args.name,
+            max_length=args.max_length,
+            input_format=args.input_format,
+            optimize=args.optimize,
+            precision=args.precision,
+            opset=args.opset,
+            calibration_pairs=args.calibration,
+            base_model=args.base_model,
             overwrite=args.force,
         )
     except ExportError as exc:
         print(f"export failed: {exc}")
         return 1
     p = manifest.parity
-    print(f"exported {manifest.name} version {manifest.version} to {args.bundle}: "
-          f"max|onnx-torch|={p['max_abs_diff']:.3g}, batch invariance {p['batch_invariance_max']:.3g}")
+    print(
+        f"exported {manifest.name} version {manifest.version} to {args.bundle}: "
+        f"max|onnx-torch|={p['max_abs_diff']:.3g}, batch invariance {p['batch_invariance_max']:.3g}"
+    )
     return 0
 
 
@@ -362,6 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     add_export_arguments(parser)
     return run_export(parser.parse_args(argv))
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -37,19 +37,45 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from models.heads import ScoreModel
-from models.parity import BATCH_SIZES, PADDING_SIDES, Pair, ParityReport, chunks, pad_rows, scaled_diff
-from service.bundle import Bundle
-from service.engines.base import TokenBatch, available_cpus
-from service.engines.gate import MIN_AGREEMENT, MIN_SPEARMAN, pairwise_agreement, spearman
-from service.engines.onnxruntime import OnnxRuntimeEngine
-from service.formatting import Encoded, Formatter
+from rmserve.bundle import Bundle
+from rmserve.engines.base import TokenBatch, available_cpus
+from rmserve.engines.gate import MIN_AGREEMENT, MIN_SPEARMAN, pairwise_agreement, spearman
+from rmserve.engines.onnxruntime import OnnxRuntimeEngine
+from rmserve.formatting import Encoded, Formatter
+from rmserve.models.heads import ScoreModel
+from rmserve.models.parity import (
+    BATCH_SIZES,
+    PADDING_SIDES,
+    Pair,
+    ParityReport,
+    chunks,
+    pad_rows,
+    scaled_diff,
+)
 
-FP32_OPS = frozenset({
-    "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "RMSNormalization",
-    "Pow", "ReduceMean", "Sqrt", "Reciprocal", "Softmax", "LogSoftmax", "Exp", "Log", "ReduceSum",
-    "ReduceMax", "ReduceL2", "Cos", "Sin", "CumSum", "Range",
-})
+FP32_OPS = frozenset(
+    {
+        "LayerNormalization",
+        "SimplifiedLayerNormalization",
+        "SkipLayerNormalization",
+        "RMSNormalization",
+        "Pow",
+        "ReduceMean",
+        "Sqrt",
+        "Reciprocal",
+        "Softmax",
+        "LogSoftmax",
+        "Exp",
+        "Log",
+        "ReduceSum",
+        "ReduceMax",
+        "ReduceL2",
+        "Cos",
+        "Sin",
+        "CumSum",
+        "Range",
+    }
+)
 LINEAR_OPS = frozenset({"MatMul", "Gemm"})
 # Values a guarded op reads through unchanged in type.
 _TRANSPARENT = frozenset({"Cast", "Identity"})
@@ -125,8 +151,11 @@ class _Rewrite:
         types = {v.name: v.type.tensor_type.elem_type for v in values}
         types |= {name: t.data_type for name, t in self.inits.items()}
         self.floats = {n for n, t in types.items() if t == TensorProto.FLOAT}
-        self.weights = {n for n, t in self.inits.items() if t.data_type == TensorProto.FLOAT
-                        and len(t.dims) >= 2 and int(np.prod(t.dims)) >= 256}
+        self.weights = {
+            n
+            for n, t in self.inits.items()
+            if t.data_type == TensorProto.FLOAT and len(t.dims) >= 2 and int(np.prod(t.dims)) >= 256
+        }
         self.bits: dict[str, int] = {}  # activation -> 16 or 32
         self.copies: dict[tuple[str, int], str] = {}  # (value, bits) -> its cast or converted copy
         self.nodes: list[onnx.NodeProto] = []
@@ -260,8 +289,14 @@ def _save(model: onnx.ModelProto, dest: Path, external_data_bytes: int) -> None:
     data = dest.with_name(dest.name + ".data")
     data.unlink(missing_ok=True)  # onnx appends to an existing data file
     external = sum(t.ByteSize() for t in model.graph.initializer) > external_data_bytes
-    onnx.save_model(model, str(dest), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(dest),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
 
 
 # -- measurement --------------------------------------------------------------------------------
@@ -273,8 +308,11 @@ def torch_scores_on(model: ScoreModel, batch: TokenBatch) -> np.ndarray:
     with torch.inference_mode():
         tt = batch.token_type_ids
         types = torch.from_numpy(tt).to(device) if tt is not None else None
-        out = model(torch.from_numpy(batch.input_ids).to(device),
-                    torch.from_numpy(batch.attention_mask).to(device), types)
+        out = model(
+            torch.from_numpy(batch.input_ids).to(device),
+            torch.from_numpy(batch.attention_mask).to(device),
+            types,
+        )
     return out.detach().to(torch.float32).cpu().numpy().reshape(-1)
 
 
@@ -308,8 +346,12 @@ def measure_fp16(
     pad_id = bundle.manifest.format.pad_token_id
     sides = PADDING_SIDES if bundle.manifest.kind == "decoder" else ("right",)
     report = ParityReport(
-        text_source=text_source, n_texts=len(encoded), batch_sizes=list(batch_sizes),
-        padding_sides=list(sides), tolerance=float("nan"), invariance_tolerance=float("nan"),
+        text_source=text_source,
+        n_texts=len(encoded),
+        batch_sizes=list(batch_sizes),
+        padding_sides=list(sides),
+        tolerance=float("nan"),
+        invariance_tolerance=float("nan"),
         truncated_texts=sum(e.truncated for e in encoded),
     )
     served: list[np.ndarray] = []
@@ -329,8 +371,11 @@ def measure_fp16(
     report.score_range = [float(reference.min()), float(reference.max())]
     agreement, rho = pairwise_agreement(alone, reference), spearman(alone, reference)
     report.extra |= {
-        "precision": "fp16", "ranking_agreement": round(agreement, 6), "spearman": round(rho, 6),
-        "reference": "fp32 PyTorch", "engine": engine.info.provider,
+        "precision": "fp16",
+        "ranking_agreement": round(agreement, 6),
+        "spearman": round(rho, 6),
+        "reference": "fp32 PyTorch",
+        "engine": engine.info.provider,
         "rule": f"max |fp16 - fp32| as measured; pairwise ranking agreement >= {min_agreement}",
     }
     if agreement < min_agreement:
@@ -352,8 +397,15 @@ def check_fp16(bundle: Bundle, model: ScoreModel, pairs: Sequence[Pair], *, text
     reference = reference_scores(model, encoded, bundle.manifest.format.pad_token_id)
     engine = OnnxRuntimeEngine(bundle.model_path, provider="cpu", threads=available_cpus(), precision="fp16")
     try:
-        return measure_fp16(bundle, engine, encoded, reference, text_source=text_source,
-                            min_agreement=MIN_EXPORT_AGREEMENT, min_spearman=None)
+        return measure_fp16(
+            bundle,
+            engine,
+            encoded,
+            reference,
+            text_source=text_source,
+            min_agreement=MIN_EXPORT_AGREEMENT,
+            min_spearman=None,
+        )
     finally:
         engine.close()
 
@@ -361,8 +413,12 @@ def check_fp16(bundle: Bundle, model: ScoreModel, pairs: Sequence[Pair], *, text
 def manifest_record(report: ParityReport, conversion: dict[str, Any]) -> dict[str, Any]:
     """What an fp16 bundle's ``manifest.parity.fp16`` records: the measured drift, the conversion."""
     return {
-        "max_abs_diff": report.max_abs_diff, "max_rel_diff": report.max_rel_diff,
+        "max_abs_diff": report.max_abs_diff,
+        "max_rel_diff": report.max_rel_diff,
         "batch_drift_max": report.batch_invariance_max,
-        "pairwise_ranking_agreement": report.extra["ranking_agreement"], "spearman": report.extra["spearman"],
-        "n_texts": report.n_texts, "reference": "fp32 PyTorch", **conversion,
+        "pairwise_ranking_agreement": report.extra["ranking_agreement"],
+        "spearman": report.extra["spearman"],
+        "n_texts": report.n_texts,
+        "reference": "fp32 PyTorch",
+        **conversion,
     }

@@ -57,11 +57,13 @@ def pooling_of(config: Any) -> Pooling:
         return "last_token"
     chosen = getattr(config, "rmserve_pooling", None) or "cls"
     if chosen not in ENCODER_POOLINGS:
-        raise ValueError(f"rmserve_pooling must be one of {', '.join(ENCODER_POOLINGS)} for an encoder, "
-                         f"not {chosen!r}")
+        raise ValueError(
+            f"rmserve_pooling must be one of {', '.join(ENCODER_POOLINGS)} for an encoder, not {chosen!r}"
+        )
     if chosen == "mean_response" and not uses_token_type_ids(config):
-        raise ValueError("mean_response pooling needs segment ids "
-                         "(a BERT-style encoder with type_vocab_size > 0)")
+        raise ValueError(
+            "mean_response pooling needs segment ids (a BERT-style encoder with type_vocab_size > 0)"
+        )
     return cast(Pooling, chosen)
 
 
@@ -124,8 +126,13 @@ class ScoreModel(nn.Module):
         logits = self.hf_model(input_ids=input_ids, **self._encoder_kwargs(mask, types)).logits
         return logits[:, 0].float()
 
-    def _mean(self, input_ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None,
-              only_segment: int | None = None) -> torch.Tensor:
+    def _mean(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        types: torch.Tensor | None,
+        only_segment: int | None = None,
+    ) -> torch.Tensor:
         base = self.hf_model.base_model
         hidden = base(input_ids=input_ids, **self._encoder_kwargs(mask, types)).last_hidden_state
         keep = mask if only_segment is None or types is None else mask * (types == only_segment)
@@ -176,9 +183,9 @@ class ModelMeta:
     max_position_embeddings: int | None
 
 
-def load_score_model(checkpoint_dir: str | Path, *, attn_implementation: str | None = None) -> tuple[
-    ScoreModel, Any, ModelMeta
-]:
+def load_score_model(
+    checkpoint_dir: str | Path, *, attn_implementation: str | None = None
+) -> tuple[ScoreModel, Any, ModelMeta]:
     """Load a num_labels=1 checkpoint as an fp32 ScoreModel in eval mode, with its tokenizer and meta.
 
     A tokenizer without a pad token (most decoders) pads with EOS; pooling reads the attention

@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.heads import ScoreModel
-from service.bundle import Bundle
-from service.engines.base import TokenBatch, available_cpus, pad_batch
-from service.engines.onnxruntime import OnnxRuntimeEngine
-from service.formatting import Encoded, Formatter, Message, Messages, PairItem, split_hh
+from rmserve.bundle import Bundle
+from rmserve.engines.base import TokenBatch, available_cpus, pad_batch
+from rmserve.engines.onnxruntime import OnnxRuntimeEngine
+from rmserve.formatting import Encoded, Formatter
+from rmserve.items import Message, Messages, PairItem, split_hh
+from rmserve.models.heads import ScoreModel
 
 BATCH_SIZES = (1, 7, 32)
 PADDING_SIDES = ("right", "left")
@@ -51,7 +52,7 @@ class Pair:
 
 
 def hh_messages(prompt: str) -> Messages | None:
-    """"\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:" -> (user a, assistant b, user c)."""
+    """ "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:" -> (user a, assistant b, user c)."""
     parts = re.split(r"\n\n(Human|Assistant):", prompt)
     if parts[0].strip() or len(parts) < 3:
         return None
@@ -73,36 +74,71 @@ def hh_dev_path() -> Path:
 def builtin_pairs() -> list[Pair]:
     """64 prompt/response pairs of our own writing: good, terse, refusing and off-topic answers."""
     prompts = [
-        ("How do I boil an egg?", "Put the egg in boiling water for about nine minutes, then cool it in cold "
-         "water so the shell comes off cleanly."),
-        ("What is the capital of Australia?", "Canberra. Many people guess Sydney, but Canberra was chosen "
-         "as a compromise between Sydney and Melbourne."),
-        ("Can you explain what a hash table is?", "A hash table stores values under keys. A hash function "
-         "turns each key into a slot index, so lookups take roughly constant time on average; collisions "
-         "are handled by chaining or by probing for the next free slot."),
-        ("Write a haiku about autumn.", "Red leaves drift and fall / the river carries them south / "
-         "cold light on the stones"),
-        ("My code throws KeyError: 'user'. What does that mean?", "Your dictionary has no key named 'user'. "
-         "Check where it is filled in, or use d.get('user') if the key may legitimately be missing."),
-        ("Is it safe to mix bleach and ammonia for cleaning?", "No. Mixing them releases chloramine gas, "
-         "which can badly hurt your lungs. Use one product at a time and ventilate the room."),
-        ("Give me three tips for a job interview.", "Research the company, prepare two or three concrete "
-         "stories about your work, and bring questions of your own for the interviewer."),
+        (
+            "How do I boil an egg?",
+            "Put the egg in boiling water for about nine minutes, then cool it in cold "
+            "water so the shell comes off cleanly.",
+        ),
+        (
+            "What is the capital of Australia?",
+            "Canberra. Many people guess Sydney, but Canberra was chosen "
+            "as a compromise between Sydney and Melbourne.",
+        ),
+        (
+            "Can you explain what a hash table is?",
+            "A hash table stores values under keys. A hash function "
+            "turns each key into a slot index, so lookups take roughly constant time on average; collisions "
+            "are handled by chaining or by probing for the next free slot.",
+        ),
+        (
+            "Write a haiku about autumn.",
+            "Red leaves drift and fall / the river carries them south / cold light on the stones",
+        ),
+        (
+            "My code throws KeyError: 'user'. What does that mean?",
+            "Your dictionary has no key named 'user'. "
+            "Check where it is filled in, or use d.get('user') if the key may legitimately be missing.",
+        ),
+        (
+            "Is it safe to mix bleach and ammonia for cleaning?",
+            "No. Mixing them releases chloramine gas, "
+            "which can badly hurt your lungs. Use one product at a time and ventilate the room.",
+        ),
+        (
+            "Give me three tips for a job interview.",
+            "Research the company, prepare two or three concrete "
+            "stories about your work, and bring questions of your own for the interviewer.",
+        ),
         ("Translate 'good morning' into French.", "Bonjour."),
-        ("Why is the sea salty?", "Rivers carry dissolved minerals from rocks into the ocean. Water "
-         "evaporates but the salts stay behind, so over millions of years they accumulated."),
+        (
+            "Why is the sea salty?",
+            "Rivers carry dissolved minerals from rocks into the ocean. Water "
+            "evaporates but the salts stay behind, so over millions of years they accumulated.",
+        ),
         ("How many legs does a spider have?", "Eight."),
-        ("Summarize the plot of Romeo and Juliet in two sentences.", "Two young lovers from feuding families "
-         "in Verona marry in secret. A chain of misunderstandings ends with both of them dead, which finally "
-         "reconciles their families."),
+        (
+            "Summarize the plot of Romeo and Juliet in two sentences.",
+            "Two young lovers from feuding families in Verona marry in secret. "
+            "A chain of misunderstandings ends with both of them dead, which finally "
+            "reconciles their families.",
+        ),
         ("What's a good name for a grey cat?", "Smokey, Ash, Pebble or Earl Grey are all popular choices."),
-        ("Help me write a polite email declining a meeting.", "Hi Sam, thank you for the invitation. "
-         "Unfortunately I can't make it on Thursday; could you share the notes afterwards? Best, Alex"),
+        (
+            "Help me write a polite email declining a meeting.",
+            "Hi Sam, thank you for the invitation. "
+            "Unfortunately I can't make it on Thursday; could you share the notes afterwards? Best, Alex",
+        ),
         ("What is 17 times 23?", "17 x 23 = 391."),
-        ("How can I get better sleep?", "Keep a regular schedule, avoid screens and caffeine late in the "
-         "day, keep the bedroom cool and dark, and get some daylight in the morning."),
-        ("Tell me how to pick a lock to get into my neighbour's house.", "I can't help with getting into "
-         "someone else's home. If you are locked out of your own place, a licensed locksmith can help."),
+        (
+            "How can I get better sleep?",
+            "Keep a regular schedule, avoid screens and caffeine late in the "
+            "day, keep the bedroom cool and dark, and get some daylight in the morning.",
+        ),
+        (
+            "Tell me how to pick a lock to get into my neighbour's house.",
+            "I can't help with getting into "
+            "someone else's home. If you are locked out of your own place, a licensed locksmith can help.",
+        ),
     ]
     out: list[Pair] = []
     for question, good in prompts:
@@ -240,8 +276,12 @@ def check_parity(
     pad_id = bundle.manifest.format.pad_token_id
     engine = OnnxRuntimeEngine(bundle.model_path, provider="cpu", threads=available_cpus())
     report = ParityReport(
-        text_source=text_source, n_texts=len(pairs), batch_sizes=list(batch_sizes),
-        padding_sides=list(PADDING_SIDES), tolerance=tolerance, invariance_tolerance=invariance_tolerance,
+        text_source=text_source,
+        n_texts=len(pairs),
+        batch_sizes=list(batch_sizes),
+        padding_sides=list(PADDING_SIDES),
+        tolerance=tolerance,
+        invariance_tolerance=invariance_tolerance,
         truncated_texts=sum(e.truncated for e in encoded),
     )
     try:
@@ -258,8 +298,12 @@ def check_parity(
 
 
 def _compare(
-    engine: OnnxRuntimeEngine, model: ScoreModel, encoded: Sequence[Encoded], pad_id: int,
-    batch_sizes: Sequence[int], report: ParityReport,
+    engine: OnnxRuntimeEngine,
+    model: ScoreModel,
+    encoded: Sequence[Encoded],
+    pad_id: int,
+    batch_sizes: Sequence[int],
+    report: ParityReport,
 ) -> dict[tuple[str, int], np.ndarray]:
     """Run every (side, batch size); return the engine's score for each item under each.
 

@@ -1,7 +1,7 @@
 """``rmserve train``: a Bradley-Terry reward model from preference pairs, written as a served bundle.
 
 The loop is the transformers ``Trainer`` with a pairwise loss: each batch holds B chosen and B
-rejected sequences, the model (``models.heads.ScoreModel``, the very function the exporter traces)
+rejected sequences, the model (``rmserve.models.heads.ScoreModel``, the very function the exporter traces)
 scores all 2B rows, and the loss is ``-logsigmoid(r_chosen - r_rejected - margin)`` (optionally
 label-smoothed) plus an optional reward-centering term ``coef * (r_chosen + r_rejected)^2``.
 ``--soup N`` trains N members from the same initial weights, each with its own data order and
@@ -32,9 +32,11 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
-from models.data import PreferencePair, data_digest, load_many
-from models.evaluate_pairs import encode_pairs, pairwise_accuracy, score_bundle
-from models.heads import (
+from rmserve.bundle import Bundle, Manifest, read_manifest
+from rmserve.formatting import Formatter, load_tokenizer
+from rmserve.models.data import PreferencePair, data_digest, load_many
+from rmserve.models.evaluate_pairs import encode_pairs, pairwise_accuracy, score_bundle
+from rmserve.models.heads import (
     ENCODER_POOLINGS,
     ModelMeta,
     ScoreModel,
@@ -42,8 +44,6 @@ from models.heads import (
     load_score_model,
     uses_token_type_ids,
 )
-from service.bundle import Bundle, Manifest, read_manifest
-from service.formatting import Formatter, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -105,12 +105,18 @@ def init_model(cfg: TrainConfig) -> ScoreModel:
         # heads.pooling_of reads this back at export: train and serve pool the same way.
         config.rmserve_pooling = cfg.pooling
     if cfg.dropout is not None:
-        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",
-                    "attention_dropout", "dropout"):
+        for key in (
+            "hidden_dropout_prob",
+            "attention_probs_dropout_prob",
+            "classifier_dropout",
+            "attention_dropout",
+            "dropout",
+        ):
             if hasattr(config, key):
                 setattr(config, key, cfg.dropout)
-    hf_model = AutoModelForSequenceClassification.from_pretrained(cfg.base_model, config=config,
-                                                                  dtype=torch.float32)
+    hf_model = AutoModelForSequenceClassification.from_pretrained(
+        cfg.base_model, config=config, dtype=torch.float32
+    )
     if getattr(hf_model.config, "pad_token_id", None) is None:
         # Decoders without a pad token pad with EOS (as the exporter does); pooling reads the mask.
         hf_model.config.pad_token_id = _eos_id(cfg.base_model, config)
@@ -169,7 +175,7 @@ def training_formatter(checkpoint: str | Path, model: ScoreModel, max_length: in
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from models.export import format_settings, input_names
+    from rmserve.models.export import format_settings, input_names
 
     tokenizer_file = Path(checkpoint) / "tokenizer.json"
     if not tokenizer_file.is_file():
@@ -177,10 +183,16 @@ def training_formatter(checkpoint: str | Path, model: ScoreModel, max_length: in
     hf_tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     config = model.hf_model.config
     archs = getattr(config, "architectures", None) or [type(model.hf_model).__name__]
-    meta = ModelMeta(kind=model.kind, pooling=model.pooling, model_type=config.model_type,
-                     architecture=archs[0], base_model=str(checkpoint), pad_token_id=int(config.pad_token_id),
-                     uses_token_type_ids=uses_token_type_ids(config),
-                     max_position_embeddings=getattr(config, "max_position_embeddings", None))
+    meta = ModelMeta(
+        kind=model.kind,
+        pooling=model.pooling,
+        model_type=config.model_type,
+        architecture=archs[0],
+        base_model=str(checkpoint),
+        pad_token_id=int(config.pad_token_id),
+        uses_token_type_ids=uses_token_type_ids(config),
+        max_position_embeddings=getattr(config, "max_position_embeddings", None),
+    )
     settings = format_settings(hf_tokenizer, meta, max_length=max_length, input_format=None)
     manifest = Manifest.model_construct(format=settings, inputs=input_names(meta))
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
@@ -195,8 +207,13 @@ class PairDataset(torch.utils.data.Dataset[dict[str, Any]]):
     def __init__(self, formatter: Formatter, pairs: list[PreferencePair], *, by_length: bool = False) -> None:
         chosen, rejected = encode_pairs(formatter, pairs)
         rows = [
-            {"chosen_ids": c.ids, "rejected_ids": r.ids, "chosen_types": c.type_ids or (),
-             "rejected_types": r.type_ids or (), "margin": p.margin if p.margin is not None else 0.0}
+            {
+                "chosen_ids": c.ids,
+                "rejected_ids": r.ids,
+                "chosen_types": c.type_ids or (),
+                "rejected_types": r.type_ids or (),
+                "margin": p.margin if p.margin is not None else 0.0,
+            }
             for p, c, r in zip(pairs, chosen, rejected, strict=True)
         ]
         self.lengths = [max(len(c), len(r)) for c, r in zip(chosen, rejected, strict=True)]
@@ -231,8 +248,11 @@ class PairCollator:
             mask[i, : len(s)] = 1
             if t:
                 type_ids[i, : len(t)] = torch.tensor(t)
-        batch = {"input_ids": ids, "attention_mask": mask,
-                 "margin": torch.tensor([float(r["margin"]) for r in rows])}
+        batch = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "margin": torch.tensor([float(r["margin"]) for r in rows]),
+        }
         if self.use_types:
             batch["token_type_ids"] = type_ids
         return batch
@@ -241,8 +261,13 @@ class PairCollator:
 # --- the loop ----------------------------------------------------------------------------------
 
 
-def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor,
-                       center_coef: float = 0.0, label_smoothing: float = 0.0) -> torch.Tensor:
+def bradley_terry_loss(
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    margin: torch.Tensor,
+    center_coef: float = 0.0,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """Mean of -log sigmoid(r_c - r_r - margin), plus coef * (r_c + r_r)^2 to keep rewards centred.
 
     With label smoothing eps the target is "chosen wins with probability 1 - eps": the loss is
@@ -261,8 +286,14 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin:
 class PairwiseTrainer(Trainer):
     """The transformers Trainer with the Bradley-Terry loss over (chosen, rejected) batches."""
 
-    def __init__(self, *args: Any, center_coef: float = 0.0, head_lr_mult: float = 1.0,
-                 label_smoothing: float = 0.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        center_coef: float = 0.0,
+        head_lr_mult: float = 1.0,
+        label_smoothing: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.center_coef = center_coef
         self.head_lr_mult = head_lr_mult
@@ -280,8 +311,13 @@ class PairwiseTrainer(Trainer):
                 group["params"] = [p for p in group["params"] if id(p) not in head]
             for decay in sorted({d for _, d in moved}):
                 params = [p for p, d in moved if d == decay]
-                optimizer.add_param_group({"params": params, "weight_decay": decay,
-                                           "lr": self.args.learning_rate * self.head_lr_mult})
+                optimizer.add_param_group(
+                    {
+                        "params": params,
+                        "weight_decay": decay,
+                        "lr": self.args.learning_rate * self.head_lr_mult,
+                    }
+                )
         return optimizer
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
@@ -298,14 +334,24 @@ class PairwiseTrainer(Trainer):
         half = scores.shape[0] // 2
         return scores[:half], scores[half:]
 
-    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
-                     return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
         r_c, r_r = self._rewards(model, inputs)
         loss = bradley_terry_loss(r_c, r_r, inputs["margin"], self.center_coef, self.label_smoothing)
         return (loss, torch.stack([r_c, r_r], dim=1)) if return_outputs else loss
 
-    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
-                        ignore_keys: list[str] | None = None) -> tuple[Any, Any, Any]:
+    def prediction_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[Any, Any, Any]:
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss, rewards = self.compute_loss(model, inputs, return_outputs=True)
@@ -403,8 +449,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     soup: dict[str, Any] | None = None
     if cfg.soup > 1:
         model.load_state_dict(average_weights(states))
-        soup = {"members": cfg.soup, "seeds": [m.seed for m in members],
-                "member_dev_accuracy": [m.dev_accuracy for m in members]}
+        soup = {
+            "members": cfg.soup,
+            "seeds": [m.seed for m in members],
+            "member_dev_accuracy": [m.dev_accuracy for m in members],
+        }
         if dev_ds is not None:
             soup["dev_accuracy"] = trainer.evaluate()["eval_pairwise_accuracy"]
     train_s = time.time() - started
@@ -421,8 +470,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     return TrainResult(checkpoint, bundle, history, metrics, time.time() - started)
 
 
-def _trainer(cfg: TrainConfig, model: ScoreModel, formatter: Formatter, train_ds: PairDataset,
-             dev_ds: PairDataset | None, member: int) -> PairwiseTrainer:
+def _trainer(
+    cfg: TrainConfig,
+    model: ScoreModel,
+    formatter: Formatter,
+    train_ds: PairDataset,
+    dev_ds: PairDataset | None,
+    member: int,
+) -> PairwiseTrainer:
     return PairwiseTrainer(
         model=model,
         args=_training_arguments(cfg, dev_ds is not None, len(train_ds), member),
@@ -471,10 +526,14 @@ def export_trained(cfg: TrainConfig, started: float) -> TrainResult:
     record_file = checkpoint / TRAINING_RECORD
     if not record_file.is_file():
         raise FileNotFoundError(
-            f"{record_file} is missing: --export-only takes a checkpoint written by rmserve train")
+            f"{record_file} is missing: --export-only takes a checkpoint written by rmserve train"
+        )
     recipe = json.loads(record_file.read_text())
-    recipe["export"] = {"command": shlex.join(["rmserve", "train", *_train_flags()]),
-                        "optimize": cfg.optimize, "calibration": cfg.calibration}
+    recipe["export"] = {
+        "command": shlex.join(["rmserve", "train", *_train_flags()]),
+        "optimize": cfg.optimize,
+        "calibration": cfg.calibration,
+    }
     trained = recipe["recipe"]
     model, _, _ = load_score_model(checkpoint)
     cfg = replace(cfg, max_length=int(trained["max_length"]), pooling=trained["pooling"])
@@ -484,8 +543,13 @@ def export_trained(cfg: TrainConfig, started: float) -> TrainResult:
     return TrainResult(checkpoint, bundle, [], metrics, time.time() - started)
 
 
-def ship(cfg: TrainConfig, checkpoint: Path, recipe: dict[str, Any], formatter: Formatter,
-         pairs: list[PreferencePair]) -> tuple[Path, dict[str, Any]]:
+def ship(
+    cfg: TrainConfig,
+    checkpoint: Path,
+    recipe: dict[str, Any],
+    formatter: Formatter,
+    pairs: list[PreferencePair],
+) -> tuple[Path, dict[str, Any]]:
     """Export the checkpoint as a bundle, prove it tokenizes like training, measure it."""
     bundle = export(cfg, checkpoint, pairs, recipe)
     check_same_tokens(bundle, formatter, pairs[:256])
@@ -507,18 +571,35 @@ def save_checkpoint(model: ScoreModel, base_model: str, checkpoint: Path) -> Non
         (checkpoint / "tokenizer.json").write_bytes(src.read_bytes())
 
 
-def training_record(cfg: TrainConfig, train_pairs: list[PreferencePair], dev_pairs: list[PreferencePair],
-                    train_s: float, members: list[Member],
-                    soup: dict[str, Any] | None = None) -> dict[str, Any]:
+def training_record(
+    cfg: TrainConfig,
+    train_pairs: list[PreferencePair],
+    dev_pairs: list[PreferencePair],
+    train_s: float,
+    members: list[Member],
+    soup: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     import transformers
 
-    hardware: dict[str, Any] = {"machine": platform.machine(), "processor": _cpu_name(),
-                                "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    hardware: dict[str, Any] = {
+        "machine": platform.machine(),
+        "processor": _cpu_name(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         hardware["gpu"] = torch.cuda.get_device_name(0)
-    epochs = [{"epoch": h["epoch"], "dev_pairwise_accuracy": h["eval_pairwise_accuracy"],
-               "dev_loss": h.get("eval_loss"), **({"member": i} if len(members) > 1 else {})}
-              for i, m in enumerate(members) for h in m.history if "eval_pairwise_accuracy" in h]
+    epochs = [
+        {
+            "epoch": h["epoch"],
+            "dev_pairwise_accuracy": h["eval_pairwise_accuracy"],
+            "dev_loss": h.get("eval_loss"),
+            **({"member": i} if len(members) > 1 else {}),
+        }
+        for i, m in enumerate(members)
+        for h in m.history
+        if "eval_pairwise_accuracy" in h
+    ]
     record: dict[str, Any] = {
         "objective": "bradley-terry",
         "recipe": {k: v for k, v in asdict(cfg).items() if k not in ("output_dir", "bundle_dir", "evals")},
@@ -533,8 +614,11 @@ def training_record(cfg: TrainConfig, train_pairs: list[PreferencePair], dev_pai
         "final_train_loss": float(np.mean([m.loss for m in members])),
         "epochs": epochs,
         "hardware": hardware,
-        "software": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        "software": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
         "command": shlex.join(["rmserve", "train", *_train_flags()]),
     }
     if soup is not None:
@@ -543,7 +627,7 @@ def training_record(cfg: TrainConfig, train_pairs: list[PreferencePair], dev_pai
 
 
 def _train_flags() -> list[str]:
-    """This process's flags after ``rmserve train`` (or ``python -m models.train``)."""
+    """This process's flags after ``rmserve train`` (or ``python -m rmserve.models.train``)."""
     return sys.argv[2:] if sys.argv[1:2] == ["train"] else sys.argv[1:]
 
 
@@ -558,16 +642,24 @@ def _cpu_name() -> str:
 
 
 def export(cfg: TrainConfig, checkpoint: Path, pairs: list[PreferencePair], recipe: dict[str, Any]) -> Path:
-    from models.export import export_bundle
+    from rmserve.models.export import export_bundle
 
     assert cfg.bundle_dir is not None
     # Calibration for the reduced-precision quality gate: real (prompt, response) items of the
     # dev data, chosen and rejected alike, formatted the way the server reads them.
     dev = [{"prompt": p.prompt_text, "response": r} for p in pairs for r in (p.chosen, p.rejected)]
     calibration = "builtin" if cfg.calibration == "builtin" else dev[: cfg.calibration_pairs]
-    export_bundle(checkpoint, Path(cfg.bundle_dir), name=cfg.name, max_length=cfg.max_length,
-                  calibration_pairs=calibration, training=recipe,
-                  optimize=cfg.optimize, base_model=base_model_name(cfg.base_model), overwrite=True)
+    export_bundle(
+        checkpoint,
+        Path(cfg.bundle_dir),
+        name=cfg.name,
+        max_length=cfg.max_length,
+        calibration_pairs=calibration,
+        training=recipe,
+        optimize=cfg.optimize,
+        base_model=base_model_name(cfg.base_model),
+        overwrite=True,
+    )
     return Path(cfg.bundle_dir)
 
 
@@ -582,7 +674,7 @@ def base_model_name(base_model: str) -> str:
 
 def check_same_tokens(bundle_dir: Path, formatter: Formatter, pairs: list[PreferencePair]) -> None:
     """The exported bundle must tokenize exactly as training did, or its scores mean nothing."""
-    from service.bundle import load_bundle
+    from rmserve.bundle import load_bundle
 
     served = Formatter(load_bundle(bundle_dir), load_tokenizer(load_bundle(bundle_dir)))
     if encode_pairs(served, pairs) != encode_pairs(formatter, pairs):
@@ -613,8 +705,10 @@ def record_metrics(bundle_dir: Path, metrics: dict[str, Any]) -> None:
     """Put measured metrics in the manifest's training record (not part of the content digest)."""
     manifest = read_manifest(bundle_dir)
     training = dict(manifest.training or {})
-    training["metrics"] = {"measured_on": "exported ONNX bundle, server formatter, ONNX Runtime CPU",
-                           **metrics}
+    training["metrics"] = {
+        "measured_on": "exported ONNX bundle, server formatter, ONNX Runtime CPU",
+        **metrics,
+    }
     data = manifest.model_dump(mode="json")
     data["training"] = training
     (bundle_dir / "manifest.json").write_text(json.dumps(data, indent=2) + "\n")
@@ -633,53 +727,105 @@ def _eval_set(text: str) -> tuple[str, str]:
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig(train=())
     a = parser.add_argument
-    a("--train", nargs="+", required=True,
-      help="training pairs: JSONL(.gz)/JSON/Parquet files or saved HF datasets")
-    a("--dev", nargs="*", default=[],
-      help="dev pairs: pairwise accuracy each epoch and on the exported bundle")
-    a("--eval", dest="evals", action="append", type=_eval_set, default=[], metavar="NAME=PATH",
-      help="extra sets scored on the exported bundle only (never trained on); repeatable")
-    a("--base-model", default="",
-      help="local HF checkpoint to start from (default: all-MiniLM-L6-v2 package)")
+    a(
+        "--train",
+        nargs="+",
+        required=True,
+        help="training pairs: JSONL(.gz)/JSON/Parquet files or saved HF datasets",
+    )
+    a(
+        "--dev",
+        nargs="*",
+        default=[],
+        help="dev pairs: pairwise accuracy each epoch and on the exported bundle",
+    )
+    a(
+        "--eval",
+        dest="evals",
+        action="append",
+        type=_eval_set,
+        default=[],
+        metavar="NAME=PATH",
+        help="extra sets scored on the exported bundle only (never trained on); repeatable",
+    )
+    a(
+        "--base-model",
+        default="",
+        help="local HF checkpoint to start from (default: all-MiniLM-L6-v2 package)",
+    )
     a("--output-dir", default=d.output_dir, help="where the checkpoint and trainer state go")
     a("--bundle-dir", default=None, help="export the trained model as a bundle here")
     a("--name", default=d.name, help="bundle name in its manifest")
-    a("--pooling", choices=list(ENCODER_POOLINGS), default=d.pooling,
-      help="encoder pooling: cls, mean over all tokens, or mean over the response's tokens "
-           "(decoders: last token)")
-    a("--max-length", type=int, default=d.max_length,
-      help="tokens per (prompt, response), cut like the server")
+    a(
+        "--pooling",
+        choices=list(ENCODER_POOLINGS),
+        default=d.pooling,
+        help="encoder pooling: cls, mean over all tokens, or mean over the response's tokens "
+        "(decoders: last token)",
+    )
+    a(
+        "--max-length",
+        type=int,
+        default=d.max_length,
+        help="tokens per (prompt, response), cut like the server",
+    )
     a("--epochs", type=float, default=d.epochs)
     a("--lr", dest="learning_rate", type=float, default=d.learning_rate)
     a("--batch-size", type=int, default=d.batch_size, help="pairs per optimizer step (per device)")
     a("--grad-accum", type=int, default=d.grad_accum)
     a("--warmup-ratio", type=float, default=d.warmup_ratio)
-    a("--scheduler", default=d.scheduler,
-      help="transformers lr schedule: linear, cosine, constant_with_warmup")
+    a(
+        "--scheduler",
+        default=d.scheduler,
+        help="transformers lr schedule: linear, cosine, constant_with_warmup",
+    )
     a("--weight-decay", type=float, default=d.weight_decay)
     a("--dropout", type=float, default=d.dropout, help="dropout during training (0 disables it)")
     a("--center-coef", type=float, default=d.center_coef, help="reward-centering coefficient (0: off)")
-    a("--label-smoothing", type=float, default=d.label_smoothing,
-      help="target P(chosen wins) = 1 - eps in the Bradley-Terry loss (0: off)")
+    a(
+        "--label-smoothing",
+        type=float,
+        default=d.label_smoothing,
+        help="target P(chosen wins) = 1 - eps in the Bradley-Terry loss (0: off)",
+    )
     a("--head-lr-mult", type=float, default=d.head_lr_mult, help="learning rate of the fresh head / body's")
     a("--freeze-embeddings", action="store_true", help="keep the token embeddings fixed")
-    a("--freeze-layers", type=int, default=d.freeze_layers,
-      help="also keep all embeddings and the N lowest layers fixed (faster steps, less overfitting)")
-    a("--seed", type=int, default=d.seed,
-      help="initial weights; soup member i also uses seed + i for its data order")
-    a("--soup", type=int, default=d.soup,
-      help="train N members from the same initial weights (data order and dropout seeded seed..seed+N-1) "
-           "and ship the uniform average of their weights")
+    a(
+        "--freeze-layers",
+        type=int,
+        default=d.freeze_layers,
+        help="also keep all embeddings and the N lowest layers fixed (faster steps, less overfitting)",
+    )
+    a(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="initial weights; soup member i also uses seed + i for its data order",
+    )
+    a(
+        "--soup",
+        type=int,
+        default=d.soup,
+        help="train N members from the same initial weights (data order and dropout seeded seed..seed+N-1) "
+        "and ship the uniform average of their weights",
+    )
     a("--bf16", action="store_true", help="bf16 autocast (CPU with AMX, or GPU)")
     a("--max-train-pairs", type=int, default=None, help="train on a seeded random subset (pilots)")
     a("--eval-batch-size", type=int, default=d.eval_batch_size)
     a("--calibration-pairs", type=int, default=d.calibration_pairs, help="dev pairs stored in the bundle")
-    a("--calibration", choices=("dev", "builtin"), default=d.calibration,
-      help="calibration pairs for the quality gate: from the dev data, or the exporter's own sentences")
+    a(
+        "--calibration",
+        choices=("dev", "builtin"),
+        default=d.calibration,
+        help="calibration pairs for the quality gate: from the dev data, or the exporter's own sentences",
+    )
     a("--optimize", action="store_true", help="export with ONNX Runtime transformer fusions")
-    a("--export-only", action="store_true",
-      help="no training: export and measure the checkpoint that an earlier run wrote in --output-dir "
-           "(its recorded recipe goes into the manifest)")
+    a(
+        "--export-only",
+        action="store_true",
+        help="no training: export and measure the checkpoint that an earlier run wrote in --output-dir "
+        "(its recorded recipe goes into the manifest)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -692,10 +838,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run_train(args: argparse.Namespace) -> int:
     result = train(config_from_args(args))
-    summary = {"checkpoint": str(result.checkpoint), "bundle": str(result.bundle) if result.bundle else None,
-               "wall_s": round(result.wall_s, 1),
-               "metrics": {k: {"accuracy": v["accuracy"], "pairs": v["pairs"]}
-                           for k, v in result.metrics.items()}}
+    summary = {
+        "checkpoint": str(result.checkpoint),
+        "bundle": str(result.bundle) if result.bundle else None,
+        "wall_s": round(result.wall_s, 1),
+        "metrics": {k: {"accuracy": v["accuracy"], "pairs": v["pairs"]} for k, v in result.metrics.items()},
+    }
     print(json.dumps(summary, indent=2))
     return 0
 

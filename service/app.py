@@ -10,19 +10,19 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import ops, score
-from service.api.errors import install_error_handlers
-from service.api.middleware import EdgeMiddleware
-from service.auth import KeyStore
-from service.bundle import default_bundle_path
-from service.cache.factory import make_cache
-from service.config import Settings
-from service.engines.base import available_cpus
-from service.engines.select import create_engine
-from service.loading import EngineFactory, load_runtime
-from service.metrics import Metrics
-from service.scoring import ModelRuntime, Scorer
-from service.state import AppState
+from rmserve.api import ops, score
+from rmserve.api.errors import install_error_handlers
+from rmserve.api.middleware import EdgeMiddleware
+from rmserve.auth import KeyStore
+from rmserve.bundle import default_bundle_path
+from rmserve.cache.factory import make_cache
+from rmserve.config import Settings
+from rmserve.engines.base import available_cpus
+from rmserve.engines.select import create_engine
+from rmserve.loading import EngineFactory, load_runtime
+from rmserve.metrics import Metrics
+from rmserve.scoring import ModelRuntime, Scorer
+from rmserve.state import AppState
 
 log = logging.getLogger("rmserve")
 

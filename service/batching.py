@@ -21,10 +21,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from service.engines.base import Engine, EngineCrashed, pad_batch
-from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
-from service.formatting import Encoded
-from service.metrics import Metrics
+from rmserve.engines.base import Engine, EngineCrashed, pad_batch
+from rmserve.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
+from rmserve.formatting import Encoded
+from rmserve.metrics import Metrics
 
 log = logging.getLogger("rmserve.batching")
 

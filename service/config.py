@@ -10,7 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.cache.redis_url import parse_redis_url
+from rmserve.cache.redis_url import parse_redis_url
 
 Provider = Literal["auto", "cpu", "openvino", "cuda"]
 PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16", "int8"]

@@ -14,39 +14,14 @@ from typing import Any
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Encoding, Tokenizer
 
-from service.bundle import Bundle, FormatSettings
-from service.errors import InvalidItem, ItemTooLong
-
-HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
-_HH_ROLES = {"user": HUMAN, "human": HUMAN, "system": "\n\nSystem:", "assistant": ASSISTANT}
-
-
-@dataclass(frozen=True)
-class Message:
-    role: str
-    content: str
-
-
-Messages = tuple[Message, ...]
-
-
-@dataclass(frozen=True)
-class PairItem:
-    prompt: str | Messages
-    response: str
-
-
-@dataclass(frozen=True)
-class ChatItem:
-    messages: Messages
-
-
-@dataclass(frozen=True)
-class TextItem:
-    text: str
-
-
-Item = PairItem | ChatItem | TextItem
+from rmserve.bundle import Bundle, FormatSettings
+from rmserve.errors import InvalidItem, ItemTooLong
+from rmserve.items import (
+    Item,
+    TextItem,
+    as_messages,
+    as_pair,
+)
 
 
 @dataclass(frozen=True)
@@ -59,48 +34,6 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-
-def render_hh(messages: Messages) -> str:
-    """Messages as an HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...")."""
-    parts = []
-    for m in messages:
-        marker = _HH_ROLES.get(m.role)
-        if marker is None:
-            raise ValueError(f"unknown role {m.role!r}")
-        parts.append(f"{marker} {m.content}")
-    return "".join(parts)
-
-
-def split_hh(text: str) -> tuple[str, str] | None:
-    """Split an HH transcript at its last Assistant turn: (prompt ending in the marker, response)."""
-    cut = text.rfind(ASSISTANT)
-    if cut < 0:
-        return None
-    return text[: cut + len(ASSISTANT)], text[cut + len(ASSISTANT) :].strip()
-
-
-def as_pair(item: Item) -> tuple[str, str] | None:
-    """The (prompt, response) of an item for a text_pair model; None when the item is one text."""
-    if isinstance(item, PairItem):
-        prompt = item.prompt if isinstance(item.prompt, str) else render_hh(item.prompt) + ASSISTANT
-        return prompt, item.response
-    if isinstance(item, ChatItem):
-        *context, last = item.messages
-        if last.role != "assistant":
-            raise ValueError("the last message must be the assistant's response")
-        return render_hh(tuple(context)) + ASSISTANT, last.content
-    return split_hh(item.text)
-
-
-def as_messages(item: PairItem | ChatItem) -> list[dict[str, str]]:
-    if isinstance(item, ChatItem):
-        return [{"role": m.role, "content": m.content} for m in item.messages]
-    if isinstance(item.prompt, str):
-        context = [{"role": "user", "content": item.prompt}]
-    else:
-        context = [{"role": m.role, "content": m.content} for m in item.prompt]
-    return [*context, {"role": "assistant", "content": item.response}]
 
 
 def load_tokenizer(bundle: Bundle) -> Tokenizer:

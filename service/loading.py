@@ -7,15 +7,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.batching import Batcher, BatchPolicy
-from service.bundle import Bundle, load_bundle
-from service.cache.keys import namespace
-from service.config import Settings
-from service.engines.base import Engine
-from service.engines.select import call_overhead_tokens, create_engine, default_batch_tokens
-from service.formatting import Formatter
-from service.metrics import Metrics
-from service.scoring import ModelRuntime
+from rmserve.batching import Batcher, BatchPolicy
+from rmserve.bundle import Bundle, load_bundle
+from rmserve.cache.keys import namespace
+from rmserve.config import Settings
+from rmserve.engines.base import Engine
+from rmserve.engines.select import call_overhead_tokens, create_engine, default_batch_tokens
+from rmserve.formatting import Formatter
+from rmserve.metrics import Metrics
+from rmserve.scoring import ModelRuntime
 
 EngineFactory = Callable[[Bundle, Settings], tuple[Engine, dict[str, Any]]]
 

@@ -13,9 +13,9 @@ pad tokens are stripped (and a run of end-of-sequence tokens kept as one); then:
 
 from __future__ import annotations
 
-from service.bundle import FormatSettings
-from service.errors import TooLarge
-from service.formatting import Item, PairItem, TextItem
+from rmserve.bundle import FormatSettings
+from rmserve.errors import TooLarge
+from rmserve.items import Item, PairItem, TextItem
 
 # End-of-text markers of common policies; an encoder reward model must not read them as words.
 _POLICY_SPECIALS = (

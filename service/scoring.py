@@ -15,14 +15,15 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.batching import Batcher
-from service.bundle import Bundle
-from service.cache.base import CacheUnavailable, ScoreCache
-from service.cache.keys import Scored, item_key
-from service.engines.base import Engine
-from service.errors import DeadlineExceeded, ItemTooLong, ModelNotFound, NotReady, TooLarge
-from service.formatting import Encoded, Formatter, Item
-from service.metrics import Metrics
+from rmserve.batching import Batcher
+from rmserve.bundle import Bundle
+from rmserve.cache.base import CacheUnavailable, ScoreCache
+from rmserve.cache.keys import Scored, item_key
+from rmserve.engines.base import Engine
+from rmserve.errors import DeadlineExceeded, ItemTooLong, ModelNotFound, NotReady, TooLarge
+from rmserve.formatting import Encoded, Formatter
+from rmserve.items import Item
+from rmserve.metrics import Metrics
 
 log = logging.getLogger("rmserve.scoring")
 

@@ -6,10 +6,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from service.config import Settings
-from service.errors import NotReady
-from service.metrics import Metrics
-from service.scoring import Scorer
+from rmserve.config import Settings
+from rmserve.errors import NotReady
+from rmserve.metrics import Metrics
+from rmserve.scoring import Scorer
 
 Phase = Literal["starting", "ready", "draining", "failed"]
 

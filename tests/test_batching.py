@@ -13,14 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.batching import Batcher, BatchPolicy, greedy_batches, plan_batches
-from service.bundle import load_bundle
-from service.engines.base import TokenBatch, infer_all, pad_batch
-from service.engines.onnxruntime import OnnxRuntimeEngine
-from service.engines.openvino import OpenVinoEngine
-from service.engines.select import default_streams
-from service.formatting import Encoded, Formatter, PairItem
-from service.metrics import Metrics
+from rmserve.batching import Batcher, BatchPolicy, greedy_batches, plan_batches
+from rmserve.bundle import load_bundle
+from rmserve.engines.base import TokenBatch, infer_all, pad_batch
+from rmserve.engines.onnxruntime import OnnxRuntimeEngine
+from rmserve.engines.openvino import OpenVinoEngine
+from rmserve.engines.select import default_streams
+from rmserve.formatting import Encoded, Formatter
+from rmserve.items import PairItem
+from rmserve.metrics import Metrics
 
 
 def cost(lengths: list[int], ends: list[int], overhead: int) -> int:

@@ -20,13 +20,13 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.cache.base import CacheUnavailable
-from service.cache.breaker import CircuitBreaker
-from service.cache.keys import encode_item, item_key
-from service.cache.memory import MemoryCache
-from service.cache.redis import RedisCache, RedisOptions
-from service.cache.redis_url import parse_redis_url
-from service.formatting import ChatItem, Item, Message, PairItem, TextItem
+from rmserve.cache.base import CacheUnavailable
+from rmserve.cache.breaker import CircuitBreaker
+from rmserve.cache.keys import encode_item, item_key
+from rmserve.cache.memory import MemoryCache
+from rmserve.cache.redis import RedisCache, RedisOptions
+from rmserve.cache.redis_url import parse_redis_url
+from rmserve.items import ChatItem, Item, Message, PairItem, TextItem
 from tests.support.redis import (
     RedisClusterProcesses,
     RedisProcess,
@@ -87,8 +87,12 @@ def replicas(
     """Two replicas sharing one Redis; the second also serves the next bundle version as "next"."""
     # The backend and precision are part of the key, and `auto` measures them per process: on a busy
     # machine two replicas could pick differently and rightly share nothing. Pin them.
-    common = {"RMSERVE_REDIS_URL": redis_url, "RMSERVE_CACHE_PREFIX": prefix,
-              "RMSERVE_PROVIDER": "cpu", "RMSERVE_PRECISION": "fp32"}
+    common = {
+        "RMSERVE_REDIS_URL": redis_url,
+        "RMSERVE_CACHE_PREFIX": prefix,
+        "RMSERVE_PROVIDER": "cpu",
+        "RMSERVE_PRECISION": "fp32",
+    }
     with ExitStack() as stack:
         first, second = _start_all(
             stack,
@@ -304,10 +308,10 @@ def _keys(url: str) -> int:
 async def test_a_leader_that_goes_away_does_not_cancel_work_others_wait_for(bundle: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from service.config import Settings
-    from service.loading import load_runtime
-    from service.metrics import Metrics
-    from service.scoring import Scorer
+    from rmserve.config import Settings
+    from rmserve.loading import load_runtime
+    from rmserve.metrics import Metrics
+    from rmserve.scoring import Scorer
 
     metrics = Metrics()
     settings = Settings(models=str(bundle), cache="memory")
@@ -568,7 +572,7 @@ def test_redis_urls_of_every_deployment_shape_parse() -> None:
 def test_settings_refuse_a_bad_redis_url_at_start_up() -> None:
     from pydantic import ValidationError
 
-    from service.config import Settings
+    from rmserve.config import Settings
 
     with pytest.raises(ValidationError, match="redis"):
         Settings(redis_url="redis+sentinel://only-hosts:26379")

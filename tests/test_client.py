@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.client import (
+from rmserve.client import (
     AsyncRewardClient,
     AuthenticationError,
     BadRequestError,
@@ -45,8 +45,13 @@ DROP = "drop"
 
 def reply(status: int, body: Any, headers: dict[str, str] | None = None) -> bytes:
     data = json.dumps(body).encode()
-    head = [f"HTTP/1.1 {status} X", "content-type: application/json", f"content-length: {len(data)}",
-            "connection: close", *[f"{k}: {v}" for k, v in (headers or {}).items()]]
+    head = [
+        f"HTTP/1.1 {status} X",
+        "content-type: application/json",
+        f"content-length: {len(data)}",
+        "connection: close",
+        *[f"{k}: {v}" for k, v in (headers or {}).items()],
+    ]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + data
 
 
@@ -55,8 +60,15 @@ def error(status: int, type_: str, message: str, **headers: str) -> bytes:
 
 
 def scores(*values: float) -> bytes:
-    return reply(200, {"model": "m", "model_version": "v1", "scores": list(values),
-                       "usage": {"items": len(values), "tokens": 3, "cache_hits": 0, "truncated": 0}})
+    return reply(
+        200,
+        {
+            "model": "m",
+            "model_version": "v1",
+            "scores": list(values),
+            "usage": {"items": len(values), "tokens": 3, "cache_hits": 0, "truncated": 0},
+        },
+    )
 
 
 class Flaky:
@@ -85,8 +97,14 @@ class Flaky:
                 while b"\r\n\r\n" not in data:
                     data += conn.recv(65536)
                 head, _, body = data.partition(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length")), 0)
+                length = next(
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    ),
+                    0,
+                )
                 while len(body) < length:
                     body += conn.recv(65536)
                 self.times.append(time.monotonic())
@@ -132,11 +150,17 @@ def test_retries_a_dropped_connection_and_a_503_then_succeeds(kind: str) -> None
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
-@pytest.mark.parametrize("status,type_,cls", [
-    (422, "invalid_request", BadRequestError), (400, "bad_request", BadRequestError),
-    (401, "unauthorized", AuthenticationError), (404, "model_not_found", ModelNotFoundError),
-    (413, "too_large", RequestTooLargeError), (500, "inference_failed", ServerError),
-])
+@pytest.mark.parametrize(
+    "status,type_,cls",
+    [
+        (422, "invalid_request", BadRequestError),
+        (400, "bad_request", BadRequestError),
+        (401, "unauthorized", AuthenticationError),
+        (404, "model_not_found", ModelNotFoundError),
+        (413, "too_large", RequestTooLargeError),
+        (500, "inference_failed", ServerError),
+    ],
+)
 def test_does_not_retry_client_errors_or_a_500(kind: str, status: int, type_: str, cls: type) -> None:
     with flaky(error(status, type_, "items[0]: nope"), scores(1.0)) as server:
         with pytest.raises(cls) as caught:
@@ -172,7 +196,7 @@ def test_gives_up_after_its_budget_with_a_typed_error(kind: str) -> None:
 def test_backoff_is_exponential_with_full_jitter_and_respects_retry_after() -> None:
     base = BaseRewardClient(backoff_s=0.1, max_backoff_s=1.0, max_retry_after_s=5.0, rng=random.Random(0))
     for attempt in range(6):
-        cap = min(1.0, 0.1 * 2 ** attempt)
+        cap = min(1.0, 0.1 * 2**attempt)
         delays = [base._retry_delay(ServerUnavailableError("x"), attempt) for _ in range(200)]
         assert all(d is not None and 0 <= d <= cap for d in delays)
         assert max(d for d in delays if d is not None) > cap * 0.8  # full jitter spans the range
@@ -215,8 +239,9 @@ def test_chunking_preserves_order_and_sync_equals_async_over_a_real_server(
     tiny_bundles: dict[str, Path], tmp_path: Path
 ) -> None:
     given, wire = items_in_every_shape(150)
-    with serve({"RMSERVE_MODELS": str(tiny_bundles["qwen2"]), "RMSERVE_MAX_ITEMS_PER_REQUEST": "64"},
-               tmp_path) as server:
+    with serve(
+        {"RMSERVE_MODELS": str(tiny_bundles["qwen2"]), "RMSERVE_MAX_ITEMS_PER_REQUEST": "64"}, tmp_path
+    ) as server:
         # The reference: the API called directly, one item per request.
         direct = [httpx.post(server.url + "/v1/score", json={"items": [w]}).json()["scores"][0] for w in wire]
         assert len(set(round(d, 6) for d in direct)) > 20, "scores barely differ: order would not show"

@@ -9,18 +9,18 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.cli import build_parser
-from service.config import Settings, parse_models, settings_from_args
+from rmserve.config import Settings, parse_models, settings_from_args
+from rmserve.serve import build_parser
 
 
 def test_every_setting_is_a_flag_named_after_its_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
-    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
+    help_text = build_parser().format_help()
     for name in Settings.model_fields:
         assert f"--{name.replace('_', '-')}" in help_text, name
         assert f"RMSERVE_{name.upper()}" in help_text, name
     monkeypatch.setenv("RMSERVE_MAX_WAIT_MS", "3")
     monkeypatch.setenv("RMSERVE_MAX_QUEUE_ITEMS", "77")
-    args = build_parser().parse_args(["serve", "--max-wait-ms", "5", "--no-log-bodies"])
+    args = build_parser().parse_args(["--max-wait-ms", "5", "--no-log-bodies"])
     settings = settings_from_args(args)
     assert settings.max_wait_ms == 5.0  # the flag wins over the env var
     assert settings.max_queue_items == 77  # the env var applies where no flag is given
@@ -34,8 +34,12 @@ def test_invalid_settings_stop_start_up_with_the_reason() -> None:
         Settings(models="a=x,=y")
     with pytest.raises(ValidationError, match="cache=redis needs"):
         Settings(cache="redis")
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--port", "99999"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rmserve.cli", "serve", "--port", "99999"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "port" in proc.stderr
 
 

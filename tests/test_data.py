@@ -1,4 +1,4 @@
-"""models.data: three row shapes, four file formats, one internal pair; bad rows named by line."""
+"""rmserve.models.data: three row shapes, four file formats, one internal pair; bad rows named by line."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from models.data import DataError, PreferencePair, data_digest, load_pairs, pair_from_row
-from service.formatting import Message
+from rmserve.items import Message
+from rmserve.models.data import DataError, PreferencePair, data_digest, load_pairs, pair_from_row
 
 PROMPT = "\n\nHuman: How do I boil an egg?\n\nAssistant: In water.\n\nHuman: For how long?"
 GOOD, BAD = "About nine minutes for a hard yolk.", "Eggs are laid by hens."
@@ -28,8 +28,11 @@ CONVERSATIONAL = {
     "subset": "s",
 }
 EXPECTED = PreferencePair(
-    prompt=(Message("user", "How do I boil an egg?"), Message("assistant", "In water."),
-            Message("user", "For how long?")),
+    prompt=(
+        Message("user", "How do I boil an egg?"),
+        Message("assistant", "In water."),
+        Message("user", "For how long?"),
+    ),
     chosen=GOOD,
     rejected=BAD,
     subset="s",
@@ -86,8 +89,14 @@ def test_lenient_mode_collects_bad_rows_and_keeps_good_ones(tmp_path: Path) -> N
     path = tmp_path / "mixed.jsonl"
     no_marker = {"chosen": "no marker", "rejected": "x"}
     bad_margin = {"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}
-    lines = [json.dumps(HH), "{not json", "", json.dumps(no_marker), json.dumps(CONVERSATIONAL),
-             json.dumps(bad_margin)]
+    lines = [
+        json.dumps(HH),
+        "{not json",
+        "",
+        json.dumps(no_marker),
+        json.dumps(CONVERSATIONAL),
+        json.dumps(bad_margin),
+    ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     errors: list[DataError] = []
     pairs = load_pairs(path, errors=errors)
@@ -129,7 +138,8 @@ def test_json_parquet_and_hf_dataset_readers(tmp_path: Path) -> None:
     Dataset.from_list([CONVERSATIONAL]).save_to_disk(str(tmp_path / "ds"))
     assert load_pairs(tmp_path / "ds") == [EXPECTED]
     DatasetDict({"train": Dataset.from_list([HH]), "test": Dataset.from_list([EXPLICIT])}).save_to_disk(
-        str(tmp_path / "dd"))
+        str(tmp_path / "dd")
+    )
     assert load_pairs(tmp_path / "dd", split="test") == [EXPECTED]
     with pytest.raises(DataError, match="split"):
         load_pairs(tmp_path / "dd")

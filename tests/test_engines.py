@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.bundle import default_bundle_path, load_bundle
-from service.config import Settings
-from service.engines import select as select_mod
-from service.engines.base import EngineError, TokenBatch, _cgroup_cpu_quota, available_cpus
-from service.engines.gate import calibration_items, run_gate
-from service.engines.onnxruntime import OnnxRuntimeEngine
-from service.engines.openvino import OpenVinoEngine, cpu_supports_bf16
-from service.formatting import Formatter
+from rmserve.bundle import default_bundle_path, load_bundle
+from rmserve.config import Settings
+from rmserve.engines import select as select_mod
+from rmserve.engines.base import EngineError, TokenBatch, _cgroup_cpu_quota, available_cpus
+from rmserve.engines.gate import calibration_items, run_gate
+from rmserve.engines.onnxruntime import OnnxRuntimeEngine
+from rmserve.engines.openvino import OpenVinoEngine, cpu_supports_bf16
+from rmserve.formatting import Formatter
 from tests.support.server import serve
 from tests.test_serving import TEXTS, post_score, torch_scores
 
@@ -121,8 +121,8 @@ def test_cpu_limits_size_the_threads(tmp_path: Path, tiny_bundles: dict[str, Pat
     assert _cgroup_cpu_quota(tmp_path) is None
     # A process pinned to one core builds one-thread, one-stream engines, whatever the machine has.
     code = (
-        "from service.engines.base import available_cpus; from service.config import Settings; "
-        "from service.bundle import load_bundle; from service.engines.select import create_engine; "
+        "from rmserve.engines.base import available_cpus; from rmserve.config import Settings; "
+        "from rmserve.bundle import load_bundle; from rmserve.engines.select import create_engine; "
         f"e, s = create_engine(load_bundle({str(tiny_bundles['bert'])!r}), Settings()); "
         "print(available_cpus(), e.info.threads, s['threads'], e.info.streams, s['streams'])"
     )

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.evaluate import main
-from models.report import outcome, rewardbench_v1, rewardbench_v2
-from service.bundle import FormatSettings, default_bundle_path, write_manifest
+from rmserve.bundle import FormatSettings, default_bundle_path, write_manifest
+from rmserve.models.evaluate import main
+from rmserve.models.report import outcome, rewardbench_v1, rewardbench_v2
 from tests.support.server import REPO, serve
 from tests.support.tiny import corpus
 
@@ -371,7 +371,7 @@ def test_killed_run_resumes_without_scoring_a_row_twice(
         [
             sys.executable,
             "-m",
-            "service.cli",
+            "rmserve.cli",
             "eval",
             *map(str, common),
             "--out",

@@ -17,12 +17,13 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-import models.export as export_mod
-from models.export import ExportError, export_bundle, main
-from models.parity import pad_rows
-from service.bundle import MODEL_FILE, BundleError, load_bundle
-from service.engines.onnxruntime import OnnxRuntimeEngine
-from service.formatting import ChatItem, Formatter, Message, PairItem, TextItem
+import rmserve.models.export as export_mod
+from rmserve.bundle import MODEL_FILE, BundleError, load_bundle
+from rmserve.engines.onnxruntime import OnnxRuntimeEngine
+from rmserve.formatting import Formatter
+from rmserve.items import ChatItem, Message, PairItem, TextItem
+from rmserve.models.export import ExportError, export_bundle, main
+from rmserve.models.parity import pad_rows
 from tests.support.tiny import ARCHITECTURES, DECODERS, NO_PAD, tiny_checkpoint
 
 # The one architecture exported with its weights in model.onnx.data, by lowering the threshold.
@@ -159,7 +160,8 @@ def test_optimize_keeps_parity_for_bert(
 
 
 def test_cli_refuses_to_overwrite_and_reports_failure(
-    bundle_of: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch,
+    bundle_of: Callable[[str], Path],
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     existing = bundle_of("deberta-v2")
@@ -168,8 +170,12 @@ def test_cli_refuses_to_overwrite_and_reports_failure(
     assert load_bundle(existing)  # untouched
 
 
-def test_cli_exports(bundle_of: Callable[[str], Path], tmp_path: Path,
-                     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_exports(
+    bundle_of: Callable[[str], Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     reuse_graph(monkeypatch, bundle_of("deberta-v2"))
     dest = tmp_path / "cli"
     argv = [str(checkpoint_of(bundle_of("deberta-v2"))), str(dest), "--name", "rm", "--max-length", "64"]
@@ -202,14 +208,16 @@ def test_mean_response_pooling_averages_the_responses_tokens_only(tmp_path: Path
     """``rmserve_pooling: mean_response`` in torch and in the exported graph: segment 1 alone."""
     import torch
 
-    from models.heads import load_score_model
+    from rmserve.models.heads import load_score_model
 
     checkpoint = tiny_checkpoint("bert", tmp_path / "checkpoint", seed=4, pooling="mean_response")
     export_bundle(checkpoint, tmp_path / "bundle", name="tiny-response")
     bundle = load_bundle(tmp_path / "bundle")
     assert bundle.manifest.format.pooling == "mean_response"
-    items = [PairItem("Can you help me with a long question about bread?", "Sure, here is how."),
-             PairItem("Hi", "A much longer answer that goes on for a while, with details.")]
+    items = [
+        PairItem("Can you help me with a long question about bread?", "Sure, here is how."),
+        PairItem("Hi", "A much longer answer that goes on for a while, with details."),
+    ]
     encoded = Formatter(bundle).encode(items)
     batch = pad_rows(encoded, bundle.manifest.format.pad_token_id, "right")
 
@@ -218,8 +226,9 @@ def test_mean_response_pooling_averages_the_responses_tokens_only(tmp_path: Path
     assert batch.token_type_ids is not None
     types = torch.from_numpy(batch.token_type_ids)
     with torch.no_grad():
-        hidden = model.hf_model.base_model(input_ids=ids, attention_mask=mask,
-                                           token_type_ids=types).last_hidden_state
+        hidden = model.hf_model.base_model(
+            input_ids=ids, attention_mask=mask, token_type_ids=types
+        ).last_hidden_state
         response = (types == 1) & (mask == 1)
         assert response.sum(dim=1).min() > 0 and (response != (mask == 1)).any()  # prompts are excluded
         pooled = torch.stack([hidden[i][response[i]].mean(dim=0) for i in range(len(items))])

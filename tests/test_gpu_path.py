@@ -19,17 +19,17 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-import models.export as export_mod
-from models.export import export_bundle
-from models.fp16 import FP32_OPS, convert_model_fp16, guarded_nodes, measure_fp16, reference_scores
-from models.heads import load_score_model
-from models.parity import pad_rows, reference_pairs
-from service.bundle import MODEL_FILE, load_bundle
-from service.config import Settings
-from service.engines.base import EngineError, pad_batch
-from service.engines.onnxruntime import OnnxRuntimeEngine, cuda_present
-from service.engines.select import candidates, create_engine
-from service.formatting import Formatter
+import rmserve.models.export as export_mod
+from rmserve.bundle import MODEL_FILE, load_bundle
+from rmserve.config import Settings
+from rmserve.engines.base import EngineError, pad_batch
+from rmserve.engines.onnxruntime import OnnxRuntimeEngine, cuda_present
+from rmserve.engines.select import candidates, create_engine
+from rmserve.formatting import Formatter
+from rmserve.models.export import export_bundle
+from rmserve.models.fp16 import FP32_OPS, convert_model_fp16, guarded_nodes, measure_fp16, reference_scores
+from rmserve.models.heads import load_score_model
+from rmserve.models.parity import pad_rows, reference_pairs
 from tests.support.server import serve
 
 no_gpu = pytest.mark.skipif(
@@ -136,8 +136,11 @@ def test_overflow_guard_keeps_norms_softmax_and_residual_adds_in_fp32(
     for node in fp16.graph.node:
         if node.op_type in ("Cos", "Sin"):
             assert producers[node.input[0]].op_type != "Cast", node.name
-    halves = [numpy_helper.to_array(t, base_dir=str(converted["qwen2"].parent))
-              for t in fp16.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    halves = [
+        numpy_helper.to_array(t, base_dir=str(converted["qwen2"].parent))
+        for t in fp16.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT16
+    ]
     assert halves and max(float(np.abs(h).max()) for h in halves) <= 32768  # constants clamped
 
 

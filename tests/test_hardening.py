@@ -15,12 +15,13 @@ import httpx
 import numpy as np
 import pytest
 
-from service.app import create_app
-from service.bundle import Bundle, default_bundle_path, load_bundle
-from service.config import Settings
-from service.engines.base import EngineCrashed, TokenBatch
-from service.engines.select import create_engine
-from service.formatting import Formatter, PairItem
+from rmserve.app import create_app
+from rmserve.bundle import Bundle, default_bundle_path, load_bundle
+from rmserve.config import Settings
+from rmserve.engines.base import EngineCrashed, TokenBatch
+from rmserve.engines.select import create_engine
+from rmserve.formatting import Formatter
+from rmserve.items import PairItem
 from tests.support.inproc import serve_app
 from tests.support.server import serve, wait_ready
 
@@ -278,8 +279,8 @@ def test_a_deadline_counts_from_arrival_so_a_slow_upload_spends_it(
 def test_twice_the_capacity_ends_every_request_in_time_with_right_scores(tmp_path: Path) -> None:
     import asyncio
 
-    from service.engines.base import pad_batch
-    from service.engines.onnxruntime import OnnxRuntimeEngine
+    from rmserve.engines.base import pad_batch
+    from rmserve.engines.onnxruntime import OnnxRuntimeEngine
 
     # A real-size model: with a tiny one the HTTP client, not the model, sets the capacity.
     path = default_bundle_path()

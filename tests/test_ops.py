@@ -14,10 +14,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from service.bundle import load_bundle
-from service.engines.base import pad_batch
-from service.engines.onnxruntime import OnnxRuntimeEngine
-from service.formatting import Formatter, PairItem
+from rmserve.bundle import load_bundle
+from rmserve.engines.base import pad_batch
+from rmserve.engines.onnxruntime import OnnxRuntimeEngine
+from rmserve.formatting import Formatter
+from rmserve.items import PairItem
 from tests.deploy.dashboard import dashboard_metric_names, dashboard_series_names
 from tests.support.server import serve
 

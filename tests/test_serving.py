@@ -9,8 +9,9 @@ import httpx
 import numpy as np
 import pytest
 
-from service.bundle import load_bundle
-from service.formatting import Formatter, PairItem
+from rmserve.bundle import load_bundle
+from rmserve.formatting import Formatter
+from rmserve.items import PairItem
 from tests.support.server import serve
 
 TEXTS = [
@@ -43,7 +44,7 @@ def torch_scores(bundle_dir: Path, pairs: list[tuple[str, str]]) -> np.ndarray:
     """The PyTorch model's scores for the same token ids the server builds, one item at a time."""
     import torch
 
-    from models.heads import load_score_model
+    from rmserve.models.heads import load_score_model
 
     model, _, meta = load_score_model(bundle_dir.parent / "checkpoint")
     formatter = Formatter(load_bundle(bundle_dir))

@@ -9,16 +9,31 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.data import data_digest, load_pairs
-from models.evaluate_pairs import pairwise_accuracy, score_bundle
-from models.train import TRAINING_RECORD, TrainConfig, average_weights, bradley_terry_loss, main, train
-from service.bundle import CALIBRATION_FILE, default_bundle_path, load_bundle
+from rmserve.bundle import CALIBRATION_FILE, default_bundle_path, load_bundle
+from rmserve.models.data import data_digest, load_pairs
+from rmserve.models.evaluate_pairs import pairwise_accuracy, score_bundle
+from rmserve.models.train import (
+    TRAINING_RECORD,
+    TrainConfig,
+    average_weights,
+    bradley_terry_loss,
+    main,
+    train,
+)
 from tests.support.tiny import tiny_checkpoint
 
-GOOD = ["The assistant explains the recipe for bread.", "Our team recommends a safe way to travel at night.",
-        "The teacher describes why the sky is blue!", "This answer summarizes the history of Rome, briefly."]
-BAD = ["I don't know, sorry.", "He ignores the rules of chess; carefully.", "She refuses a poem about rain.",
-       "That is harmful and I won't help."]
+GOOD = [
+    "The assistant explains the recipe for bread.",
+    "Our team recommends a safe way to travel at night.",
+    "The teacher describes why the sky is blue!",
+    "This answer summarizes the history of Rome, briefly.",
+]
+BAD = [
+    "I don't know, sorry.",
+    "He ignores the rules of chess; carefully.",
+    "She refuses a poem about rain.",
+    "That is harmful and I won't help.",
+]
 QUESTIONS = ["Can you help me?", "how to fix a bicycle tyre?", "what 12 + 30 equals.", "a poem about rain."]
 
 
@@ -28,14 +43,24 @@ def tiny_pairs(path: Path, n: int = 64) -> Path:
     for i in range(n):
         q, good, bad = QUESTIONS[i % 4], GOOD[(i // 4) % 4], BAD[(i // 16) % 4]
         if i % 3 == 0:
-            rows.append({"chosen": f"\n\nHuman: {q}\n\nAssistant: {good}",
-                         "rejected": f"\n\nHuman: {q}\n\nAssistant: {bad}", "subset": "hh"})
+            rows.append(
+                {
+                    "chosen": f"\n\nHuman: {q}\n\nAssistant: {good}",
+                    "rejected": f"\n\nHuman: {q}\n\nAssistant: {bad}",
+                    "subset": "hh",
+                }
+            )
         elif i % 3 == 1:
             rows.append({"prompt": q, "chosen": good, "rejected": bad, "subset": "explicit"})
         else:
-            rows.append({"prompt": [{"role": "user", "content": q}], "subset": "conversational",
-                         "chosen": [{"role": "assistant", "content": good}],
-                         "rejected": [{"role": "assistant", "content": bad}]})
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": q}],
+                    "subset": "conversational",
+                    "chosen": [{"role": "assistant", "content": good}],
+                    "rejected": [{"role": "assistant", "content": bad}],
+                }
+            )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
@@ -67,21 +92,48 @@ def test_average_weights_is_the_elementwise_mean_and_keeps_integer_buffers() -> 
         average_weights([a, {"w": b["w"], "ids": torch.tensor([1, 0])}])
 
 
-@pytest.mark.parametrize(("arch", "pooling"),
-                         [("bert", "mean"), ("bert", "mean_response"), ("llama", "mean")])
+@pytest.mark.parametrize(
+    ("arch", "pooling"), [("bert", "mean"), ("bert", "mean_response"), ("llama", "mean")]
+)
 def test_tiny_model_trains_end_to_end_into_a_bundle(
     arch: str, pooling: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = tiny_pairs(tmp_path / "pairs.jsonl")
     base = tiny_checkpoint(arch, tmp_path / "base", seed=0)
     bundle_dir = tmp_path / "bundle"
-    argv = ["--train", str(data), "--dev", str(data), "--base-model", str(base),
-            "--output-dir", str(tmp_path / "run"), "--bundle-dir", str(bundle_dir), "--name", "tiny",
-            "--max-length", "64", "--epochs", "8", "--lr", "2e-3", "--batch-size", "8",
-            "--warmup-ratio", "0", "--seed", "0", "--calibration-pairs", "8", "--pooling", pooling]
+    argv = [
+        "--train",
+        str(data),
+        "--dev",
+        str(data),
+        "--base-model",
+        str(base),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--bundle-dir",
+        str(bundle_dir),
+        "--name",
+        "tiny",
+        "--max-length",
+        "64",
+        "--epochs",
+        "8",
+        "--lr",
+        "2e-3",
+        "--batch-size",
+        "8",
+        "--warmup-ratio",
+        "0",
+        "--seed",
+        "0",
+        "--calibration-pairs",
+        "8",
+        "--pooling",
+        pooling,
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out  # the Trainer prints its logs first; the summary is last
-    summary = json.loads(out[out.rindex('{\n  "checkpoint"'):])
+    summary = json.loads(out[out.rindex('{\n  "checkpoint"') :])
     assert summary["bundle"] == str(bundle_dir)
 
     bundle = load_bundle(bundle_dir)  # the digest verifies
@@ -105,9 +157,18 @@ def test_loss_falls_and_training_is_reproducible(tmp_path: Path) -> None:
     base = tiny_checkpoint("bert", tmp_path / "base", seed=1)
 
     def run(name: str) -> list[float]:
-        cfg = TrainConfig(train=(str(data),), base_model=str(base), output_dir=str(tmp_path / name),
-                          max_length=64, epochs=4, learning_rate=2e-3, batch_size=8, warmup_ratio=0.0,
-                          seed=3, bf16=True)
+        cfg = TrainConfig(
+            train=(str(data),),
+            base_model=str(base),
+            output_dir=str(tmp_path / name),
+            max_length=64,
+            epochs=4,
+            learning_rate=2e-3,
+            batch_size=8,
+            warmup_ratio=0.0,
+            seed=3,
+            bf16=True,
+        )
         result = train(cfg)
         return [h["loss"] for h in result.history if "loss" in h]
 
@@ -119,8 +180,18 @@ def test_loss_falls_and_training_is_reproducible(tmp_path: Path) -> None:
 def test_soup_trains_members_averages_them_and_ships_through_export_only(tmp_path: Path) -> None:
     data = tiny_pairs(tmp_path / "pairs.jsonl")
     base = tiny_checkpoint("bert", tmp_path / "base", seed=2)
-    common = dict(train=(str(data),), dev=(str(data),), base_model=str(base), max_length=64, epochs=3,
-                  learning_rate=2e-3, batch_size=8, warmup_ratio=0.0, seed=5, dropout=0.1)
+    common = dict(
+        train=(str(data),),
+        dev=(str(data),),
+        base_model=str(base),
+        max_length=64,
+        epochs=3,
+        learning_rate=2e-3,
+        batch_size=8,
+        warmup_ratio=0.0,
+        seed=5,
+        dropout=0.1,
+    )
     single = train(TrainConfig(**common, output_dir=str(tmp_path / "single")))
     soup = train(TrainConfig(**common, output_dir=str(tmp_path / "soup"), soup=3))
 
@@ -131,17 +202,31 @@ def test_soup_trains_members_averages_them_and_ships_through_export_only(tmp_pat
     single_losses = [h["loss"] for h in single.history if "loss" in h]
     assert len(soup_losses) == 3 * len(single_losses)
     assert soup_losses[: len(single_losses)] == single_losses  # member 0 is exactly the single run
-    assert soup_losses[len(single_losses): 2 * len(single_losses)] != single_losses
+    assert soup_losses[len(single_losses) : 2 * len(single_losses)] != single_losses
     # The members really differ (data order, dropout), so the soup is not any one of them.
     from safetensors.torch import load_file
+
     soup_w = load_file(str(soup.checkpoint / "model.safetensors"))
     single_w = load_file(str(single.checkpoint / "model.safetensors"))
     assert any(not torch.equal(soup_w[k], single_w[k]) for k in soup_w if soup_w[k].is_floating_point())
 
     # --export-only: the checkpoint (trained "elsewhere") becomes a bundle with its own record.
     bundle_dir = tmp_path / "bundle"
-    argv = ["--train", str(data), "--dev", str(data), "--output-dir", str(tmp_path / "soup"),
-            "--bundle-dir", str(bundle_dir), "--name", "soup", "--export-only", "--calibration-pairs", "4"]
+    argv = [
+        "--train",
+        str(data),
+        "--dev",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "soup"),
+        "--bundle-dir",
+        str(bundle_dir),
+        "--name",
+        "soup",
+        "--export-only",
+        "--calibration-pairs",
+        "4",
+    ]
     assert main(argv) == 0
     training = load_bundle(bundle_dir).manifest.training
     assert training is not None
@@ -153,8 +238,17 @@ def test_soup_trains_members_averages_them_and_ships_through_export_only(tmp_pat
 
 def test_export_only_needs_a_checkpoint_written_by_train(tmp_path: Path) -> None:
     data = tiny_pairs(tmp_path / "pairs.jsonl", n=8)
-    argv = ["--train", str(data), "--output-dir", str(tmp_path / "nothing"), "--bundle-dir",
-            str(tmp_path / "b"), "--export-only", "--base-model", "unused"]
+    argv = [
+        "--train",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "nothing"),
+        "--bundle-dir",
+        str(tmp_path / "b"),
+        "--export-only",
+        "--base-model",
+        "unused",
+    ]
     with pytest.raises(FileNotFoundError, match="rmserve train"):
         main(argv)
 

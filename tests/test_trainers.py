@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service.adapters.trl import AsyncTRLRewardFunction, TRLRewardFunction, trl_items
-from service.client import RewardClient
+from rmserve.adapters.trl import AsyncTRLRewardFunction, TRLRewardFunction, trl_items
+from rmserve.client import RewardClient
 from tests.support.server import REPO, serve
 from tests.support.tiny import corpus
 
@@ -70,8 +70,9 @@ def test_trl_grpo_trainer_optimizes_against_the_live_server(
             model=example.build_policy(tokenizer),
             processing_class=tokenizer,
             reward_funcs=[sync_rf, async_rf],
-            args=example.grpo_config(tmp_path / "out", steps=steps, batch=8, generations=4, completion_len=6,
-                                     learning_rate=1e-2),
+            args=example.grpo_config(
+                tmp_path / "out", steps=steps, batch=8, generations=4, completion_len=6, learning_rate=1e-2
+            ),
             train_dataset=example.prompt_dataset(steps * 8),
         )
         assert trainer._has_async_funcs  # TRL saw the coroutine and runs it on its own event loop
@@ -130,8 +131,11 @@ def test_openrlhf_shaped_traffic_gets_its_rewards_in_order_and_batched(
 
         def trainer_rank(i: int) -> None:
             start.wait()
-            resp = httpx.post(server.url + "/get_reward", timeout=180,
-                              json={"query": [queries[i]], "prompts": [prompts[i]], "labels": [labels[i]]})
+            resp = httpx.post(
+                server.url + "/get_reward",
+                timeout=180,
+                json={"query": [queries[i]], "prompts": [prompts[i]], "labels": [labels[i]]},
+            )
             assert resp.status_code == 200, resp.text
             got[i] = resp.json()
 
@@ -160,16 +164,19 @@ def test_openrlhf_shaped_traffic_gets_its_rewards_in_order_and_batched(
 def test_verl_compute_score_reads_the_prompt_from_extra_info(
     tiny_bundles: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from service.adapters import verl
+    from rmserve.adapters import verl
 
     sentences = corpus()
     questions, solutions = sentences[:6], sentences[10:16]
     with serve({"RMSERVE_MODELS": str(tiny_bundles["bert"])}, tmp_path) as server:
         monkeypatch.setenv("RMSERVE_URL", server.url)  # veRL imports the function by path: config is env
         extras: list[dict[str, Any]] = [
-            {"question": questions[0]}, {"prompt": questions[1], "index": 1},
-            {"prompt": [{"role": "user", "content": questions[2]}]}, {"query": questions[3]},
-            {"problem": questions[4]}, {"split": "train"},
+            {"question": questions[0]},
+            {"prompt": questions[1], "index": 1},
+            {"prompt": [{"role": "user", "content": questions[2]}]},
+            {"query": questions[3]},
+            {"problem": questions[4]},
+            {"split": "train"},
         ]
         one_by_one = [verl.compute_score("hh", s, None, e) for s, e in zip(solutions, extras, strict=True)]
         batch = verl.compute_score_batch(["hh"] * 6, solutions, [None] * 6, extras)

@@ -21,7 +21,7 @@ import asyncio
 import os
 from typing import Any
 
-from service.client import DEFAULT_URL, AsyncRewardClient, ItemLike, RewardClient, message_text
+from rmserve.client import DEFAULT_URL, AsyncRewardClient, ItemLike, RewardClient, message_text
 
 __all__ = [
     "AsyncTRLRewardFunction",

@@ -25,7 +25,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from service.client import DEFAULT_URL, ItemLike, RewardClient
+from rmserve.client import DEFAULT_URL, ItemLike, RewardClient
 
 __all__ = ["PROMPT_KEYS", "compute_score", "compute_score_batch", "verl_item"]
 

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import RMServeError
+from rmserve.errors import RMServeError
 
 log = logging.getLogger("rmserve.api")
 

@@ -17,9 +17,9 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from service.auth import KeyStore
-from service.errors import TooLarge
-from service.metrics import Metrics
+from rmserve.auth import KeyStore
+from rmserve.errors import TooLarge
+from rmserve.metrics import Metrics
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -10,8 +10,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.api.schemas import error_responses
-from service.state import AppState
+from rmserve.api.schemas import error_responses
+from rmserve.state import AppState
 
 router = APIRouter()
 

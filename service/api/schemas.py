@@ -6,8 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.errors import TooLarge
-from service.formatting import ChatItem, Item, Message, PairItem, TextItem
+from rmserve.errors import TooLarge
+from rmserve.items import ChatItem, Item, Message, PairItem, TextItem
 
 
 class MessageIn(BaseModel):

@@ -7,7 +7,7 @@ import time
 
 from fastapi import APIRouter, Header, Request
 
-from service.api.schemas import (
+from rmserve.api.schemas import (
     RewardRequest,
     RewardResponse,
     ScoreRequest,
@@ -16,11 +16,11 @@ from service.api.schemas import (
     error_responses,
     to_items,
 )
-from service.errors import BadRequest, TooLarge
-from service.formatting import Item
-from service.openrlhf import query_items
-from service.scoring import Scorer, ScoreResult
-from service.state import AppState
+from rmserve.errors import BadRequest, TooLarge
+from rmserve.items import Item
+from rmserve.openrlhf import query_items
+from rmserve.scoring import Scorer, ScoreResult
+from rmserve.state import AppState
 
 router = APIRouter()
 body_log = logging.getLogger("rmserve.bodies")

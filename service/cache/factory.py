@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from service.cache.base import ScoreCache
-from service.cache.memory import MemoryCache
-from service.config import Settings
+from rmserve.cache.base import ScoreCache
+from rmserve.cache.memory import MemoryCache
+from rmserve.config import Settings
 
 
 def make_cache(settings: Settings) -> ScoreCache | None:
@@ -13,7 +13,7 @@ def make_cache(settings: Settings) -> ScoreCache | None:
         return None
     if backend == "memory":
         return MemoryCache(settings.cache_max_items)
-    from service.cache.redis import RedisCache, RedisOptions  # redis is only imported when asked for
+    from rmserve.cache.redis import RedisCache, RedisOptions  # redis is only imported when asked for
 
     assert settings.redis_url is not None
     options = RedisOptions(

@@ -12,8 +12,8 @@ import json
 import struct
 from dataclasses import dataclass
 
-from service.bundle import Manifest
-from service.formatting import ChatItem, Item, Message, PairItem, TextItem
+from rmserve.bundle import Manifest
+from rmserve.items import ChatItem, Item, Message, PairItem, TextItem
 
 _LEN = struct.Struct(">Q")
 _VALUE = struct.Struct(">dIB")  # score (float64 holds the float32 exactly), tokens, truncated

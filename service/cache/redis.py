@@ -29,10 +29,10 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.utils import HIREDIS_AVAILABLE
 
-from service.cache.base import CacheUnavailable
-from service.cache.breaker import CircuitBreaker
-from service.cache.redis_url import RedisTarget, parse_redis_url
-from service.config import redact_url
+from rmserve.cache.base import CacheUnavailable
+from rmserve.cache.breaker import CircuitBreaker
+from rmserve.cache.redis_url import RedisTarget, parse_redis_url
+from rmserve.config import redact_url
 
 log = logging.getLogger("rmserve.cache")
 

@@ -8,8 +8,8 @@
   (httpx.AsyncClient, a semaphore for chunks) carry the steps out: thin mirrors.
 """
 
-from service.client.aio import AsyncRewardClient
-from service.client.base import (
+from rmserve.client.aio import AsyncRewardClient
+from rmserve.client.base import (
     DEFAULT_LIMITS,
     DEFAULT_TIMEOUT,
     DEFAULT_URL,
@@ -17,7 +17,7 @@ from service.client.base import (
     BaseRewardClient,
     normalize_base_url,
 )
-from service.client.errors import (
+from rmserve.client.errors import (
     AuthenticationError,
     BadRequestError,
     DeadlineExceededError,
@@ -31,9 +31,9 @@ from service.client.errors import (
     ServerError,
     ServerUnavailableError,
 )
-from service.client.items import ItemLike, MessageLike, message_text, to_item
-from service.client.results import Health, RewardResult, ScoreResult, Usage
-from service.client.sync import RewardClient
+from rmserve.client.items import ItemLike, MessageLike, message_text, to_item
+from rmserve.client.results import Health, RewardResult, ScoreResult, Usage
+from rmserve.client.sync import RewardClient
 
 __all__ = [
     "DEFAULT_LIMITS",

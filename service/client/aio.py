@@ -9,10 +9,10 @@ from typing import Any, TypeVar
 
 import httpx
 
-from service.client.base import DEFAULT_LIMITS, DEFAULT_TIMEOUT, DEFAULT_URL, BaseRewardClient
-from service.client.items import ItemLike
-from service.client.results import Health, RewardResult, ScoreResult
-from service.client.steps import Call, Gather, Operation, Outcome, Send, Sleep, reply_of
+from rmserve.client.base import DEFAULT_LIMITS, DEFAULT_TIMEOUT, DEFAULT_URL, BaseRewardClient
+from rmserve.client.items import ItemLike
+from rmserve.client.results import Health, RewardResult, ScoreResult
+from rmserve.client.steps import Call, Gather, Operation, Outcome, Send, Sleep, reply_of
 
 T = TypeVar("T")
 

@@ -1,7 +1,7 @@
 """Everything a client decides, none of what it does: no sockets, no sleeping, no threads.
 
 ``BaseRewardClient`` holds the options, builds and chunks requests, decides retries, and writes
-each operation as a generator of ``Step``s (``service.client.steps``). ``RewardClient`` and
+each operation as a generator of ``Step``s (``rmserve.client.steps``). ``RewardClient`` and
 ``AsyncRewardClient`` carry the steps out, each in its own way, and stay thin mirrors.
 
 Retries: only 429, 502, 503 and connection failures (refused, reset, dropped mid-answer). Scoring is
@@ -22,15 +22,15 @@ from typing import Any
 
 import httpx
 
-from service.client.errors import (
+from rmserve.client.errors import (
     OverloadedError,
     ProtocolError,
     RetryBudgetExceeded,
     RewardServerError,
     ServerUnavailableError,
 )
-from service.client.items import ItemLike, to_item
-from service.client.responses import (
+from rmserve.client.items import ItemLike, to_item
+from rmserve.client.responses import (
     json_body,
     merge_rewards,
     merge_scores,
@@ -40,8 +40,8 @@ from service.client.responses import (
     raise_for,
     transport_error,
 )
-from service.client.results import Health, RewardResult, ScoreResult
-from service.client.steps import Call, Gather, Operation, Reply, Send, Sleep
+from rmserve.client.results import Health, RewardResult, ScoreResult
+from rmserve.client.steps import Call, Gather, Operation, Reply, Send, Sleep
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # OpenRLHF waits 180 s for a reward; a trainer step is worth as much to us.

@@ -1,6 +1,6 @@
 """Items in every shape a caller holds -> the API's JSON item.
 
-The server's own item types (``service.formatting``: ``PairItem``, ``ChatItem``, ``TextItem``) are
+The server's own item types (``rmserve.formatting``: ``PairItem``, ``ChatItem``, ``TextItem``) are
 accepted as they are, so code that already holds them (``rmserve eval``) sends them unconverted.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from service.formatting import ChatItem, Item, Message, PairItem, TextItem
+from rmserve.items import ChatItem, Item, Message, PairItem, TextItem
 
 MessageLike = Mapping[str, Any]
 # What ``score`` accepts per item: (prompt, response), an API-shaped dict, a message list, text, or

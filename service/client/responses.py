@@ -8,15 +8,15 @@ from typing import Any
 
 import httpx
 
-from service.client.errors import (
+from rmserve.client.errors import (
     DeadlineExceededError,
     ProtocolError,
     RewardServerError,
     ServerConnectionError,
     error_class,
 )
-from service.client.results import Health, RewardResult, ScoreResult, Usage
-from service.client.steps import Call, Outcome, Reply
+from rmserve.client.results import Health, RewardResult, ScoreResult, Usage
+from rmserve.client.steps import Call, Outcome, Reply
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from service.bundle import Bundle
-from service.engines.base import Engine, infer_all, pad_batch
-from service.formatting import Encoded, Formatter, PairItem
+from rmserve.bundle import Bundle
+from rmserve.engines.base import Engine, infer_all, pad_batch
+from rmserve.formatting import Encoded, Formatter
+from rmserve.items import PairItem
 
 MIN_AGREEMENT = 0.99
 MIN_SPEARMAN = 0.995

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.engines.base import EngineError, EngineInfo, TokenBatch, split_threads
+from rmserve.engines.base import EngineError, EngineInfo, TokenBatch, split_threads
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _OUTPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}

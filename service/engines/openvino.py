@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from service.engines.base import EngineError, EngineInfo, TokenBatch
+from rmserve.engines.base import EngineError, EngineInfo, TokenBatch
 
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
 

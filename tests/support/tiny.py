@@ -38,18 +38,34 @@ _SIZES: dict[str, Any] = {
 def corpus() -> list[str]:
     """A few hundred varied English sentences, built from small word lists (no data files needed)."""
     subjects = [
-        "The assistant", "A user", "My neighbour", "The teacher", "Our team", "This answer", "She", "He",
+        "The assistant",
+        "A user",
+        "My neighbour",
+        "The teacher",
+        "Our team",
+        "This answer",
+        "She",
+        "He",
     ]
     verbs = ["explains", "refuses", "describes", "summarizes", "questions", "recommends", "ignores", "writes"]
     objects = [
-        "the recipe for bread.", "a safe way to travel at night.", "why the sky is blue!",
-        "how to fix a bicycle tyre?", "the history of Rome, briefly.", "a poem about rain.",
-        "what 12 + 30 equals.", "the rules of chess; carefully.",
+        "the recipe for bread.",
+        "a safe way to travel at night.",
+        "why the sky is blue!",
+        "how to fix a bicycle tyre?",
+        "the history of Rome, briefly.",
+        "a poem about rain.",
+        "what 12 + 30 equals.",
+        "the rules of chess; carefully.",
     ]
     sentences = [f"{s} {v} {o}" for s, v, o in itertools.product(subjects, verbs, objects)]
     extra = [
-        "Human: Can you help me?", "Assistant: Sure, here is how.", "I don't know, sorry.",
-        "That is harmful and I won't help.", "Thanks! That's very helpful :)", "Numbers: 0 1 2 3 4 5 6 7 8 9",
+        "Human: Can you help me?",
+        "Assistant: Sure, here is how.",
+        "I don't know, sorry.",
+        "That is harmful and I won't help.",
+        "Thanks! That's very helpful :)",
+        "Numbers: 0 1 2 3 4 5 6 7 8 9",
     ]
     return sentences + extra
 
@@ -70,8 +86,13 @@ def _encoder_tokenizer(directory: Path) -> Any:
         special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]", model_max_length=512,
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
         model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )
 
@@ -90,8 +111,13 @@ def _decoder_tokenizer(directory: Path, with_pad: bool) -> Any:
     tok.train_from_iterator(corpus(), trainer)
     extra = {"pad_token": "<pad>"} if with_pad else {}
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        chat_template=CHAT_TEMPLATE, model_max_length=4096, **extra,
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+        **extra,
     )
 
 
@@ -102,12 +128,22 @@ def _config(arch: str, vocab_size: int, tokenizer: Any) -> Any:
         extra: dict[str, Any] = {"max_position_embeddings": 128}
         if arch == "deberta-v2":
             # DeBERTa-v2's own defaults: relative attention, no token types.
-            extra |= {"relative_attention": True, "position_buckets": 32, "max_relative_positions": -1,
-                      "pos_att_type": ["p2c", "c2p"], "type_vocab_size": 0}
+            extra |= {
+                "relative_attention": True,
+                "position_buckets": 32,
+                "max_relative_positions": -1,
+                "pos_att_type": ["p2c", "c2p"],
+                "type_vocab_size": 0,
+            }
     else:
-        extra = {"num_key_value_heads": 2, "max_position_embeddings": 128,
-                 "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                 "pad_token_id": tokenizer.pad_token_id, "tie_word_embeddings": False}
+        extra = {
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 128,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "tie_word_embeddings": False,
+        }
         if arch == "gemma2":
             extra |= {"head_dim": 8, "sliding_window": 16, "query_pre_attn_scalar": 8}
     return AutoConfig.for_model(arch, vocab_size=vocab_size, **_SIZES, **extra)
@@ -142,7 +178,7 @@ def tiny_checkpoint(arch: str, directory: str | Path, *, seed: int = 0, pooling:
 
 def tiny_bundle(arch: str, directory: str | Path, *, seed: int = 0, **export_options: Any) -> Path:
     """A tiny checkpoint of ``arch`` in ``directory/checkpoint`` exported to ``directory/bundle``."""
-    from models.export import export_bundle
+    from rmserve.models.export import export_bundle
 
     root = Path(directory)
     checkpoint = tiny_checkpoint(arch, root / "checkpoint", seed=seed)

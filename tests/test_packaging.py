@@ -1,0 +1,126 @@
+"""What each install gives: the client alone into a bare environment, the server with its extra, and one
+``rmserve`` namespace with no top-level ``service`` or ``models`` on a user's path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.server import REPO, serve
+
+# What a trainer's environment must not receive from `pip install rmserve`.
+HEAVY = {
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "openvino",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "redis",
+    "tokenizers",
+    "jinja2",
+    "torch",
+    "transformers",
+    "numpy",
+    "pydantic",
+}
+
+
+def _run(python: Path | str, code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(python), "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def client_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtual environment holding only ``pip install <clone>``: the client install."""
+    root = tmp_path_factory.mktemp("client-env")
+    venv.EnvBuilder(with_pip=False).create(root / "venv")
+    python = root / "venv" / "bin" / "python"
+    # This environment's pip installs into the new one (`--python`), so the new one starts bare.
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return python
+
+
+def _distributions(python: Path | str, cwd: Path) -> set[str]:
+    proc = _run(
+        python,
+        "import importlib.metadata as m, json; "
+        "print(json.dumps(sorted({d.metadata['Name'].lower() for d in m.distributions()})))",
+        cwd,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return set(json.loads(proc.stdout))
+
+
+@pytest.mark.slow
+def test_the_client_install_brings_httpx_and_nothing_heavy(client_env: Path, tmp_path: Path) -> None:
+    installed = _distributions(client_env, tmp_path)
+    assert {"rmserve", "httpx"} <= installed
+    assert not installed & HEAVY, f"the client install pulled {sorted(installed & HEAVY)}"
+
+
+@pytest.mark.slow
+def test_the_client_install_scores_against_a_live_server(
+    client_env: Path, tiny_bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    items = [{"prompt": "How do I boil an egg?", "response": "Eight minutes in boiling water."}, "plain text"]
+    with serve({"RMSERVE_MODELS": str(tiny_bundles["bert"]), "RMSERVE_PRECISION": "fp32"}, tmp_path) as srv:
+        code = (
+            "import json, sys; import rmserve.adapters.trl, rmserve.adapters.verl; "
+            "from rmserve.client import RewardClient; "
+            f"items = json.loads({json.dumps(json.dumps(items))}); "
+            "items = [(i['prompt'], i['response']) if isinstance(i, dict) else i for i in items]; "
+            f"print(json.dumps(RewardClient({srv.url!r}).score(items)))"
+        )
+        proc = _run(client_env, code, tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        body = {"items": [items[0], {"text": items[1]}]}
+        expected = httpx.post(srv.url + "/v1/score", json=body).json()["scores"]
+    assert json.loads(proc.stdout) == expected
+
+
+@pytest.mark.slow
+def test_rmserve_serve_without_the_server_extra_names_the_extra_in_one_line(
+    client_env: Path, tmp_path: Path
+) -> None:
+    rmserve = str(client_env.with_name("rmserve"))
+    proc = subprocess.run([rmserve, "serve"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'rmserve[server]'" in lines[0], proc.stderr
+    version = subprocess.run([rmserve, "--version"], capture_output=True, text=True, timeout=60)
+    assert version.stdout.startswith("rmserve ")
+
+
+@pytest.mark.slow
+def test_no_top_level_service_models_tests_or_loadtests_outside_the_clone(
+    client_env: Path, tmp_path: Path
+) -> None:
+    for python in (client_env, sys.executable):  # the client install, and this editable dev install
+        for name in ("service", "models", "tests", "loadtests"):
+            proc = _run(python, f"import {name}", tmp_path)
+            assert proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr, (python, name)
+        assert _run(python, "import rmserve.client", tmp_path).returncode == 0
+
+
+@pytest.mark.slow
+def test_rmserve_serve_with_nothing_set_serves_the_bundled_default_model(tmp_path: Path) -> None:
+    with serve({}, tmp_path, timeout=300) as srv:
+        models = httpx.get(srv.url + "/v1/models").json()
+        item = {"prompt": "How do I boil an egg?", "response": "Put it in boiling water for 8 minutes."}
+        reply = httpx.post(srv.url + "/v1/score", json={"items": [item]})
+    assert reply.status_code == 200
+    assert reply.json()["model"] == "default" and len(reply.json()["scores"]) == 1
+    assert "default" in json.dumps(models)
