@@ -1,6 +1,6 @@
 """One-run benchmark on real text: raw engines, rmserve over HTTP, and a naive PyTorch server.
 
-    rmserve bench [--pairs 512] [--concurrency 16] [--bundle DIR] [--data hh-rlhf/dev.jsonl.gz]
+    python -m loadtests.bench [--pairs 512] [--concurrency 16] [--bundle DIR] [--data hh-rlhf/dev.jsonl.gz]
 
 Everything is measured in one run on the same pairs, so read the ratios: this machine is shared
 and its absolute numbers drift. It prints a table and exits 0; it is a benchmark, not a test.
