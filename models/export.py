@@ -2,10 +2,12 @@
 
 The bundle is built in a staging directory next to the destination and moved into place only
 after parity holds (see models/parity.py), so a failed export leaves nothing behind. Steps:
-load the checkpoint as a ``ScoreModel`` -> torch.onnx (dynamo) export with dynamic batch and
-sequence axes -> tokenizer files -> manifest -> parity through the server's own formatter and
-engine -> optional fusions (kept only if parity still holds) -> optional fp16 (models/fp16.py:
-converted, measured against fp32 PyTorch, gated) -> publish.
+load the checkpoint as a ``ScoreModel`` (decoders with SDPA attention, so each layer's attention
+exports as one fused op: models/attention.py) -> torch.onnx (dynamo) export with dynamic batch
+and sequence axes -> tokenizer files -> parity through the server's own formatter and engine ->
+optional fusions (kept only if parity still holds) -> optional fp16 (models/fp16.py: converted,
+measured against fp32 PyTorch, gated) -> the manifest with its digest, computed once over the
+final files -> publish.
 """
 
 from __future__ import annotations
@@ -21,11 +23,19 @@ from typing import Any
 
 import torch
 
-from rmserve.bundle import CALIBRATION_FILE, MODEL_FILE, FormatSettings, Manifest, load_bundle, write_manifest
+from rmserve.bundle import (
+    CALIBRATION_FILE,
+    MODEL_FILE,
+    FormatSettings,
+    Manifest,
+    unsealed_bundle,
+    write_manifest,
+)
 from rmserve.engines.base import EngineError
-from rmserve.models import fp16
+from rmserve.models import attention, fp16
 from rmserve.models import parity as parity_mod
-from rmserve.models.heads import ModelMeta, ScoreModel, load_score_model
+from rmserve.models.attention import AttentionPlan
+from rmserve.models.heads import ModelMeta, ScoreModel, checkpoint_kind, load_score_model
 from rmserve.models.parity import Pair, ParityReport, check_parity
 
 DEFAULT_OPSET = 18
@@ -57,21 +67,27 @@ def export_bundle(
     precision: str = "fp32",
     calibration_pairs: Sequence[Pair | Mapping[str, str]] | str | Path | None = None,
     training: dict[str, Any] | None = None,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
+    fuse_attention: bool = True,
     base_model: str | None = None,
     overwrite: bool = False,
     tolerance: float = 1e-4,
     invariance_tolerance: float = 1e-5,
     external_data_bytes: int = EXTERNAL_DATA_BYTES,
 ) -> Manifest:
-    """Export ``checkpoint_dir`` to a bundle at ``bundle_dir``; raises ExportError with the reason."""
+    """Export ``checkpoint_dir`` to a bundle at ``bundle_dir``; raises ExportError with the reason.
+
+    ``opset`` defaults to 23 for a decoder with fused attention, else 18 (models/attention.py).
+    """
     checkpoint, dest = Path(checkpoint_dir), Path(bundle_dir)
     if precision not in ("fp32", "fp16"):
         raise ExportError(f"precision {precision!r} is not exported; choose fp32 or fp16")
     if dest.exists() and any(dest.iterdir()) and not overwrite:
         raise ExportError(f"{dest} exists and is not empty (pass overwrite=True / --force to replace it)")
     try:
-        model, tokenizer, meta = load_score_model(checkpoint)
+        kind = checkpoint_kind(checkpoint)
+        chosen = attention.plan(kind, fuse=fuse_attention, opset=opset, default_opset=DEFAULT_OPSET)
+        model, tokenizer, meta, chosen = _load(checkpoint, chosen)
     except (OSError, ValueError) as exc:
         raise ExportError(f"cannot load {checkpoint} as a reward model: {exc}") from exc
     settings = format_settings(tokenizer, meta, max_length=max_length, input_format=input_format)
@@ -82,7 +98,7 @@ def export_bundle(
     try:
         staging = staging_root / "bundle"
         staging.mkdir()
-        exporter = export_onnx(model, meta, staging, opset=opset, external_data_bytes=external_data_bytes)
+        model, chosen, exporter = _export_graph(checkpoint, model, meta, chosen, staging, external_data_bytes)
         save_tokenizer(tokenizer, staging)
         write_calibration(staging, calibration)
         fields: dict[str, Any] = {
@@ -92,14 +108,20 @@ def export_bundle(
             "kind": meta.kind,
             "base_model": base_model or meta.base_model,
             "format": settings,
-            "opset": opset,
+            "opset": chosen.opset,
             "inputs": input_names(meta),
             "calibration_file": CALIBRATION_FILE,
             "training": training,
-            "exporter": {"path": exporter, "torch": torch.__version__},
+            "attention": chosen.label,
+            "attention_reason": chosen.reason,
+            "exporter": {
+                "path": exporter,
+                "torch": torch.__version__,
+                "attn_implementation": chosen.implementation,
+                "fused_ops": attention.fused_ops_summary(staging / MODEL_FILE),
+            },
         }
-        write_manifest(staging, **fields)
-        report = _parity(staging, model, texts, source, tolerance, invariance_tolerance)
+        report = _parity(staging, fields, model, texts, source, tolerance, invariance_tolerance)
         if optimize:
             report = _try_optimize(
                 staging,
@@ -116,12 +138,50 @@ def export_bundle(
         if precision == "fp16":
             fields["precision"] = "fp16"
             report = _to_fp16(staging, model, fields, report, texts, source, external_data_bytes)
+        # The one digest: every file is final here and hashed once.
         manifest = write_manifest(staging, **fields, parity=report.as_manifest())
-        load_bundle(staging)  # the digest we wrote must verify, exactly as the server will check it
         _publish(staging, dest, staging_root / "previous")
         return manifest
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
+
+
+def _load(checkpoint: Path, chosen: AttentionPlan) -> tuple[ScoreModel, Any, ModelMeta, AttentionPlan]:
+    """The model with the attention the plan asks for; without an SDPA path, unfused and why."""
+    try:
+        model, tokenizer, meta = load_score_model(checkpoint, attn_implementation=chosen.implementation)
+        return model, tokenizer, meta, chosen
+    except ValueError as exc:
+        if not chosen.fused or "scaled_dot_product_attention" not in str(exc):
+            raise
+    fallback = attention.unfused(DEFAULT_OPSET, "the model has no PyTorch SDPA attention path to fuse")
+    model, tokenizer, meta = load_score_model(checkpoint, attn_implementation=fallback.implementation)
+    return model, tokenizer, meta, fallback
+
+
+def _export_graph(
+    checkpoint: Path,
+    model: ScoreModel,
+    meta: ModelMeta,
+    chosen: AttentionPlan,
+    staging: Path,
+    external_data_bytes: int,
+) -> tuple[ScoreModel, AttentionPlan, str]:
+    """Write the graph as planned; a graph that did not come out fused is redone unfused."""
+    exporter = export_onnx(model, meta, staging, opset=chosen.opset, external_data_bytes=external_data_bytes)
+    if not chosen.fused:
+        return model, chosen, exporter
+    problem = attention.check_fused(staging / MODEL_FILE, meta.num_layers)
+    if problem is None:
+        return model, chosen, exporter
+    for stale in staging.glob(MODEL_FILE + "*"):
+        stale.unlink()
+    fallback = attention.unfused(DEFAULT_OPSET, f"not fused: {problem}")
+    model, _, _ = load_score_model(checkpoint, attn_implementation=fallback.implementation)
+    exporter = export_onnx(
+        model, meta, staging, opset=fallback.opset, external_data_bytes=external_data_bytes
+    )
+    return model, fallback, exporter
 
 
 def input_names(meta: ModelMeta) -> list[str]:
@@ -274,6 +334,7 @@ def write_calibration(directory: Path, pairs: Sequence[Pair]) -> None:
 
 def _parity(
     bundle_dir: Path,
+    fields: dict[str, Any],
     model: ScoreModel,
     texts: Sequence[Pair],
     source: str,
@@ -281,7 +342,7 @@ def _parity(
     invariance: float,
 ) -> ParityReport:
     report = check_parity(
-        load_bundle(bundle_dir),
+        unsealed_bundle(bundle_dir, **fields),
         model,
         texts,
         text_source=source,
@@ -319,9 +380,8 @@ def _try_optimize(
         return report
     shutil.copytree(staging, candidate)
     fusions = fuse_encoder(candidate / MODEL_FILE)
-    write_manifest(candidate, **fields)
     try:
-        fused = _parity(candidate, model, texts, source, tolerance, invariance)
+        fused = _parity(candidate, fields, model, texts, source, tolerance, invariance)
     except ExportError as exc:
         report.extra |= {"optimized": False, "optimize_rejected": str(exc)}
         return report
@@ -357,9 +417,8 @@ def _to_fp16(
     path = staging / MODEL_FILE
     try:
         conversion = fp16.convert_model_fp16(path, path, external_data_bytes=external_data_bytes)
-        write_manifest(staging, **fields)
         # No tolerance: fp16 deviates by design; what it deviates by is measured and recorded.
-        drift = fp16.check_fp16(load_bundle(staging), model, texts, text_source=source)
+        drift = fp16.check_fp16(unsealed_bundle(staging, **fields), model, texts, text_source=source)
     except fp16.Fp16Error as exc:
         raise ExportError(str(exc)) from exc
     except EngineError as exc:
@@ -397,7 +456,15 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--optimize", action="store_true", help="ORT fusions, kept only if parity holds")
     parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="weights precision")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    parser.add_argument(
+        "--opset", type=int, help="ONNX opset (default: 23 for fused decoder attention, else 18)"
+    )
+    parser.add_argument(
+        "--no-fuse-attention",
+        dest="fuse_attention",
+        action="store_false",
+        help="keep a decoder's attention unfused (MatMul/Softmax/MatMul), not one Attention op per layer",
+    )
     parser.add_argument("--calibration", help="JSONL of {prompt, response} calibration pairs, or 'builtin'")
     parser.add_argument("--base-model", help="the model this checkpoint was fine-tuned from")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
@@ -414,6 +481,7 @@ def run_export(args: argparse.Namespace) -> int:
             optimize=args.optimize,
             precision=args.precision,
             opset=args.opset,
+            fuse_attention=args.fuse_attention,
             calibration_pairs=args.calibration,
             base_model=args.base_model,
             overwrite=args.force,
@@ -422,9 +490,11 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"export failed: {exc}")
         return 1
     p = manifest.parity
+    why = f" ({manifest.attention_reason})" if manifest.attention_reason else ""
     print(
         f"exported {manifest.name} version {manifest.version} to {args.bundle}: "
-        f"max|onnx-torch|={p['max_abs_diff']:.3g}, batch invariance {p['batch_invariance_max']:.3g}"
+        f"max|onnx-torch|={p['max_abs_diff']:.3g}, batch invariance {p['batch_invariance_max']:.3g}, "
+        f"attention {manifest.attention}{why}"
     )
     return 0
 
