@@ -19,11 +19,11 @@ from onnx import helper, numpy_helper
 
 import rmserve.models.export as export_mod
 from rmserve.bundle import MODEL_FILE, BundleError, load_bundle
+from rmserve.engines.batches import pad_rows
 from rmserve.engines.onnxruntime import OnnxRuntimeEngine
 from rmserve.formatting import Formatter
 from rmserve.items import ChatItem, Message, PairItem, TextItem
 from rmserve.models.export import ExportError, export_bundle, main
-from rmserve.models.parity import pad_rows
 from tests.support.tiny import ARCHITECTURES, DECODERS, NO_PAD, tiny_checkpoint
 
 # The one architecture exported with its weights in model.onnx.data, by lowering the threshold.
