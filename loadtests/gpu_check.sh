@@ -42,10 +42,13 @@ prepare() {
   for part in .ortgpu/p*/part*; do [ -e "$part" ] && cp "$part" /tmp/ortparts/; done
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || true
   copy_source
-  # torch-only stage; setsid so it outlives this command while the next part travels.
-  setsid nohup "$PY" "$SRC/loadtests/gpu_check.py" --stage export --models "$MODELS" --work "$WORK" \
-    >"$WORK/export.log" 2>&1 </dev/null &
-  echo "export started (log: $WORK/export.log)"
+  # torch-only stage, one process per model (the dynamo exporter traces on one core: about 1 min per
+  # 28-layer model); setsid so they outlive this command while the next part travels.
+  for model in ${MODELS//,/ }; do
+    setsid nohup "$PY" "$SRC/loadtests/gpu_check.py" --stage export --models "$model" --work "$WORK" \
+      >"$WORK/export-$model.log" 2>&1 </dev/null &
+  done
+  echo "exports started (logs: $WORK/export-*.log)"
 }
 
 install_ortgpu() {
@@ -67,7 +70,7 @@ serve() {
   # cut short by the device's time limit still leaves its partial table.
   "$PY" "$SRC/loadtests/gpu_check.py" --stage serve --models "$MODELS" --work "$WORK" --out "$OUT" \
     --deadline-s "${DEADLINE_S:-420}" --wait-s "${WAIT_S:-300}" 2>&1 | tee "$OUT/gpu_check.log" || status=$?
-  grep -v "TracerWarning\|torchvision\|^  " "$WORK/export.log" >"$OUT/export.log" 2>/dev/null || true
+  cat "$WORK"/export*.log 2>/dev/null | grep -v "TracerWarning\|torchvision\|^  " >"$OUT/export.log" || true
   return $status
 }
 

@@ -8,7 +8,10 @@ themselves are loadtests/gpu_check.sh (docs/gpu.md).
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -211,3 +214,24 @@ def test_server_asked_for_cuda_without_one_never_turns_ready(
         else:
             assert server.process.returncode != 0
         assert "install onnxruntime-gpu instead of onnxruntime" in server.log()
+
+
+def test_the_gpu_check_dry_run_measures_rmserve_beside_the_pytorch_baseline(tmp_path: Path) -> None:
+    """loadtests/gpu_check.py --cpu-dry-run: the GPU check's code end to end, tiny shapes, on the CPU."""
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(repo / "loadtests" / "gpu_check.py"), "--cpu-dry-run", "--no-http"]
+        + ["--models", "tiny-qwen3", "--work", str(tmp_path / "work"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((out / "gpu_check.json").read_text())
+    paths = {row["path"] for row in result["rows"]}
+    assert {"engine.infer x8", "batcher, 64 callers", "HF + SDPA"} <= paths
+    assert result["models"]["tiny-qwen3"]["attention"] == "fused:Attention"
+    assert result["models"]["tiny-qwen3"]["parity"]["problems"] == []
+    table = (out / "gpu_check.md").read_text()
+    assert "| engine / SDPA |" in table and "| tiny-qwen3 | 128 |" in table
