@@ -201,7 +201,7 @@ def export_stage(name: str, work: Path, device: str, max_len: int, legacy: bool)
 
     from rmserve.bundle import unsealed_bundle, write_manifest
     from rmserve.formatting import Formatter
-    from rmserve.models import attention
+    from rmserve.models import attention, graph
     from rmserve.models import export as ex
     from rmserve.models.fp16 import convert_model_fp16
     from rmserve.models.heads import ModelMeta
@@ -284,7 +284,7 @@ def export_stage(name: str, work: Path, device: str, max_len: int, legacy: bool)
         mask = torch.ones_like(ids)
         mask[1, :3] = 0
         external = sum(p.numel() * p.element_size() for p in model.parameters()) > ex.EXTERNAL_DATA_BYTES
-        ex._export_legacy(
+        graph.export_legacy(
             model,
             (ids, mask),
             ["input_ids", "attention_mask"],

@@ -16,44 +16,24 @@ import argparse
 import json
 import shutil
 import tempfile
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rmserve.bundle import (
-    CALIBRATION_FILE,
-    MODEL_FILE,
-    FormatSettings,
-    Manifest,
-    unsealed_bundle,
-    write_manifest,
-)
+from rmserve.bundle import CALIBRATION_FILE, MODEL_FILE, Manifest, unsealed_bundle, write_manifest
 from rmserve.engines.base import EngineError
 from rmserve.models import attention, fp16
 from rmserve.models import parity as parity_mod
 from rmserve.models.attention import AttentionPlan
+from rmserve.models.formats import format_settings, save_tokenizer
+from rmserve.models.graph import EXTERNAL_DATA_BYTES, ExportError, export_onnx, fuse_encoder, input_names
 from rmserve.models.heads import ModelMeta, ScoreModel, checkpoint_kind, load_score_model
 from rmserve.models.parity import Pair, ParityReport, check_parity
 
 DEFAULT_OPSET = 18
-DATA_FILE = MODEL_FILE + ".data"
 MAX_CALIBRATION_PAIRS = 64
-# Protobuf cannot hold a model over 2 GiB; above this the weights go to model.onnx.data.
-EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2
-DEFAULT_MAX_LENGTH = {"encoder": 512, "decoder": 4096}
-# Used when a decoder's tokenizer has no chat template of its own.
-DEFAULT_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
-    "{% endfor %}"
-)
-
-
-class ExportError(Exception):
-    """The checkpoint cannot be exported, or the exported graph failed parity; nothing was written."""
 
 
 def export_bundle(
@@ -184,134 +164,6 @@ def _export_graph(
     return model, fallback, exporter
 
 
-def input_names(meta: ModelMeta) -> list[str]:
-    return ["input_ids", "attention_mask"] + (["token_type_ids"] if meta.uses_token_type_ids else [])
-
-
-def default_max_length(tokenizer: Any, meta: ModelMeta) -> int:
-    limits = [DEFAULT_MAX_LENGTH[meta.kind], int(min(tokenizer.model_max_length, 1 << 30))]
-    if meta.max_position_embeddings:
-        limits.append(int(meta.max_position_embeddings))
-    return min(limits)
-
-
-def format_settings(
-    tokenizer: Any, meta: ModelMeta, *, max_length: int | None, input_format: str | None
-) -> FormatSettings:
-    """How the server must turn items into token ids for this checkpoint."""
-    fmt = input_format or ("text_pair" if meta.kind == "encoder" else "chat_template")
-    if fmt == "text_pair" and meta.kind == "decoder":
-        raise ExportError("text_pair is an encoder format; a decoder reads chat_template or plain text")
-    template = None
-    if fmt == "chat_template":
-        template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
-        if not isinstance(template, str):
-            raise ExportError("the tokenizer has several named chat templates; pass one as plain text")
-    return FormatSettings(
-        input_format=fmt,  # type: ignore[arg-type]
-        max_length=max_length or default_max_length(tokenizer, meta),
-        pooling=meta.pooling,
-        pad_token_id=meta.pad_token_id,
-        # Decoder text arrives rendered, special tokens included (the template writes BOS/EOS).
-        add_special_tokens=meta.kind == "encoder",
-        chat_template=template,
-        bos_token=tokenizer.bos_token,
-        eos_token=tokenizer.eos_token,
-    )
-
-
-def export_onnx(
-    model: ScoreModel, meta: ModelMeta, directory: Path, *, opset: int, external_data_bytes: int
-) -> str:
-    """Write ``model.onnx`` (+ ``model.onnx.data`` when large); returns which exporter worked."""
-    names = input_names(meta)
-    ids = torch.full((2, 8), 5, dtype=torch.long)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # a padded row, so no padding-dependent branch is specialized away
-    args = (ids, mask) + ((torch.zeros_like(ids),) if meta.uses_token_type_ids else ())
-    external = sum(p.numel() * p.element_size() for p in model.parameters()) > external_data_bytes
-    path = directory / MODEL_FILE
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-            program = torch.onnx.export(
-                model,
-                args,
-                input_names=names,
-                output_names=["scores"],
-                opset_version=opset,
-                dynamo=True,
-                dynamic_shapes={n: {0: batch, 1: seq} for n in names},
-                verbose=False,
-            )
-            assert program is not None
-            import onnx_ir
-
-            onnx_ir.save(program.model, path, external_data=DATA_FILE if external else None)
-            return "torch.onnx.export(dynamo=True)"
-        except Exception as dynamo_error:  # the dynamo exporter raises many kinds; the legacy one may work
-            first = f"{type(dynamo_error).__name__}: {dynamo_error}"
-        try:
-            _export_legacy(model, args, names, path, opset, external)
-            return "torch.onnx.export(dynamo=False)"
-        except Exception as exc:
-            raise ExportError(
-                f"torch.onnx could not export {meta.architecture}: dynamo exporter: {first[:500]}; "
-                f"legacy exporter: {type(exc).__name__}: {str(exc)[:500]}"
-            ) from exc
-
-
-def _export_legacy(
-    model: ScoreModel,
-    args: tuple[torch.Tensor, ...],
-    names: list[str],
-    path: Path,
-    opset: int,
-    external: bool,
-) -> None:
-    import onnx
-
-    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"scores": {0: "batch"}}
-    torch.onnx.export(
-        model,
-        args,
-        str(path),
-        input_names=names,
-        output_names=["scores"],
-        opset_version=opset,
-        dynamo=False,
-        dynamic_axes=axes,
-    )
-    if external:
-        proto = onnx.load(str(path))
-        onnx.save_model(
-            proto,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=DATA_FILE,
-            size_threshold=1024,
-        )
-
-
-def save_tokenizer(tokenizer: Any, directory: Path) -> None:
-    """tokenizer.json, tokenizer_config.json and special_tokens_map.json, nothing else.
-
-    transformers 5 also writes chat_template.jinja and may skip special_tokens_map.json; the
-    template lives in the manifest (it is digested there), and the map is written here.
-    """
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer.save_pretrained(scratch)
-        for file in ("tokenizer.json", "tokenizer_config.json"):
-            source = Path(scratch) / file
-            if not source.is_file():
-                raise ExportError(f"the tokenizer did not save {file}; a fast tokenizer is needed")
-            shutil.copyfile(source, directory / file)
-    specials = {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
-    (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, sort_keys=True) + "\n")
-
-
 def calibration_set(value: Sequence[Pair | Mapping[str, str]] | str | Path | None) -> list[Pair]:
     """Up to 64 prompt/response pairs: given, read from a JSONL file, or the parity text source."""
     if value is None:
@@ -389,19 +241,6 @@ def _try_optimize(
     candidate.rename(staging)
     fused.extra |= {"optimized": True, "fusions": fusions, "unfused": _summary(report)}
     return fused
-
-
-def fuse_encoder(path: Path) -> dict[str, int]:
-    """Attention/LayerNorm/GELU fusions in place; returns the fused operator counts."""
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    # opt_level=1: only provider-independent ORT rewrites before the Python fusions, so the
-    # fused file still runs on CPU, CUDA and OpenVINO alike (level 2+ bakes in CPU-only ops).
-    fused = optimize_model(str(path), model_type="bert", num_heads=0, hidden_size=0, opt_level=1)
-    external = (path.parent / DATA_FILE).is_file()
-    fused.save_model_to_file(str(path), use_external_data_format=external, all_tensors_to_one_file=True)
-    stats = fused.get_fused_operator_statistics()
-    return {op: int(n) for op, n in stats.items() if n}
 
 
 def _to_fp16(
