@@ -268,7 +268,7 @@ def export_stage(name: str, work: Path, device: str, max_len: int, legacy: bool)
             exporter = ex.export_onnx(
                 model, meta, fp32_dir, opset=plan.opset, external_data_bytes=ex.EXTERNAL_DATA_BYTES
             )
-            problem = attention.check_fused(fp32_dir / "model.onnx", meta.num_layers)
+            problem = attention.check_fused(attention.op_counts(fp32_dir / "model.onnx"), meta.num_layers)
         except Exception as exc:  # the dynamo exporter raises many kinds; the run must go on
             problem = f"{type(exc).__name__}: {str(exc)[:300]}"
         if problem is not None:  # measure the unfused graph rather than nothing
@@ -293,7 +293,7 @@ def export_stage(name: str, work: Path, device: str, max_len: int, legacy: bool)
             external,
         )
         exporter = "torch.onnx.export(dynamo=False)"
-    fused_ops = attention.fused_ops_summary(fp32_dir / "model.onnx")
+    fused_ops = attention.fused_ops_summary(attention.op_counts(fp32_dir / "model.onnx"))
     log(f"{name}: {exporter} fp32 graph ({plan.label}, {fused_ops}) in {time.perf_counter() - t:.1f}s")
     t = time.perf_counter()
     guard = convert_model_fp16(

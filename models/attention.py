@@ -64,9 +64,8 @@ def op_counts(model_path: Path) -> Counter[str]:
     return Counter(node.op_type for node in proto.graph.node)
 
 
-def check_fused(model_path: Path, layers: int | None) -> str | None:
-    """None when the graph has one fused Attention per layer and no softmax; else what is wrong."""
-    ops = op_counts(model_path)
+def check_fused(ops: Counter[str], layers: int | None) -> str | None:
+    """None when a graph of ``ops`` has one fused Attention per layer and no softmax; else what is wrong."""
     fused = ops.get(FUSED_OP, 0)
     stray = sorted(op for op in UNFUSED_MARKERS if ops.get(op))
     if stray:
@@ -79,8 +78,7 @@ def check_fused(model_path: Path, layers: int | None) -> str | None:
     return None
 
 
-def fused_ops_summary(model_path: Path) -> dict[str, int]:
-    """The fused operators a graph holds, by type (for the manifest)."""
-    ops = op_counts(model_path)
+def fused_ops_summary(ops: Counter[str]) -> dict[str, int]:
+    """The fused operators among a graph's ``ops``, by type (for the manifest)."""
     names = (FUSED_OP, "RMSNormalization", "RotaryEmbedding", "LayerNormalization")
     return {name: ops[name] for name in names if ops.get(name)}

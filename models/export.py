@@ -78,7 +78,9 @@ def export_bundle(
     try:
         staging = staging_root / "bundle"
         staging.mkdir()
-        model, chosen, exporter = _export_graph(checkpoint, model, meta, chosen, staging, external_data_bytes)
+        model, chosen, exporter, fused_ops = _export_graph(
+            checkpoint, model, meta, chosen, staging, external_data_bytes
+        )
         save_tokenizer(tokenizer, staging)
         write_calibration(staging, calibration)
         fields: dict[str, Any] = {
@@ -98,7 +100,7 @@ def export_bundle(
                 "path": exporter,
                 "torch": torch.__version__,
                 "attn_implementation": chosen.implementation,
-                "fused_ops": attention.fused_ops_summary(staging / MODEL_FILE),
+                "fused_ops": fused_ops,
             },
         }
         report = _parity(staging, fields, model, texts, source, tolerance, invariance_tolerance)
@@ -146,14 +148,18 @@ def _export_graph(
     chosen: AttentionPlan,
     staging: Path,
     external_data_bytes: int,
-) -> tuple[ScoreModel, AttentionPlan, str]:
-    """Write the graph as planned; a graph that did not come out fused is redone unfused."""
+) -> tuple[ScoreModel, AttentionPlan, str, dict[str, int]]:
+    """Write the graph as planned; a graph that did not come out fused is redone unfused.
+
+    Returns the model it was traced from, the plan it follows, the exporter and its fused ops.
+    """
     exporter = export_onnx(model, meta, staging, opset=chosen.opset, external_data_bytes=external_data_bytes)
     if not chosen.fused:
-        return model, chosen, exporter
-    problem = attention.check_fused(staging / MODEL_FILE, meta.num_layers)
+        return model, chosen, exporter, {}
+    ops = attention.op_counts(staging / MODEL_FILE)
+    problem = attention.check_fused(ops, meta.num_layers)
     if problem is None:
-        return model, chosen, exporter
+        return model, chosen, exporter, attention.fused_ops_summary(ops)
     for stale in staging.glob(MODEL_FILE + "*"):
         stale.unlink()
     fallback = attention.unfused(DEFAULT_OPSET, f"not fused: {problem}")
@@ -161,7 +167,7 @@ def _export_graph(
     exporter = export_onnx(
         model, meta, staging, opset=fallback.opset, external_data_bytes=external_data_bytes
     )
-    return model, fallback, exporter
+    return model, fallback, exporter, {}
 
 
 def calibration_set(value: Sequence[Pair | Mapping[str, str]] | str | Path | None) -> list[Pair]:
