@@ -38,12 +38,29 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-# name: (hidden, layers, heads, kv_heads, intermediate, vocab) - Qwen2-0.5B / Qwen2-1.5B shapes.
+
+@dataclass(frozen=True)
+class Shape:
+    """A decoder's shape; ``family`` qwen3 adds RMSNorms over each head's q and k."""
+
+    family: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+
 SHAPES = {
-    "qwen2-0.5b": (896, 24, 14, 2, 4864, 151936),
-    "qwen2-1.5b": (1536, 28, 12, 2, 8960, 151936),
-    "tiny": (64, 2, 4, 2, 128, 1000),
+    "qwen2-0.5b": Shape("qwen2", 896, 24, 14, 2, 64, 4864, 151936),
+    "qwen2-1.5b": Shape("qwen2", 1536, 28, 12, 2, 128, 8960, 151936),
+    "qwen3-1.7b": Shape("qwen3", 2048, 28, 16, 8, 128, 6144, 151936),
+    "tiny": Shape("qwen2", 64, 2, 4, 2, 16, 128, 1000),
+    "tiny-qwen3": Shape("qwen3", 64, 2, 4, 2, 16, 128, 1000),
 }
+DEFAULT_MODELS = "qwen2-0.5b,qwen2-1.5b,qwen3-1.7b"
 # Dense (no sparsity) fp16 tensor-core peaks, FLOP/s.
 PEAKS = [
     ("H100 PCIe", 756e12),
@@ -111,32 +128,49 @@ def build_tokenizer() -> Any:
     )
 
 
-def build_model(name: str, tokenizer: Any, device: str) -> Any:
+def hf_config(name: str, pad_token_id: int, eos_token_id: int) -> Any:
+    from transformers import AutoConfig
+
+    shape = SHAPES[name]
+    return AutoConfig.for_model(
+        shape.family,
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
+        intermediate_size=shape.intermediate,
+        max_position_embeddings=32768,
+        num_labels=1,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        tie_word_embeddings=True,
+        architectures=[architecture(name)],
+    )
+
+
+def architecture(name: str) -> str:
+    return f"{SHAPES[name].family.capitalize()}ForSequenceClassification"
+
+
+def build_hf(name: str, tokenizer: Any, device: str, dtype: Any, attn: str) -> Any:
+    """The random-init (seeded) HF sequence-classification model of ``name``'s shape."""
     import torch
-    from transformers import AutoModelForSequenceClassification, Qwen2Config
+    from transformers import AutoModelForSequenceClassification
+
+    config = hf_config(name, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    torch.manual_seed(SEED)
+    with torch.device(device):
+        return AutoModelForSequenceClassification.from_config(config, attn_implementation=attn, dtype=dtype)
+
+
+def build_model(name: str, tokenizer: Any, device: str, attn: str = "sdpa") -> Any:
+    import torch
 
     from rmserve.models.heads import ScoreModel
 
-    hidden, layers, heads, kv, inter, vocab = SHAPES[name]
-    config = Qwen2Config(  # type: ignore[call-arg]
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        intermediate_size=inter,
-        max_position_embeddings=32768,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-        architectures=["Qwen2ForSequenceClassification"],
-    )
-    torch.manual_seed(SEED)
-    with torch.device(device):
-        hf = AutoModelForSequenceClassification.from_config(
-            config, attn_implementation="eager", dtype=torch.float32
-        )
+    hf = build_hf(name, tokenizer, device, torch.float32, attn)
     return ScoreModel(hf, "last_token", "decoder").eval()
 
 
@@ -162,13 +196,16 @@ def parity_items(formatter: Any, vocab_used: int, max_len: int) -> list[Any]:
 
 
 def export_stage(name: str, work: Path, device: str, max_len: int, legacy: bool) -> None:
+    """``legacy``: eager attention through the TorchScript exporter (unfused; the old graph)."""
     import torch
 
-    from rmserve.bundle import FORMAT_VERSION, Bundle, Manifest, write_manifest
+    from rmserve.bundle import unsealed_bundle, write_manifest
     from rmserve.formatting import Formatter
+    from rmserve.models import attention, graph
     from rmserve.models import export as ex
-    from rmserve.models.fp16 import convert_model_fp16, reference_scores
+    from rmserve.models.fp16 import convert_model_fp16
     from rmserve.models.heads import ModelMeta
+    from rmserve.models.parity import reference_scores
 
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference is fp32
     torch.backends.cudnn.allow_tf32 = False
@@ -178,7 +215,8 @@ def export_stage(name: str, work: Path, device: str, max_len: int, legacy: bool)
     fp32_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tokenizer = build_tokenizer()
-    model = build_model(name, tokenizer, device)
+    model = build_model(name, tokenizer, device, attn="eager" if legacy else "sdpa")
+    family, arch = SHAPES[name].family, architecture(name)
     total, nonemb = flop_params(model)
     log(
         f"{name}: built {total / 1e6:.0f}M parameters ({nonemb / 1e6:.0f}M outside the embedding) "
@@ -188,30 +226,33 @@ def export_stage(name: str, work: Path, device: str, max_len: int, legacy: bool)
     meta = ModelMeta(
         kind="decoder",
         pooling="last_token",
-        model_type="qwen2",
-        architecture="Qwen2ForSequenceClassification",
+        model_type=family,
+        architecture=arch,
         base_model=f"random-init {name} (gpu_check)",
         pad_token_id=int(tokenizer.pad_token_id),
         uses_token_type_ids=False,
         max_position_embeddings=32768,
+        num_layers=SHAPES[name].layers,
+    )
+    plan = (
+        attention.unfused(ex.DEFAULT_OPSET, "--exporter legacy")
+        if legacy
+        else attention.plan("decoder", fuse=True, opset=None, default_opset=ex.DEFAULT_OPSET)
     )
     settings = ex.format_settings(tokenizer, meta, max_length=4096, input_format="chat_template")
-    provisional = Manifest(
+    ex.save_tokenizer(tokenizer, bundle_dir)
+    provisional = unsealed_bundle(
+        bundle_dir,
         name=name,
-        version="-",
-        digest="-",
-        architecture=meta.architecture,
-        model_type="qwen2",
+        architecture=arch,
+        model_type=family,
         kind="decoder",
         base_model=meta.base_model,
         format=settings,
-        opset=ex.DEFAULT_OPSET,
+        opset=plan.opset,
         inputs=["input_ids", "attention_mask"],
-        files=[],
-        format_version=FORMAT_VERSION,
     )
-    ex.save_tokenizer(tokenizer, bundle_dir)
-    formatter = Formatter(Bundle(bundle_dir, provisional))
+    formatter = Formatter(provisional)
     encoded = parity_items(formatter, len(tokenizer), max_len)
     t = time.perf_counter()
     reference = reference_scores(model, encoded, meta.pad_token_id, batch=8)
@@ -221,26 +262,39 @@ def export_stage(name: str, work: Path, device: str, max_len: int, legacy: bool)
     )
     t = time.perf_counter()
     model = model.cpu()
+    exporter = ""
+    if not legacy:
+        try:
+            exporter = ex.export_onnx(
+                model, meta, fp32_dir, opset=plan.opset, external_data_bytes=ex.EXTERNAL_DATA_BYTES
+            )
+            problem = attention.check_fused(attention.op_counts(fp32_dir / "model.onnx"), meta.num_layers)
+        except Exception as exc:  # the dynamo exporter raises many kinds; the run must go on
+            problem = f"{type(exc).__name__}: {str(exc)[:300]}"
+        if problem is not None:  # measure the unfused graph rather than nothing
+            log(f"{name}: not fused ({problem}); exporting the unfused graph instead")
+            plan = attention.unfused(ex.DEFAULT_OPSET, f"not fused on this machine: {problem}")
+            model = build_model(name, tokenizer, "cpu", attn="eager")
+            legacy = True
     if legacy:
-        # export.py's own fallback path: the dynamo exporter needs minutes for 24-28 layers.
+        # TorchScript: eager attention, unfused, in seconds.
+        for stale in fp32_dir.glob("model.onnx*"):
+            stale.unlink()
         ids = torch.full((2, 8), 5, dtype=torch.long)
         mask = torch.ones_like(ids)
         mask[1, :3] = 0
         external = sum(p.numel() * p.element_size() for p in model.parameters()) > ex.EXTERNAL_DATA_BYTES
-        ex._export_legacy(
+        graph.export_legacy(
             model,
             (ids, mask),
             ["input_ids", "attention_mask"],
             fp32_dir / "model.onnx",
-            ex.DEFAULT_OPSET,
+            plan.opset,
             external,
         )
         exporter = "torch.onnx.export(dynamo=False)"
-    else:
-        exporter = ex.export_onnx(
-            model, meta, fp32_dir, opset=ex.DEFAULT_OPSET, external_data_bytes=ex.EXTERNAL_DATA_BYTES
-        )
-    log(f"{name}: {exporter} fp32 graph in {time.perf_counter() - t:.1f}s")
+    fused_ops = attention.fused_ops_summary(attention.op_counts(fp32_dir / "model.onnx"))
+    log(f"{name}: {exporter} fp32 graph ({plan.label}, {fused_ops}) in {time.perf_counter() - t:.1f}s")
     t = time.perf_counter()
     guard = convert_model_fp16(
         fp32_dir / "model.onnx", bundle_dir / "model.onnx", external_data_bytes=ex.EXTERNAL_DATA_BYTES
@@ -252,16 +306,18 @@ def export_stage(name: str, work: Path, device: str, max_len: int, legacy: bool)
     ex.write_calibration(bundle_dir, ex.calibration_set("builtin"))
     fields = {
         "name": name,
-        "architecture": meta.architecture,
-        "model_type": "qwen2",
+        "architecture": arch,
+        "model_type": family,
         "kind": "decoder",
         "base_model": meta.base_model,
         "format": settings,
-        "opset": ex.DEFAULT_OPSET,
+        "opset": plan.opset,
         "inputs": ["input_ids", "attention_mask"],
         "calibration_file": "calibration.jsonl",
         "precision": "fp16",
-        "exporter": {"path": exporter, "torch": torch.__version__, "fp16": guard},
+        "attention": plan.label,
+        "attention_reason": plan.reason,
+        "exporter": {"path": exporter, "torch": torch.__version__, "fp16": guard, "fused_ops": fused_ops},
     }
     write_manifest(bundle_dir, **fields)
     np.save(root / "reference.npy", reference)
@@ -272,7 +328,7 @@ def export_stage(name: str, work: Path, device: str, max_len: int, legacy: bool)
                 "params": total,
                 "params_nonembedding": nonemb,
                 "fields": {k: v for k, v in fields.items() if k != "format"},
-                "shape": SHAPES[name],
+                "shape": asdict(SHAPES[name]),
                 "export_s": time.perf_counter() - started,
             }
         )
@@ -315,9 +371,10 @@ def gpu_name_and_peak(provider: str) -> tuple[str, float | None]:
 
 
 def model_flops(meta: dict[str, Any], tokens: int) -> float:
-    hidden, layers, heads, _kv, _inter, _vocab = meta["shape"]
-    head_dim = hidden // heads
-    return 2.0 * meta["params_nonembedding"] * tokens + layers * 2.0 * tokens * tokens * heads * head_dim
+    shape = meta["shape"]
+    attention_width = shape["heads"] * shape["head_dim"]
+    dense = 2.0 * meta["params_nonembedding"] * tokens
+    return dense + shape["layers"] * 2.0 * tokens * tokens * attention_width
 
 
 def random_items(n: int, length: int, vocab_used: int, seed: int) -> list[Any]:
@@ -384,6 +441,7 @@ async def bench_model(
                 times.append(time.perf_counter() - t)
             sec = float(np.median(times))
             rows.append(_row(name, length, n, n / sec, meta, peak, path=f"engine.infer x{n}"))
+            log(f"{name} L={length} engine.infer x{n}: {rows[-1].pairs_s:.1f} pairs/s")
             for size in sizes:
                 total = counts[length] if size == 1 else max(counts[length], 4 * size)
                 pool = (items * (total // len(items) + 1))[:total]
@@ -496,6 +554,7 @@ def serve_stage(
         "params_nonembedding": meta["params_nonembedding"],
         "export_s": round(meta["export_s"], 1),
         "selection": selection,
+        "attention": bundle.manifest.attention,
     }
 
 
@@ -534,17 +593,18 @@ def http_pass(name: str, work: Path, provider: str, out: Path) -> dict[str, Any]
         }
 
 
-def print_table(device: str, rows: list[Row], summaries: dict[str, Any]) -> str:
+def print_table(device: str, rows: list[Row], summaries: dict[str, Any], quiet: bool = False) -> str:
     lines = [
         f"device: {device}",
         "",
-        "| model | params (non-emb) | parity max abs / max rel | ranking agreement | drift |",
-        "| --- | --- | --- | --- | --- |",
+        "| model | params (non-emb) | attention | parity max abs / max rel | ranking agreement | drift |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in summaries.items():
         p = s["parity"]
         lines.append(
-            f"| {name} | {s['params'] / 1e6:.0f}M ({s['params_nonembedding'] / 1e6:.0f}M) | "
+            f"| {name} | {s['params'] / 1e6:.0f}M ({s['params_nonembedding'] / 1e6:.0f}M) "
+            f"| {s['attention']} | "
             f"{p['max_abs_diff']:.3g} / {p['max_rel_diff']:.3g} | {p['ranking_agreement']} "
             f"(spearman {p['spearman']}) | {p['batch_invariance_max']:.3g} |"
         )
@@ -561,40 +621,119 @@ def print_table(device: str, rows: list[Row], summaries: dict[str, Any]) -> str:
             f"| {r.model} | {r.tokens} | {r.request_items} | {r.path} | {r.pairs_s:.1f} | {r.tokens_s:.0f} "
             f"| {r.tflops:.1f} | {pct} | {p50} |"
         )
+    lines += ["", *ratio_table(rows)]
     text = "\n".join(lines)
-    print(text, flush=True)
+    if not quiet:
+        print(text, flush=True)
     return text
+
+
+def ratio_table(rows: list[Row]) -> list[str]:
+    """Per model and length: rmserve's engine and batcher (1-item requests) over the baselines."""
+    from loadtests.gpu_baseline import COMPILE, SDPA
+
+    lines = [
+        "| model | tokens/item | engine | batcher, 1-item | HF + SDPA | + torch.compile | engine / SDPA "
+        "| batcher / SDPA | engine / compile | batcher / compile |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for model, length in dict.fromkeys((r.model, r.tokens) for r in rows):
+        mine = [r for r in rows if (r.model, r.tokens) == (model, length)]
+        engine = next((r.pairs_s for r in mine if r.path.startswith("engine")), None)
+        lone = [r for r in mine if r.path.startswith("batcher") and r.request_items == 1]
+        batcher = lone[0].pairs_s if lone else None
+        sdpa = next((r.pairs_s for r in mine if r.path == SDPA), None)
+        compiled = next((r.pairs_s for r in mine if r.path == COMPILE), None)
+
+        def ratio(a: float | None, b: float | None) -> str:
+            return f"{a / b:.2f}x" if a and b else ""
+
+        def num(v: float | None) -> str:
+            return f"{v:.1f}" if v else ""
+
+        lines.append(
+            f"| {model} | {length} | {num(engine)} | {num(batcher)} | {num(sdpa)} | {num(compiled)} "
+            f"| {ratio(engine, sdpa)} | {ratio(batcher, sdpa)} | {ratio(engine, compiled)} "
+            f"| {ratio(batcher, compiled)} |"
+        )
+    return lines
+
+
+def baseline_stage(
+    name: str,
+    meta: dict[str, Any],
+    shapes: list[tuple[int, int]],
+    device: str,
+    peak: float | None,
+    compile_too: bool,
+    time_left: Any,
+    rows: list[Row],
+    save: Any,
+) -> None:
+    """HF + SDPA (and torch.compile) on the same card, each row printed and saved as it lands."""
+    import torch
+
+    from loadtests import gpu_baseline
+
+    tokenizer = build_tokenizer()
+    dtype = torch.float16 if device == "cuda" else torch.float32
+
+    def build() -> Any:
+        return build_hf(name, tokenizer, device, dtype, "sdpa").eval()
+
+    def report(path: str, items: int, tokens: int, rate: float) -> None:
+        rows.append(_row(name, tokens, items, rate, meta, peak, path=path))
+        log(f"{name} L={tokens} {path} x{items}: {rate:.1f} pairs/s")
+        save()
+
+    gpu_baseline.baseline(
+        build, shapes, 700, device, compile_too=compile_too, report=report, time_left=time_left
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", choices=["export", "serve", "all"], default="all")
     parser.add_argument("--cpu-dry-run", action="store_true", help="tiny shapes, CPU provider, here")
-    parser.add_argument("--models", default="qwen2-0.5b,qwen2-1.5b")
+    parser.add_argument("--models", default=DEFAULT_MODELS)
     parser.add_argument("--work", type=Path, default=Path("/tmp/gpucheck"))
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpucheck-out")))
     parser.add_argument("--deadline-s", type=float, default=420.0, help="skip what would start after this")
     parser.add_argument("--wait-s", type=float, default=300.0, help="serve: how long to wait for each export")
     parser.add_argument("--no-http", action="store_true")
     parser.add_argument(
+        "--baselines",
+        default=None,
+        help="comma-separated: sdpa (HF + SDPA), compile (+ torch.compile), none; default sdpa,compile "
+        "on a GPU, sdpa in the dry run",
+    )
+    parser.add_argument(
         "--exporter",
-        choices=["legacy", "auto"],
-        default="legacy",
-        help="legacy: TorchScript (seconds); auto: export.py's dynamo-first path (minutes)",
+        choices=["fused", "legacy"],
+        default="fused",
+        help="fused: SDPA through the dynamo exporter at opset 23, one Attention op per layer (what "
+        "rmserve export writes); legacy: eager attention through TorchScript (the old unfused graph)",
     )
     args = parser.parse_args(argv)
     t0 = time.monotonic()
     dry = args.cpu_dry_run
-    names = ["tiny"] if dry else args.models.split(",")
+    names = args.models.split(",")
+    if dry and args.models == DEFAULT_MODELS:
+        names = ["tiny"]
     provider = "cpu" if dry else "cuda"
     lengths = [64, 128] if dry else [512, 2048]
     sizes = [1, 8] if dry else [1, 64]
     counts = {64: 32, 128: 32} if dry else {512: 512, 2048: 256}
+    baselines = set((args.baselines or ("sdpa" if dry else "sdpa,compile")).split(","))
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
+
+    def time_left() -> float:
+        return args.deadline_s - (time.monotonic() - t0)
+
     if args.stage in ("export", "all"):
         for name in names:
-            if time.monotonic() - t0 > args.deadline_s:
+            if time_left() <= 0:
                 log(f"{name}: skipped export, past the deadline")
                 continue
             export_stage(
@@ -624,6 +763,20 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     summaries: dict[str, Any] = {}
     http: dict[str, Any] = {}
+
+    def save() -> None:
+        """Results so far, rewritten after every row: a run cut short still leaves its table."""
+        result = {
+            "device": device,
+            "peak_flops": peak,
+            "rows": [asdict(r) for r in rows],
+            "models": summaries,
+            "http": http,
+            "elapsed_s": round(time.monotonic() - t0, 1),
+        }
+        (args.out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
+        (args.out / "gpu_check.md").write_text(print_table(device, rows, summaries, quiet=True) + "\n")
+
     for name in names:
         done = args.work / name / "DONE"
         while not done.exists() and time.monotonic() - t0 < min(args.deadline_s, args.wait_s):
@@ -631,26 +784,18 @@ def main(argv: list[str] | None = None) -> int:
         if not done.exists():
             log(f"{name}: no bundle (export not finished in time); skipped")
             continue
-        if time.monotonic() - t0 > args.deadline_s:
+        if time_left() <= 0:
             log(f"{name}: skipped serving, past the deadline")
             continue
         model_rows, summaries[name] = serve_stage(name, args.work, provider, lengths, sizes, counts, peak)
         rows += model_rows
-        (args.out / "gpu_check.json").write_text(
-            json.dumps(
-                {
-                    "device": device,
-                    "peak_flops": peak,
-                    "rows": [asdict(r) for r in rows],
-                    "models": summaries,
-                },
-                indent=1,
-                default=str,
-            )
-        )
-    text = print_table(device, rows, summaries)
-    (args.out / "gpu_check.md").write_text(text + "\n")
-    if not args.no_http and summaries and time.monotonic() - t0 < args.deadline_s:
+        save()
+        if baselines & {"sdpa", "compile"} and time_left() > 30:
+            meta = json.loads((args.work / name / "meta.json").read_text())
+            shapes = [(min(max(sizes), max(1, engine_batch_tokens() // n)), n) for n in lengths]
+            baseline_stage(name, meta, shapes, provider, peak, "compile" in baselines, time_left, rows, save)
+    print_table(device, rows, summaries)
+    if not args.no_http and summaries and time_left() > 0:
         name = next(iter(summaries))
         try:
             http = http_pass(name, args.work, provider, args.out)
@@ -658,22 +803,16 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # report, never lose the table over the optional pass
             log(f"HTTP pass failed: {type(exc).__name__}: {str(exc)[-3000:]}")
             http = {"error": f"{type(exc).__name__}: {str(exc)[-3000:]}"}
-    (args.out / "gpu_check.json").write_text(
-        json.dumps(
-            {
-                "device": device,
-                "peak_flops": peak,
-                "rows": [asdict(r) for r in rows],
-                "models": summaries,
-                "http": http,
-                "elapsed_s": round(time.monotonic() - t0, 1),
-            },
-            indent=1,
-            default=str,
-        )
-    )
+    save()
     log(f"done in {time.monotonic() - t0:.0f}s")
     return 0 if rows else 1
+
+
+def engine_batch_tokens() -> int:
+    """Padded tokens per engine batch, as serve_stage sizes it (the baselines run the same batches)."""
+    from rmserve.engines.select import default_batch_tokens
+
+    return default_batch_tokens("cuda")
 
 
 def _fp32_copy(root: Path) -> None:

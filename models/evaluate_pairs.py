@@ -1,7 +1,7 @@
 """Pairwise accuracy: how often a model scores chosen above rejected.
 
-Scoring goes through the server's own parts (``Formatter`` for token ids, ``pad_batch`` and the
-ONNX Runtime engine for a bundle), so a number measured here is the number the server gives.
+Scoring goes through the server's own parts (``Formatter`` for token ids, the shared scoring loop of
+service/engines/batches.py, the ONNX Runtime engine), so a number measured here is the server's.
 Rows are scored in length-sorted batches; scores do not depend on what shares a batch.
 """
 
@@ -14,9 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from rmserve.engines.base import TokenBatch, available_cpus, pad_batch
+from rmserve.engines.base import TokenBatch, available_cpus
+from rmserve.engines.batches import score_rows
 from rmserve.formatting import Encoded, Formatter
 from rmserve.models.data import PreferencePair
+
+# Padded tokens per forward pass when scoring a file of pairs.
+BATCH_TOKENS = 16384
 
 
 def encode_pairs(
@@ -28,30 +32,12 @@ def encode_pairs(
     return encoded[0::2], encoded[1::2]
 
 
-def score_encoded(
-    rows: Sequence[Encoded], infer: Callable[[TokenBatch], np.ndarray], pad_id: int, batch_tokens: int = 16384
-) -> np.ndarray:
-    """Scores of encoded rows, in their order, batched by length under a padded-token budget."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    scores = np.zeros(len(rows), dtype=np.float32)
-    start = 0
-    while start < len(order):
-        end = start + 1
-        while end < len(order) and (end - start + 1) * len(rows[order[end]]) <= batch_tokens:
-            end += 1
-        chunk = [rows[i] for i in order[start:end]]
-        types = [r.type_ids for r in chunk] if chunk[0].type_ids is not None else None
-        batch = pad_batch([r.ids for r in chunk], pad_id, types)
-        scores[order[start:end]] = infer(batch)
-        start = end
-    return scores
-
-
 def _score_pairs(
     formatter: Formatter, pairs: Sequence[PreferencePair], infer: Callable[[TokenBatch], np.ndarray]
 ) -> np.ndarray:
     chosen, rejected = encode_pairs(formatter, pairs)
-    flat = score_encoded([*chosen, *rejected], infer, formatter.settings.pad_token_id)
+    rows = [*chosen, *rejected]
+    flat = score_rows(rows, infer, formatter.settings.pad_token_id, batch_tokens=BATCH_TOKENS)
     return np.stack([flat[: len(pairs)], flat[len(pairs) :]], axis=1)
 
 
@@ -68,33 +54,6 @@ def score_bundle(
         return _score_pairs(Formatter(bundle), pairs, engine.infer)
     finally:
         engine.close()
-
-
-def score_torch(model: Any, formatter: Formatter, pairs: Sequence[PreferencePair]) -> np.ndarray:
-    """[N, 2] scores from a torch ``ScoreModel`` (fp32, eval mode) on the same token ids."""
-    import torch
-
-    device = next(model.parameters()).device
-
-    def infer(batch: TokenBatch) -> np.ndarray:
-        feeds = {
-            k: torch.from_numpy(v).to(device)
-            for k, v in (
-                ("input_ids", batch.input_ids),
-                ("attention_mask", batch.attention_mask),
-                ("token_type_ids", batch.token_type_ids),
-            )
-            if v is not None
-        }
-        with torch.no_grad():
-            return model(**feeds).float().cpu().numpy()
-
-    was_training = model.training
-    model.eval()
-    try:
-        return _score_pairs(formatter, pairs, infer)
-    finally:
-        model.train(was_training)
 
 
 def pairwise_accuracy(scores: np.ndarray, pairs: Sequence[PreferencePair]) -> dict[str, Any]:

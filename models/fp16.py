@@ -34,11 +34,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from rmserve.bundle import Bundle
-from rmserve.engines.base import TokenBatch, available_cpus
+from rmserve.engines.base import available_cpus
+from rmserve.engines.batches import Side, score_rows
 from rmserve.engines.gate import MIN_AGREEMENT, MIN_SPEARMAN, pairwise_agreement, spearman
 from rmserve.engines.onnxruntime import OnnxRuntimeEngine
 from rmserve.formatting import Encoded, Formatter
@@ -48,8 +48,7 @@ from rmserve.models.parity import (
     PADDING_SIDES,
     Pair,
     ParityReport,
-    chunks,
-    pad_rows,
+    reference_scores,
     scaled_diff,
 )
 
@@ -302,29 +301,6 @@ def _save(model: onnx.ModelProto, dest: Path, external_data_bytes: int) -> None:
 # -- measurement --------------------------------------------------------------------------------
 
 
-def torch_scores_on(model: ScoreModel, batch: TokenBatch) -> np.ndarray:
-    """The fp32 PyTorch reference on exactly the engine's arrays, on the model's own device."""
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        tt = batch.token_type_ids
-        types = torch.from_numpy(tt).to(device) if tt is not None else None
-        out = model(
-            torch.from_numpy(batch.input_ids).to(device),
-            torch.from_numpy(batch.attention_mask).to(device),
-            types,
-        )
-    return out.detach().to(torch.float32).cpu().numpy().reshape(-1)
-
-
-def reference_scores(
-    model: ScoreModel, encoded: Sequence[Encoded], pad_id: int, batch: int = 32
-) -> np.ndarray:
-    """fp32 PyTorch scores of ``encoded``, one per item (right padding leaves a score unchanged)."""
-    return np.concatenate(
-        [torch_scores_on(model, pad_rows(rows, pad_id, "right")) for rows in chunks(encoded, batch)]
-    )
-
-
 def measure_fp16(
     bundle: Bundle,
     engine: Any,
@@ -344,7 +320,7 @@ def measure_fp16(
     scores, pairwise agreement under ``min_agreement``, Spearman under ``min_spearman`` (if set).
     """
     pad_id = bundle.manifest.format.pad_token_id
-    sides = PADDING_SIDES if bundle.manifest.kind == "decoder" else ("right",)
+    sides: tuple[Side, ...] = PADDING_SIDES if bundle.manifest.kind == "decoder" else ("right",)
     report = ParityReport(
         text_source=text_source,
         n_texts=len(encoded),
@@ -357,8 +333,7 @@ def measure_fp16(
     served: list[np.ndarray] = []
     for side in sides:
         for size in sorted(batch_sizes):
-            batches = (pad_rows(rows, pad_id, side) for rows in chunks(encoded, size))
-            scores = np.concatenate([engine.infer(b) for b in batches])
+            scores = score_rows(encoded, engine.infer, pad_id, batch_items=size, side=side, sort=False)
             if not np.isfinite(scores).all():
                 report.problems.append(f"non-finite fp16 scores ({side} padding, batch size {size})")
                 scores = np.nan_to_num(scores)

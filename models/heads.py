@@ -25,9 +25,9 @@ ENCODER_TYPES = frozenset(
 )
 DECODER_TYPES = frozenset({"llama", "qwen2", "qwen3", "gemma", "gemma2", "mistral", "phi3"})
 
-# Decoders are loaded with eager attention. Checked with torch 2.13 / transformers 5: sdpa also
-# exports (Llama) with the same parity, but Gemma2 has no sdpa path at all (logit softcapping),
-# and eager keeps fully masked left-padding rows finite; one choice for every family.
+# Decoders are loaded with eager attention unless the caller asks for another implementation
+# (the exporter asks for "sdpa" to get a fused Attention op per layer: models/attention.py).
+# Gemma2 has no sdpa path at all (logit softcapping).
 DECODER_ATTENTION = "eager"
 
 # cls: the checkpoint's own head on the first token; mean: the mean of the last hidden states
@@ -181,6 +181,7 @@ class ModelMeta:
     pad_token_id: int
     uses_token_type_ids: bool
     max_position_embeddings: int | None
+    num_layers: int | None = None
 
 
 def load_score_model(
@@ -220,5 +221,13 @@ def load_score_model(
         pad_token_id=int(tokenizer.pad_token_id),
         uses_token_type_ids=uses_token_type_ids(config),
         max_position_embeddings=getattr(config, "max_position_embeddings", None),
+        num_layers=getattr(config, "num_hidden_layers", None),
     )
     return model, tokenizer, meta
+
+
+def checkpoint_kind(checkpoint_dir: str | Path) -> Kind:
+    """Encoder or decoder, from the checkpoint's config alone (no weights are read)."""
+    from transformers import AutoConfig
+
+    return kind_of(AutoConfig.from_pretrained(Path(checkpoint_dir)))

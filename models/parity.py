@@ -13,11 +13,12 @@ parity covers the path a request takes. Three checks, on padded batches of real 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,14 +27,15 @@ import numpy as np
 import torch
 
 from rmserve.bundle import Bundle
-from rmserve.engines.base import TokenBatch, available_cpus, pad_batch
+from rmserve.engines.base import TokenBatch, available_cpus
+from rmserve.engines.batches import Side, score_rows
 from rmserve.engines.onnxruntime import OnnxRuntimeEngine
 from rmserve.formatting import Encoded, Formatter
 from rmserve.items import Message, Messages, PairItem, split_hh
 from rmserve.models.heads import ScoreModel
 
 BATCH_SIZES = (1, 7, 32)
-PADDING_SIDES = ("right", "left")
+PADDING_SIDES: tuple[Side, ...] = ("right", "left")
 # Real text for parity when the shared data is checked out next to the repo (it is never copied in).
 HH_DEV_ENV = "RMSERVE_PARITY_DATA"
 # Transcripts longer than this are skipped: parity wants mixed lengths, not a CPU-hour on a 7B model.
@@ -186,41 +188,29 @@ def reference_pairs(limit: int = 32) -> tuple[list[Pair], str]:
     return spread_by_length(builtin_pairs(), limit), "builtin"
 
 
-def pad_rows(rows: Sequence[Encoded], pad_id: int, side: str) -> TokenBatch:
-    """Pad encoded items on ``side``; right padding is exactly the server's ``pad_batch``."""
-    types = [r.type_ids for r in rows] if any(r.type_ids is not None for r in rows) else None
-    right = pad_batch([r.ids for r in rows], pad_id, types)
-    if side == "right":
-        return right
-    # Left padding: move each row's real tokens to the end of the row.
-    ids, mask = right.input_ids.copy(), right.attention_mask.copy()
-    tt = right.token_type_ids.copy() if right.token_type_ids is not None else None
-    width = ids.shape[1]
-    for i, row in enumerate(rows):
-        shift = width - len(row)
-        ids[i] = np.roll(right.input_ids[i], shift)
-        mask[i] = np.roll(right.attention_mask[i], shift)
-        if tt is not None and right.token_type_ids is not None:
-            tt[i] = np.roll(right.token_type_ids[i], shift)
-    return TokenBatch(ids, mask, tt)
-
-
 def torch_scores(model: ScoreModel, batch: TokenBatch) -> np.ndarray:
-    """The PyTorch reference on exactly the arrays the engine receives."""
+    """The PyTorch reference on exactly the arrays the engine receives, on the model's own device."""
+    device = next(model.parameters()).device
+    tt = batch.token_type_ids
     with torch.inference_mode():
-        types = torch.from_numpy(batch.token_type_ids) if batch.token_type_ids is not None else None
-        out = model(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask), types)
-    return out.detach().to(torch.float32).numpy().reshape(-1)
+        out = model(
+            torch.from_numpy(batch.input_ids).to(device),
+            torch.from_numpy(batch.attention_mask).to(device),
+            torch.from_numpy(tt).to(device) if tt is not None else None,
+        )
+    return out.detach().to(torch.float32).cpu().numpy().reshape(-1)
+
+
+def reference_scores(
+    model: ScoreModel, encoded: Sequence[Encoded], pad_id: int, batch: int = 32
+) -> np.ndarray:
+    """fp32 PyTorch scores of ``encoded``, one per item (right padding leaves a score unchanged)."""
+    return score_rows(encoded, functools.partial(torch_scores, model), pad_id, batch_items=batch)
 
 
 def scaled_diff(a: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """|a - ref| / max(1, |ref|): absolute for small scores, relative for large ones."""
     return np.abs(a - reference) / np.maximum(1.0, np.abs(reference))
-
-
-def chunks(seq: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(seq), size):
-        yield seq[start : start + size]
 
 
 @dataclass
@@ -307,34 +297,31 @@ def _compare(
 ) -> dict[tuple[str, int], np.ndarray]:
     """Run every (side, batch size); return the engine's score for each item under each.
 
-    PyTorch runs on exactly the same padded batches, except for batches of one: an unpadded
-    item's reference is its PyTorch score from the right-padded largest batch (right padding
-    leaves a score unchanged), which spares a per-item PyTorch call that dominates the cost.
+    PyTorch runs on exactly the same padded batches (consecutive items, unsorted), except for
+    batches of one: an unpadded item's reference is its PyTorch score from the right-padded
+    largest batch (right padding leaves a score unchanged), which spares a per-item PyTorch call
+    that dominates the cost.
     """
+    reference = functools.partial(torch_scores, model)
     served: dict[tuple[str, int], np.ndarray] = {}
     alone_ref: np.ndarray | None = None
     low, high = np.inf, -np.inf
     for side in PADDING_SIDES:
         for size in sorted(batch_sizes, reverse=True):
-            scores, refs = [], []
-            for index, rows in enumerate(chunks(encoded, size)):
-                batch = pad_rows(rows, pad_id, side)
-                onnx = engine.infer(batch)
-                if size == 1 and alone_ref is not None:
-                    ref = alone_ref[index : index + 1]  # size 1: chunk index = item index
-                else:
-                    ref = torch_scores(model, batch)
-                if not (np.isfinite(onnx).all() and np.isfinite(ref).all()):
-                    report.problems.append(f"non-finite scores ({side} padding, batch size {size})")
-                    onnx, ref = np.nan_to_num(onnx), np.nan_to_num(ref)
-                report.max_abs_diff = max(report.max_abs_diff, float(np.abs(onnx - ref).max()))
-                report.max_rel_diff = max(report.max_rel_diff, float(scaled_diff(onnx, ref).max()))
-                low, high = min(low, float(ref.min())), max(high, float(ref.max()))
-                scores.append(onnx)
-                refs.append(ref)
-            served[(side, size)] = np.concatenate(scores)
+            onnx = score_rows(encoded, engine.infer, pad_id, batch_items=size, side=side, sort=False)
+            if size == 1 and alone_ref is not None:
+                ref = alone_ref
+            else:
+                ref = score_rows(encoded, reference, pad_id, batch_items=size, side=side, sort=False)
+            if not (np.isfinite(onnx).all() and np.isfinite(ref).all()):
+                report.problems.append(f"non-finite scores ({side} padding, batch size {size})")
+                onnx, ref = np.nan_to_num(onnx), np.nan_to_num(ref)
+            report.max_abs_diff = max(report.max_abs_diff, float(np.abs(onnx - ref).max()))
+            report.max_rel_diff = max(report.max_rel_diff, float(scaled_diff(onnx, ref).max()))
+            low, high = min(low, float(ref.min())), max(high, float(ref.max()))
+            served[(side, size)] = onnx
             if side == "right" and alone_ref is None:
-                alone_ref = np.concatenate(refs)
+                alone_ref = ref
     report.score_range = [low, high]
     return served
 
@@ -355,32 +342,3 @@ def _check_invariance(
             f"an item's score changes with its batch by up to {worst:.3g}, "
             f"over {report.invariance_tolerance:g}"
         )
-
-
-def served_and_reference(
-    bundle: Bundle, model: ScoreModel, pairs: Sequence[Pair]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-item scores through the bundle (right-padded batches of 32) and through PyTorch."""
-    formatter = Formatter(bundle)
-    chat = bundle.manifest.format.input_format == "chat_template"
-    encoded = formatter.encode([p.as_item(chat) for p in pairs])
-    engine = OnnxRuntimeEngine(bundle.model_path, provider="cpu", threads=available_cpus())
-    served, reference = [], []
-    try:
-        for rows in chunks(encoded, 32):
-            batch = pad_rows(rows, bundle.manifest.format.pad_token_id, "right")
-            served.append(engine.infer(batch))
-            reference.append(torch_scores(model, batch))
-    finally:
-        engine.close()
-    return np.concatenate(served), np.concatenate(reference)
-
-
-def ranking_agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """(fraction of item pairs that a and b order the same way, Spearman correlation)."""
-    i, j = np.triu_indices(len(a), k=1)
-    same = np.sign(a[i] - a[j]) == np.sign(b[i] - b[j])
-    pairwise = float(same.mean()) if len(i) else 1.0
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    spearman = float(np.corrcoef(ra, rb)[0, 1]) if len(a) > 1 and ra.std() and rb.std() else 1.0
-    return pairwise, spearman

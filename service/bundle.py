@@ -79,6 +79,10 @@ class Manifest(BaseModel):
     parity: dict[str, Any] = Field(default_factory=dict)
     calibration_file: str | None = None
     training: dict[str, Any] | None = None
+    # "fused:<op>": each layer's attention is one fused operator (ONNX's Attention, opset 23);
+    # "unfused": matrix products and a softmax, with ``attention_reason`` saying why.
+    attention: str = "unfused"
+    attention_reason: str | None = None
     created_by: str = "rmserve export"
 
 
@@ -141,6 +145,18 @@ def write_manifest(directory: Path, **fields: Any) -> Manifest:
     )
     (directory / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     return manifest
+
+
+def unsealed_bundle(directory: Path, **fields: Any) -> Bundle:
+    """A bundle still being built: its fields validated, no digest computed yet.
+
+    The exporter checks parity on it, then seals it once with ``write_manifest``, so each file
+    is hashed once, when it is final.
+    """
+    files = bundle_files(directory)
+    unsealed = {"files": files, "digest": "unsealed", "version": "unsealed"}
+    manifest = Manifest.model_validate(fields | unsealed)
+    return Bundle(path=directory.resolve(), manifest=manifest)
 
 
 def read_manifest(directory: Path) -> Manifest:

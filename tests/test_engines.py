@@ -51,14 +51,12 @@ def test_bf16_passes_the_gate_on_the_real_default_bundle() -> None:
         pytest.fail(f"the default bundle is missing from {path}")
     bundle = load_bundle(path)
     items = calibration_items(bundle, Formatter(bundle))
-    with_types = "token_type_ids" in bundle.manifest.inputs
     reference = OnnxRuntimeEngine(bundle.model_path, threads=2)
     report = run_gate(
         reference,
         OpenVinoEngine(bundle.model_path, threads=2, precision="bf16"),
         items,
         pad_id=bundle.manifest.format.pad_token_id,
-        with_types=with_types,
     )
     assert report.passed, report.summary()
     assert report.pairwise_agreement >= 0.99 and report.spearman >= 0.995

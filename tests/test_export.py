@@ -19,12 +19,12 @@ from onnx import helper, numpy_helper
 
 import rmserve.models.export as export_mod
 from rmserve.bundle import MODEL_FILE, BundleError, load_bundle
+from rmserve.engines.batches import pad_rows
 from rmserve.engines.onnxruntime import OnnxRuntimeEngine
 from rmserve.formatting import Formatter
 from rmserve.items import ChatItem, Message, PairItem, TextItem
 from rmserve.models.export import ExportError, export_bundle, main
-from rmserve.models.parity import pad_rows
-from tests.support.tiny import ARCHITECTURES, DECODERS, NO_PAD, tiny_checkpoint
+from tests.support.tiny import ARCHITECTURES, DECODERS, FUSED, NO_PAD, tiny_checkpoint
 
 # The one architecture exported with its weights in model.onnx.data, by lowering the threshold.
 EXTERNAL_ARCH = "mistral"
@@ -95,6 +95,11 @@ def test_every_architecture_exports_with_parity(arch: str, bundle_of: Callable[[
     assert ("token_type_ids" in m.inputs) is (arch == "bert")
     assert m.format.max_length == 128  # the tiny configs' max_position_embeddings
     assert ("model.onnx.data" in m.files) is (arch == EXTERNAL_ARCH)
+    # Decoders fuse their attention (one Attention op per layer, opset 23); Gemma2 cannot (soft-capping).
+    assert m.attention == ("fused:Attention" if arch in FUSED else "unfused")
+    assert m.opset == (23 if arch in FUSED else 18)
+    if arch == "gemma2":
+        assert m.attention_reason == "the model has no PyTorch SDPA attention path to fuse"
 
 
 @pytest.mark.parametrize("arch", DECODERS)

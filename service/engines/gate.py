@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from rmserve.bundle import Bundle
-from rmserve.engines.base import Engine, infer_all, pad_batch
+from rmserve.engines.base import Engine
+from rmserve.engines.batches import score_rows
 from rmserve.formatting import Encoded, Formatter
 from rmserve.items import PairItem
 
@@ -60,22 +61,9 @@ def calibration_items(bundle: Bundle, formatter: Formatter) -> list[Encoded]:
     return formatter.encode([PairItem(r["prompt"], r["response"]) for r in rows])
 
 
-def score_items(
-    engine: Engine, items: list[Encoded], pad_id: int, with_types: bool, batch: int
-) -> np.ndarray:
-    """Scores in the items' order, computed in length-sorted batches of ``batch``."""
-    order = sorted(range(len(items)), key=lambda i: len(items[i]))
-    groups = [order[start : start + batch] for start in range(0, len(order), batch)]
-    batches = [
-        pad_batch(
-            [items[i].ids for i in idx], pad_id, [items[i].type_ids for i in idx] if with_types else None
-        )
-        for idx in groups
-    ]
-    out = np.empty(len(items), dtype=np.float64)
-    for idx, scores in zip(groups, infer_all(engine, batches), strict=True):
-        out[idx] = scores
-    return out
+def score_items(engine: Engine, items: list[Encoded], pad_id: int, batch: int) -> np.ndarray:
+    """Scores in the items' order through the shared loop, length-sorted batches of ``batch``."""
+    return score_rows(items, engine.infer, pad_id, batch_items=batch, streams=engine.info.streams)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -101,13 +89,12 @@ def run_gate(
     items: list[Encoded],
     *,
     pad_id: int,
-    with_types: bool,
     min_agreement: float = MIN_AGREEMENT,
     min_spearman: float = MIN_SPEARMAN,
 ) -> GateReport:
-    exact = score_items(reference, items, pad_id, with_types, batch=1)
-    alone = score_items(candidate, items, pad_id, with_types, batch=1)
-    crowd = score_items(candidate, items, pad_id, with_types, batch=len(items))
+    exact = score_items(reference, items, pad_id, batch=1)
+    alone = score_items(candidate, items, pad_id, batch=1)
+    crowd = score_items(candidate, items, pad_id, batch=len(items))
     scale = max(float(np.mean(np.abs(exact))), 1e-6)
     agreement = pairwise_agreement(exact, alone)
     rho = spearman(exact, alone)

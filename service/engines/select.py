@@ -130,7 +130,6 @@ def _measure_and_choose(
     formatter = Formatter(bundle)
     items = calibration_items(bundle, formatter)
     pad_id = bundle.manifest.format.pad_token_id
-    with_types = "token_type_ids" in bundle.manifest.inputs
     reference = build(Candidate("cpu", "fp32"), bundle, threads, streams)
     measured: dict[str, float] = {}
     gates: dict[str, dict[str, Any]] = {}
@@ -144,7 +143,6 @@ def _measure_and_choose(
                     engine,
                     items,
                     pad_id=pad_id,
-                    with_types=with_types,
                     min_agreement=settings.gate_min_agreement,
                     min_spearman=settings.gate_min_spearman,
                 )
@@ -157,7 +155,7 @@ def _measure_and_choose(
                         )
                     engine.close()
                     continue
-            rate = _pairs_per_second(engine, items, pad_id, with_types)
+            rate = _pairs_per_second(engine, items, pad_id)
             measured[cand.label] = round(rate, 1)
             if best is None or rate > best[0]:
                 if best is not None and best[2] is not reference:
@@ -187,10 +185,10 @@ def _measure_and_choose(
     }
 
 
-def _pairs_per_second(engine: Engine, items: list[Any], pad_id: int, with_types: bool) -> float:
-    score_items(engine, items, pad_id, with_types, batch=8)  # warm the shapes
+def _pairs_per_second(engine: Engine, items: list[Any], pad_id: int) -> float:
+    score_items(engine, items, pad_id, batch=8)  # warm the shapes
     started = time.perf_counter()
-    score_items(engine, items, pad_id, with_types, batch=8)
+    score_items(engine, items, pad_id, batch=8)
     return len(items) / (time.perf_counter() - started)
 
 

@@ -61,6 +61,11 @@ def wait_ready(url: str, process: subprocess.Popen[bytes] | None = None, timeout
     raise TimeoutError(f"{url} was not ready within {timeout} s")
 
 
+def _rmserve() -> list[str]:
+    script = Path(sys.executable).with_name("rmserve")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "rmserve.cli"]
+
+
 @contextmanager
 def serve(
     env: dict[str, str], tmp: Path, *, ready: bool = True, timeout: float = 120.0
@@ -77,8 +82,9 @@ def serve(
     log_path = tmp / f"server-{port}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            # The console script, from outside the clone: what a user's ``rmserve serve`` runs.
-            [str(Path(sys.executable).with_name("rmserve")), "serve"],
+            # The console script, from outside the clone: what a user's ``rmserve serve`` runs
+            # (where none is installed, as on the GPU check's machine, its module).
+            _rmserve() + ["serve"],
             env=full_env,
             cwd=tmp,
             stdout=log,

@@ -12,9 +12,11 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-ARCHITECTURES = ("bert", "deberta-v2", "llama", "qwen2", "gemma2", "mistral")
+ARCHITECTURES = ("bert", "deberta-v2", "llama", "qwen2", "qwen3", "gemma2", "mistral")
 ENCODERS = ("bert", "deberta-v2")
-DECODERS = ("llama", "qwen2", "gemma2", "mistral")
+DECODERS = ("llama", "qwen2", "qwen3", "gemma2", "mistral")
+# Decoders whose attention exports fused (one ONNX Attention per layer); Gemma2 soft-caps its logits.
+FUSED = ("llama", "qwen2", "qwen3", "mistral")
 # Decoders that keep a tokenizer without any pad token (the exporter must pad with EOS).
 NO_PAD = ("llama",)
 
@@ -146,6 +148,8 @@ def _config(arch: str, vocab_size: int, tokenizer: Any) -> Any:
         }
         if arch == "gemma2":
             extra |= {"head_dim": 8, "sliding_window": 16, "query_pre_attn_scalar": 8}
+        if arch == "qwen3":
+            extra |= {"head_dim": 8}  # Qwen3 normalizes q and k per head (RMSNorm over head_dim)
     return AutoConfig.for_model(arch, vocab_size=vocab_size, **_SIZES, **extra)
 
 

@@ -1,0 +1,93 @@
+"""The one offline scoring loop: sort, cut into batches, pad, infer, put scores back in order.
+
+Every caller that scores a list of encoded items outside the request path goes through
+``score_rows``: the quality gate and the engine choice (service/engines), parity and the fp16
+measurement (against ONNX Runtime and against PyTorch alike: ``infer`` is any function from a
+padded batch to scores), and pairwise evaluation. The server's own batcher plans its batches by
+cost instead (service/batching.py) and pads with the same ``pad_batch``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+import numpy as np
+
+from rmserve.engines.base import TokenBatch, pad_batch
+from rmserve.formatting import Encoded
+
+Infer = Callable[[TokenBatch], np.ndarray]
+Side = Literal["right", "left"]
+
+
+def pad_rows(rows: Sequence[Encoded], pad_id: int, side: Side = "right") -> TokenBatch:
+    """Pad encoded items on ``side``; right padding is exactly the server's ``pad_batch``."""
+    types = [r.type_ids for r in rows] if any(r.type_ids is not None for r in rows) else None
+    right = pad_batch([r.ids for r in rows], pad_id, types)
+    if side == "right":
+        return right
+    # Left padding: each row's real tokens move to the end of the row.
+    shifts = [right.shape[1] - len(row) for row in rows]
+
+    def roll(array: np.ndarray) -> np.ndarray:
+        return np.stack([np.roll(line, shift) for line, shift in zip(array, shifts, strict=True)])
+
+    types_left = roll(right.token_type_ids) if right.token_type_ids is not None else None
+    return TokenBatch(roll(right.input_ids), roll(right.attention_mask), types_left)
+
+
+def plan_batches(
+    lengths: Sequence[int],
+    *,
+    items: int | None = None,
+    tokens: int | None = None,
+    sort: bool = True,
+) -> list[list[int]]:
+    """Row indices per batch: at most ``items`` rows and ``tokens`` padded tokens (at least one row).
+
+    ``sort`` orders rows by length first, so a batch holds rows of similar length; without it the
+    rows keep their order (parity pads exactly the batches it names).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i]) if sort else list(range(len(lengths)))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    width = 0
+    for index in order:
+        wider = max(width, lengths[index])
+        over_items = items is not None and len(current) + 1 > items
+        over_tokens = tokens is not None and (len(current) + 1) * wider > tokens
+        if current and (over_items or over_tokens):
+            batches.append(current)
+            current, wider = [], lengths[index]
+        current.append(index)
+        width = wider
+    if current:
+        batches.append(current)
+    return batches
+
+
+def score_rows(
+    rows: Sequence[Encoded],
+    infer: Infer,
+    pad_id: int,
+    *,
+    batch_items: int | None = None,
+    batch_tokens: int | None = None,
+    side: Side = "right",
+    sort: bool = True,
+    streams: int = 1,
+) -> np.ndarray:
+    """float64 scores in the rows' order (see ``plan_batches``), ``streams`` batches in flight."""
+    plan = plan_batches([len(r) for r in rows], items=batch_items, tokens=batch_tokens, sort=sort)
+    batches = [pad_rows([rows[i] for i in idx], pad_id, side) for idx in plan]
+    if streams > 1 and len(batches) > 1:
+        with ThreadPoolExecutor(max_workers=streams) as pool:
+            results = list(pool.map(infer, batches))
+    else:
+        results = [infer(b) for b in batches]
+    out = np.empty(len(rows), dtype=np.float64)
+    for idx, scores in zip(plan, results, strict=True):
+        out[idx] = scores
+    return out
