@@ -186,7 +186,8 @@ class BaseRewardClient:
 
     def _models(self) -> Operation[list[dict[str, Any]]]:
         body = yield from self._exchange(Call("GET", "/v1/models"))
-        return list(body.get("models", [])) if isinstance(body, dict) else []
+        # OpenAI's model list: {"object": "list", "data": [{"id", ...}]}
+        return list(body.get("data", [])) if isinstance(body, dict) else []
 
     def _health(self) -> Operation[Health]:
         """Live and ready, as the server answers them now (no retries)."""
