@@ -81,11 +81,14 @@ def llama3(
         yield server
 
 
-def pairs(n: int) -> tuple[list[str], list[str], list[str]]:
-    """OpenRLHF-style prompts, responses and the queries the policy rendered from them."""
+def pairs(n: int, tag: str = "") -> tuple[list[str], list[str], list[str]]:
+    """OpenRLHF-style prompts, responses and the queries the policy rendered from them.
+
+    ``tag`` makes the responses differ from another test's: an item scored a moment ago is joined
+    (single-flight), not queued again."""
     sentences = corpus()
     prompts = [f"Human: {sentences[i * 7 % len(sentences)]}\n\nAssistant:" for i in range(n)]
-    responses = [sentences[(i * 11 + 3) % len(sentences)] for i in range(n)]
+    responses = [sentences[(i * 11 + 3) % len(sentences)] + tag for i in range(n)]
     queries = [f"{p} {r}</s>" for p, r in zip(prompts, responses, strict=True)]
     return prompts, responses, queries
 
@@ -122,7 +125,7 @@ def test_two_thousand_queries_in_one_get_reward_are_scored_in_order_through_a_64
 def test_a_request_larger_than_the_queue_waits_for_room_on_get_reward_where_v1_score_gets_429(
     bert: ServerProcess,
 ) -> None:
-    prompts, responses, queries = pairs(100)  # the queue holds 64
+    prompts, responses, queries = pairs(100, " Thanks!")  # the queue holds 64
     score = httpx.post(
         bert.url + "/v1/score",
         json={"items": [{"prompt": p, "response": r} for p, r in zip(prompts, responses, strict=True)]},
@@ -140,6 +143,13 @@ def test_an_empty_get_reward_answers_with_the_same_keys_as_a_full_one(bert: Serv
     assert empty.status_code == 200
     assert set(empty.json()) == set(full) and set(empty.json()["extra_logs"]) == set(full["extra_logs"])
     assert all(v == [] for v in empty.json()["extra_logs"].values())
+
+
+def test_an_encoder_bundle_scores_a_chatml_query_from_its_messages(bert: ServerProcess) -> None:
+    body = get_reward(bert, {"query": [CHATML], "prompts": [CHATML_PROMPT]}).json()
+    with RewardClient(bert.url) as client:
+        assert body["rewards"][0] == pytest.approx(client.score([MESSAGES])[0], abs=1e-6)
+    assert body["extra_logs"]["rm_retemplated"] == [1.0]
 
 
 def test_a_4xx_on_a_trainer_route_is_logged_at_warning_with_its_reason(bert: ServerProcess) -> None:
@@ -239,6 +249,9 @@ def test_a_chatml_query_scored_by_a_llama3_bundle_equals_its_messages_sent_as_me
     assert slime.headers["X-RMServe-Template"] == "retemplated"
     vllm = httpx.post(llama3.url + "/classify", json={"input": CHATML, "use_activation": False}).json()
     assert vllm["data"][0]["probs"][0] == pytest.approx(expected, abs=1e-6)
+    # veRL renders with the reward model's own template and strips the BOS; vLLM adds it back.
+    verl = httpx.post(llama3.url + "/classify", json={"input": CHATML_AS_LLAMA3, "use_activation": False})
+    assert verl.json()["data"][0]["probs"][0] == pytest.approx(expected, abs=1e-6)
 
     # Switched off, the ChatML markup reaches the model as it is: another score.
     bundle = llama3_bundle(tiny_bundles["llama"], tmp_path / "bundle")

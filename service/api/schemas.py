@@ -153,6 +153,7 @@ class ClassifyRequest(BaseModel):
     use_activation: bool | None = Field(None, description="sigmoid of the score (default true); false: raw")
     activation: bool | None = Field(None, description="deprecated name of use_activation")
     softmax: bool | None = Field(None, description="deprecated name of use_activation")
+    add_special_tokens: bool = Field(True, description="input: add the model's BOS when the text lacks it")
 
     @model_validator(mode="after")
     def _one_input(self) -> ClassifyRequest:

@@ -173,9 +173,16 @@ def _classify_items(rt: ModelRuntime, body: ClassifyRequest, retemplate: bool) -
     if body.messages is not None:
         return [ChatItem(tuple(Message(m.role, m.content) for m in body.messages))]
     texts = body.texts()
-    if rt.formatter.settings.input_format != "chat_template":
+    fmt = rt.formatter.settings
+    if fmt.input_format != "chat_template":
         return [TextItem(t) for t in texts]
-    return [reread(t, rt.formatter.markup, enabled=retemplate).item for t in texts]
+    items = [reread(t, rt.formatter.markup, enabled=retemplate).item for t in texts]
+    # vLLM tokenizes input with the model's special tokens: veRL strips the BOS its template wrote.
+    bos = fmt.bos_token if body.add_special_tokens and not fmt.add_special_tokens else None
+    return [
+        TextItem(bos + i.text) if bos and isinstance(i, TextItem) and not i.text.startswith(bos) else i
+        for i in items
+    ]
 
 
 async def _classify(request: Request, body: ClassifyRequest) -> dict[str, Any]:
