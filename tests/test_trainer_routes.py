@@ -152,6 +152,19 @@ def test_an_encoder_bundle_scores_a_chatml_query_from_its_messages(bert: ServerP
     assert body["extra_logs"]["rm_retemplated"] == [1.0]
 
 
+def test_unscorable_input_on_the_trainer_routes_is_a_422_naming_it(bert: ServerProcess) -> None:
+    slime = httpx.post(
+        bert.url + "/v1/reward",
+        json={"prompt": [{"role": "critic", "content": "x"}], "response": "y"},
+        timeout=30,
+    )
+    assert slime.status_code == 422 and "unknown role 'critic'" in slime.json()["error"]["message"]
+    vllm = httpx.post(
+        bert.url + "/classify", json={"messages": [{"role": "user", "content": "hi"}]}, timeout=30
+    )
+    assert vllm.status_code == 422 and "assistant's response" in vllm.json()["error"]["message"]
+
+
 def test_a_4xx_on_a_trainer_route_is_logged_at_warning_with_its_reason(bert: ServerProcess) -> None:
     resp = get_reward(bert, {"query": ["a", "b"], "labels": [1]})
     assert resp.status_code == 400

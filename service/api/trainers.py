@@ -62,9 +62,13 @@ async def score_waiting(
                 if time.monotonic() >= deadline:
                     raise
 
-    async with asyncio.TaskGroup() as group:  # one part failing cancels the others
-        tasks = [group.create_task(part(items[i : i + size])) for i in range(0, len(items), size)]
-    parts = [t.result() for t in tasks]
+    tasks = [asyncio.ensure_future(part(items[i : i + size])) for i in range(0, len(items), size)]
+    try:
+        parts = await asyncio.gather(*tasks)
+    except BaseException:  # the first error answers the request; the other parts stop
+        for task in tasks:
+            task.cancel()
+        raise
     request.state.cache_hits = sum(p.cache_hits for p in parts)
     return ScoreResult(
         model=rt.name,
