@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from rmserve.api import ops, score
+from rmserve.api import ops, score, trainers
 from rmserve.api.errors import install_error_handlers
 from rmserve.api.middleware import EdgeMiddleware
 from rmserve.auth import KeyStore
@@ -90,6 +90,7 @@ def create_app(
     app.state.rmserve = state
     install_error_handlers(app)
     app.include_router(score.router)
+    app.include_router(trainers.router)
     app.include_router(ops.router)
     keys = settings.api_keys.get_secret_value() if settings.api_keys is not None else None
     app.add_middleware(

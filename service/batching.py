@@ -13,6 +13,7 @@ failed, shutting down).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -97,6 +98,8 @@ class BatchPolicy:
 class Batcher:
     """Batches items for one engine. Create, ``await warmup()``, then ``start()``."""
 
+    _room: asyncio.Event | None = None  # set when items leave the queue, for ``wait_for_room``
+
     def __init__(
         self,
         model: str,
@@ -164,6 +167,29 @@ class Batcher:
         # One gauge for all models: each batcher adds its own change.
         self._queued += delta
         self._metrics.queue_depth.inc(delta)
+        if delta < 0 and self._room is not None:
+            self._room.set()
+
+    async def wait_for_room(self, n: int, deadline: float) -> None:
+        """Return once ``n`` more items fit in the queue; Overloaded if ``deadline`` passes first.
+
+        For callers that cannot act on a 429 (OpenRLHF retries 5 times, 1 s apart): they wait here
+        instead. ``submit`` still checks, so a caller that loses the room to another retries.
+        """
+        n = min(n, self.policy.max_queue_items)
+        while self._queued + n > self.policy.max_queue_items:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Overloaded(
+                    f"queue stayed full until the deadline: {self._queued} items waiting for model "
+                    f"{self.model!r} (limit {self.policy.max_queue_items})",
+                    retry_after_s=self.retry_after_s(n),
+                )
+            if self._room is None:
+                self._room = asyncio.Event()
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), remaining)
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -114,6 +114,15 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_bodies: bool = Field(False, description="log request texts (debug only: they may be private)")
+    get_reward_timeout_s: float = Field(
+        170.0,
+        gt=0,
+        description="default deadline of /get_reward, under OpenRLHF's 180 s timeout (waits for queue room)",
+    )
+    retemplate: bool = Field(
+        True,
+        description="render policy chat markup (ChatML, Llama-3, [INST], Gemma, HH) in the bundle's template",
+    )
 
     @field_validator("models")
     @classmethod

@@ -22,6 +22,10 @@ from rmserve.items import (
     as_messages,
     as_pair,
 )
+from rmserve.markup import Markup, detect
+
+# Rendered once to learn which markup a bundle's chat template writes.
+_PROBE = [{"role": "user", "content": "probe"}, {"role": "assistant", "content": "reply"}]
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,14 @@ class Formatter:
             self._template = env.from_string(self.settings.chat_template)
         bos = self.settings.bos_token
         self._bos_id = self.tokenizer.token_to_id(bos) if bos else None
+        # The pad token's text, which policies also append: OpenRLHF's queries arrive padded with it.
+        self.pad_token: str | None = self.tokenizer.id_to_token(self.settings.pad_token_id)
+        # The markup this bundle reads: its template's for chat_template bundles, HH turns for pairs.
+        self.markup: Markup | None = None
+        if self._template is not None:
+            self.markup = detect(self._render_messages(_PROBE))
+        elif self.settings.input_format == "text_pair":
+            self.markup = "hh"
 
     def encode(
         self, items: list[Item], *, strict: bool = False, positions: list[int] | None = None
@@ -95,17 +107,29 @@ class Formatter:
             pair = as_pair(item)
             assert pair is not None
             return pair[0] + " " + pair[1]
+        messages = as_messages(item)
         try:
-            return str(
-                self._template.render(
-                    messages=as_messages(item),
-                    add_generation_prompt=False,
-                    bos_token=self.settings.bos_token or "",
-                    eos_token=self.settings.eos_token or "",
-                )
-            )
+            return self._render_messages(messages)
         except Exception as exc:  # a template's own raise_exception, or a Jinja error
+            if not any(m["role"] == "tool" for m in messages):
+                raise InvalidItem(index, f"chat template rejected the messages: {exc}") from None
+        # A template without a tool role (many reject any role but user/assistant/system): a tool's
+        # result is what the user side of the conversation reported back, so it renders as a user turn.
+        folded = [{"role": "user", "content": m["content"]} if m["role"] == "tool" else m for m in messages]
+        try:
+            return self._render_messages(folded)
+        except Exception as exc:
             raise InvalidItem(index, f"chat template rejected the messages: {exc}") from None
+
+    def _render_messages(self, messages: list[dict[str, str]]) -> str:
+        return str(
+            self._template.render(
+                messages=messages,
+                add_generation_prompt=False,
+                bos_token=self.settings.bos_token or "",
+                eos_token=self.settings.eos_token or "",
+            )
+        )
 
     def _encode_pairs(self, items: list[Item], strict: bool) -> list[Encoded]:
         pairs: list[tuple[str, str] | None] = []

@@ -9,7 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
-_HH_ROLES = {"user": HUMAN, "human": HUMAN, "system": "\n\nSystem:", "assistant": ASSISTANT}
+# A tool's result (TRL's tool-calling GRPO appends {"role": "tool"} messages) gets a turn of its own.
+_HH_ROLES = {
+    "user": HUMAN,
+    "human": HUMAN,
+    "system": "\n\nSystem:",
+    "assistant": ASSISTANT,
+    "tool": "\n\nTool:",
+    "ipython": "\n\nTool:",
+}
 
 
 @dataclass(frozen=True)

@@ -2,48 +2,26 @@
 
 ``query`` is the full text the policy rendered, special tokens and padding included. Trailing
 pad tokens are stripped (and a run of end-of-sequence tokens kept as one); then:
-- a ``text_pair`` bundle scores (prompt, response) when ``prompts[i]`` is a prefix of the query,
-  the response being the rest (its trailing special tokens removed, since the encoder's own
-  tokenizer adds its separators); without a prompt, the query is split at its last HH
-  Assistant turn when it has one, else scored as one text;
-- ``chat_template`` and ``plain`` bundles score the query as rendered: it already is the text
-  the reward model reads.
-``labels`` do not enter the score; they are accepted so OpenRLHF's requests validate.
+- a ``chat_template`` bundle scores the query as rendered when it carries the bundle's own markup;
+  a query in another policy's markup (ChatML, Llama-3, ``[INST]``, Gemma, HH) is split into its
+  messages and rendered with the bundle's template (``rmserve.markup``; setting ``retemplate``);
+- a ``text_pair`` bundle scores a query in a chat markup from its messages (rendered as HH turns);
+  otherwise (prompt, response) when ``prompts[i]`` is a prefix of the query, the response being the
+  rest (its trailing special tokens removed, since the encoder's own tokenizer adds its
+  separators); without a prompt, the query is split at its last HH Assistant turn when it has one,
+  else scored as one text;
+- ``plain`` bundles score the query as rendered.
+Each query's outcome (``as_is``, ``retemplated``, ``unrecognised``) is returned beside its item.
+``labels`` (any JSON) do not enter the score; they are accepted so OpenRLHF's requests validate.
 """
 
 from __future__ import annotations
 
 from rmserve.bundle import FormatSettings
 from rmserve.errors import TooLarge
-from rmserve.items import Item, PairItem, TextItem
-
-# End-of-text markers of common policies; an encoder reward model must not read them as words.
-_POLICY_SPECIALS = (
-    "<|endoftext|>",
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|end_of_text|>",
-    "</s>",
-    "<eos>",
-    "<end_of_turn>",
-    "<pad>",
-    "<|pad|>",
-    "[PAD]",
-    "[SEP]",
-)
-
-
-def strip_trailing(text: str, tokens: tuple[str, ...]) -> str:
-    """Remove any run of ``tokens`` (and whitespace between them) from the end of ``text``."""
-    changed = True
-    while changed:
-        changed = False
-        stripped = text.rstrip()
-        for tok in tokens:
-            if tok and stripped.endswith(tok):
-                text = stripped[: -len(tok)]
-                changed = True
-    return text
+from rmserve.formatting import Formatter
+from rmserve.items import ChatItem, Item, PairItem, TextItem
+from rmserve.markup import POLICY_SPECIALS, Outcome, detect, reread, split, strip_trailing
 
 
 def _strip_pad(text: str, fmt: FormatSettings, pad: str | None) -> str:
@@ -55,23 +33,42 @@ def _strip_pad(text: str, fmt: FormatSettings, pad: str | None) -> str:
     return text
 
 
+def _pair_item(text: str, prompt: str | None, retemplate: bool) -> tuple[Item, Outcome]:
+    found = detect(text) if retemplate else None
+    outcome: Outcome = "as_is"
+    if found not in (None, "hh"):
+        messages = split(text, found)
+        if messages is not None and messages[-1].role == "assistant":
+            return ChatItem(messages), "retemplated"
+        outcome = "unrecognised"
+    if prompt and text.startswith(prompt):
+        return PairItem(prompt, strip_trailing(text[len(prompt) :], POLICY_SPECIALS).strip()), outcome
+    return TextItem(strip_trailing(text, POLICY_SPECIALS)), outcome
+
+
 def query_items(
     queries: list[str],
     prompts: list[str] | None,
-    fmt: FormatSettings,
+    formatter: Formatter,
     max_chars: int,
-    pad_token: str | None = None,
-) -> list[Item]:
+    *,
+    retemplate: bool = True,
+) -> tuple[list[Item], list[Outcome]]:
+    """The items to score for OpenRLHF's queries, and how each query was read."""
+    fmt = formatter.settings
     items: list[Item] = []
+    outcomes: list[Outcome] = []
     for i, query in enumerate(queries):
         if len(query) > max_chars:
             raise TooLarge(f"query[{i}]: {len(query)} characters is over the limit of {max_chars}")
-        text = _strip_pad(query, fmt, pad_token)
-        prompt = prompts[i] if prompts is not None else None
-        if fmt.input_format != "text_pair":
-            items.append(TextItem(text))
-        elif prompt and text.startswith(prompt):
-            items.append(PairItem(prompt, strip_trailing(text[len(prompt) :], _POLICY_SPECIALS).strip()))
+        text = _strip_pad(query, fmt, formatter.pad_token)
+        if fmt.input_format == "chat_template":
+            reading = reread(text, formatter.markup, enabled=retemplate)
+            item, outcome = reading.item, reading.outcome
+        elif fmt.input_format == "text_pair":
+            item, outcome = _pair_item(text, prompts[i] if prompts is not None else None, retemplate)
         else:
-            items.append(TextItem(strip_trailing(text, _POLICY_SPECIALS)))
-    return items
+            item, outcome = TextItem(text), "as_is"
+        items.append(item)
+        outcomes.append(outcome)
+    return items, outcomes

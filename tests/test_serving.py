@@ -200,8 +200,8 @@ def test_every_spec_metric_is_exported_and_ops_routes_answer(
         for name in SPEC_METRICS:
             assert f"\n{name}" in text, name
         assert httpx.get(server.url + "/health/live").status_code == 200
-        models = httpx.get(server.url + "/v1/models").json()["models"]
-        assert {m["name"] for m in models} == {"a", "b"}
+        models = httpx.get(server.url + "/v1/models").json()["data"]
+        assert {m["id"] for m in models} == {m["name"] for m in models} == {"a", "b"}
         assert all(m["manifest"]["parity"] for m in models)
         info = httpx.get(server.url + "/info").json()
         assert info["settings"]["max_wait_ms"] == 0.0 and info["phase"] == "ready"

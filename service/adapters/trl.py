@@ -8,20 +8,31 @@ float per completion. Prompts and completions are either text (standard datasets
 - messages + ``[{"role": "assistant", ...}]`` -> ``{"messages": prompt + completion}``
 - messages + text completion           -> ``{"prompt": messages, "response": c}``
 
-The functions are callable objects, not closures, so they pickle (TRL and accelerate may copy them
-to other processes): the HTTP client is made on first use in each process. TRL names a reward
-function by its ``__name__`` in its logs (``rewards/<name>/mean``): ``rmserve`` or ``rmserve_<model>``.
-TRL runs ``async`` reward functions (it checks ``__call__``) on its own event loop, concurrently with
-other async reward functions; ``async_trl_reward_func`` gives one.
+Conversations may hold ``{"role": "tool"}`` messages (tool-calling GRPO); the server renders them.
+When TRL passes ``log_metric`` (TRL >= 1.0), the share of completions the server truncated to the
+model's ``max_length`` is logged as ``<name>/truncated``.
+
+``trl_reward_func`` gives a callable object: it pickles (TRL and accelerate may copy it to other
+processes), and the HTTP client is made on first use in each process. ``async_trl_reward_func``
+gives a real ``async def`` function: TRL 1.0-1.13 detect async reward functions with
+``inspect.iscoroutinefunction`` and later releases with ``asyncio.iscoroutinefunction`` or a check
+of ``__call__``; a coroutine function passes all three (an object with ``async __call__`` passes only
+the last). TRL awaits it on its own event loop, concurrently with other async reward functions.
+TRL names a reward function by its ``__name__`` in its logs (``rewards/<name>/mean``): ``rmserve``
+or ``rmserve_<model>``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from rmserve.client import DEFAULT_URL, AsyncRewardClient, ItemLike, RewardClient, message_text
+from rmserve.client import DEFAULT_URL, AsyncRewardClient, ItemLike, RewardClient, ScoreResult, message_text
+
+AsyncRewardFunc = Callable[..., Coroutine[Any, Any, list[float]]]
 
 __all__ = [
     "AsyncTRLRewardFunction",
@@ -32,6 +43,18 @@ __all__ = [
 ]
 
 
+def _message(message: Any) -> dict[str, str]:
+    """A TRL message as the API's: its text, with an assistant's tool calls written out as JSON lines.
+
+    Tool-calling GRPO gives assistant turns ``tool_calls`` (and maybe no content) and tool turns
+    ``{"role": "tool", "name", "content"}``.
+    """
+    text = message_text(message.get("content") or "")
+    calls = [c.get("function", c) for c in message.get("tool_calls") or [] if isinstance(c, dict)]
+    lines = [json.dumps(c, sort_keys=True, default=str) for c in calls]
+    return {"role": str(message["role"]), "content": "\n".join([text, *lines] if text else lines)}
+
+
 def trl_items(prompts: list[Any], completions: list[Any]) -> list[ItemLike]:
     """TRL's (prompt, completion) columns -> client items, one per completion, in order."""
     if len(prompts) != len(completions):
@@ -40,9 +63,9 @@ def trl_items(prompts: list[Any], completions: list[Any]) -> list[ItemLike]:
     for prompt, completion in zip(prompts, completions, strict=True):
         if isinstance(completion, list):  # conversational: the completion is the assistant's message(s)
             messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            items.append({"messages": [*messages, *completion]})
+            items.append({"messages": [_message(m) for m in [*messages, *completion]]})
         elif isinstance(prompt, list):
-            items.append((prompt, message_text(completion)))
+            items.append(([_message(m) for m in prompt], message_text(completion)))
         else:
             items.append((str(prompt), str(completion)))
     return items
@@ -82,6 +105,12 @@ class _Base:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r}, model={self.model!r}, name={self.__name__!r})"
 
+    def _report(self, result: ScoreResult, kwargs: dict[str, Any]) -> list[float]:
+        log_metric = kwargs.get("log_metric")
+        if callable(log_metric) and result.scores:
+            log_metric(f"{self.__name__}/truncated", result.usage.truncated / len(result.scores))
+        return result.scores
+
 
 class TRLRewardFunction(_Base):
     """A blocking TRL reward function: one chunked /v1/score call per generation batch."""
@@ -96,11 +125,11 @@ class TRLRewardFunction(_Base):
         return self._client
 
     def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
-        return self.client().score(trl_items(prompts, completions))
+        return self._report(self.client().score_result(trl_items(prompts, completions)), kwargs)
 
 
 class AsyncTRLRewardFunction(_Base):
-    """The async mirror; TRL awaits it on its reward event loop, in parallel with other async rewards."""
+    """The async mirror, as an object; ``async_trl_reward_func`` wraps it in a coroutine function."""
 
     _client: AsyncRewardClient | None = None
     _client_loop: asyncio.AbstractEventLoop | None = None
@@ -116,7 +145,7 @@ class AsyncTRLRewardFunction(_Base):
 
     async def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
         client = await self.client()
-        return await client.score(trl_items(prompts, completions))
+        return self._report(await client.score_result(trl_items(prompts, completions)), kwargs)
 
 
 def trl_reward_func(
@@ -142,6 +171,16 @@ def async_trl_reward_func(
     api_key: str | None = None,
     name: str | None = None,
     **client_options: Any,
-) -> AsyncTRLRewardFunction:
-    """Like ``trl_reward_func``, as an ``async`` reward function (``AsyncRewardClient`` underneath)."""
-    return AsyncTRLRewardFunction(url_or_client, model=model, api_key=api_key, name=name, **client_options)
+) -> AsyncRewardFunc:
+    """Like ``trl_reward_func``, as an ``async def`` reward function (``AsyncRewardClient`` underneath).
+
+    The function's ``rmserve`` attribute is the ``AsyncTRLRewardFunction`` it calls.
+    """
+    scorer = AsyncTRLRewardFunction(url_or_client, model=model, api_key=api_key, name=name, **client_options)
+
+    async def reward(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+        return await scorer(prompts, completions, **kwargs)
+
+    reward.__name__ = reward.__qualname__ = scorer.__name__
+    reward.rmserve = scorer  # type: ignore[attr-defined]
+    return reward

@@ -1,76 +1,172 @@
-"""veRL reward functions backed by rmserve.
+"""veRL reward functions backed by rmserve (the reward manager is in ``verl_manager``).
 
-veRL imports a reward function by file path and name (``custom_reward_function.path`` / ``.name``),
-so these take their configuration from the environment of the reward worker:
+veRL imports a reward function by file path and name (``reward.custom_reward_function.path`` /
+``.name``) and calls it with keyword arguments. Settings come, first, from those arguments: veRL
+merges ``reward.custom_reward_function.reward_kwargs`` into every call, and they reach the Ray
+reward workers with the config. The environment of the workers is the fallback:
 
-- ``RMSERVE_URL`` (default ``http://127.0.0.1:8000``), ``RMSERVE_API_KEY``, ``RMSERVE_MODEL``,
-- ``RMSERVE_CLIENT_TIMEOUT_S`` (default 180), ``RMSERVE_CLIENT_MAX_RETRIES`` (default 5).
+=========================  ==============================  =====================================
+reward_kwargs key          environment variable            meaning
+=========================  ==============================  =====================================
+``rmserve_url``            ``RMSERVE_URL``                 server (default http://127.0.0.1:8000)
+``rmserve_api_key``        ``RMSERVE_API_KEY``             bearer key
+``rmserve_model``          ``RMSERVE_MODEL``               bundle name, when several are served
+``rmserve_timeout_s``      ``RMSERVE_CLIENT_TIMEOUT_S``    client timeout (default 180)
+``rmserve_max_retries``    ``RMSERVE_CLIENT_MAX_RETRIES``  retries of 429/502/503 (default 5)
+``rmserve_require_prompt`` ``RMSERVE_REQUIRE_PROMPT``      a sample without a prompt is an error
+=========================  ==============================  =====================================
 
-The prompt is read from ``extra_info``: the first of ``"prompt"``, ``"question"``, ``"query"``,
-``"problem"`` that is present, as text or as a list of chat messages. veRL hands ``solution_str``
-already decoded (special tokens skipped), so it is the response as is. With no prompt in
-``extra_info`` the solution is scored alone, as ``{"text": solution_str}``. ``data_source`` and
-``ground_truth`` do not enter a reward model's score.
+veRL hands ``solution_str`` already decoded (special tokens skipped) and never the prompt. The prompt
+is read from ``extra_info``: the first of ``"prompt"``, ``"question"``, ``"query"``, ``"problem"``,
+``"raw_prompt"`` that is present, as text or as chat messages. Without one the response is scored
+alone (prompt-blind): a warning is logged once, the returned ``rmserve_prompt_blind`` is 1.0, and
+with ``rmserve_require_prompt`` it is an error instead. ``RMServeRewardManager`` (``verl_manager``)
+reads the prompt veRL keeps for its own reward models instead, so it is never prompt-blind.
 
-``compute_score`` scores one sample per call (veRL's ``naive`` reward manager: one request each);
-``compute_score_batch`` takes veRL's ``batch`` reward manager's lists and sends them in chunks.
-Both share one pooled, thread-safe client per process, so a reward loop that runs ``compute_score``
-in a thread pool gets concurrent requests (which the server batches together).
+Every function returns ``{"score": float, "rmserve_prompt_blind": 0.0 or 1.0}`` per sample, the
+same keys each time: veRL logs the extra keys as metrics (a bare float it
+would log as ``acc``). ``compute_score`` is ``async`` (veRL's reward loop awaits coroutine
+functions); ``compute_score_sync`` is for releases whose ``naive`` manager calls it without awaiting;
+``compute_score_batch`` takes the lists of releases that still have the ``batch`` manager.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rmserve.client import DEFAULT_URL, ItemLike, RewardClient
+from rmserve.client import DEFAULT_URL, AsyncRewardClient, ItemLike, RewardClient
 
-__all__ = ["PROMPT_KEYS", "compute_score", "compute_score_batch", "verl_item"]
+__all__ = [
+    "PROMPT_KEYS",
+    "compute_score",
+    "compute_score_batch",
+    "compute_score_sync",
+    "scoring_settings",
+    "verl_item",
+]
 
-PROMPT_KEYS = ("prompt", "question", "query", "problem")
+log = logging.getLogger("rmserve.adapters.verl")
+
+PROMPT_KEYS = ("prompt", "question", "query", "problem", "raw_prompt")
+_TRUE = {"1", "true", "yes", "on"}
+_warned_blind = False
 
 
-def verl_item(solution_str: str, extra_info: Mapping[str, Any] | None) -> ItemLike:
+class PromptMissing(ValueError):
+    """A sample reached the reward function without its prompt while one is required."""
+
+
+def scoring_settings(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The client settings and ``require_prompt``: reward_kwargs first, then the environment."""
+
+    def get(key: str, env: str, default: Any) -> Any:
+        value = kwargs.get(f"rmserve_{key}")
+        return value if value is not None else os.environ.get(env) or default
+
+    return {
+        "base_url": str(get("url", "RMSERVE_URL", DEFAULT_URL)),
+        "api_key": get("api_key", "RMSERVE_API_KEY", None),
+        "model": get("model", "RMSERVE_MODEL", None),
+        "timeout": float(get("timeout_s", "RMSERVE_CLIENT_TIMEOUT_S", 180)),
+        "max_retries": int(get("max_retries", "RMSERVE_CLIENT_MAX_RETRIES", 5)),
+        "require_prompt": str(get("require_prompt", "RMSERVE_REQUIRE_PROMPT", "")).lower() in _TRUE,
+    }
+
+
+def verl_item(solution_str: str, extra_info: Mapping[str, Any] | None) -> ItemLike | None:
+    """The item for a response and the prompt found in ``extra_info``; None when there is none."""
     for key in PROMPT_KEYS:
         prompt = (extra_info or {}).get(key)
         if prompt is not None and len(prompt) > 0:
             if isinstance(prompt, str):
                 return (prompt, solution_str)
             return (list(prompt), solution_str)  # chat messages (numpy arrays from parquet included)
+    return None
+
+
+def blind_item(solution_str: str, require_prompt: bool) -> ItemLike:
+    """The response alone, when no prompt was found: warned once, or an error when one is required."""
+    global _warned_blind
+    if require_prompt:
+        raise PromptMissing(
+            "no prompt reached the reward function (extra_info has none of "
+            f"{', '.join(PROMPT_KEYS)}); use RMServeRewardManager or put the prompt in extra_info"
+        )
+    if not _warned_blind:
+        _warned_blind = True
+        log.warning(
+            "rmserve is scoring responses without their prompts: veRL passes none to compute_score and "
+            "extra_info has none of %s. Use RMServeRewardManager (docs/trainers.md); "
+            "rmserve_prompt_blind counts these samples.",
+            ", ".join(PROMPT_KEYS),
+        )
     return {"text": solution_str}
 
 
-def _settings() -> dict[str, Any]:
-    return {
-        "base_url": os.environ.get("RMSERVE_URL", DEFAULT_URL),
-        "api_key": os.environ.get("RMSERVE_API_KEY") or None,
-        "model": os.environ.get("RMSERVE_MODEL") or None,
-        "timeout": float(os.environ.get("RMSERVE_CLIENT_TIMEOUT_S", "180")),
-        "max_retries": int(os.environ.get("RMSERVE_CLIENT_MAX_RETRIES", "5")),
-    }
+def result_dict(score: float, blind: bool) -> dict[str, float]:
+    """What veRL gets per sample: the score, and the same extra keys every time (logged as metrics)."""
+    return {"score": score, "rmserve_prompt_blind": float(blind)}
+
+
+def _client_options(settings: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted((k, v) for k, v in settings.items() if k != "require_prompt"))
 
 
 @functools.lru_cache(maxsize=8)
-def _client(pid: int, settings: tuple[tuple[str, Any], ...]) -> RewardClient:
-    # One pooled client per process and configuration: veRL calls compute_score per sample, in a loop.
-    return RewardClient(**dict(settings))
+def _sync_client(pid: int, options: tuple[tuple[str, Any], ...]) -> RewardClient:
+    # One pooled client per process and configuration: veRL calls compute_score per sample.
+    return RewardClient(**dict(options))
 
 
-def _sync_client() -> RewardClient:
-    return _client(os.getpid(), tuple(sorted(_settings().items())))
+_async_clients: dict[tuple[int, tuple[tuple[str, Any], ...]], AsyncRewardClient] = {}
 
 
-def compute_score(
+def async_client(settings: dict[str, Any]) -> AsyncRewardClient:
+    """One pooled async client per event loop and configuration (a pool belongs to its loop)."""
+    key = (id(asyncio.get_running_loop()), _client_options(settings))
+    if key not in _async_clients:
+        _async_clients[key] = AsyncRewardClient(**dict(key[1]))
+    return _async_clients[key]
+
+
+def _one(solution: str, extra_info: Mapping[str, Any] | None, settings: dict[str, Any]) -> tuple[Any, bool]:
+    item = verl_item(solution, extra_info)
+    if item is None:
+        return blind_item(solution, settings["require_prompt"]), True
+    return item, False
+
+
+async def compute_score(
     data_source: str,
     solution_str: str,
     ground_truth: Any,
     extra_info: Mapping[str, Any] | None = None,
     **kwargs: Any,
-) -> float:
-    """veRL's ``compute_score``: the reward model's raw score for one rollout."""
-    return _sync_client().score([verl_item(solution_str, extra_info)])[0]
+) -> dict[str, float]:
+    """veRL's ``compute_score`` (reward loop, awaited): the reward model's raw score for one rollout."""
+    settings = scoring_settings(kwargs)
+    item, blind = _one(solution_str, extra_info, settings)
+    result = await async_client(settings).score_result([item])
+    return result_dict(result.scores[0], blind)
+
+
+def compute_score_sync(
+    data_source: str,
+    solution_str: str,
+    ground_truth: Any,
+    extra_info: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> dict[str, float]:
+    """``compute_score`` for veRL releases that call it without awaiting (the legacy ``naive``)."""
+    settings = scoring_settings(kwargs)
+    item, blind = _one(solution_str, extra_info, settings)
+    result = _sync_client(os.getpid(), _client_options(settings)).score_result([item])
+    return result_dict(result.scores[0], blind)
 
 
 def compute_score_batch(
@@ -79,7 +175,10 @@ def compute_score_batch(
     ground_truths: Sequence[Any],
     extra_infos: Sequence[Mapping[str, Any] | None],
     **kwargs: Any,
-) -> list[float]:
-    """veRL's ``batch`` reward manager form: every rollout of a step in one chunked call."""
-    items = [verl_item(s, e) for s, e in zip(solution_strs, extra_infos, strict=True)]
-    return _sync_client().score(items)
+) -> list[dict[str, float]]:
+    """veRL's ``batch`` reward manager form (releases that have it): every rollout of a step at once."""
+    settings = scoring_settings(kwargs)
+    pairs = [_one(s, e, settings) for s, e in zip(solution_strs, extra_infos, strict=True)]
+    client = _sync_client(os.getpid(), _client_options(settings))
+    result = client.score_result([item for item, _ in pairs])
+    return [result_dict(s, blind) for s, (_, blind) in zip(result.scores, pairs, strict=True)]

@@ -14,6 +14,15 @@ from rmserve.errors import RMServeError
 
 log = logging.getLogger("rmserve.api")
 
+# Trainers' clients that hide an error's body (OpenRLHF logs only the status): 4xx reasons are logged.
+LOGGED_4XX_ROUTES = frozenset({"/get_reward", "/v1/reward", "/classify", "/v1/classify"})
+
+
+def _log_client_error(request: Request, status: int, message: str) -> None:
+    if 400 <= status < 500 and request.url.path in LOGGED_4XX_ROUTES:
+        rid = getattr(request.state, "request_id", "-")
+        log.warning("%s answered %d (request %s): %s", request.url.path, status, rid, message)
+
 
 def error_response(
     status: int,
@@ -50,6 +59,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _rmserve(request: Request, exc: RMServeError) -> JSONResponse:
         if exc.status >= 500:
             log.error("request %s failed: %s", getattr(request.state, "request_id", "-"), exc.message)
+        _log_client_error(request, exc.status, exc.message)
         return error_response(exc.status, exc.type, exc.message, request, exc.headers())
 
     @app.exception_handler(RequestValidationError)
@@ -58,6 +68,7 @@ def install_error_handlers(app: FastAPI) -> None:
         for err in exc.errors()[:10]:
             msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
             problems.append(f"{_location(tuple(err.get('loc', ())))}: {msg}")
+        _log_client_error(request, 422, "; ".join(problems))
         return error_response(422, "invalid_request", "; ".join(problems), request)
 
     @app.exception_handler(StarletteHTTPException)

@@ -52,10 +52,20 @@ async def metrics(request: Request) -> Response:
     return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/models", summary="Loaded bundles and their manifests", responses=error_responses(401, 503))
+@router.get(
+    "/v1/models",
+    summary="Loaded bundles in OpenAI's model-list shape, with their manifests",
+    responses=error_responses(401, 503),
+)
 async def models(request: Request) -> dict[str, Any]:
-    scorer = _state(request).ready_scorer()
-    return {"models": [rt.describe() for rt in scorer.models.values()]}
+    state = _state(request)
+    scorer = state.ready_scorer()
+    created = int(state.started)
+    data = [
+        {"id": rt.name, "object": "model", "created": created, "owned_by": "rmserve", **rt.describe()}
+        for rt in scorer.models.values()
+    ]
+    return {"object": "list", "data": data}
 
 
 @router.get("/info", summary="Effective configuration (secrets redacted)", responses=error_responses(401))

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rmserve.errors import TooLarge
+from rmserve.errors import BadRequest, TooLarge
 from rmserve.items import ChatItem, Item, Message, PairItem, TextItem
 
 
@@ -94,11 +94,13 @@ class ScoreResponse(BaseModel):
 
 
 class RewardRequest(BaseModel):
-    """OpenRLHF's remote reward model protocol."""
+    """OpenRLHF's remote reward model protocol: any number of queries, scored all or none."""
 
     query: list[str] = Field(description="full texts rendered by the policy, special tokens included")
     prompts: list[str] | None = Field(None, description="each query's prompt (a prefix of the query)")
-    labels: list[str] | None = Field(None, description="reference answers; logged, not used by the model")
+    labels: list[Any] | None = Field(
+        None, description="the dataset's label column, any JSON; not used by the model"
+    )
 
 
 class RewardResponse(BaseModel):
@@ -130,3 +132,44 @@ def to_items(items: list[ScoreItemIn], max_chars: int) -> list[Item]:
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error statuses a route can answer."""
     return {code: {"model": ErrorResponse} for code in codes}
+
+
+class SlimeRewardRequest(BaseModel):
+    """slime's ``remote_rm`` payload: one sample per request."""
+
+    prompt: str | list[MessageIn] = Field(description="the prompt as the policy rendered it, or messages")
+    response: str = Field(description="the decoded response")
+    label: Any = Field(None, description="the sample's label, any JSON; not used by the model")
+
+
+class ClassifyRequest(BaseModel):
+    """vLLM's classify request for a single-label reward model; vLLM's other fields are ignored."""
+
+    model: str | None = Field(None, description="a served bundle's name; any other name means the default")
+    input: str | list[str] | list[int] | list[list[int]] | None = Field(
+        None, description="text or texts, already rendered (token ids are not accepted)"
+    )
+    messages: list[MessageIn] | None = Field(None, min_length=1, description="ends with the reply")
+    use_activation: bool | None = Field(None, description="sigmoid of the score (default true); false: raw")
+    activation: bool | None = Field(None, description="deprecated name of use_activation")
+    softmax: bool | None = Field(None, description="deprecated name of use_activation")
+    add_special_tokens: bool = Field(True, description="input: add the model's BOS when the text lacks it")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> ClassifyRequest:
+        if (self.input is None) == (self.messages is None):
+            raise ValueError("give exactly one of: input, messages")
+        return self
+
+    def texts(self) -> list[str]:
+        if isinstance(self.input, str):
+            return [self.input]
+        if self.input is None or not all(isinstance(t, str) for t in self.input):
+            raise BadRequest("input: token ids are not accepted; send text (or messages)")
+        return [str(t) for t in self.input]
+
+    def applies_activation(self) -> bool:
+        for value in (self.use_activation, self.activation, self.softmax):
+            if value is not None:
+                return value
+        return True

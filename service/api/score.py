@@ -1,4 +1,4 @@
-"""Scoring routes: /v1/score and OpenRLHF's /get_reward. Thin: parse, call the scorer, answer."""
+"""The scoring route /v1/score, and the steps every scoring route shares. Thin: parse, score, answer."""
 
 from __future__ import annotations
 
@@ -6,19 +6,17 @@ import logging
 import time
 
 from fastapi import APIRouter, Header, Request
+from pydantic import BaseModel
 
 from rmserve.api.schemas import (
-    RewardRequest,
-    RewardResponse,
     ScoreRequest,
     ScoreResponse,
     Usage,
     error_responses,
     to_items,
 )
-from rmserve.errors import BadRequest, TooLarge
+from rmserve.errors import TooLarge
 from rmserve.items import Item
-from rmserve.openrlhf import query_items
 from rmserve.scoring import Scorer, ScoreResult
 from rmserve.state import AppState
 
@@ -26,7 +24,7 @@ router = APIRouter()
 body_log = logging.getLogger("rmserve.bodies")
 
 
-def _log_body(state: AppState, request: Request, body: ScoreRequest | RewardRequest) -> None:
+def log_body(state: AppState, request: Request, body: BaseModel) -> None:
     # Texts being scored may be private: logged only when RMSERVE_LOG_BODIES is switched on.
     if state.settings.log_bodies:
         body_log.info(
@@ -38,21 +36,28 @@ def _log_body(state: AppState, request: Request, body: ScoreRequest | RewardRequ
         )
 
 
-def _deadline(state: AppState, request: Request, header: float | None, field: float | None) -> float:
+def deadline_of(
+    state: AppState,
+    request: Request,
+    header: float | None,
+    field: float | None,
+    limit: float | None = None,
+) -> float:
     """The monotonic time by which the request's items must be in a forward pass, counted from its
-    arrival at the edge (reading and validating the body is part of the time it asked for)."""
-    limit = state.settings.request_timeout_s
+    arrival at the edge (reading and validating the body is part of the time it asked for).
+    ``limit`` is the route's default deadline (the server's request_timeout_s unless given)."""
+    limit = limit if limit is not None else state.settings.request_timeout_s
     asked = [t for t in (header, field) if t is not None and t > 0]
     arrived = getattr(request.state, "arrived", None)
     return (arrived if arrived is not None else time.monotonic()) + min([limit, *asked])
 
 
-def _check_count(state: AppState, n: int) -> None:
+def check_count(state: AppState, n: int) -> None:
     if n > state.settings.max_items_per_request:
         raise TooLarge(f"{n} items is over the limit of {state.settings.max_items_per_request} per request")
 
 
-async def _score(
+async def run_score(
     scorer: Scorer, request: Request, model: str | None, items: list[Item], *, strict: bool, deadline: float
 ) -> ScoreResult:
     request.state.items = len(items)  # for the access log
@@ -74,11 +79,11 @@ async def score(
 ) -> ScoreResponse:
     state: AppState = request.app.state.rmserve
     scorer = state.ready_scorer()
-    _log_body(state, request, body)
-    _check_count(state, len(body.items))
+    log_body(state, request, body)
+    check_count(state, len(body.items))
     items = to_items(body.items, state.settings.max_chars_per_item)
-    deadline = _deadline(state, request, x_request_timeout, body.timeout_s)
-    result = await _score(
+    deadline = deadline_of(state, request, x_request_timeout, body.timeout_s)
+    result = await run_score(
         scorer, request, body.model, items, strict=body.truncation == "error", deadline=deadline
     )
     return ScoreResponse(
@@ -88,41 +93,4 @@ async def score(
         usage=Usage(
             items=len(items), tokens=result.tokens, cache_hits=result.cache_hits, truncated=result.truncated
         ),
-    )
-
-
-@router.post(
-    "/get_reward",
-    response_model=RewardResponse,
-    responses=error_responses(400, 401, 413, 422, 429, 500, 503, 504),
-    summary="OpenRLHF remote reward model protocol",
-)
-async def get_reward(
-    body: RewardRequest,
-    request: Request,
-    x_request_timeout: float | None = Header(None, description="deadline in seconds"),
-) -> RewardResponse:
-    state: AppState = request.app.state.rmserve
-    scorer = state.ready_scorer()
-    _log_body(state, request, body)
-    n = len(body.query)
-    for name, values in (("prompts", body.prompts), ("labels", body.labels)):
-        if values is not None and len(values) != n:
-            raise BadRequest(f"{name} has {len(values)} entries but query has {n}")
-    if n == 0:
-        return RewardResponse(rewards=[], scores=[], extra_logs={})
-    _check_count(state, n)
-    rt = scorer.runtime(None)
-    fmt = rt.bundle.manifest.format
-    pad = rt.formatter.tokenizer.id_to_token(fmt.pad_token_id)
-    items = query_items(body.query, body.prompts, fmt, state.settings.max_chars_per_item, pad)
-    deadline = _deadline(state, request, x_request_timeout, None)
-    result = await _score(scorer, request, None, items, strict=False, deadline=deadline)
-    return RewardResponse(
-        rewards=result.scores,
-        scores=result.scores,
-        extra_logs={
-            "rm_tokens": [float(t) for t in result.item_tokens],
-            "rm_truncated": [float(t) for t in result.item_truncated],
-        },
     )

@@ -97,7 +97,7 @@ class AsyncRewardClient(BaseRewardClient):
         self,
         queries: Sequence[str],
         prompts: Sequence[str] | None = None,
-        labels: Sequence[str] | None = None,
+        labels: Sequence[Any] | None = None,
     ) -> RewardResult:
         return await self._run(self._get_reward(queries, prompts, labels))
 
@@ -105,7 +105,7 @@ class AsyncRewardClient(BaseRewardClient):
         self,
         queries: Sequence[str],
         prompts: Sequence[str] | None = None,
-        labels: Sequence[str] | None = None,
+        labels: Sequence[Any] | None = None,
     ) -> list[float]:
         return (await self.get_reward_result(queries, prompts, labels)).rewards
 

@@ -116,7 +116,7 @@ class BaseRewardClient:
         return [Call("POST", "/v1/score", {"items": payload[s], **extra}) for s in self._chunks(len(payload))]
 
     def _reward_calls(
-        self, queries: Sequence[str], prompts: Sequence[str] | None, labels: Sequence[str] | None
+        self, queries: Sequence[str], prompts: Sequence[str] | None, labels: Sequence[Any] | None
     ) -> list[Call]:
         if isinstance(queries, str):
             raise TypeError("get_reward() takes a list of queries, not one string")
@@ -179,14 +179,15 @@ class BaseRewardClient:
         return merge_scores(parts)
 
     def _get_reward(
-        self, queries: Sequence[str], prompts: Sequence[str] | None, labels: Sequence[str] | None
+        self, queries: Sequence[str], prompts: Sequence[str] | None, labels: Sequence[Any] | None
     ) -> Operation[RewardResult]:
         parts = yield Gather(self._reward_calls(queries, prompts, labels), parse_reward)
         return merge_rewards(parts)
 
     def _models(self) -> Operation[list[dict[str, Any]]]:
         body = yield from self._exchange(Call("GET", "/v1/models"))
-        return list(body.get("models", [])) if isinstance(body, dict) else []
+        # OpenAI's model list: {"object": "list", "data": [{"id", ...}]}
+        return list(body.get("data", [])) if isinstance(body, dict) else []
 
     def _health(self) -> Operation[Health]:
         """Live and ready, as the server answers them now (no retries)."""

@@ -92,7 +92,7 @@ class RewardClient(BaseRewardClient):
         self,
         queries: Sequence[str],
         prompts: Sequence[str] | None = None,
-        labels: Sequence[str] | None = None,
+        labels: Sequence[Any] | None = None,
     ) -> RewardResult:
         return self._run(self._get_reward(queries, prompts, labels))
 
@@ -100,7 +100,7 @@ class RewardClient(BaseRewardClient):
         self,
         queries: Sequence[str],
         prompts: Sequence[str] | None = None,
-        labels: Sequence[str] | None = None,
+        labels: Sequence[Any] | None = None,
     ) -> list[float]:
         """OpenRLHF's protocol: one reward per full policy-rendered query, in order."""
         return self.get_reward_result(queries, prompts, labels).rewards

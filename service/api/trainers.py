@@ -1,0 +1,248 @@
+"""The routes trainers' own clients already speak, each in its client's shapes.
+
+- ``POST /get_reward``: OpenRLHF's remote reward model (``--reward.remote_url``), any number of queries;
+- ``POST /v1/reward``: slime's ``--rm-type remote_rm``, one sample per request, a bare number back;
+- ``POST /classify``, ``/v1/classify``: vLLM's classify API for a single-label reward model (veRL's
+  own reward-model path and AReaL post here).
+
+OpenRLHF and slime retry blindly (OpenRLHF 5 times, 1 s apart), so these routes wait for room in a
+full queue up to their deadline instead of answering 429 at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import APIRouter, Header, Request, Response
+
+from rmserve.api.schemas import (
+    ClassifyRequest,
+    RewardRequest,
+    RewardResponse,
+    SlimeRewardRequest,
+    error_responses,
+)
+from rmserve.api.score import check_count, deadline_of, log_body
+from rmserve.errors import BadRequest, Overloaded, TooLarge
+from rmserve.items import ChatItem, Item, Message, PairItem, TextItem
+from rmserve.markup import Outcome, reread, reread_pair
+from rmserve.openrlhf import query_items
+from rmserve.scoring import ModelRuntime, Scorer, ScoreResult
+from rmserve.state import AppState
+
+router = APIRouter()
+
+# A 1-label model's label in vLLM's answer (its config's default id2label).
+_LABEL = "LABEL_0"
+
+
+async def score_waiting(
+    state: AppState, request: Request, rt: ModelRuntime, items: list[Item], deadline: float
+) -> ScoreResult:
+    """Every item scored, or an error for the whole request.
+
+    The items go to the scorer in parts the queue can hold; each part waits for room up to the
+    deadline (429 only when the queue stays full that long).
+    """
+    scorer: Scorer = state.ready_scorer()
+    request.state.items = len(items)  # for the access log
+    size = min(state.settings.max_items_per_request, rt.batcher.policy.max_queue_items)
+
+    async def part(chunk: list[Item]) -> ScoreResult:
+        while True:
+            await rt.batcher.wait_for_room(len(chunk), deadline)
+            try:
+                return await scorer.score(rt.name, chunk, strict=False, deadline=deadline)
+            except Overloaded:  # another request took the room meanwhile
+                if time.monotonic() >= deadline:
+                    raise
+
+    tasks = [asyncio.ensure_future(part(items[i : i + size])) for i in range(0, len(items), size)]
+    try:
+        parts = await asyncio.gather(*tasks)
+    except BaseException:  # the first error answers the request; the other parts stop
+        for task in tasks:
+            task.cancel()
+        raise
+    request.state.cache_hits = sum(p.cache_hits for p in parts)
+    return ScoreResult(
+        model=rt.name,
+        version=rt.version,
+        scores=[s for p in parts for s in p.scores],
+        item_tokens=[t for p in parts for t in p.item_tokens],
+        item_truncated=[t for p in parts for t in p.item_truncated],
+        cache_hits=sum(p.cache_hits for p in parts),
+    )
+
+
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    return math.exp(x) / (1.0 + math.exp(x))
+
+
+def _flags(outcomes: Sequence[Outcome], which: Outcome) -> list[float]:
+    return [float(o == which) for o in outcomes]
+
+
+@router.post(
+    "/get_reward",
+    response_model=RewardResponse,
+    responses=error_responses(400, 401, 413, 422, 429, 500, 503, 504),
+    summary="OpenRLHF remote reward model protocol",
+)
+async def get_reward(
+    body: RewardRequest,
+    request: Request,
+    x_request_timeout: float | None = Header(None, description="deadline in seconds"),
+) -> RewardResponse:
+    state: AppState = request.app.state.rmserve
+    scorer = state.ready_scorer()
+    log_body(state, request, body)
+    n = len(body.query)
+    for name, values in (("prompts", body.prompts), ("labels", body.labels)):
+        if values is not None and len(values) != n:
+            raise BadRequest(f"{name} has {len(values)} entries but query has {n}")
+    rt = scorer.runtime(None)
+    items, outcomes = query_items(
+        body.query,
+        body.prompts,
+        rt.formatter,
+        state.settings.max_chars_per_item,
+        retemplate=state.settings.retemplate,
+    )
+    if items:
+        deadline = deadline_of(state, request, x_request_timeout, None, state.settings.get_reward_timeout_s)
+        result = await score_waiting(state, request, rt, items, deadline)
+        scores, tokens, truncated = result.scores, result.item_tokens, result.item_truncated
+    else:  # several reward URLs and one sample: OpenRLHF sends the other servers empty lists
+        scores, tokens, truncated = [], [], []
+    return RewardResponse(
+        rewards=scores,
+        scores=scores,
+        extra_logs={
+            "rm_tokens": [float(t) for t in tokens],
+            "rm_truncated": [float(t) for t in truncated],
+            "rm_retemplated": _flags(outcomes, "retemplated"),
+            "rm_unrecognised": _flags(outcomes, "unrecognised"),
+        },
+    )
+
+
+def _slime_item(rt: ModelRuntime, body: SlimeRewardRequest, retemplate: bool) -> tuple[Item, Outcome]:
+    if not isinstance(body.prompt, str):
+        return PairItem(tuple(Message(m.role, m.content) for m in body.prompt), body.response), "as_is"
+    if rt.formatter.settings.input_format == "plain":
+        return TextItem(body.prompt + body.response), "as_is"
+    reading = reread_pair(body.prompt, body.response, rt.formatter.markup, enabled=retemplate)
+    if reading is None:  # a prompt without chat markup: the user's words
+        return PairItem(body.prompt, body.response), "as_is"
+    return reading.item, reading.outcome
+
+
+@router.post(
+    "/v1/reward",
+    response_model=float,
+    responses=error_responses(401, 413, 422, 429, 500, 503, 504),
+    summary="slime's remote reward model protocol: one sample, a bare number back",
+)
+async def slime_reward(
+    body: SlimeRewardRequest,
+    request: Request,
+    response: Response,
+    x_request_timeout: float | None = Header(None, description="deadline in seconds"),
+) -> float:
+    state: AppState = request.app.state.rmserve
+    scorer = state.ready_scorer()
+    log_body(state, request, body)
+    rt = scorer.runtime(None)
+    chars = len(body.response) + (
+        len(body.prompt) if isinstance(body.prompt, str) else sum(len(m.content) for m in body.prompt)
+    )
+    if chars > state.settings.max_chars_per_item:
+        raise TooLarge(f"{chars} characters is over the limit of {state.settings.max_chars_per_item}")
+    item, outcome = _slime_item(rt, body, state.settings.retemplate)
+    response.headers["X-RMServe-Template"] = outcome
+    deadline = deadline_of(state, request, x_request_timeout, None)
+    result = await score_waiting(state, request, rt, [item], deadline)
+    return result.scores[0]
+
+
+def _classify_items(rt: ModelRuntime, body: ClassifyRequest, retemplate: bool) -> list[Item]:
+    if body.messages is not None:
+        return [ChatItem(tuple(Message(m.role, m.content) for m in body.messages))]
+    texts = body.texts()
+    fmt = rt.formatter.settings
+    if fmt.input_format != "chat_template":
+        return [TextItem(t) for t in texts]
+    items = [reread(t, rt.formatter.markup, enabled=retemplate).item for t in texts]
+    # vLLM tokenizes input with the model's special tokens: veRL strips the BOS its template wrote.
+    bos = fmt.bos_token if body.add_special_tokens and not fmt.add_special_tokens else None
+    return [
+        TextItem(bos + i.text) if bos and isinstance(i, TextItem) and not i.text.startswith(bos) else i
+        for i in items
+    ]
+
+
+async def _classify(request: Request, body: ClassifyRequest) -> dict[str, Any]:
+    state: AppState = request.app.state.rmserve
+    scorer = state.ready_scorer()
+    log_body(state, request, body)
+    # vLLM clients name the checkpoint they think is served (veRL sends its model path).
+    rt = scorer.runtime(body.model if body.model in scorer.models else None)
+    items = _classify_items(rt, body, state.settings.retemplate)
+    check_count(state, len(items))
+    for i, item in enumerate(items):
+        if isinstance(item, TextItem) and len(item.text) > state.settings.max_chars_per_item:
+            raise TooLarge(f"input[{i}]: {len(item.text)} characters is over the limit")
+    result = (
+        await score_waiting(state, request, rt, items, deadline_of(state, request, None, None))
+        if items
+        else None
+    )
+    scores = result.scores if result is not None else []
+    tokens = result.tokens if result is not None else 0
+    # vLLM's default for one label is the sigmoid (its PoolerClassify); use_activation=false: raw.
+    activate = body.applies_activation()
+    return {
+        "id": f"classify-{uuid.uuid4().hex}",
+        "object": "list",
+        "created": int(time.time()),
+        "model": rt.name,
+        "data": [
+            {
+                "index": i,
+                "label": _LABEL,
+                "probs": [_sigmoid(s) if activate else s],
+                "num_classes": 1,
+            }
+            for i, s in enumerate(scores)
+        ],
+        "usage": {
+            "prompt_tokens": tokens,
+            "total_tokens": tokens,
+            "completion_tokens": 0,
+            "prompt_tokens_details": None,
+        },
+    }
+
+
+_CLASSIFY = {
+    "responses": error_responses(400, 401, 413, 422, 429, 500, 503, 504),
+    "summary": "vLLM's classify API for a single-label reward model",
+}
+
+
+@router.post("/classify", **_CLASSIFY)
+async def classify(body: ClassifyRequest, request: Request) -> dict[str, Any]:
+    return await _classify(request, body)
+
+
+@router.post("/v1/classify", **_CLASSIFY)
+async def classify_v1(body: ClassifyRequest, request: Request) -> dict[str, Any]:
+    return await _classify(request, body)
