@@ -35,7 +35,7 @@ from transformers import Trainer, TrainingArguments
 from rmserve.bundle import Bundle, Manifest, read_manifest
 from rmserve.formatting import Formatter, load_tokenizer
 from rmserve.models.data import PreferencePair, data_digest, load_many
-from rmserve.models.evaluate_pairs import encode_pairs, pairwise_accuracy, score_bundle
+from rmserve.models.eval.pairs import encode_pairs, pairwise_accuracy, score_bundle
 from rmserve.models.heads import (
     ENCODER_POOLINGS,
     ModelMeta,

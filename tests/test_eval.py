@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from rmserve.bundle import FormatSettings, default_bundle_path, write_manifest
-from rmserve.models.evaluate import main
-from rmserve.models.report import outcome, rewardbench_v1, rewardbench_v2
+from rmserve.models.eval.command import main
+from rmserve.models.eval.summary import outcome, rewardbench_v1, rewardbench_v2
 from tests.support.server import REPO, serve
 from tests.support.tiny import corpus
 

@@ -11,7 +11,7 @@ import torch
 
 from rmserve.bundle import CALIBRATION_FILE, default_bundle_path, load_bundle
 from rmserve.models.data import data_digest, load_pairs
-from rmserve.models.evaluate_pairs import pairwise_accuracy, score_bundle
+from rmserve.models.eval.pairs import pairwise_accuracy, score_bundle
 from rmserve.models.train import (
     TRAINING_RECORD,
     TrainConfig,

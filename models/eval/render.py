@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from rmserve.models.report import PLOTS, outcome
+from rmserve.models.eval.summary import PLOTS, outcome
 
 
 def write_plots(out: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:

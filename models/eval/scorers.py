@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from rmserve.items import Item
-from rmserve.models.eval_rows import EvalError, EvalRow
+from rmserve.models.eval.rows import EvalError, EvalRow
 
 
 class Scorer(Protocol):

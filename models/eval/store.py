@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rmserve.models.eval_rows import EvalError
+from rmserve.models.eval.rows import EvalError
 
 SCORES_FILE = "scores.jsonl"
 RUN_FILE = "run.json"
