@@ -16,8 +16,9 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
+from rmserve.bundle import ENCODER_POOLINGS, Pooling
+
 Kind = Literal["encoder", "decoder"]
-Pooling = Literal["cls", "mean", "mean_response", "last_token"]
 
 # Families we export and test; anything else falls back on the head's attribute name below.
 ENCODER_TYPES = frozenset(
@@ -29,12 +30,6 @@ DECODER_TYPES = frozenset({"llama", "qwen2", "qwen3", "gemma", "gemma2", "mistra
 # exports (Llama) with the same parity, but Gemma2 has no sdpa path at all (logit softcapping),
 # and eager keeps fully masked left-padding rows finite; one choice for every family.
 DECODER_ATTENTION = "eager"
-
-# cls: the checkpoint's own head on the first token; mean: the mean of the last hidden states
-# over every real token; mean_response: the mean over the response's tokens only (segment B of
-# the text pair, its closing [SEP] included), so a long prompt, identical for every response to
-# it, does not dilute what differs between them.
-ENCODER_POOLINGS = ("cls", "mean", "mean_response")
 
 
 def kind_of(config: Any) -> Kind:

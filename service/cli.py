@@ -23,7 +23,9 @@ class Command:
 COMMANDS = {
     "serve": Command("rmserve.serve", "server", "serve reward model bundles over HTTP"),
     "export": Command("rmserve.models.export", "export", "export a Hugging Face checkpoint to a bundle"),
-    "train": Command("rmserve.models.train", "train", "train a Bradley-Terry reward model and export it"),
+    "train": Command(
+        "rmserve.models.train.command", "train", "train a Bradley-Terry reward model and export it"
+    ),
     "eval": Command("rmserve.models.eval.command", "eval", "score preference eval sets: accuracy and plots"),
 }
 

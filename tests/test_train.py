@@ -12,14 +12,10 @@ import torch
 from rmserve.bundle import CALIBRATION_FILE, default_bundle_path, load_bundle
 from rmserve.models.data import data_digest, load_pairs
 from rmserve.models.eval.pairs import pairwise_accuracy, score_bundle
-from rmserve.models.train import (
-    TRAINING_RECORD,
-    TrainConfig,
-    average_weights,
-    bradley_terry_loss,
-    main,
-    train,
-)
+from rmserve.models.train.command import main
+from rmserve.models.train.config import TrainConfig
+from rmserve.models.train.loop import average_weights, bradley_terry_loss, train
+from rmserve.models.train.ship import TRAINING_RECORD
 from tests.support.tiny import tiny_checkpoint
 
 GOOD = [
