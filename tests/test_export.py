@@ -22,7 +22,8 @@ from rmserve.bundle import MODEL_FILE, BundleError, load_bundle
 from rmserve.engines.onnxruntime import OnnxRuntimeEngine
 from rmserve.formatting import Formatter
 from rmserve.items import ChatItem, Message, PairItem, TextItem
-from rmserve.models.export import ExportError, export_bundle, main
+from rmserve.models.export import ExportError, export_bundle
+from rmserve.models.export_command import main
 from rmserve.models.parity import pad_rows
 from tests.support.tiny import ARCHITECTURES, DECODERS, NO_PAD, tiny_checkpoint
 
