@@ -24,6 +24,7 @@ from rmserve.bundle import CALIBRATION_FILE, MODEL_FILE, FormatSettings, Manifes
 from rmserve.engines.base import EngineError
 from rmserve.models import fp16
 from rmserve.models import parity as parity_mod
+from rmserve.models.data import recorded_path
 from rmserve.models.heads import ModelMeta, ScoreModel, load_score_model
 from rmserve.models.parity import Pair, ParityReport, check_parity
 
@@ -89,7 +90,7 @@ def export_bundle(
             "architecture": meta.architecture,
             "model_type": meta.model_type,
             "kind": meta.kind,
-            "base_model": base_model or meta.base_model,
+            "base_model": recorded_path(base_model) if base_model else meta.base_model,
             "format": settings,
             "opset": opset,
             "inputs": input_names(meta),

