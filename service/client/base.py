@@ -186,7 +186,9 @@ class BaseRewardClient:
 
     def _models(self) -> Operation[list[dict[str, Any]]]:
         body = yield from self._exchange(Call("GET", "/v1/models"))
-        return list(body.get("models", [])) if isinstance(body, dict) else []
+        if not isinstance(body, dict):
+            return []
+        return list(body.get("data", body.get("models", [])))  # OpenAI's shape, or the one before it
 
     def _health(self) -> Operation[Health]:
         """Live and ready, as the server answers them now (no retries)."""
