@@ -1,4 +1,4 @@
-"""Issue 2 end to end: tiny real models, exported, served by a real uvicorn, called over HTTP."""
+"""Serving end to end: tiny real models, exported, served by a real uvicorn, called over HTTP."""
 
 from __future__ import annotations
 

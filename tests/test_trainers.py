@@ -1,4 +1,4 @@
-"""Issue 6: trainers call a live rmserve. TRL's real GRPOTrainer; OpenRLHF-shaped /get_reward traffic."""
+"""Trainers call a live rmserve: TRL's real GRPOTrainer; OpenRLHF-shaped /get_reward traffic."""
 
 from __future__ import annotations
 
