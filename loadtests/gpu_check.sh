@@ -9,7 +9,7 @@
 # Without a registry, onnxruntime-gpu travels as an xz tarball of the installed package cut into
 # parts (.ortgpu/p*/part*, ignored by git); other wheels as .whl/*.whl. Everything installs into
 # $SITE, first on PYTHONPATH, so it shadows a CPU onnxruntime that may be preinstalled: only one
-# onnxruntime is ever importable (SPEC: onnxruntime-gpu instead of onnxruntime, never both).
+# onnxruntime is ever importable (docs/gpu.md: onnxruntime-gpu instead of onnxruntime, never both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SITE=${SITE:-/tmp/site}
