@@ -72,3 +72,17 @@ def test_the_docs_point_to_no_file_a_user_of_the_repository_lacks() -> None:
     for path in [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "deploy").rglob("*.md")]:
         text = re.sub(r"<!--.*?-->", "", path.read_text(encoding="utf-8"), flags=re.S)
         assert "SPEC" not in text and "/work/" not in text, path
+
+
+def test_the_readme_layout_names_every_module_and_package_of_service_and_models() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## Layout") :]
+    folders = [REPO / "service", REPO / "models", REPO / "models" / "train", REPO / "models" / "eval"]
+    for folder in folders:
+        for entry in folder.iterdir():
+            if entry.name.startswith(("_", ".")):
+                continue
+            if entry.is_dir():
+                assert f"`{entry.name}/`" in layout, entry
+            elif entry.suffix == ".py":
+                assert f"`{entry.stem}`" in layout, entry
