@@ -205,15 +205,20 @@ def load_score_model(
         path, config=config, dtype=torch.float32, **extra
     )
     model = ScoreModel(hf_model, pooling_of(config), kind).eval()
-    archs = getattr(config, "architectures", None) or [type(hf_model).__name__]
-    meta = ModelMeta(
-        kind=kind,
+    return model, tokenizer, model_meta(model, base_model_of(path), int(tokenizer.pad_token_id))
+
+
+def model_meta(model: ScoreModel, base_model: str, pad_token_id: int) -> ModelMeta:
+    """What the exporter needs to know about ``model``, read from its config."""
+    config = model.hf_model.config
+    archs = getattr(config, "architectures", None) or [type(model.hf_model).__name__]
+    return ModelMeta(
+        kind=model.kind,
         pooling=model.pooling,
         model_type=config.model_type,
         architecture=archs[0],
-        base_model=base_model_of(path),
-        pad_token_id=int(tokenizer.pad_token_id),
+        base_model=base_model,
+        pad_token_id=pad_token_id,
         uses_token_type_ids=uses_token_type_ids(config),
         max_position_embeddings=getattr(config, "max_position_embeddings", None),
     )
-    return model, tokenizer, meta

@@ -16,7 +16,7 @@ from rmserve.bundle import Bundle, Manifest
 from rmserve.formatting import Formatter
 from rmserve.models.data import PreferencePair
 from rmserve.models.eval.pairs import encode_pairs
-from rmserve.models.heads import ModelMeta, ScoreModel, uses_token_type_ids
+from rmserve.models.heads import ScoreModel, model_meta
 
 
 def training_formatter(checkpoint: str | Path, model: ScoreModel, max_length: int) -> Formatter:
@@ -35,18 +35,7 @@ def training_formatter(checkpoint: str | Path, model: ScoreModel, max_length: in
     if not tokenizer_file.is_file():
         raise FileNotFoundError(f"{checkpoint} has no tokenizer.json (a fast tokenizer is required)")
     hf_tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    config = model.hf_model.config
-    archs = getattr(config, "architectures", None) or [type(model.hf_model).__name__]
-    meta = ModelMeta(
-        kind=model.kind,
-        pooling=model.pooling,
-        model_type=config.model_type,
-        architecture=archs[0],
-        base_model=str(checkpoint),
-        pad_token_id=int(config.pad_token_id),
-        uses_token_type_ids=uses_token_type_ids(config),
-        max_position_embeddings=getattr(config, "max_position_embeddings", None),
-    )
+    meta = model_meta(model, str(checkpoint), int(model.hf_model.config.pad_token_id))
     settings = format_settings(hf_tokenizer, meta, max_length=max_length, input_format=None)
     manifest = Manifest.model_construct(format=settings, inputs=input_names(meta))
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
