@@ -186,9 +186,8 @@ class BaseRewardClient:
 
     def _models(self) -> Operation[list[dict[str, Any]]]:
         body = yield from self._exchange(Call("GET", "/v1/models"))
-        if not isinstance(body, dict):
-            return []
-        return list(body.get("data", body.get("models", [])))  # OpenAI's shape, or the one before it
+        listed = body.get("data", body.get("models")) if isinstance(body, dict) else None  # OpenAI's, or ours
+        return list(listed) if isinstance(listed, list) else []
 
     def _health(self) -> Operation[Health]:
         """Live and ready, as the server answers them now (no retries)."""
