@@ -191,7 +191,7 @@ def test_truncation_is_reported_and_keeps_the_response(tiny_bundles: dict[str, P
         assert same["scores"][0] == pytest.approx(body["scores"][0], abs=1e-6)
 
 
-def test_every_spec_metric_is_exported_and_ops_routes_answer(
+def test_every_documented_metric_is_exported_and_ops_routes_answer(
     tiny_bundles: dict[str, Path], tmp_path: Path
 ) -> None:
     with serve({"RMSERVE_MODELS": f"a={tiny_bundles['bert']},b={tiny_bundles['qwen2']}"}, tmp_path) as server:
