@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,7 +93,11 @@ def test_average_weights_is_the_elementwise_mean_and_keeps_integer_buffers() -> 
     ("arch", "pooling"), [("bert", "mean"), ("bert", "mean_response"), ("llama", "mean")]
 )
 def test_tiny_model_trains_end_to_end_into_a_bundle(
-    arch: str, pooling: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    arch: str,
+    pooling: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     data = tiny_pairs(tmp_path / "pairs.jsonl")
     base = tiny_checkpoint(arch, tmp_path / "base", seed=0)
@@ -127,6 +132,7 @@ def test_tiny_model_trains_end_to_end_into_a_bundle(
         "--pooling",
         pooling,
     ]
+    monkeypatch.setattr(sys, "argv", ["rmserve", "train", *argv])  # what the record's command reads
     assert main(argv) == 0
     out = capsys.readouterr().out  # the Trainer prints its logs first; the summary is last
     summary = json.loads(out[out.rindex('{\n  "checkpoint"') :])
@@ -139,6 +145,7 @@ def test_tiny_model_trains_end_to_end_into_a_bundle(
     assert training["recipe"]["learning_rate"] == 2e-3 and training["seed"] == 0
     assert training["data"]["train"] == [{"path": recorded_path(data), "digest": data_digest(data)}]
     assert str(tmp_path) not in (bundle_dir / "manifest.json").read_text()  # no path of this machine
+    assert training["command"].startswith(f"rmserve train --train {recorded_path(data)} --dev ")
     assert len(training["epochs"]) == 8
 
     # It ranks its own training pairs right, measured on the exported ONNX bundle.

@@ -148,11 +148,15 @@ def _command() -> str:
     """This process's ``rmserve train`` command line (or ``python -m rmserve.models.train``'s), its
     absolute paths recorded as ``recorded_path`` names them."""
     flags = sys.argv[2:] if sys.argv[1:2] == ["train"] else sys.argv[1:]
-    recorded = []
-    for flag in flags:
-        name, sep, value = flag.rpartition("=")  # --eval NAME=PATH
-        recorded.append(f"{name}{sep}{recorded_path(value)}" if value.startswith("/") else flag)
-    return shlex.join(["rmserve", "train", *recorded])
+    return shlex.join(["rmserve", "train", *map(_recorded_flag, flags)])
+
+
+def _recorded_flag(flag: str) -> str:
+    """``/abs/path``, ``NAME=/abs/path`` (``--eval``) and ``--flag=/abs/path`` with the path recorded."""
+    if flag.startswith("/"):
+        return recorded_path(flag)
+    name, sep, value = flag.partition("=")
+    return f"{name}{sep}{_recorded_flag(value)}" if sep else flag
 
 
 def _recorded_files(paths: Sequence[str]) -> list[dict[str, str]]:
