@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--completion-len", type=int, default=8, help="tokens per completion")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("grpo_remote_reward"), help="output directory")
+    parser.add_argument("--out", type=Path, default=Path("runs/grpo_remote_reward"), help="output directory")
     args = parser.parse_args(argv)
 
     import torch

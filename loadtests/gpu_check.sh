@@ -10,7 +10,7 @@
 # Without a registry, onnxruntime-gpu travels as an xz tarball of the installed package cut into
 # parts (.ortgpu/p*/part*, ignored by git); other wheels as .whl/*.whl. Everything installs into
 # $SITE, first on PYTHONPATH, so it shadows a CPU onnxruntime that may be preinstalled: only one
-# onnxruntime is ever importable (SPEC: onnxruntime-gpu instead of onnxruntime, never both).
+# onnxruntime is ever importable (docs/gpu.md: onnxruntime-gpu instead of onnxruntime, never both).
 #
 # Everything runs from a copy of the code in $SRC (outside the checkout), laid out as the installed
 # package (service/ -> rmserve/, models/ -> rmserve/models/): a device call re-sends the carried

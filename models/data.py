@@ -282,6 +282,20 @@ def load_many(paths: Iterable[str | Path], **kwargs: Any) -> list[PreferencePair
     return [pair for path in paths for pair in load_pairs(path, **kwargs)]
 
 
+def recorded_path(path: str | Path) -> str:
+    """A path as a record that ships with a bundle names it: as given when relative, relative to the
+    working directory when it lies inside it, else by its last two parts (``hh-rlhf/dev.jsonl.gz``), so
+    the layout of the machine that built a bundle does not travel with it. A digest beside it says
+    which file it was."""
+    p = Path(path)
+    if not p.is_absolute():
+        return str(path)
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(Path(*p.parts[-2:]))
+
+
 def data_digest(path: str | Path) -> str:
     """sha256 of a data file (or every file of a dataset directory), for training records."""
     p = Path(path)

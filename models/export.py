@@ -12,7 +12,6 @@ final files -> publish.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ from rmserve.engines.base import EngineError
 from rmserve.models import attention, fp16
 from rmserve.models import parity as parity_mod
 from rmserve.models.attention import AttentionPlan
+from rmserve.models.data import recorded_path
 from rmserve.models.formats import format_settings, save_tokenizer
 from rmserve.models.graph import EXTERNAL_DATA_BYTES, ExportError, export_onnx, fuse_encoder, input_names
 from rmserve.models.heads import ModelMeta, ScoreModel, checkpoint_kind, load_score_model
@@ -88,7 +88,7 @@ def export_bundle(
             "architecture": meta.architecture,
             "model_type": meta.model_type,
             "kind": meta.kind,
-            "base_model": base_model or meta.base_model,
+            "base_model": recorded_path(base_model) if base_model else meta.base_model,
             "format": settings,
             "opset": chosen.opset,
             "inputs": input_names(meta),
@@ -287,70 +287,3 @@ def _publish(staging: Path, dest: Path, previous: Path) -> None:
     if dest.exists():
         dest.rename(previous)
     staging.rename(dest)
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path, help="a Hugging Face checkpoint directory (num_labels=1)")
-    parser.add_argument("bundle", type=Path, help="where to write the bundle (must be absent or empty)")
-    parser.add_argument("--name", help="bundle name (default: the checkpoint directory's name)")
-    parser.add_argument("--max-length", type=int, help="token limit (default: the model's, at most 512/4096)")
-    parser.add_argument(
-        "--input-format",
-        choices=["text_pair", "chat_template", "plain"],
-        help="default: text_pair for encoders, chat_template for decoders",
-    )
-    parser.add_argument("--optimize", action="store_true", help="ORT fusions, kept only if parity holds")
-    parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="weights precision")
-    parser.add_argument(
-        "--opset", type=int, help="ONNX opset (default: 23 for fused decoder attention, else 18)"
-    )
-    parser.add_argument(
-        "--no-fuse-attention",
-        dest="fuse_attention",
-        action="store_false",
-        help="keep a decoder's attention unfused (MatMul/Softmax/MatMul), not one Attention op per layer",
-    )
-    parser.add_argument("--calibration", help="JSONL of {prompt, response} calibration pairs, or 'builtin'")
-    parser.add_argument("--base-model", help="the model this checkpoint was fine-tuned from")
-    parser.add_argument("--force", action="store_true", help="replace an existing bundle")
-
-
-def run_export(args: argparse.Namespace) -> int:
-    try:
-        manifest = export_bundle(
-            args.checkpoint,
-            args.bundle,
-            name=args.name,
-            max_length=args.max_length,
-            input_format=args.input_format,
-            optimize=args.optimize,
-            precision=args.precision,
-            opset=args.opset,
-            fuse_attention=args.fuse_attention,
-            calibration_pairs=args.calibration,
-            base_model=args.base_model,
-            overwrite=args.force,
-        )
-    except ExportError as exc:
-        print(f"export failed: {exc}")
-        return 1
-    p = manifest.parity
-    why = f" ({manifest.attention_reason})" if manifest.attention_reason else ""
-    print(
-        f"exported {manifest.name} version {manifest.version} to {args.bundle}: "
-        f"max|onnx-torch|={p['max_abs_diff']:.3g}, batch invariance {p['batch_invariance_max']:.3g}, "
-        f"attention {manifest.attention}{why}"
-    )
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="rmserve export", description="Export a Hugging Face reward model to a verified bundle."
-    )
-    add_export_arguments(parser)
-    return run_export(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

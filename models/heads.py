@@ -16,8 +16,9 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
+from rmserve.bundle import ENCODER_POOLINGS, Pooling
+
 Kind = Literal["encoder", "decoder"]
-Pooling = Literal["cls", "mean", "mean_response", "last_token"]
 
 # Families we export and test; anything else falls back on the head's attribute name below.
 ENCODER_TYPES = frozenset(
@@ -29,12 +30,6 @@ DECODER_TYPES = frozenset({"llama", "qwen2", "qwen3", "gemma", "gemma2", "mistra
 # (the exporter asks for "sdpa" to get a fused Attention op per layer: models/attention.py).
 # Gemma2 has no sdpa path at all (logit softcapping).
 DECODER_ATTENTION = "eager"
-
-# cls: the checkpoint's own head on the first token; mean: the mean of the last hidden states
-# over every real token; mean_response: the mean over the response's tokens only (segment B of
-# the text pair, its closing [SEP] included), so a long prompt, identical for every response to
-# it, does not dilute what differs between them.
-ENCODER_POOLINGS = ("cls", "mean", "mean_response")
 
 
 def kind_of(config: Any) -> Kind:
@@ -211,19 +206,24 @@ def load_score_model(
         path, config=config, dtype=torch.float32, **extra
     )
     model = ScoreModel(hf_model, pooling_of(config), kind).eval()
-    archs = getattr(config, "architectures", None) or [type(hf_model).__name__]
-    meta = ModelMeta(
-        kind=kind,
+    return model, tokenizer, model_meta(model, base_model_of(path), int(tokenizer.pad_token_id))
+
+
+def model_meta(model: ScoreModel, base_model: str, pad_token_id: int) -> ModelMeta:
+    """What the exporter needs to know about ``model``, read from its config."""
+    config = model.hf_model.config
+    archs = getattr(config, "architectures", None) or [type(model.hf_model).__name__]
+    return ModelMeta(
+        kind=model.kind,
         pooling=model.pooling,
         model_type=config.model_type,
         architecture=archs[0],
-        base_model=base_model_of(path),
-        pad_token_id=int(tokenizer.pad_token_id),
+        base_model=base_model,
+        pad_token_id=pad_token_id,
         uses_token_type_ids=uses_token_type_ids(config),
         max_position_embeddings=getattr(config, "max_position_embeddings", None),
         num_layers=getattr(config, "num_hidden_layers", None),
     )
-    return model, tokenizer, meta
 
 
 def checkpoint_kind(checkpoint_dir: str | Path) -> Kind:

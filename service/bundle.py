@@ -23,6 +23,11 @@ FORMAT_VERSION = 1
 
 InputFormat = Literal["text_pair", "chat_template", "plain"]
 Pooling = Literal["cls", "mean", "mean_response", "last_token"]
+# What an encoder may pool (a decoder pools its last token). cls: the checkpoint's own head on the
+# first token; mean: the mean of the last hidden states over every real token; mean_response: the
+# mean over the response's tokens only (segment B of the text pair, its closing [SEP] included), so
+# a long prompt, identical for every response to it, does not dilute what differs between them.
+ENCODER_POOLINGS: tuple[Pooling, ...] = ("cls", "mean", "mean_response")
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
 
 

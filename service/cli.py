@@ -22,9 +22,13 @@ class Command:
 
 COMMANDS = {
     "serve": Command("rmserve.serve", "server", "serve reward model bundles over HTTP"),
-    "export": Command("rmserve.models.export", "export", "export a Hugging Face checkpoint to a bundle"),
-    "train": Command("rmserve.models.train", "train", "train a Bradley-Terry reward model and export it"),
-    "eval": Command("rmserve.models.evaluate", "eval", "score preference eval sets: accuracy and plots"),
+    "export": Command(
+        "rmserve.models.export_command", "export", "export a Hugging Face checkpoint to a bundle"
+    ),
+    "train": Command(
+        "rmserve.models.train.command", "train", "train a Bradley-Terry reward model and export it"
+    ),
+    "eval": Command("rmserve.models.eval.command", "eval", "score preference eval sets: accuracy and plots"),
 }
 
 
@@ -51,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name, command = argv[0], COMMANDS[argv[0]]
     try:
-        module = importlib.import_module(command.module)
+        # A command parses its flags before it imports what it runs on (train and export: torch),
+        # so its --help works without the extra and a missing module surfaces here either way.
+        return int(importlib.import_module(command.module).main(argv[1:]) or 0)
     except ModuleNotFoundError as exc:
         if exc.name is None or exc.name.split(".")[0] == "rmserve":
             raise
@@ -61,7 +67,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    return int(module.main(argv[1:]) or 0)
 
 
 if __name__ == "__main__":

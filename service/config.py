@@ -196,12 +196,25 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{hosts}", query=query))
 
 
+def default_text(value: Any) -> str:
+    """A setting's default as ``--help`` shows it: ``unset`` for None, lowercase booleans."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting, named after its env var (RMSERVE_MAX_WAIT_MS is --max-wait-ms)."""
+    """One flag per setting, named after its env var (RMSERVE_MAX_WAIT_MS is --max-wait-ms), its help
+    line ending in its default (where the description does not say it already) and its env var."""
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = "RMSERVE_" + name.upper()
-        help_text = f"{field.description} [env {env}]".replace("%", "%%")  # argparse formats help
+        description = field.description or ""
+        said = field.default is None and ("(default:" in description or "(unset:" in description)
+        default = "" if said else f" (default: {default_text(field.default)})"
+        help_text = f"{description}{default} [env {env}]".replace("%", "%%")  # argparse formats help
         if field.annotation is bool:
             parser.add_argument(
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text

@@ -1,6 +1,6 @@
 """Items -> token ids, the way the bundle's model was trained to read them.
 
-Three input formats (SPEC): ``text_pair`` (encoders: prompt and response as a sentence pair),
+Three input formats (``input_format``): ``text_pair`` (encoders: prompt and response as a sentence pair),
 ``chat_template`` (decoder reward models: messages rendered by the bundle's Jinja template) and
 ``plain`` (text already formatted). Truncation keeps the response and the final tokens: the prompt
 loses its oldest tokens first, then the response does.

@@ -24,7 +24,8 @@ class AppState:
     started: float = field(default_factory=time.time)
 
     def ready_scorer(self) -> Scorer:
-        """The scorer, or 503 while starting, draining, failed or a model's worker is down."""
+        """The scorer once the server is ready; NotReady (503) while it is starting, draining or failed.
+        (A model whose engine is being rebuilt is refused per request, in ``rmserve.scoring``.)"""
         if self.phase != "ready" or self.scorer is None:
             raise NotReady(f"the server is {self.phase}")
         return self.scorer

@@ -458,8 +458,7 @@ async def test_a_dead_redis_opens_the_circuit_and_lookups_stop_calling_it() -> N
 
     cache = RedisCache.from_url(
         f"redis://:s3cret@127.0.0.1:{free_port()}/0",
-        ttl_s=60,
-        options=RedisOptions(ttl_s=60, breaker_failures=2, breaker_cooldown_s=60),
+        RedisOptions(ttl_s=60, breaker_failures=2, breaker_cooldown_s=60),
     )
     try:
         for _ in range(4):
@@ -475,9 +474,7 @@ async def test_a_dead_redis_opens_the_circuit_and_lookups_stop_calling_it() -> N
 
 async def test_writes_beyond_the_buffer_are_dropped_and_counted(redis_url: str) -> None:
     name = unique_prefix()
-    cache = RedisCache.from_url(
-        redis_url, ttl_s=60, options=RedisOptions(ttl_s=60, prefix=name, write_buffer_items=10)
-    )
+    cache = RedisCache.from_url(redis_url, RedisOptions(ttl_s=60, prefix=name, write_buffer_items=10))
     try:
         cache.put_many({f"a{i}": b"v" for i in range(8)})
         cache.put_many({f"b{i}": b"v" for i in range(5)})  # the writer has not run yet: no room
@@ -492,7 +489,7 @@ async def test_writes_beyond_the_buffer_are_dropped_and_counted(redis_url: str) 
 
 async def test_each_entry_is_written_with_its_ttl_jittered_down_by_up_to_10_percent(redis_url: str) -> None:
     name = unique_prefix()
-    cache = RedisCache.from_url(redis_url, ttl_s=100, options=RedisOptions(ttl_s=100, prefix=name))
+    cache = RedisCache.from_url(redis_url, RedisOptions(ttl_s=100, prefix=name))
     client = redis.Redis.from_url(redis_url)
     try:
         cache.put_many({f"k{i}": b"v" for i in range(50)})
@@ -510,7 +507,7 @@ async def test_sentinel_url_reaches_the_master(tmp_path: Path) -> None:
         RedisProcess(tmp_path / "master") as master,
         RedisProcess(tmp_path / "sentinel", sentinel_of=master.port) as s,
     ):
-        cache = RedisCache.from_url(f"redis+sentinel://127.0.0.1:{s.port}/mymaster/3", ttl_s=60)
+        cache = RedisCache.from_url(f"redis+sentinel://127.0.0.1:{s.port}/mymaster/3", RedisOptions(ttl_s=60))
         try:
             assert cache.state()["mode"] == "sentinel"
             cache.put_many({"k1": b"one", "k2": b"two"})
@@ -518,7 +515,9 @@ async def test_sentinel_url_reaches_the_master(tmp_path: Path) -> None:
             direct = redis.Redis(port=master.port, db=3)
             assert direct.mget(["rmserve:k1", "rmserve:k2"]) == [b"one", b"two"]
             direct.close()
-            cache = RedisCache.from_url(f"redis+sentinel://127.0.0.1:{s.port}/mymaster/3", ttl_s=60)
+            cache = RedisCache.from_url(
+                f"redis+sentinel://127.0.0.1:{s.port}/mymaster/3", RedisOptions(ttl_s=60)
+            )
             assert await cache.get_many(["k2", "nope", "k1"]) == [b"two", None, b"one"]
         finally:
             await cache.close()
@@ -531,13 +530,13 @@ async def test_cluster_reads_keys_spread_over_every_node_in_one_lookup(tmp_path:
         keys = [item_key(b"\x03" * 32, TextItem(f"item {i}")) for i in range(60)]
         names = [f"rmserve:{k}".encode() for k in keys]
         assert len({key_slot(n) for n in names}) > 50  # digests spread over slots: MGET alone would fail
-        cache = RedisCache.from_url(cluster.url, ttl_s=60)
+        cache = RedisCache.from_url(cluster.url, RedisOptions(ttl_s=60))
         try:
             cache.put_many({k: k.encode()[:8] for k in keys})
             await cache.close()
             per_node = [redis.Redis(port=n.port).dbsize() for n in cluster.nodes]
             assert all(count > 0 for count in per_node) and sum(per_node) == len(keys)
-            cache = RedisCache.from_url(cluster.url, ttl_s=60)
+            cache = RedisCache.from_url(cluster.url, RedisOptions(ttl_s=60))
             got = await cache.get_many([*keys, "absent"])
             assert got == [k.encode()[:8] for k in keys] + [None]
             assert cache.state()["read_errors"] == 0

@@ -1,4 +1,4 @@
-"""Issue 6: the trainers' client. Retries and errors against a server that misbehaves on purpose;
+"""The trainers' client: retries and errors against a server that misbehaves on purpose;
 chunking, item shapes, keys and sync/async parity against a real rmserve.
 
 Why not the real server for the retry tests: rmserve answers 503 only while starting or draining and

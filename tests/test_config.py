@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from rmserve.config import Settings, parse_models, settings_from_args
+from rmserve.config import Settings, default_text, parse_models, settings_from_args
 from rmserve.serve import build_parser
 
 
@@ -25,6 +25,18 @@ def test_every_setting_is_a_flag_named_after_its_env_var(monkeypatch: pytest.Mon
     assert settings.max_wait_ms == 5.0  # the flag wins over the env var
     assert settings.max_queue_items == 77  # the env var applies where no flag is given
     assert settings.log_bodies is False
+
+
+def test_serve_help_shows_every_settings_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag, so each line can be read on its own
+    lines = build_parser().format_help().splitlines()
+    for name, field in Settings.model_fields.items():
+        line = next(line for line in lines if f"[env RMSERVE_{name.upper()}]" in line)
+        assert f"(default: {default_text(field.default)})" in line or (
+            field.default is None and ("(default:" in line or "(unset:" in line)
+        ), line
+    port = next(line for line in lines if line.lstrip().startswith("--port"))
+    assert "(default: 8000)" in port
 
 
 def test_invalid_settings_stop_start_up_with_the_reason() -> None:

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from rmserve.items import Message
-from rmserve.models.data import DataError, PreferencePair, data_digest, load_pairs, pair_from_row
+from rmserve.models.data import (
+    DataError,
+    PreferencePair,
+    data_digest,
+    load_pairs,
+    pair_from_row,
+    recorded_path,
+)
 
 PROMPT = "\n\nHuman: How do I boil an egg?\n\nAssistant: In water.\n\nHuman: For how long?"
 GOOD, BAD = "About nine minutes for a hard yolk.", "Eggs are laid by hens."
@@ -161,3 +168,12 @@ def test_digest_names_the_content(tmp_path: Path) -> None:
     a = write_jsonl(tmp_path / "a.jsonl", [HH])
     b = write_jsonl(tmp_path / "b.jsonl", [HH, HH])
     assert data_digest(a).startswith("sha256:") and data_digest(a) != data_digest(b)
+
+
+def test_a_recorded_path_names_no_folder_outside_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert recorded_path("../shared/data/dev.jsonl") == "../shared/data/dev.jsonl"  # relative: as given
+    assert recorded_path(tmp_path / "runs" / "dev.jsonl") == "runs/dev.jsonl"
+    assert recorded_path("/somewhere/else/hh-rlhf/dev.jsonl.gz") == "hh-rlhf/dev.jsonl.gz"

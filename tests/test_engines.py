@@ -1,4 +1,4 @@
-"""Issue 4: the OpenVINO engine on the same bundles, the precision quality gate, CPU-limit sizing."""
+"""The OpenVINO engine on the same bundles, the precision quality gate, CPU-limit sizing."""
 
 from __future__ import annotations
 

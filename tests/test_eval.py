@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 
 from rmserve.bundle import FormatSettings, default_bundle_path, write_manifest
-from rmserve.models.evaluate import main
-from rmserve.models.report import outcome, rewardbench_v1, rewardbench_v2
+from rmserve.models.eval.command import main
+from rmserve.models.eval.scorers import served_entry
+from rmserve.models.eval.summary import outcome, rewardbench_v1, rewardbench_v2
 from tests.support.server import REPO, serve
 from tests.support.tiny import corpus
 
@@ -417,6 +418,39 @@ def test_a_finished_run_rescored_does_nothing_and_another_model_is_refused(
     assert summary(out)["run"]["items_sent_to_model"] == 18
 
 
+def test_a_run_records_the_backend_and_precision_it_scored_with(small_bundle: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "p.jsonl", [{**r, "subset": "one"} for r in synthetic_pairs(9)])
+    out = tmp_path / "out"
+    assert eval_run(data, "--bundle", small_bundle, "--out", out) == 0
+    version = json.loads((small_bundle / "manifest.json").read_text())["version"]
+    run = json.loads((out / "run.json").read_text())
+    assert (run["model_version"], run["provider"], run["precision"]) == (version, "cpu", "fp32")
+    model = summary(out)["model"]
+    assert (model["version"], model["provider"], model["precision"]) == (version, "cpu", "fp32")
+    assert f"version `{version}`, scored in process by cpu in fp32." in (out / "report.md").read_text()
+    # One subset: no per-subset chart, which would only repeat the overall accuracy.
+    assert summary(out)["plots"] == ["scores.png", "margins.png"]
+    assert not (out / "accuracy_by_subset.png").exists()
+    # Scores of another precision never join these: an --out scored in bf16 is refused.
+    (out / "run.json").write_text(json.dumps({**run, "precision": "bf16"}))
+    assert eval_run(data, "--bundle", small_bundle, "--out", out) == 1
+
+
+def test_models_listed_in_either_shape_of_v1_models_read_alike() -> None:
+    manifest = {"name": "rm", "version": "abc", "precision": "fp32"}
+    served = {"precision": "fp32", "manifest": manifest}
+    before = {"name": "default", "version": "abc", "provider": "cpu", **served}
+    openai = {"id": "default", "object": "model", "backend": "cpu", **served}  # the version in the manifest
+    expected = {
+        "name": "default",
+        "version": "abc",
+        "provider": "cpu",
+        "precision": "fp32",
+        "bundle_name": "rm",
+    }
+    assert served_entry(before) == served_entry(openai) == expected
+
+
 def _server_env(bundle: Path) -> dict[str, str]:
     return {
         "RMSERVE_MODELS": str(bundle),
@@ -478,7 +512,10 @@ def test_in_process_and_server_scores_agree(small_bundle: Path, tmp_path: Path) 
             == 0
         )
     _assert_same_scores(tmp_path / "local", tmp_path / "remote")
-    assert summary(tmp_path / "remote")["model"]["mode"] == "server"
+    remote = summary(tmp_path / "remote")["model"]
+    assert remote["mode"] == "server" and (remote["provider"], remote["precision"]) == ("cpu", "fp32")
+    assert "by cpu in fp32" in (tmp_path / "remote" / "report.md").read_text()
+    assert json.loads((tmp_path / "remote" / "run.json").read_text())["provider"] == "cpu"
 
 
 # ------------------------------------------------------------------ the default bundle on the shared data

@@ -23,7 +23,8 @@ from rmserve.engines.batches import pad_rows
 from rmserve.engines.onnxruntime import OnnxRuntimeEngine
 from rmserve.formatting import Formatter
 from rmserve.items import ChatItem, Message, PairItem, TextItem
-from rmserve.models.export import ExportError, export_bundle, main
+from rmserve.models.export import ExportError, export_bundle
+from rmserve.models.export_command import main
 from tests.support.tiny import ARCHITECTURES, DECODERS, FUSED, NO_PAD, tiny_checkpoint
 
 # The one architecture exported with its weights in model.onnx.data, by lowering the threshold.

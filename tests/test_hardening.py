@@ -1,4 +1,4 @@
-"""Issue 9: keys, limits, faults. Real servers over HTTP; hostile inputs get 4xx, never 5xx."""
+"""Keys, limits, faults: real servers over HTTP; hostile inputs get 4xx, never 5xx."""
 
 from __future__ import annotations
 

@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from rmserve.bundle import CALIBRATION_FILE, default_bundle_path, load_bundle
-from rmserve.models.data import data_digest, load_pairs
-from rmserve.models.evaluate_pairs import pairwise_accuracy, score_bundle
-from rmserve.models.train import (
-    TRAINING_RECORD,
-    TrainConfig,
-    average_weights,
-    bradley_terry_loss,
-    main,
-    train,
-)
+from rmserve.models.data import data_digest, load_pairs, recorded_path
+from rmserve.models.eval.pairs import pairwise_accuracy, score_bundle
+from rmserve.models.train.command import main
+from rmserve.models.train.config import TrainConfig
+from rmserve.models.train.loop import average_weights, bradley_terry_loss, train
+from rmserve.models.train.ship import TRAINING_RECORD
 from tests.support.tiny import tiny_checkpoint
 
 GOOD = [
@@ -96,7 +93,11 @@ def test_average_weights_is_the_elementwise_mean_and_keeps_integer_buffers() -> 
     ("arch", "pooling"), [("bert", "mean"), ("bert", "mean_response"), ("llama", "mean")]
 )
 def test_tiny_model_trains_end_to_end_into_a_bundle(
-    arch: str, pooling: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    arch: str,
+    pooling: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     data = tiny_pairs(tmp_path / "pairs.jsonl")
     base = tiny_checkpoint(arch, tmp_path / "base", seed=0)
@@ -131,6 +132,7 @@ def test_tiny_model_trains_end_to_end_into_a_bundle(
         "--pooling",
         pooling,
     ]
+    monkeypatch.setattr(sys, "argv", ["rmserve", "train", *argv])  # what the record's command reads
     assert main(argv) == 0
     out = capsys.readouterr().out  # the Trainer prints its logs first; the summary is last
     summary = json.loads(out[out.rindex('{\n  "checkpoint"') :])
@@ -141,7 +143,9 @@ def test_tiny_model_trains_end_to_end_into_a_bundle(
     assert training is not None
     assert bundle.manifest.format.pooling == (pooling if arch == "bert" else "last_token")
     assert training["recipe"]["learning_rate"] == 2e-3 and training["seed"] == 0
-    assert training["data"]["train"] == [{"path": str(data), "digest": data_digest(data)}]
+    assert training["data"]["train"] == [{"path": recorded_path(data), "digest": data_digest(data)}]
+    assert str(tmp_path) not in (bundle_dir / "manifest.json").read_text()  # no path of this machine
+    assert training["command"].startswith(f"rmserve train --train {recorded_path(data)} --dev ")
     assert len(training["epochs"]) == 8
 
     # It ranks its own training pairs right, measured on the exported ONNX bundle.
@@ -267,3 +271,20 @@ def test_shipped_default_bundle_states_its_hh_dev_accuracy(shared_data: Path) ->
     assert round(measured["accuracy"], 3) == round(stated["accuracy"], 3)
     card = (bundle.path / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert f"{stated['accuracy']:.3f}" in card
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def test_shipped_default_bundle_names_no_path_of_the_machine_that_built_it() -> None:
+    manifest = json.loads((default_bundle_path() / "manifest.json").read_text())
+    absolute = [s for s in _strings(manifest) if "/work/" in s or s.startswith(("/", "~"))]
+    assert not absolute
+    assert " /" not in manifest["training"]["command"]

@@ -27,4 +27,4 @@ def make_cache(settings: Settings) -> ScoreCache | None:
         breaker_cooldown_s=settings.cache_breaker_cooldown_s,
     )
     url = settings.redis_url.get_secret_value()
-    return RedisCache.from_url(url, ttl_s=settings.cache_ttl_s, options=options)
+    return RedisCache.from_url(url, options)

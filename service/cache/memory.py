@@ -34,19 +34,3 @@ class MemoryCache:
 
     async def close(self) -> None:
         self._data.clear()
-
-
-class NoCache:
-    backend = "off"
-
-    async def get_many(self, keys: list[str]) -> list[bytes | None]:
-        return [None] * len(keys)
-
-    def put_many(self, entries: dict[str, bytes]) -> None:
-        return None
-
-    def state(self) -> dict[str, Any]:
-        return {"backend": self.backend, "state": "off"}
-
-    async def close(self) -> None:
-        return None

@@ -19,7 +19,7 @@ import asyncio
 import itertools
 import logging
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -118,11 +118,8 @@ class RedisCache:
         self.dropped_writes = 0
 
     @classmethod
-    def from_url(cls, url: str, *, ttl_s: float, options: RedisOptions | None = None) -> RedisCache:
+    def from_url(cls, url: str, opts: RedisOptions) -> RedisCache:
         """Build the clients; connects nothing (readiness never waits on Redis)."""
-        opts = options or RedisOptions(ttl_s=ttl_s)
-        if opts.ttl_s != ttl_s:
-            opts = replace(opts, ttl_s=ttl_s)
         target = parse_redis_url(url)
         reader = _client(target, opts, timeout_s=opts.timeout_s, connections=opts.pool_size)
         writer = _client(target, opts, timeout_s=opts.write_timeout_s, connections=_WRITE_CONNECTIONS)

@@ -186,8 +186,8 @@ class BaseRewardClient:
 
     def _models(self) -> Operation[list[dict[str, Any]]]:
         body = yield from self._exchange(Call("GET", "/v1/models"))
-        # OpenAI's model list: {"object": "list", "data": [{"id", ...}]}
-        return list(body.get("data", [])) if isinstance(body, dict) else []
+        listed = body.get("data", body.get("models")) if isinstance(body, dict) else None  # OpenAI's, or ours
+        return list(listed) if isinstance(listed, list) else []
 
     def _health(self) -> Operation[Health]:
         """Live and ready, as the server answers them now (no retries)."""

@@ -30,8 +30,8 @@ DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.33.0"
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
-# SPEC.md, "Metrics": the names the dashboard and the alerts may rely on.
-SPEC_METRICS = {
+# docs/api.md, "Metrics": the names the dashboard and the alerts may rely on.
+DOCUMENTED_METRICS = {
     "rmserve_requests_total",
     "rmserve_request_duration_seconds",
     "rmserve_queue_depth",
@@ -477,7 +477,7 @@ def test_dashboard_parses_and_queries_the_spec_metrics() -> None:
     path = DEPLOY / "monitoring" / "grafana-dashboard.json"
     dash = json.loads(path.read_text())
     assert dash["uid"] and dash["panels"]
-    assert dashboard_metric_names(path) == SPEC_METRICS
+    assert dashboard_metric_names(path) == DOCUMENTED_METRICS
     for query in dashboard_queries(path):
         assert query.count("(") == query.count(")") and query.count("{") == query.count("}"), query
     # The dashboard ships to Grafana's sidecar as a ConfigMap rendered from the same file.
@@ -495,7 +495,7 @@ def test_alert_rules_cover_errors_saturation_cache_and_readiness() -> None:
         assert re.fullmatch(r"\d+[smh]", r["for"]), r["alert"]
         used = {m for m in re.findall(r"\brmserve_[a-z_]*[a-z]", r["expr"])}
         used = {m.removesuffix("_bucket") for m in used}
-        assert used <= SPEC_METRICS, f"{r['alert']}: {used - SPEC_METRICS}"
+        assert used <= DOCUMENTED_METRICS, f"{r['alert']}: {used - DOCUMENTED_METRICS}"
     exprs = {name: r["expr"] for name, r in alerts.items()}
     assert any('code=~"5.."' in e for e in exprs.values()), "no 5xx alert"
     assert any('code="429"' in e or "rmserve_queue" in e for e in exprs.values()), "no saturation alert"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from rmserve.items import Item
-from rmserve.models.eval_rows import EvalError, EvalRow
+from rmserve.models.eval.rows import EvalError, EvalRow
 
 
 class Scorer(Protocol):
@@ -126,20 +126,9 @@ class RemoteScorer:
             self.client.close()
             raise EvalError(f"no rmserve answers at {url}")
         self.client.wait_until_ready(timeout_s=60.0)
-        served = self.client.models()
-        chosen = _served_model(served, model)
-        manifest = chosen.get("manifest", {})
+        chosen = _served_model([served_entry(m) for m in self.client.models()], model)
         self.items_sent = 0
-        self.model = {
-            "name": chosen.get("name"),
-            "version": chosen.get("version"),
-            "source": url,
-            "mode": "server",
-            "provider": chosen.get("provider"),
-            "precision": chosen.get("precision"),
-            "bundle_name": manifest.get("name"),
-            "concurrency": concurrency,
-        }
+        self.model = {**chosen, "source": url, "mode": "server", "concurrency": concurrency}
 
     def score(self, items: list[Item]) -> list[float]:
         from rmserve.client import BadRequestError, RequestTooLargeError
@@ -164,6 +153,20 @@ class RemoteScorer:
 
     def close(self) -> None:
         self.client.close()
+
+
+def served_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """What eval records of one ``/v1/models`` entry, in either of its shapes: ``{"models": [{"name",
+    "version", "provider", "precision", "manifest", ...}]}``, or OpenAI's ``{"data": [{"id", ...}]}``
+    with the same fields beside ``id`` (the backend perhaps as ``backend``)."""
+    manifest = entry.get("manifest") or {}
+    return {
+        "name": entry.get("name", entry.get("id")),
+        "version": entry.get("version", manifest.get("version")),
+        "provider": entry.get("provider", entry.get("backend")),
+        "precision": entry.get("precision", manifest.get("precision")),
+        "bundle_name": manifest.get("name"),
+    }
 
 
 def _served_model(served: list[dict[str, Any]], name: str | None) -> dict[str, Any]:

@@ -11,7 +11,7 @@ How a row counts (``outcome``):
   chosen response outscores every rejected one. RewardBench-2's weighted Ties score (accuracy plus
   margin terms over paired ref/tied prompts) is not computed.
 
-The plots, ``report.md`` and the console lines that show a summary are in ``rmserve.models.report_render``.
+The plots, ``report.md`` and the console lines that show a summary are in ``rmserve.models.eval.render``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from rmserve.models.eval_rows import BadRow, DataFile
+    from rmserve.models.eval.rows import BadRow, DataFile
 
 NO_SUBSET = "(no subset)"
 PLOTS = {"scores": "scores.png", "margins": "margins.png", "accuracy": "accuracy_by_subset.png"}

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from rmserve.models.report import PLOTS, outcome
+from rmserve.models.eval.summary import PLOTS, outcome
 
 
 def write_plots(out: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
@@ -49,6 +49,7 @@ def write_plots(out: Path, summary: dict[str, Any], records: list[dict[str, Any]
             title=f"Margins (accuracy {summary['accuracy']:.4f}, mean margin {summary['mean_margin']:.4f})",
         )
         written.append(_save(fig, out / PLOTS["margins"], plt))
+    if len(summary["subsets"]) > 1:  # one subset's bar would only repeat the overall accuracy
         subsets = summary["subsets"]
         names = list(subsets)
         fig, ax = plt.subplots(figsize=(7, 1.2 + 0.45 * len(names)))
@@ -78,15 +79,12 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 
 def markdown(summary: dict[str, Any], plots: list[str]) -> str:
     m, c = summary["model"], summary["counts"]
-    how = (
-        f"in process ({m.get('provider')}/{m.get('precision')})"
-        if m.get("mode") == "in-process"
-        else f"through rmserve at {m.get('source')}"
-    )
+    where = "in process" if m.get("mode") == "in-process" else f"through rmserve at {m.get('source')}"
     lines = [
         "# rmserve eval report",
         "",
-        f"Model **{m.get('name')}** version `{m.get('version')}`, scored {how}.",
+        f"Model **{m.get('name')}** version `{m.get('version')}`, scored {where} by "
+        f"{m.get('provider')} in {m.get('precision')}.",
         "",
         "| data file | rows | bad rows | sha256 |",
         "| --- | ---: | ---: | --- |",
@@ -179,7 +177,8 @@ def write_report(out: Path, summary: dict[str, Any], records: list[dict[str, Any
 def console_lines(summary: dict[str, Any], out: Path) -> list[str]:
     m, c, r = summary["model"], summary["counts"], summary["run"]
     lines = [
-        f"model {m.get('name')} {m.get('version')} ({m.get('mode')}); {c['rows_scored']} rows scored, "
+        f"model {m.get('name')} {m.get('version')} ({m.get('mode')}, {m.get('provider')} "
+        f"{m.get('precision')}); {c['rows_scored']} rows scored, "
         f"{c['bad_rows']} bad rows skipped"
     ]
     if summary["accuracy"] is not None:

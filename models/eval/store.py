@@ -2,7 +2,8 @@
 
 A run that finds ``scores.jsonl`` in ``--out`` scores only the rows whose keys are not in it yet, so
 a killed run continues where it stopped and no row is sent to the model twice. ``run.json`` pins the
-model version the scores came from: scores of two models never mix in one directory.
+model version, backend (``provider``) and precision the scores came from: scores of two models, or of
+one model in two precisions, never mix in one directory.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rmserve.models.eval_rows import EvalError
+from rmserve.models.eval.rows import EvalError
 
 SCORES_FILE = "scores.jsonl"
 RUN_FILE = "run.json"
@@ -66,22 +67,19 @@ def check_run_file(out: Path, model: dict[str, Any], restart: bool) -> None:
     if restart:
         for name in (SCORES_FILE, RUN_FILE, BAD_ROWS_FILE):
             (out / name).unlink(missing_ok=True)
+    pinned = {
+        "model_version": model["version"],
+        "provider": model["provider"],
+        "precision": model["precision"],
+    }
     if path.is_file():
         previous = json.loads(path.read_text())
-        if previous.get("model_version") != model["version"]:
-            raise EvalError(
-                f"{out} holds scores of model version {previous.get('model_version')}, this model is "
-                f"{model['version']}: use another --out, or --restart to discard them"
-            )
+        for key, value in pinned.items():
+            if key in previous and previous[key] != value:  # an older run.json may lack provider/precision
+                raise EvalError(
+                    f"{out} holds scores of {key.replace('_', ' ')} {previous[key]}, this run scores with "
+                    f"{value}: use another --out, or --restart to discard them"
+                )
         return
-    path.write_text(
-        json.dumps(
-            {
-                "model_version": model["version"],
-                "model": model.get("name"),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    record = {**pinned, "model": model.get("name"), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path.write_text(json.dumps(record, indent=2) + "\n")

@@ -1,21 +1,6 @@
-"""``rmserve eval``: score preference eval sets, in process or through a running rmserve.
+"""``rmserve eval``, the command: reads the flags and walks a run through the stages of this package.
 
-A run walks: DATA files -> rows (preference pairs in the three shapes of ``rmserve.models.data``,
-best-of-N rows in RewardBench-2's shape, plain prompt/response rows) -> chunks scored by a
-``Scorer`` (the server's own Formatter + ONNX Runtime engine in process, or the HTTP client) ->
-``scores.jsonl`` in ``--out``, appended and flushed chunk by chunk -> ``summary.json``, PNG plots
-and ``report.md`` (``rmserve.models.report``).
-
-Every row has a key: the first 16 hex digits of its data file's sha256 and its row number. A run
-that finds ``scores.jsonl`` in ``--out`` scores only the rows whose keys are not in it yet, so a
-killed run continues where it stopped and no row is sent to the model twice.
-
-Bad rows are never dropped silently: each is reported with its file and line, counted in the
-summary, listed in ``bad_rows.jsonl``; ``--strict`` stops at the first one.
-
-The stages live in their own modules of ``rmserve.models``: ``eval_rows`` (files -> rows, bad rows),
-``eval_scorers`` (rows -> score records), ``eval_store`` (``--out``: the resume file) and ``report``
-(summary, plots, report). This module is the command that joins them.
+``python -m rmserve.models.eval`` runs it too.
 """
 
 from __future__ import annotations
@@ -28,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rmserve.models.eval_rows import EvalError, EvalRow, parse_row, read_data
-from rmserve.models.eval_scorers import LocalScorer, RemoteScorer, Scorer, score_chunk
-from rmserve.models.eval_store import BAD_ROWS_FILE, ScoreStore, check_run_file
+from rmserve.models.eval.rows import EvalError, EvalRow, read_data
+from rmserve.models.eval.scorers import LocalScorer, RemoteScorer, Scorer, score_chunk
+from rmserve.models.eval.store import BAD_ROWS_FILE, ScoreStore, check_run_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,8 +103,8 @@ def _make_scorer(args: argparse.Namespace) -> Scorer:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from rmserve.models.report import bad_rows, summarize
-    from rmserve.models.report_render import write_report
+    from rmserve.models.eval.render import write_report
+    from rmserve.models.eval.summary import bad_rows, summarize
 
     out = Path(args.out)
     rows, bad, files = read_data(args.data, split=args.split, limit=args.limit, strict=args.strict)
@@ -206,10 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except (EvalError, BundleError, EngineError, RewardServerError) as exc:
         print(f"rmserve eval: {exc}", file=sys.stderr)
         return 1
-    from rmserve.models.report_render import console_lines
+    from rmserve.models.eval.render import console_lines
 
     print("\n".join(console_lines(summary, Path(args.out))))
     return 0
-
-
-__all__ = ["EvalError", "EvalRow", "LocalScorer", "RemoteScorer", "main", "parse_row", "read_data"]
