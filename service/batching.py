@@ -8,11 +8,17 @@ planned again with whatever arrives meanwhile, so under load batches group items
 by themselves; ``max_wait_ms`` can add a short wait to fill them further. Every accepted item's
 future is resolved: with its score, or with the error that stopped it (deadline passed, inference
 failed, shutting down).
+
+Admission keeps the deadline a promise: a request is refused (429, with a ``Retry-After`` from the
+same estimate) when the work ahead of it, at the measured rate, cannot end before its deadline; and
+each accepted request has a timer of its own that takes its items out of the queue with a 504 when
+its deadline passes before they reach a forward pass.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -83,6 +89,7 @@ class Job:
     deadline: float  # time.monotonic() by which it must be in a forward pass
     future: asyncio.Future[float]
     enqueued: float = field(default_factory=time.monotonic)
+    taken: bool = False  # out of the queue (in a forward pass, or failed): its timer leaves it alone
 
 
 @dataclass(frozen=True)
@@ -120,12 +127,13 @@ class Batcher:
         self._running: dict[asyncio.Task[None], list[Job]] = {}  # forward passes in flight
         self._queued = 0  # items accepted and not yet taken into a forward pass
         self._wakeup = asyncio.Event()
+        self._room = asyncio.Event()  # set whenever items leave the queue
         self._streams = max(1, engine.info.streams)
         self._executor = ThreadPoolExecutor(max_workers=self._streams, thread_name_prefix=f"engine-{model}")
         self._restart_needed = False
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._rate = 0.0  # items/s of recent forward passes, for Retry-After
+        self._rate = 0.0  # items/s of recent forward passes: admission's estimate and Retry-After
         self.healthy = True
         self.restarts = 0
 
@@ -135,35 +143,81 @@ class Batcher:
     def queued(self) -> int:
         return self._queued
 
+    def wait_estimate_s(self, extra: int = 0) -> float | None:
+        """Seconds until ``extra`` more items would be scored behind the work queued and running now,
+        at the recently measured rate; None before any forward pass has been measured."""
+        if self._rate <= 0:
+            return None
+        running = sum(len(batch) for batch in self._running.values())
+        return (self._queued + running + extra) / self._rate
+
     def retry_after_s(self, extra: int = 0) -> float:
         """How long the queue (plus ``extra`` items) takes to drain at the recent rate."""
-        rate = self._rate or 1.0
-        return (self._queued + extra) / rate
+        return self.wait_estimate_s(extra) or 1.0
 
     def submit(self, items: list[Encoded], deadline: float) -> list[asyncio.Future[float]]:
-        """Queue items for scoring, all or none; raises Overloaded when the queue is full."""
+        """Queue items for scoring, all or none. Raises Overloaded when the queue is full, or when the
+        work ahead cannot end before ``deadline`` (a ``time.monotonic()``)."""
+        self._check_room(len(items), deadline)
+        loop = asyncio.get_running_loop()
+        jobs = [Job(enc, deadline, loop.create_future()) for enc in items]
+        self._pending.extend(jobs)
+        self._add_queued(len(jobs))
+        # The request's own timer: at its deadline, items still waiting leave the queue with a 504.
+        loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()), self._expire, jobs)
+        self._wakeup.set()
+        return [job.future for job in jobs]
+
+    async def admit(
+        self, items: list[Encoded], deadline: float, *, wait_until: float | None = None
+    ) -> list[asyncio.Future[float]]:
+        """``submit``, or with ``wait_until`` (a ``time.monotonic()``), wait until then for room in the
+        queue before giving up with the same Overloaded that ``submit`` raises."""
+        while True:
+            try:
+                return self.submit(items, deadline)
+            except Overloaded:
+                remaining = (wait_until or 0.0) - time.monotonic()
+                if remaining <= 0 or self._closing:
+                    raise
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), remaining)
+
+    def _check_room(self, n: int, deadline: float) -> None:
         if self._closing or self._task is None:
             raise NotReady(f"model {self.model!r} is not accepting work")
-        if self._queued + len(items) > self.policy.max_queue_items:
+        if self._queued + n > self.policy.max_queue_items:
             raise Overloaded(
                 f"queue full: {self._queued} items waiting for model {self.model!r} "
                 f"(limit {self.policy.max_queue_items})",
-                retry_after_s=self.retry_after_s(len(items)),
+                retry_after_s=self.retry_after_s(n),
             )
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[float]] = []
-        for enc in items:
-            fut: asyncio.Future[float] = loop.create_future()
-            self._pending.append(Job(enc, deadline, fut))
-            futures.append(fut)
-        self._add_queued(len(items))
-        self._wakeup.set()
-        return futures
+        estimate = self.wait_estimate_s(n)
+        remaining = deadline - time.monotonic()
+        if estimate is not None and estimate > remaining:
+            raise Overloaded(
+                f"the work queued for model {self.model!r} takes about {estimate:.1f} s at "
+                f"{self._rate:.0f} items/s; this request's deadline is {max(remaining, 0):.1f} s away",
+                retry_after_s=estimate - remaining,
+            )
+
+    def _expire(self, jobs: list[Job]) -> None:
+        late = {id(j) for j in jobs if not j.taken}
+        if not late:
+            return
+        self._pending = deque(j for j in self._pending if id(j) not in late)
+        self._add_queued(-len(late))
+        for job in jobs:
+            if id(job) in late and not job.future.done():
+                job.future.set_exception(DeadlineExceeded("the request's deadline passed before scoring"))
 
     def _add_queued(self, delta: int) -> None:
         # One gauge for all models: each batcher adds its own change.
         self._queued += delta
         self._metrics.queue_depth.inc(delta)
+        if delta < 0:
+            self._room.set()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -234,6 +288,7 @@ class Batcher:
 
     def _fail_pending(self, error: Exception) -> None:
         for job in [*(j for batch in self._running.values() for j in batch), *self._pending]:
+            job.taken = True  # out of the queue: its deadline timer leaves it alone
             if not job.future.done():
                 job.future.set_exception(error)
         self._pending.clear()
@@ -310,6 +365,8 @@ class Batcher:
                 break
             first = end
         taken = set(map(id, batch))
+        for job in batch:
+            job.taken = True
         self._pending = deque(j for j in self._pending if id(j) not in taken)
         self._add_queued(-len(batch))
         return batch

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Request, Response
 
 from rmserve.api.schemas import (
     RewardRequest,
@@ -16,7 +17,7 @@ from rmserve.api.schemas import (
     error_responses,
     to_items,
 )
-from rmserve.errors import BadRequest, TooLarge
+from rmserve.errors import BadRequest, InvalidRequest, TooLarge
 from rmserve.items import Item
 from rmserve.openrlhf import query_items
 from rmserve.scoring import Scorer, ScoreResult
@@ -41,8 +42,12 @@ def _log_body(state: AppState, request: Request, body: ScoreRequest | RewardRequ
 def _deadline(state: AppState, request: Request, header: float | None, field: float | None) -> float:
     """The monotonic time by which the request's items must be in a forward pass, counted from its
     arrival at the edge (reading and validating the body is part of the time it asked for)."""
+    if header is not None and not (math.isfinite(header) and header > 0):
+        raise InvalidRequest(
+            f"X-Request-Timeout: {header} is not a deadline; give a number of seconds above 0"
+        )
     limit = state.settings.request_timeout_s
-    asked = [t for t in (header, field) if t is not None and t > 0]
+    asked = [t for t in (header, field) if t is not None]
     arrived = getattr(request.state, "arrived", None)
     return (arrived if arrived is not None else time.monotonic()) + min([limit, *asked])
 
@@ -53,11 +58,21 @@ def _check_count(state: AppState, n: int) -> None:
 
 
 async def _score(
-    scorer: Scorer, request: Request, model: str | None, items: list[Item], *, strict: bool, deadline: float
+    scorer: Scorer,
+    request: Request,
+    response: Response,
+    model: str | None,
+    items: list[Item],
+    *,
+    strict: bool,
+    deadline: float,
 ) -> ScoreResult:
     request.state.items = len(items)  # for the access log
     result = await scorer.score(model, items, strict=strict, deadline=deadline)
     request.state.cache_hits = result.cache_hits
+    # Which engine produced these scores, so a change of backend or precision is visible to callers.
+    response.headers["X-Backend"] = result.backend
+    response.headers["X-Precision"] = result.precision
     return result
 
 
@@ -70,6 +85,7 @@ async def _score(
 async def score(
     body: ScoreRequest,
     request: Request,
+    response: Response,
     x_request_timeout: float | None = Header(None, description="deadline in seconds"),
 ) -> ScoreResponse:
     state: AppState = request.app.state.rmserve
@@ -79,7 +95,7 @@ async def score(
     items = to_items(body.items, state.settings.max_chars_per_item)
     deadline = _deadline(state, request, x_request_timeout, body.timeout_s)
     result = await _score(
-        scorer, request, body.model, items, strict=body.truncation == "error", deadline=deadline
+        scorer, request, response, body.model, items, strict=body.truncation == "error", deadline=deadline
     )
     return ScoreResponse(
         model=result.model,
@@ -100,6 +116,7 @@ async def score(
 async def get_reward(
     body: RewardRequest,
     request: Request,
+    response: Response,
     x_request_timeout: float | None = Header(None, description="deadline in seconds"),
 ) -> RewardResponse:
     state: AppState = request.app.state.rmserve
@@ -114,10 +131,10 @@ async def get_reward(
     _check_count(state, n)
     rt = scorer.runtime(None)
     fmt = rt.bundle.manifest.format
-    pad = rt.formatter.tokenizer.id_to_token(fmt.pad_token_id)
-    items = query_items(body.query, body.prompts, fmt, state.settings.max_chars_per_item, pad)
+    limit = state.settings.max_chars_per_item
+    items = query_items(body.query, body.prompts, fmt, limit, rt.formatter.pad_token)
     deadline = _deadline(state, request, x_request_timeout, None)
-    result = await _score(scorer, request, None, items, strict=False, deadline=deadline)
+    result = await _score(scorer, request, response, None, items, strict=False, deadline=deadline)
     return RewardResponse(
         rewards=result.scores,
         scores=result.scores,
