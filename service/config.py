@@ -13,7 +13,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rmserve.cache.redis_url import parse_redis_url
 
-Provider = Literal["auto", "cpu", "openvino", "cuda"]
 PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 
 
@@ -26,8 +25,9 @@ class Settings(BaseSettings):
     )
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
-    provider: Provider = Field(
-        "auto", description="inference backend: auto, cpu (ONNX Runtime), openvino, cuda"
+    provider: str = Field(
+        "auto",
+        description="inference backend: auto, or one of rmserve.engines: cpu (ONNX Runtime), openvino, cuda",
     )
     precision: PrecisionChoice = Field(
         "auto", description="auto, fp32 (exact), bf16, fp16, int8; reduced ones only behind the quality gate"
@@ -134,6 +134,15 @@ class Settings(BaseSettings):
     def _models_spec(cls, value: str | None) -> str | None:
         if value is not None:
             parse_models(value)
+        return value
+
+    @field_validator("provider")
+    @classmethod
+    def _known_provider(cls, value: str) -> str:
+        if value != "auto":
+            from rmserve.engines.registry import backend  # the engine records, read when needed
+
+            backend(value)  # ValueError naming the known ones
         return value
 
     @field_validator("redis_url")
