@@ -58,6 +58,9 @@ class Unauthorized(RMServeError):
     status = 401
     type = "unauthorized"
 
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
 
 class ModelNotFound(RMServeError):
     status = 404
