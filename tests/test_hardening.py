@@ -1,4 +1,4 @@
-"""Issue 9: keys, limits, faults. Real servers over HTTP; hostile inputs get 4xx, never 5xx."""
+"""Keys, limits, faults and overload. Real servers over HTTP; hostile inputs get 4xx, never 5xx."""
 
 from __future__ import annotations
 
@@ -304,10 +304,9 @@ def test_twice_the_capacity_ends_every_request_in_time_with_right_scores(tmp_pat
         "RMSERVE_MODELS": str(path),
         "RMSERVE_CACHE": "off",
         "RMSERVE_PRECISION": "fp32",
-        "RMSERVE_PROVIDER": "cpu",
-        "RMSERVE_MAX_QUEUE_ITEMS": "64",
+        "RMSERVE_PROVIDER": "cpu",  # the default queue (1,024 items): admission, not its size, keeps time
     }
-    deadline_s, slack_s, per_request = 2.0, 3.0, 4  # slack: items already in a forward pass finish it
+    deadline_s, slack_s, per_request = 2.0, 1.0, 4  # slack: the event loop's and the response's own time
 
     async def run(url: str) -> dict[str, int]:
         rng = np.random.default_rng(0)
@@ -372,4 +371,7 @@ def test_twice_the_capacity_ends_every_request_in_time_with_right_scores(tmp_pat
     with serve(env, tmp_path) as server:
         counts = asyncio.run(run(server.url))
     assert counts["other"] == 0 and counts["late"] == 0 and counts["wrong_scores"] == 0, counts
-    assert counts["200"] > 0 and counts["429"] + counts["504"] > 0, counts  # overload was really reached
+    # Overload was reached, and admission refused what could not end in time instead of queueing it.
+    assert counts["200"] > 0 and counts["429"] > 0, counts
+    errors = [line for line in server.log().splitlines() if '"level": "error"' in line]
+    assert not errors, errors[:3]  # a 504 or 429 is the load, not a fault of the server

@@ -29,7 +29,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError
 from redis.utils import HIREDIS_AVAILABLE
 
 from rmserve.cache.base import CacheUnavailable
@@ -236,12 +236,8 @@ class RedisCache:
         except asyncio.CancelledError:
             self._breaker.release()
             raise
-        except ResponseError as exc:
+        except OutOfMemoryError:
             self.write_errors += 1
-            if not str(exc).startswith("OOM"):
-                self._dropped("error", len(batch))
-                self._failed("write", exc)
-                return
             # Full (maxmemory with a noeviction policy): Redis still answers reads, so the circuit
             # stays closed; the drop is counted and said, at most once a minute.
             self._succeeded()
