@@ -26,6 +26,11 @@ def error_response(
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
+def render(exc: RMServeError, request_id: str | None) -> JSONResponse:
+    """The response for one of the service's own errors, with the headers it asks for."""
+    return error_response(exc.status, exc.type, exc.message, request_id, exc.headers())
+
+
 def _rid(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
@@ -76,7 +81,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _rmserve(request: Request, exc: RMServeError) -> JSONResponse:
         if exc.status == 500:  # the server's own failure; 503/504 are the load, not a fault
             log.error("request %s failed: %s", _rid(request) or "-", exc.message)
-        return error_response(exc.status, exc.type, exc.message, _rid(request), exc.headers())
+        return render(exc, _rid(request))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from rmserve.api.errors import error_response
+from rmserve.api.errors import render
 from rmserve.auth import KeyStore
 from rmserve.errors import NotReady, Overloaded, RequestTimeout, RMServeError, TooLarge, Unauthorized
 from rmserve.metrics import Metrics
@@ -117,9 +117,7 @@ class EdgeMiddleware:
                 else:
                     await self.app(scope, app_receive, send_with_id)
             except RMServeError as exc:
-                await error_response(exc.status, exc.type, exc.message, rid, exc.headers())(
-                    scope, receive, send_with_id
-                )
+                await render(exc, rid)(scope, receive, send_with_id)
             except asyncio.CancelledError:
                 # The server stops a request only when a drain outlasts its grace: say so in JSON,
                 # so clients retry it on another replica.
@@ -128,10 +126,8 @@ class EdgeMiddleware:
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()
-                exc = NotReady("the server is shutting down; retry on another replica")
-                await error_response(exc.status, exc.type, exc.message, rid, exc.headers())(
-                    scope, receive, send_with_id
-                )
+                stopped = NotReady("the server is shutting down; retry on another replica")
+                await render(stopped, rid)(scope, receive, send_with_id)
         finally:
             self._held -= held
             elapsed = time.perf_counter() - started
