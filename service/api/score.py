@@ -24,6 +24,20 @@ from rmserve.scoring import Scorer, ScoreResult
 from rmserve.state import AppState
 
 router = APIRouter()
+
+# Every score response names the engine that produced it (SPEC: a documented field or header).
+_ENGINE_HEADERS = {
+    200: {
+        "description": "scores, in order",
+        "headers": {
+            "X-Backend": {
+                "description": "the backend that scored: cpu, openvino, cuda",
+                "schema": {"type": "string"},
+            },
+            "X-Precision": {"description": "its precision: fp32, bf16, fp16", "schema": {"type": "string"}},
+        },
+    }
+}
 body_log = logging.getLogger("rmserve.bodies")
 
 
@@ -79,7 +93,7 @@ async def _score(
 @router.post(
     "/v1/score",
     response_model=ScoreResponse,
-    responses=error_responses(400, 401, 404, 413, 422, 429, 500, 503, 504),
+    responses={**_ENGINE_HEADERS, **error_responses(400, 401, 404, 408, 413, 422, 429, 500, 503, 504)},
     summary="Score (prompt, response) items with a reward model",
 )
 async def score(
@@ -110,7 +124,7 @@ async def score(
 @router.post(
     "/get_reward",
     response_model=RewardResponse,
-    responses=error_responses(400, 401, 413, 422, 429, 500, 503, 504),
+    responses={**_ENGINE_HEADERS, **error_responses(400, 401, 408, 413, 422, 429, 500, 503, 504)},
     summary="OpenRLHF remote reward model protocol",
 )
 async def get_reward(
