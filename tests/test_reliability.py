@@ -265,38 +265,40 @@ def test_two_starts_with_the_same_settings_serve_the_same_backend_and_precision(
 
 
 def test_a_drain_past_its_grace_answers_200_or_a_json_503(
-    tiny_bundles: dict[str, Path], tmp_path: Path
+    tmp_path: Path,
 ) -> None:
     env = {
-        "RMSERVE_MODELS": str(tiny_bundles["llama"]),
+        # The default (real-size) model, one item per forward pass: the queue holds seconds of work.
         "RMSERVE_CACHE": "off",
         "RMSERVE_PROVIDER": "cpu",
         "RMSERVE_PRECISION": "fp32",
-        "RMSERVE_MAX_BATCH_TOKENS": "128",
+        "RMSERVE_MAX_BATCH_TOKENS": "256",
         "RMSERVE_DRAIN_GRACE_S": "1",
     }
     outcomes: list[tuple[int, str, str]] = []
     with serve(env, tmp_path) as running:
 
         def one(i: int) -> None:
-            items = [{"prompt": f"drain {i} {j} " * 30, "response": f"reply {j} " * 30} for j in range(24)]
+            items = [{"prompt": f"drain {i} {j} " * 60, "response": f"reply {j} " * 30} for j in range(48)]
             resp = httpx.post(running.url + "/v1/score", json={"items": items}, timeout=60)
             outcomes.append((resp.status_code, resp.headers.get("content-type", ""), resp.text))
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
         for t in threads:
             t.start()
         deadline = time.monotonic() + 60
-        while running.metric("rmserve_queue_depth") < 200:  # seconds of work queued, accepted
+        while running.metric("rmserve_queue_depth") < 200:  # over 2 s of work queued, accepted
             assert time.monotonic() < deadline, "the requests never queued"
             time.sleep(0.02)
         running.process.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(60)
         assert running.process.wait(timeout=60) == 0
-    assert len(outcomes) == 20
+    assert len(outcomes) == 12
     statuses = sorted({o[0] for o in outcomes})
-    assert set(statuses) <= {200, 503}, outcomes
+    # 429: refused at admission (its deadline could not be met), never accepted; the accepted ones
+    # end in 200 or, past the grace, a JSON 503.
+    assert set(statuses) <= {200, 429, 503}, outcomes
     assert 503 in statuses, statuses  # the grace really ran out
     for status, content_type, text in outcomes:
         assert content_type == "application/json", text
