@@ -210,6 +210,8 @@ def test_a_failing_batch_fails_alone_and_a_crashed_worker_is_rebuilt(tiny_bundle
         rebuild_gate.set()
         wait_ready(url, timeout=30)
         assert len(builds) == 2
+        # One owner of the engine: the runtime reads the batcher's, so it sees the rebuilt one.
+        assert app.state.rmserve.scorer.models["default"].engine is builds[-1]
         assert httpx.post(url + "/v1/score", json=ONE).json()["scores"] == good
 
 
