@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from rmserve.api import ops, score, trainers
 from rmserve.api.errors import install_error_handlers
-from rmserve.api.middleware import EdgeMiddleware
+from rmserve.api.middleware import EdgeLimits, EdgeMiddleware
 from rmserve.auth import KeyStore
 from rmserve.bundle import default_bundle_path
 from rmserve.cache.factory import make_cache
@@ -38,16 +38,19 @@ def create_app(
     metrics = Metrics()
     state = AppState(settings=settings, metrics=metrics)
     pool = ThreadPoolExecutor(max_workers=max(2, available_cpus()), thread_name_prefix="tokenize")
+    secret = settings.api_keys.get_secret_value() if settings.api_keys is not None else None
+    keys = KeyStore(secret, settings.api_keys_file)
 
     async def start() -> None:
         try:
+            keys.check()
             models: dict[str, ModelRuntime] = {}
             for name, path in settings.model_paths(default_bundle_path()).items():
                 models[name] = await load_runtime(name, path, settings, metrics, engine_factory)
                 log.info("loaded model %s version %s from %s", name, models[name].version, path)
             state.scorer = Scorer(
                 models,
-                cache=make_cache(settings),
+                cache=make_cache(settings, metrics),
                 metrics=metrics,
                 tokenize_pool=pool,
                 max_tokens_per_request=settings.max_tokens_per_request,
@@ -92,11 +95,14 @@ def create_app(
     app.include_router(score.router)
     app.include_router(trainers.router)
     app.include_router(ops.router)
-    keys = settings.api_keys.get_secret_value() if settings.api_keys is not None else None
     app.add_middleware(
         EdgeMiddleware,
         metrics=metrics,
-        keys=KeyStore(keys, settings.api_keys_file),
-        max_body_bytes=settings.max_body_bytes,
+        keys=keys,
+        limits=EdgeLimits(
+            max_body_bytes=settings.max_body_bytes,
+            body_timeout_s=settings.body_timeout_s,
+            max_inflight_body_bytes=settings.max_inflight_body_bytes,
+        ),
     )
     return app

@@ -1,5 +1,10 @@
 """API keys: several at once (for rotation), from the environment and/or a file that is re-read
-when it changes (a Kubernetes Secret volume is updated in place), compared in constant time."""
+when it changes (a Kubernetes Secret volume is updated in place), compared in constant time.
+
+Keys configured but none found (an empty keys file, ``RMSERVE_API_KEYS=","``) is a
+misconfiguration that would refuse every request: ``check()`` says so, and the server does not
+start. A keys file that turns empty later keeps the keys read last, with a warning.
+"""
 
 from __future__ import annotations
 
@@ -32,12 +37,28 @@ class KeyStore:
         try:
             mtime = self._path.stat().st_mtime
             if mtime != self._mtime:
-                self._from_file = _parse(self._path.read_text())
+                keys = _parse(self._path.read_text())
                 self._mtime = mtime
+                if not keys and self._from_file:
+                    kept = len(self._from_file)
+                    log.warning("the API keys file has no keys now; keeping the %d read before", kept)
+                    return
+                self._from_file = keys
                 log.info("read %d API keys from the keys file", len(self._from_file))
         except OSError as exc:
             # Keep the last keys read: a Secret volume is briefly absent while it is swapped.
             log.warning("cannot read the API keys file: %s", exc.strerror)
+
+    def check(self) -> None:
+        """Raise ValueError when keys are configured but there are none to accept."""
+        if not self.enabled or self._static or self._from_file:
+            return
+        if self._path is not None:
+            raise ValueError(
+                f"the API keys file {self._path} has no keys (or cannot be read); every request would "
+                "be refused. Put one key per line in it, or unset RMSERVE_API_KEYS_FILE to serve without auth"
+            )
+        raise ValueError("RMSERVE_API_KEYS is set but holds no keys; unset it to serve without auth")
 
     def allows(self, authorization: str) -> bool:
         """True when ``Authorization: Bearer <key>`` carries a configured key."""

@@ -8,6 +8,11 @@ planned again with whatever arrives meanwhile, so under load batches group items
 by themselves; ``max_wait_ms`` can add a short wait to fill them further. Every accepted item's
 future is resolved: with its score, or with the error that stopped it (deadline passed, inference
 failed, shutting down).
+
+Admission keeps the deadline a promise: a request is refused (429, with a ``Retry-After`` from the
+same estimate) when the work ahead of it, at the measured rate, cannot end before its deadline; and
+each accepted request has a timer of its own that takes its items out of the queue with a 504 when
+its deadline passes before they reach a forward pass.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -26,54 +31,12 @@ from rmserve.engines.base import Engine, EngineCrashed, pad_batch
 from rmserve.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
 from rmserve.formatting import Encoded
 from rmserve.metrics import Metrics
+from rmserve.planning import PLAN_EXACT_ITEMS, greedy_batches, plan_batches
 
 log = logging.getLogger("rmserve.batching")
 
 # After this many failed forward passes in a row the engine is presumed broken and rebuilt.
 CRASH_AFTER_FAILURES = 3
-
-# Up to this many waiting items are planned exactly; a longer queue is cut greedily by the budget
-# (its sorted lengths lie so close together that the greedy cut pads almost nothing).
-PLAN_EXACT_ITEMS = 64
-
-
-def plan_batches(lengths: Sequence[int], budget: int, overhead: int) -> list[int]:
-    """The cheapest way to cut ascending ``lengths`` into consecutive batches; returns their ends.
-
-    A batch of ``rows`` items whose longest has ``width`` tokens costs ``overhead + rows * width``:
-    the padded tokens it computes plus the fixed price of one forward pass, in tokens. No batch's
-    padded size exceeds ``budget`` (an item longer than the budget runs alone).
-    """
-    n = len(lengths)
-    cost = [0.0] + [math.inf] * n
-    start = [0] * (n + 1)
-    for end in range(1, n + 1):
-        width = lengths[end - 1]
-        max_rows = max(1, budget // max(width, 1))
-        for first in range(end - 1, max(0, end - max_rows) - 1, -1):
-            c = cost[first] + overhead + (end - first) * width
-            if c < cost[end]:
-                cost[end], start[end] = c, first
-    ends: list[int] = []
-    end = n
-    while end > 0:
-        ends.append(end)
-        end = start[end]
-    return ends[::-1]
-
-
-def greedy_batches(lengths: Sequence[int], budget: int) -> list[int]:
-    """Ends of the batches that fill ``budget`` one after another over ascending ``lengths``."""
-    ends: list[int] = []
-    first = 0
-    for i, width in enumerate(lengths):
-        # Ascending, so this item's length is the padded width of the batch it joins.
-        if i > first and (i + 1 - first) * width > budget:
-            ends.append(i)
-            first = i
-    if lengths:
-        ends.append(len(lengths))
-    return ends
 
 
 @dataclass(eq=False)
@@ -84,6 +47,7 @@ class Job:
     deadline: float  # time.monotonic() by which it must be in a forward pass
     future: asyncio.Future[float]
     enqueued: float = field(default_factory=time.monotonic)
+    taken: bool = False  # out of the queue (in a forward pass, or failed): its timer leaves it alone
 
 
 @dataclass(frozen=True)
@@ -97,8 +61,6 @@ class BatchPolicy:
 
 class Batcher:
     """Batches items for one engine. Create, ``await warmup()``, then ``start()``."""
-
-    _room: asyncio.Event | None = None  # set when items leave the queue, for ``wait_for_room``
 
     def __init__(
         self,
@@ -123,12 +85,13 @@ class Batcher:
         self._running: dict[asyncio.Task[None], list[Job]] = {}  # forward passes in flight
         self._queued = 0  # items accepted and not yet taken into a forward pass
         self._wakeup = asyncio.Event()
+        self._room = asyncio.Event()  # set whenever items leave the queue
         self._streams = max(1, engine.info.streams)
         self._executor = ThreadPoolExecutor(max_workers=self._streams, thread_name_prefix=f"engine-{model}")
         self._restart_needed = False
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._rate = 0.0  # items/s of recent forward passes, for Retry-After
+        self._rate = 0.0  # items/s of recent forward passes: admission's estimate and Retry-After
         self.healthy = True
         self.restarts = 0
 
@@ -138,58 +101,81 @@ class Batcher:
     def queued(self) -> int:
         return self._queued
 
+    def wait_estimate_s(self, extra: int = 0) -> float | None:
+        """Seconds until ``extra`` more items would be scored behind the work queued and running now,
+        at the recently measured rate; None before any forward pass has been measured."""
+        if self._rate <= 0:
+            return None
+        running = sum(len(batch) for batch in self._running.values())
+        return (self._queued + running + extra) / self._rate
+
     def retry_after_s(self, extra: int = 0) -> float:
         """How long the queue (plus ``extra`` items) takes to drain at the recent rate."""
-        rate = self._rate or 1.0
-        return (self._queued + extra) / rate
+        return self.wait_estimate_s(extra) or 1.0
 
     def submit(self, items: list[Encoded], deadline: float) -> list[asyncio.Future[float]]:
-        """Queue items for scoring, all or none; raises Overloaded when the queue is full."""
+        """Queue items for scoring, all or none. Raises Overloaded when the queue is full, or when the
+        work ahead cannot end before ``deadline`` (a ``time.monotonic()``)."""
+        self._check_room(len(items), deadline)
+        loop = asyncio.get_running_loop()
+        jobs = [Job(enc, deadline, loop.create_future()) for enc in items]
+        self._pending.extend(jobs)
+        self._add_queued(len(jobs))
+        # The request's own timer: at its deadline, items still waiting leave the queue with a 504.
+        loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()), self._expire, jobs)
+        self._wakeup.set()
+        return [job.future for job in jobs]
+
+    async def admit(
+        self, items: list[Encoded], deadline: float, *, wait_until: float | None = None
+    ) -> list[asyncio.Future[float]]:
+        """``submit``, or with ``wait_until`` (a ``time.monotonic()``), wait until then for room in the
+        queue before giving up with the same Overloaded that ``submit`` raises."""
+        while True:
+            try:
+                return self.submit(items, deadline)
+            except Overloaded:
+                remaining = (wait_until or 0.0) - time.monotonic()
+                if remaining <= 0 or self._closing:
+                    raise
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), remaining)
+
+    def _check_room(self, n: int, deadline: float) -> None:
         if self._closing or self._task is None:
             raise NotReady(f"model {self.model!r} is not accepting work")
-        if self._queued + len(items) > self.policy.max_queue_items:
+        if self._queued + n > self.policy.max_queue_items:
             raise Overloaded(
                 f"queue full: {self._queued} items waiting for model {self.model!r} "
                 f"(limit {self.policy.max_queue_items})",
-                retry_after_s=self.retry_after_s(len(items)),
+                retry_after_s=self.retry_after_s(n),
             )
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[float]] = []
-        for enc in items:
-            fut: asyncio.Future[float] = loop.create_future()
-            self._pending.append(Job(enc, deadline, fut))
-            futures.append(fut)
-        self._add_queued(len(items))
-        self._wakeup.set()
-        return futures
+        estimate = self.wait_estimate_s(n)
+        remaining = deadline - time.monotonic()
+        if estimate is not None and estimate > remaining:
+            raise Overloaded(
+                f"the work queued for model {self.model!r} takes about {estimate:.1f} s at "
+                f"{self._rate:.0f} items/s; this request's deadline is {max(remaining, 0):.1f} s away",
+                retry_after_s=estimate - remaining,
+            )
+
+    def _expire(self, jobs: list[Job]) -> None:
+        late = {id(j) for j in jobs if not j.taken}
+        if not late:
+            return
+        self._pending = deque(j for j in self._pending if id(j) not in late)
+        self._add_queued(-len(late))
+        for job in jobs:
+            if id(job) in late and not job.future.done():
+                job.future.set_exception(DeadlineExceeded("the request's deadline passed before scoring"))
 
     def _add_queued(self, delta: int) -> None:
         # One gauge for all models: each batcher adds its own change.
         self._queued += delta
         self._metrics.queue_depth.inc(delta)
-        if delta < 0 and self._room is not None:
+        if delta < 0:
             self._room.set()
-
-    async def wait_for_room(self, n: int, deadline: float) -> None:
-        """Return once ``n`` more items fit in the queue; Overloaded if ``deadline`` passes first.
-
-        For callers that cannot act on a 429 (OpenRLHF retries 5 times, 1 s apart): they wait here
-        instead. ``submit`` still checks, so a caller that loses the room to another retries.
-        """
-        n = min(n, self.policy.max_queue_items)
-        while self._queued + n > self.policy.max_queue_items:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise Overloaded(
-                    f"queue stayed full until the deadline: {self._queued} items waiting for model "
-                    f"{self.model!r} (limit {self.policy.max_queue_items})",
-                    retry_after_s=self.retry_after_s(n),
-                )
-            if self._room is None:
-                self._room = asyncio.Event()
-            self._room.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._room.wait(), remaining)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -260,6 +246,7 @@ class Batcher:
 
     def _fail_pending(self, error: Exception) -> None:
         for job in [*(j for batch in self._running.values() for j in batch), *self._pending]:
+            job.taken = True  # out of the queue: its deadline timer leaves it alone
             if not job.future.done():
                 job.future.set_exception(error)
         self._pending.clear()
@@ -336,6 +323,8 @@ class Batcher:
                 break
             first = end
         taken = set(map(id, batch))
+        for job in batch:
+            job.taken = True
         self._pending = deque(j for j in self._pending if id(j) not in taken)
         self._add_queued(-len(batch))
         return batch

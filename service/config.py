@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rmserve.cache.redis_url import parse_redis_url
 
-Provider = Literal["auto", "cpu", "openvino", "cuda"]
 PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 
 
@@ -25,8 +25,9 @@ class Settings(BaseSettings):
     )
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
-    provider: Provider = Field(
-        "auto", description="inference backend: auto, cpu (ONNX Runtime), openvino, cuda"
+    provider: str = Field(
+        "auto",
+        description="inference backend: auto, or one of rmserve.engines: cpu (ONNX Runtime), openvino, cuda",
     )
     precision: PrecisionChoice = Field(
         "auto", description="auto, fp32 (exact), bf16, fp16, int8; reduced ones only behind the quality gate"
@@ -62,6 +63,17 @@ class Settings(BaseSettings):
     max_items_per_request: int = Field(512, ge=1, description="items one request may carry (more: 413)")
     max_body_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="largest request body accepted (more: 413)"
+    )
+    max_inflight_body_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="bytes of request bodies held at once by all requests; beyond it new bodies get 429",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection that sends no complete request headers within this is closed"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body not fully received this long after arrival gets 408"
     )
     max_chars_per_item: int = Field(200_000, ge=1, description="characters one item may carry (more: 413)")
     max_tokens_per_request: int = Field(
@@ -110,7 +122,9 @@ class Settings(BaseSettings):
         None, description="file of API keys, one per line (Kubernetes secrets)"
     )
     drain_grace_s: float = Field(
-        20.0, ge=0, description="on SIGTERM, how long accepted work may take to finish"
+        20.0,
+        ge=0,
+        description="on SIGTERM, how long accepted work may take to finish; still waiting then: 503",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_bodies: bool = Field(False, description="log request texts (debug only: they may be private)")
@@ -129,6 +143,15 @@ class Settings(BaseSettings):
     def _models_spec(cls, value: str | None) -> str | None:
         if value is not None:
             parse_models(value)
+        return value
+
+    @field_validator("provider")
+    @classmethod
+    def _known_provider(cls, value: str) -> str:
+        if value != "auto":
+            from rmserve.engines.registry import backend  # the engine records, read when needed
+
+            backend(value)  # ValueError naming the known ones
         return value
 
     @field_validator("redis_url")
@@ -227,3 +250,37 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     """Flags override env vars; both are validated by the same model."""
     given = {n: getattr(args, n) for n in Settings.model_fields if getattr(args, n, None) is not None}
     return Settings(**given)
+
+
+def explain_invalid(exc: ValidationError | ValueError, args: argparse.Namespace | None = None) -> str:
+    """What is wrong with the settings, one line per problem, with no secret in it: the values given
+    are never echoed, and every API key and Redis password given (by env or flag) is replaced by ***."""
+    if isinstance(exc, ValidationError):
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "settings"
+            lines.append(f"  {where}: {str(err['msg']).removeprefix('Value error, ')}")
+        text = "\n".join(lines)
+    else:
+        text = f"  {exc}"
+    for secret in sorted(_given_secrets(args), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _given_secrets(args: argparse.Namespace | None) -> set[str]:
+    given = {
+        name: [os.environ.get("RMSERVE_" + name.upper()), getattr(args, name, None)]
+        for name in ("api_keys", "redis_url")
+    }
+    found: set[str] = set()
+    for keys in filter(None, given["api_keys"]):
+        found |= {k.strip() for k in keys.replace(",", "\n").splitlines() if k.strip()}
+    for url in filter(None, given["redis_url"]):
+        parts = urlsplit(url)
+        userinfo = parts.netloc.rpartition("@")[0]
+        if ":" in userinfo:
+            found.add(userinfo.partition(":")[2])
+        query = (q.partition("=") for q in parts.query.split("&"))
+        found |= {value for name, _, value in query if "password" in name.lower() and value}
+    return {s for s in found if s}

@@ -22,6 +22,23 @@ class BadRequest(RMServeError):
     type = "bad_request"
 
 
+class InvalidRequest(RMServeError):
+    """A request-level value is wrong (a header, a setting of the request), not one item."""
+
+    status = 422
+    type = "invalid_request"
+
+
+class RequestTimeout(RMServeError):
+    """The client did not send its request within the server's read timeout."""
+
+    status = 408
+    type = "request_timeout"
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
+
 class InvalidItem(RMServeError):
     """One item of a request cannot be scored as given."""
 
@@ -40,6 +57,9 @@ class InvalidItem(RMServeError):
 class Unauthorized(RMServeError):
     status = 401
     type = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
 
 
 class ModelNotFound(RMServeError):

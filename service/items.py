@@ -6,6 +6,7 @@ server's formatter (``rmserve.formatting``) turns them into token ids.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -88,3 +89,46 @@ def as_messages(item: PairItem | ChatItem) -> list[dict[str, str]]:
     else:
         context = [{"role": m.role, "content": m.content} for m in item.prompt]
     return [*context, {"role": "assistant", "content": item.response}]
+
+
+def text_problem(text: str) -> str | None:
+    """Why a tokenizer cannot take ``text``, or None when it can.
+
+    Text must be valid Unicode: JSON's ``\\ud800`` escapes decode to lone UTF-16 surrogates, which no
+    UTF-8 tokenizer (nor any UTF-8 body) can carry. NUL and other control characters are valid text
+    and are tokenized like any other character.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (
+            f"has a lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start} "
+            "(text must be valid Unicode)"
+        )
+    return None
+
+
+def item_texts(item: Item) -> Iterator[tuple[str, str]]:
+    """(field, text) of every text an item carries, fields named as in the API's item shapes."""
+    if isinstance(item, TextItem):
+        yield "text", item.text
+        return
+    messages = item.messages if isinstance(item, ChatItem) else item.prompt
+    field = "messages" if isinstance(item, ChatItem) else "prompt"
+    if isinstance(messages, str):
+        yield "prompt", messages
+    else:
+        for i, m in enumerate(messages):
+            yield f"{field}[{i}].role", m.role
+            yield f"{field}[{i}].content", m.content
+    if isinstance(item, PairItem):
+        yield "response", item.response
+
+
+def item_problem(item: Item) -> str | None:
+    """``"<field> <why>"`` for the first text of ``item`` a tokenizer cannot take, or None."""
+    for field, text in item_texts(item):
+        problem = text_problem(text)
+        if problem is not None:
+            return f"{field} {problem}"
+    return None

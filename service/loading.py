@@ -58,7 +58,6 @@ async def load_runtime(
         name=name,
         bundle=bundle,
         formatter=formatter,
-        engine=engine,
         batcher=batcher,
         namespace=namespace(bundle.manifest, info.provider, info.precision),
         selection=selection,

@@ -58,6 +58,14 @@ class Metrics:
         self.inference_errors = Counter(
             "rmserve_inference_errors", "forward passes that failed", ["model"], registry=r
         )
+        self.cache_dropped_writes = Counter(
+            "rmserve_cache_dropped_writes",
+            "score cache writes dropped, by reason: redis_full, buffer_full, circuit_open, error",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("redis_full", "buffer_full", "circuit_open", "error"):
+            self.cache_dropped_writes.labels(reason=reason)
         for result in ("hit", "miss", "error"):
             self.cache_lookups.labels(result=result)
 

@@ -37,8 +37,7 @@ class ModelRuntime:
     name: str
     bundle: Bundle
     formatter: Formatter
-    engine: Engine
-    batcher: Batcher
+    batcher: Batcher  # owns the engine, which a rebuild replaces
     namespace: bytes
     # Why this backend/precision was chosen, and the quality gate's numbers for a reduced one.
     selection: dict[str, Any] = field(default_factory=dict)
@@ -46,6 +45,11 @@ class ModelRuntime:
     @property
     def version(self) -> str:
         return self.bundle.manifest.version
+
+    @property
+    def engine(self) -> Engine:
+        """The engine serving now (the batcher's: a rebuilt engine replaces the old one there)."""
+        return self.batcher.engine
 
     def describe(self) -> dict[str, Any]:
         info = self.engine.info
@@ -68,6 +72,8 @@ class ModelRuntime:
 class ScoreResult:
     model: str
     version: str
+    backend: str  # the engine's provider: cpu, openvino, cuda
+    precision: str
     scores: list[float]
     item_tokens: list[int]
     item_truncated: list[bool]
@@ -131,26 +137,47 @@ class Scorer:
             raise ModelNotFound(f"several models are served ({', '.join(self.models)}); name one")
         rt = self.models.get(model)
         if rt is None:
-            raise ModelNotFound(f"model {model!r} is not served; served: {', '.join(sorted(self.models))}")
+            shown = model if len(model) <= 64 else model[:64] + "..."
+            raise ModelNotFound(f"model {shown!r} is not served; served: {', '.join(sorted(self.models))}")
         return rt
 
     async def score(
-        self, model: str | None, items: list[Item], *, strict: bool, deadline: float
+        self,
+        model: str | None,
+        items: list[Item],
+        *,
+        strict: bool,
+        deadline: float,
+        wait_until: float | None = None,
     ) -> ScoreResult:
+        """Scores of ``items``, ended by ``deadline`` (a ``time.monotonic()``). A full queue is a 429 at
+        once, or with ``wait_until`` a wait for room until then (Batcher.admit)."""
         rt = self.runtime(model)
         keys = [item_key(rt.namespace, item) for item in items]
         results: list[Scored | None] = await self._lookup(keys)
         hits = sum(r is not None for r in results)
         self._check_strict(rt, results, strict)
         todo = [i for i, r in enumerate(results) if r is None]
-        while todo:  # again only for items whose leader gave up before scoring them
-            todo = await self._score_misses(rt, items, keys, todo, results, strict, deadline)
+        loop = asyncio.get_running_loop()
+        try:
+            # The request ends by its deadline, wherever its items are (queued, or joined to another
+            # request's flight); the batcher takes its own queued items out at the same moment.
+            async with asyncio.timeout_at(loop.time() + max(0.0, deadline - time.monotonic())):
+                while todo:  # again only for items whose leader gave up before scoring them
+                    todo = await self._score_misses(
+                        rt, items, keys, todo, results, strict, deadline, wait_until
+                    )
+        except TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed before its items were scored") from None
         self._check_strict(rt, results, strict)  # a joined flight may have been led without strict
         final = [r for r in results if r is not None]
         assert len(final) == len(items)
+        info = rt.engine.info  # cached scores are keyed by provider and precision too: the same engine
         return ScoreResult(
             model=rt.name,
             version=rt.version,
+            backend=info.provider,
+            precision=info.precision,
             scores=[r.score for r in final],
             item_tokens=[r.tokens for r in final],
             item_truncated=[r.truncated for r in final],
@@ -174,6 +201,7 @@ class Scorer:
         results: list[Scored | None],
         strict: bool,
         deadline: float,
+        wait_until: float | None,
     ) -> list[int]:
         """Join an identical item in flight, or lead a new one; returns the items to try again."""
         loop = asyncio.get_running_loop()
@@ -191,7 +219,7 @@ class Scorer:
         try:
             if leaders:
                 # A task of its own, shielded: a caller that goes away must not cancel work others share.
-                lead = loop.create_task(self._lead(rt, items, keys, leaders, strict, deadline))
+                lead = loop.create_task(self._lead(rt, items, keys, leaders, strict, deadline, wait_until))
                 lead.add_done_callback(_retrieve)
                 await asyncio.shield(lead)  # this request's own errors (413, 422, 429, 504) surface here
             outcomes = await asyncio.gather(
@@ -234,6 +262,7 @@ class Scorer:
         leaders: dict[str, int],
         strict: bool,
         deadline: float,
+        wait_until: float | None,
     ) -> None:
         flights = {key: self._inflight[key] for key in leaders}
         positions = list(leaders.values())
@@ -256,7 +285,7 @@ class Scorer:
                 raise DeadlineExceeded("the request's deadline passed before scoring")
             if not rt.batcher.healthy:
                 raise NotReady(f"model {rt.name!r} is restarting")
-            futures = rt.batcher.submit(encoded, deadline)
+            futures = await rt.batcher.admit(encoded, deadline, wait_until=wait_until)
         except BaseException:
             for key, flight in flights.items():
                 self._settle(key, flight, _Abandoned())

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rmserve.batching import Batcher, BatchPolicy, greedy_batches, plan_batches
+from rmserve.batching import Batcher, BatchPolicy
 from rmserve.bundle import load_bundle
 from rmserve.engines.base import TokenBatch, infer_all, pad_batch
 from rmserve.engines.onnxruntime import OnnxRuntimeEngine
@@ -22,6 +22,7 @@ from rmserve.engines.select import default_streams
 from rmserve.formatting import Encoded, Formatter
 from rmserve.items import PairItem
 from rmserve.metrics import Metrics
+from rmserve.planning import greedy_batches, plan_batches
 
 
 def cost(lengths: list[int], ends: list[int], overhead: int) -> int:

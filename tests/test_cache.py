@@ -577,3 +577,18 @@ def test_settings_refuse_a_bad_redis_url_at_start_up() -> None:
         Settings(redis_url="redis+sentinel://only-hosts:26379")
     shown = Settings(redis_url="redis+sentinel://:pw@s1/mymaster?sentinel_password=x").public()["redis_url"]
     assert "pw" not in shown.replace("password", "") and shown.count("***") == 2
+
+
+def test_a_full_redis_shows_in_a_metric_and_one_warning(bundle: Path, tmp_path: Path) -> None:
+    env = {"RMSERVE_MODELS": str(bundle), "RMSERVE_LOG_LEVEL": "warning"}
+    with RedisProcess(tmp_path / "redis", extra=("--maxmemory-policy", "noeviction")) as own:
+        redis.Redis.from_url(own.url).config_set("maxmemory", 1)  # full from the first write
+        with serve({**env, "RMSERVE_REDIS_URL": own.url}, tmp_path) as server:
+            for _ in range(3):
+                assert len(score(server, fresh_items())["scores"]) > 0  # scoring goes on
+            deadline = time.monotonic() + 10
+            while server.metric("rmserve_cache_dropped_writes_total", 'reason="redis_full"') < 3:
+                assert time.monotonic() < deadline, "the dropped writes were never counted"
+                time.sleep(0.05)
+            assert server.metric("rmserve_cache_dropped_writes_total", 'reason="error"') == 0
+    assert server.log().count("redis is full (maxmemory reached)") == 1  # rate-limited

@@ -273,3 +273,22 @@ def test_api_key_models_and_health_over_a_real_server(tiny_bundles: dict[str, Pa
                 client.score([("a", "b")], model="nope")
         with RewardClient(server.url, api_key="wrong") as client, pytest.raises(AuthenticationError):
             client.score([("a", "b")])
+
+
+def test_text_no_utf8_body_can_carry_is_a_typed_error_before_anything_is_sent() -> None:
+    # Nothing listens on this port: a request that went out would be a ServerConnectionError.
+    url = f"http://127.0.0.1:{free_port()}"
+    with RewardClient(url, max_retries=0) as client:
+        with pytest.raises(BadRequestError, match=r"items\[1\]\.response: has a lone surrogate U\+D800"):
+            client.score([("p", "fine"), ("p", "bad \ud800")])
+        with pytest.raises(BadRequestError, match=r"items\[0\]\.messages\[0\]\.content"):
+            client.score([[{"role": "user", "content": "\udfff"}, {"role": "assistant", "content": "a"}]])
+        with pytest.raises(BadRequestError, match=r"query\[0\]"):
+            client.get_reward(["\ud800"])
+
+    async def run() -> None:
+        async with AsyncRewardClient(url, max_retries=0) as aclient:
+            with pytest.raises(BadRequestError, match=r"prompts\[0\]"):
+                await aclient.get_reward(["q"], prompts=["\ud800"])
+
+    asyncio.run(run())

@@ -361,6 +361,20 @@ def test_bad_rows_are_counted_with_their_lines_and_strict_stops(small_bundle: Pa
     assert not (strict_out / "scores.jsonl").exists()  # stopped before any scoring
 
 
+def test_a_row_with_text_no_tokenizer_takes_is_a_bad_row_and_the_run_goes_on(
+    small_bundle: Path, tmp_path: Path
+) -> None:
+    good = synthetic_pairs(2)
+    surrogate = {"prompt": "a\ud800", "chosen": "x", "rejected": "y"}  # JSON's "\ud800" escape
+    data = write_jsonl(tmp_path / "surrogate.jsonl", [good[0], surrogate, good[1]])
+    out = tmp_path / "out"
+    assert eval_run(data, "--bundle", small_bundle, "--out", out) == 0
+    s = summary(out)
+    assert s["counts"]["bad_rows"] == 1 and s["counts"]["rows_scored"] == 2
+    (bad,) = s["bad_rows"]["first"]
+    assert bad["line"] == 2 and "lone surrogate U+D800" in bad["reason"], bad
+
+
 def test_killed_run_resumes_without_scoring_a_row_twice(
     small_bundle: Path, shared_data: Path, tmp_path: Path
 ) -> None:

@@ -1,4 +1,4 @@
-"""Keys, limits, faults: real servers over HTTP; hostile inputs get 4xx, never 5xx."""
+"""Keys, limits, faults and overload. Real servers over HTTP; hostile inputs get 4xx, never 5xx."""
 
 from __future__ import annotations
 
@@ -210,6 +210,8 @@ def test_a_failing_batch_fails_alone_and_a_crashed_worker_is_rebuilt(tiny_bundle
         rebuild_gate.set()
         wait_ready(url, timeout=30)
         assert len(builds) == 2
+        # One owner of the engine: the runtime reads the batcher's, so it sees the rebuilt one.
+        assert app.state.rmserve.scorer.models["default"].engine is builds[-1]
         assert httpx.post(url + "/v1/score", json=ONE).json()["scores"] == good
 
 
@@ -304,10 +306,9 @@ def test_twice_the_capacity_ends_every_request_in_time_with_right_scores(tmp_pat
         "RMSERVE_MODELS": str(path),
         "RMSERVE_CACHE": "off",
         "RMSERVE_PRECISION": "fp32",
-        "RMSERVE_PROVIDER": "cpu",
-        "RMSERVE_MAX_QUEUE_ITEMS": "64",
+        "RMSERVE_PROVIDER": "cpu",  # the default queue (1,024 items): admission, not its size, keeps time
     }
-    deadline_s, slack_s, per_request = 2.0, 3.0, 4  # slack: items already in a forward pass finish it
+    deadline_s, slack_s, per_request = 2.0, 1.0, 4  # slack: the event loop's and the response's own time
 
     async def run(url: str) -> dict[str, int]:
         rng = np.random.default_rng(0)
@@ -372,4 +373,7 @@ def test_twice_the_capacity_ends_every_request_in_time_with_right_scores(tmp_pat
     with serve(env, tmp_path) as server:
         counts = asyncio.run(run(server.url))
     assert counts["other"] == 0 and counts["late"] == 0 and counts["wrong_scores"] == 0, counts
-    assert counts["200"] > 0 and counts["429"] + counts["504"] > 0, counts  # overload was really reached
+    # Overload was reached, and admission refused what could not end in time instead of queueing it.
+    assert counts["200"] > 0 and counts["429"] > 0, counts
+    errors = [line for line in server.log().splitlines() if '"level": "error"' in line]
+    assert not errors, errors[:3]  # a 504 or 429 is the load, not a fault of the server

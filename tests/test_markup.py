@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from rmserve.batching import Batcher, BatchPolicy
 from rmserve.bundle import load_bundle
 from rmserve.engines.base import TokenBatch
 from rmserve.engines.onnxruntime import OnnxRuntimeEngine
-from rmserve.errors import InvalidItem, Overloaded
+from rmserve.errors import InvalidItem
 from rmserve.formatting import Formatter
 from rmserve.items import ChatItem, Message, TextItem, as_pair, render_hh
 from rmserve.markup import detect, prompt_messages, reread, reread_pair, split
@@ -137,39 +134,3 @@ class GatedEngine:
 
     def close(self) -> None:
         self.inner.close()
-
-
-def test_a_caller_waits_for_queue_room_and_gets_429_only_when_its_deadline_passes_first(
-    tiny_bundles: dict[str, Path],
-) -> None:
-    from rmserve.metrics import Metrics
-
-    bundle = load_bundle(tiny_bundles["bert"])
-    items = Formatter(bundle).encode(
-        [TextItem(f"The teacher explains item {i} of the recipe.") for i in range(5)]
-    )
-    engine = GatedEngine(OnnxRuntimeEngine(bundle.model_path, threads=1))
-
-    async def run() -> None:
-        # A budget of one item per forward pass: the first item runs (held), the next four wait.
-        policy = BatchPolicy(max_batch_tokens=len(items[0]) + 1, max_wait_s=0.0, max_queue_items=4)
-        batcher = Batcher("t", engine, policy, pad_id=0, with_type_ids=True, metrics=Metrics())
-        batcher.start()
-        far = time.monotonic() + 60
-        first = batcher.submit(items[:1], far)
-        while batcher.queued:  # the loop takes the first item into the held forward pass
-            await asyncio.sleep(0.001)
-        rest = batcher.submit(items[1:5], far)
-        assert batcher.queued == 4  # full
-        with pytest.raises(Overloaded, match="until the deadline"):
-            await batcher.wait_for_room(1, time.monotonic() + 0.05)
-        waiter = asyncio.create_task(batcher.wait_for_room(1, far))
-        await asyncio.sleep(0.05)
-        assert not waiter.done()  # still full: it waits rather than failing
-        engine.gate.set()  # the queue drains
-        await waiter
-        assert batcher.queued + 1 <= policy.max_queue_items
-        await asyncio.gather(*first, *rest)
-        await batcher.stop()
-
-    asyncio.run(run())

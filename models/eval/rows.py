@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from rmserve.items import ChatItem, Item, Messages, PairItem, TextItem, render_hh
+from rmserve.items import ChatItem, Item, Messages, PairItem, TextItem, item_problem, render_hh
 from rmserve.models.data import (
     DataError,
     data_digest,
@@ -108,7 +108,17 @@ def _text_field(row: dict[str, Any], name: str) -> str | None:
 
 
 def parse_row(row: Any, *, key: str, file: str, line: int) -> EvalRow:
-    """One raw row as an EvalRow; ValueError says what is wrong with it."""
+    """One raw row as an EvalRow; ValueError says what is wrong with it, including a text no
+    tokenizer can take (a lone surrogate), which would otherwise stop the whole run."""
+    parsed = _parse_row(row, key=key, file=file, line=line)
+    for i, item in enumerate(parsed.items):
+        problem = item_problem(item)
+        if problem is not None:
+            raise ValueError(f"item {i} of the row: {problem}")
+    return parsed
+
+
+def _parse_row(row: Any, *, key: str, file: str, line: int) -> EvalRow:
     if not isinstance(row, dict):
         raise ValueError(f"a row must be an object, not {type(row).__name__}")
     subset = _text_field(row, "subset")

@@ -1,24 +1,32 @@
-"""Pure ASGI middleware at the edge: request id, API keys, body limit, timing, metrics, access log.
+"""Pure ASGI middleware at the edge: request id, API keys, the body, timing, metrics, access log.
 
 Every response carries ``X-Request-Id`` and ``Server-Timing: app;dur=<ms>``, the time from the
 request's arrival here to the start of its response. A request's deadline also counts from its
 arrival (``scope["state"]["arrived"]``), so the time spent reading and validating its body is part of
 the time it asked for.
+
+The body is read here, whole, before the app sees it: within ``max_body_bytes`` (413, chunked or
+not), within ``body_timeout_s`` of the request's arrival (408, connection closed), and within a
+cap on the bytes of all bodies held at once (429). Errors found here are rendered by the same
+function as every other error (``rmserve.api.errors``). A request still waiting when the server
+stops it (a drain past its grace) is answered with a JSON 503, never uvicorn's plain-text 500.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
+from rmserve.api.errors import render
+from rmserve.api.routes import OPEN_ROUTES, ROUTES, SCORING_ROUTES
 from rmserve.auth import KeyStore
-from rmserve.errors import TooLarge
+from rmserve.errors import NotReady, Overloaded, RequestTimeout, RMServeError, TooLarge, Unauthorized
 from rmserve.metrics import Metrics
 
 Scope = MutableMapping[str, Any]
@@ -29,34 +37,23 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 access_log = logging.getLogger("rmserve.access")
 
-ROUTES = frozenset(
-    {
-        "/v1/score",
-        "/get_reward",
-        "/v1/models",
-        "/info",
-        "/metrics",
-        "/health/live",
-        "/health/ready",
-        "/docs",
-        "/openapi.json",
-    }
-)
-# Health and metrics stay open: who may reach them is the network policy's business.
-OPEN_ROUTES = frozenset(
-    {"/metrics", "/health/live", "/health/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
-)
-# Scoring requests stop when their client goes away, so their items are not scored for no one.
-SCORING_ROUTES = frozenset({"/v1/score", "/get_reward"})
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
+@dataclass(frozen=True)
+class EdgeLimits:
+    max_body_bytes: int
+    body_timeout_s: float
+    max_inflight_body_bytes: int
+
+
 class EdgeMiddleware:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, keys: KeyStore, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, keys: KeyStore, limits: EdgeLimits) -> None:
         self.app = app
         self.metrics = metrics
         self.keys = keys
-        self.max_body = max_body_bytes
+        self.limits = limits
+        self._held = 0  # bytes of request bodies held by requests in flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -73,11 +70,14 @@ class EdgeMiddleware:
         path = scope["path"]
         route = path if path in ROUTES else "other"
         status = 500
+        held = 0
+        responded = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, responded
             if message["type"] == "http.response.start":
                 status = message["status"]
+                responded = True
                 message.setdefault("headers", [])
                 took_ms = (time.perf_counter() - started) * 1000
                 message["headers"] = [
@@ -88,37 +88,30 @@ class EdgeMiddleware:
             await send(message)
 
         try:
-            if (
-                self.keys.enabled
-                and path not in OPEN_ROUTES
-                and not self.keys.allows(headers.get("authorization", ""))
-            ):
-                await _respond(
-                    send_with_id,
-                    401,
-                    "unauthorized",
-                    "missing or invalid API key",
-                    rid,
-                    {"www-authenticate": "Bearer"},
-                )
-                return
-            declared = headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-                await _respond(
-                    send_with_id,
-                    413,
-                    "too_large",
-                    f"request body of {declared} bytes is over the limit of {self.max_body}",
-                    rid,
-                )
-                return
-            if route in SCORING_ROUTES:
-                await self._until_disconnect(scope, self._limited(receive), send_with_id)
-                if state.get("disconnected"):
-                    status = 499  # client closed the request (nginx's code): nothing was sent
-            else:
-                await self.app(scope, self._limited(receive), send_with_id)
+            try:
+                self._check_key(scope, path)
+                body, held = await self._read_body(headers, receive, arrived)
+                app_receive = _replay(body, receive)
+                if route in SCORING_ROUTES:
+                    await self._until_disconnect(scope, app_receive, receive, send_with_id)
+                    if state.get("disconnected"):
+                        status = 499  # client closed the request (nginx's code): nothing was sent
+                else:
+                    await self.app(scope, app_receive, send_with_id)
+            except RMServeError as exc:
+                await render(exc, rid)(scope, receive, send_with_id)
+            except asyncio.CancelledError:
+                # The server stops a request only when a drain outlasts its grace: say so in JSON,
+                # so clients retry it on another replica.
+                if responded:
+                    raise
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                stopped = NotReady("the server is shutting down; retry on another replica")
+                await render(stopped, rid)(scope, receive, send_with_id)
         finally:
+            self._held -= held
             elapsed = time.perf_counter() - started
             self.metrics.requests.labels(route=route, code=str(status)).inc()
             self.metrics.request_duration.labels(route=route).observe(elapsed)
@@ -136,31 +129,71 @@ class EdgeMiddleware:
                     },
                 )
 
-    async def _until_disconnect(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def _check_key(self, scope: Scope, path: str) -> None:
+        if not self.keys.enabled or path in OPEN_ROUTES:
+            return
+        given = [v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"authorization"]
+        if len(given) > 1:
+            raise Unauthorized(f"send one Authorization header, not {len(given)}")
+        if not self.keys.allows(given[0] if given else ""):
+            raise Unauthorized("missing or invalid API key")
+
+    async def _read_body(
+        self, headers: dict[str, str], receive: Receive, arrived: float
+    ) -> tuple[bytes, int]:
+        """The whole body, and the bytes it holds against the cap on bodies in flight."""
+        limit = self.limits.max_body_bytes
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise TooLarge(f"request body of {declared} bytes is over the limit of {limit}")
+        until = arrived + self.limits.body_timeout_s
+        chunks: list[bytes] = []
+        held = 0
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, until - time.monotonic()))
+                except TimeoutError:
+                    raise RequestTimeout(
+                        f"the request body did not arrive within {self.limits.body_timeout_s:g} s"
+                    ) from None
+                if message["type"] != "http.request":
+                    break  # the client went away; the app sees an empty body and the disconnect
+                chunk = message.get("body", b"")
+                held += len(chunk)
+                self._held += len(chunk)
+                if held > limit:
+                    raise TooLarge(f"request body is over the limit of {limit} bytes")
+                if self._held > self.limits.max_inflight_body_bytes:
+                    raise Overloaded(
+                        f"request bodies in flight hold over {self.limits.max_inflight_body_bytes} bytes",
+                        retry_after_s=1.0,
+                    )
+                chunks.append(chunk)
+                if not message.get("more_body"):
+                    break
+        except BaseException:
+            self._held -= held
+            raise
+        return b"".join(chunks), held
+
+    async def _until_disconnect(self, scope: Scope, receive: Receive, raw: Receive, send: Send) -> None:
         """Run the app; if the client disconnects before the response starts, cancel it.
 
-        Once the body is read, the request has nothing more to receive, so a second reader can wait
+        The body is already read from the connection (``raw``), so a second reader can wait there
         for the ``http.disconnect`` the server sends when the client goes away.
         """
-        body_read = asyncio.Event()
         started = False
-
-        async def receiving() -> Message:
-            message = await receive()
-            if message["type"] != "http.request" or not message.get("more_body"):
-                body_read.set()
-            return message
 
         async def sending(message: Message) -> None:
             nonlocal started
             started = True
             await send(message)
 
-        handler = asyncio.ensure_future(self.app(scope, receiving, sending))
+        handler = asyncio.ensure_future(self.app(scope, receive, sending))
 
         async def watch() -> None:
-            await body_read.wait()
-            message = await receive()
+            message = await raw()
             if message["type"] == "http.disconnect" and not started:
                 handler.cancel()
 
@@ -169,32 +202,23 @@ class EdgeMiddleware:
             await handler
         except asyncio.CancelledError:
             if not watcher.done() or watcher.cancelled():
+                handler.cancel()
                 raise  # cancelled from outside (shutdown), not by a disconnect
             scope["state"]["disconnected"] = True
         finally:
             watcher.cancel()
 
-    def _limited(self, receive: Receive) -> Receive:
-        seen = 0
-        limit = self.max_body
 
-        async def wrapped() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise TooLarge(f"request body is over the limit of {limit} bytes")
-            return message
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives the body already read, then waits on the connection (for
+    ``http.disconnect``)."""
+    given = False
 
-        return wrapped
+    async def replayed() -> Message:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
 
-
-async def _respond(
-    send: Send, status: int, type_: str, message: str, rid: str, extra: dict[str, str] | None = None
-) -> None:
-    body = json.dumps({"error": {"type": type_, "message": message, "request_id": rid}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    return replayed

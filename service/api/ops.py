@@ -80,16 +80,5 @@ async def info(request: Request) -> dict[str, Any]:
     }
     if state.scorer is not None:
         out["cache"] = state.scorer.cache.state() if state.scorer.cache is not None else {"backend": "off"}
-        out["models"] = {
-            n: {
-                "version": rt.version,
-                "provider": rt.engine.info.provider,
-                "precision": rt.engine.info.precision,
-                "threads": rt.engine.info.threads,
-                "streams": rt.engine.info.streams,
-                "selection": rt.selection,
-                "max_batch_tokens": rt.batcher.policy.max_batch_tokens,
-            }
-            for n, rt in state.scorer.models.items()
-        }
+        out["models"] = {n: rt.describe() for n, rt in state.scorer.models.items()}
     return out

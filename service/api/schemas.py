@@ -2,19 +2,50 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from rmserve.errors import BadRequest, TooLarge
-from rmserve.items import ChatItem, Item, Message, PairItem, TextItem
+from rmserve.items import ChatItem, Item, Message, PairItem, TextItem, text_problem
+
+
+def _tokenizable(text: str) -> str:
+    problem = text_problem(text)
+    if problem is not None:
+        raise ValueError(problem)
+    return text
+
+
+# Every text a tokenizer reads is checked where it enters: a lone surrogate is a 422 naming its field.
+Text = Annotated[str, AfterValidator(_tokenizable)]
 
 
 class MessageIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Annotated[str, Field(min_length=1, max_length=64, examples=["user"])]
-    content: str
+    role: Annotated[Text, Field(min_length=1, max_length=64, examples=["user"])]
+    content: Text
+
+
+def _prompt_shape(value: Any) -> str:
+    return "messages" if isinstance(value, list) else "text"
+
+
+# One branch is tried, chosen by the value's JSON type, so an error names one problem, not two.
+Prompt = Annotated[
+    Annotated[Text, Tag("text")] | Annotated[list[MessageIn], Tag("messages")], Discriminator(_prompt_shape)
+]
 
 
 class ScoreItemIn(BaseModel):
@@ -31,15 +62,18 @@ class ScoreItemIn(BaseModel):
         },
     )
 
-    prompt: str | list[MessageIn] | None = Field(None, description="text, or a list of messages")
-    response: str | None = None
+    prompt: Prompt | None = Field(None, description="text, or a list of messages")
+    response: Text | None = None
     messages: list[MessageIn] | None = Field(
         None, min_length=1, description="ends with the assistant's reply"
     )
-    text: str | None = Field(None, description="already formatted text")
+    text: Text | None = Field(None, description="already formatted text")
 
     @model_validator(mode="after")
     def _one_shape(self) -> ScoreItemIn:
+        for name in ("prompt", "response", "messages", "text"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} is null; give its value or leave the field out")
         pair = self.prompt is not None or self.response is not None
         shapes = sum([pair, self.messages is not None, self.text is not None])
         if shapes != 1:
@@ -67,7 +101,7 @@ class ScoreItemIn(BaseModel):
 class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(
+    model: Annotated[Text, Field(max_length=256)] | None = Field(
         None, description="name of a loaded bundle (default: the only or 'default' one)"
     )
     items: list[ScoreItemIn] = Field(description="items to score, answered in order")
@@ -77,6 +111,13 @@ class ScoreRequest(BaseModel):
     timeout_s: float | None = Field(
         None, gt=0, description="deadline for this request (at most the server's)"
     )
+
+    @field_validator("timeout_s", mode="before")
+    @classmethod
+    def _finite_deadline(cls, value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{value} is not a deadline; give a number of seconds above 0")
+        return value
 
 
 class Usage(BaseModel):
@@ -96,8 +137,8 @@ class ScoreResponse(BaseModel):
 class RewardRequest(BaseModel):
     """OpenRLHF's remote reward model protocol: any number of queries, scored all or none."""
 
-    query: list[str] = Field(description="full texts rendered by the policy, special tokens included")
-    prompts: list[str] | None = Field(None, description="each query's prompt (a prefix of the query)")
+    query: list[Text] = Field(description="full texts rendered by the policy, special tokens included")
+    prompts: list[Text] | None = Field(None, description="each query's prompt (a prefix of the query)")
     labels: list[Any] | None = Field(
         None, description="the dataset's label column, any JSON; not used by the model"
     )
@@ -137,8 +178,8 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 class SlimeRewardRequest(BaseModel):
     """slime's ``remote_rm`` payload: one sample per request."""
 
-    prompt: str | list[MessageIn] = Field(description="the prompt as the policy rendered it, or messages")
-    response: str = Field(description="the decoded response")
+    prompt: Text | list[MessageIn] = Field(description="the prompt as the policy rendered it, or messages")
+    response: Text = Field(description="the decoded response")
     label: Any = Field(None, description="the sample's label, any JSON; not used by the model")
 
 
@@ -146,7 +187,7 @@ class ClassifyRequest(BaseModel):
     """vLLM's classify request for a single-label reward model; vLLM's other fields are ignored."""
 
     model: str | None = Field(None, description="a served bundle's name; any other name means the default")
-    input: str | list[str] | list[int] | list[list[int]] | None = Field(
+    input: Text | list[Text] | list[int] | list[list[int]] | None = Field(
         None, description="text or texts, already rendered (token ids are not accepted)"
     )
     messages: list[MessageIn] | None = Field(None, min_length=1, description="ends with the reply")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Request, Response
 from pydantic import BaseModel
 
 from rmserve.api.schemas import (
@@ -15,13 +16,27 @@ from rmserve.api.schemas import (
     error_responses,
     to_items,
 )
-from rmserve.errors import TooLarge
+from rmserve.errors import InvalidRequest, TooLarge
 from rmserve.items import Item
 from rmserve.scoring import Scorer, ScoreResult
 from rmserve.state import AppState
 
 router = APIRouter()
 body_log = logging.getLogger("rmserve.bodies")
+
+# Every score response names the engine that produced it, so a change of backend or precision is visible.
+ENGINE_HEADERS = {
+    200: {
+        "description": "scores, in order",
+        "headers": {
+            "X-Backend": {
+                "description": "the backend that scored: cpu, openvino, cuda",
+                "schema": {"type": "string"},
+            },
+            "X-Precision": {"description": "its precision: fp32, bf16, fp16", "schema": {"type": "string"}},
+        },
+    }
+}
 
 
 def log_body(state: AppState, request: Request, body: BaseModel) -> None:
@@ -46,8 +61,12 @@ def deadline_of(
     """The monotonic time by which the request's items must be in a forward pass, counted from its
     arrival at the edge (reading and validating the body is part of the time it asked for).
     ``limit`` is the route's default deadline (the server's request_timeout_s unless given)."""
+    if header is not None and not (math.isfinite(header) and header > 0):
+        raise InvalidRequest(
+            f"X-Request-Timeout: {header} is not a deadline; give a number of seconds above 0"
+        )
     limit = limit if limit is not None else state.settings.request_timeout_s
-    asked = [t for t in (header, field) if t is not None and t > 0]
+    asked = [t for t in (header, field) if t is not None]
     arrived = getattr(request.state, "arrived", None)
     return (arrived if arrived is not None else time.monotonic()) + min([limit, *asked])
 
@@ -57,24 +76,39 @@ def check_count(state: AppState, n: int) -> None:
         raise TooLarge(f"{n} items is over the limit of {state.settings.max_items_per_request} per request")
 
 
+def name_engine(response: Response, result: ScoreResult) -> None:
+    """The backend and precision that produced ``result``'s scores, as response headers."""
+    response.headers["X-Backend"] = result.backend
+    response.headers["X-Precision"] = result.precision
+
+
 async def run_score(
-    scorer: Scorer, request: Request, model: str | None, items: list[Item], *, strict: bool, deadline: float
+    scorer: Scorer,
+    request: Request,
+    response: Response,
+    model: str | None,
+    items: list[Item],
+    *,
+    strict: bool,
+    deadline: float,
 ) -> ScoreResult:
     request.state.items = len(items)  # for the access log
     result = await scorer.score(model, items, strict=strict, deadline=deadline)
     request.state.cache_hits = result.cache_hits
+    name_engine(response, result)
     return result
 
 
 @router.post(
     "/v1/score",
     response_model=ScoreResponse,
-    responses=error_responses(400, 401, 404, 413, 422, 429, 500, 503, 504),
+    responses={**ENGINE_HEADERS, **error_responses(400, 401, 404, 408, 413, 422, 429, 500, 503, 504)},
     summary="Score (prompt, response) items with a reward model",
 )
 async def score(
     body: ScoreRequest,
     request: Request,
+    response: Response,
     x_request_timeout: float | None = Header(None, description="deadline in seconds"),
 ) -> ScoreResponse:
     state: AppState = request.app.state.rmserve
@@ -84,7 +118,7 @@ async def score(
     items = to_items(body.items, state.settings.max_chars_per_item)
     deadline = deadline_of(state, request, x_request_timeout, body.timeout_s)
     result = await run_score(
-        scorer, request, body.model, items, strict=body.truncation == "error", deadline=deadline
+        scorer, request, response, body.model, items, strict=body.truncation == "error", deadline=deadline
     )
     return ScoreResponse(
         model=result.model,

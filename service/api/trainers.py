@@ -27,8 +27,8 @@ from rmserve.api.schemas import (
     SlimeRewardRequest,
     error_responses,
 )
-from rmserve.api.score import check_count, deadline_of, log_body
-from rmserve.errors import BadRequest, Overloaded, TooLarge
+from rmserve.api.score import ENGINE_HEADERS, check_count, deadline_of, log_body, name_engine
+from rmserve.errors import BadRequest, TooLarge
 from rmserve.items import ChatItem, Item, Message, PairItem, TextItem
 from rmserve.markup import Outcome, reread, reread_pair
 from rmserve.openrlhf import query_items
@@ -42,7 +42,12 @@ _LABEL = "LABEL_0"
 
 
 async def score_waiting(
-    state: AppState, request: Request, rt: ModelRuntime, items: list[Item], deadline: float
+    state: AppState,
+    request: Request,
+    response: Response,
+    rt: ModelRuntime,
+    items: list[Item],
+    deadline: float,
 ) -> ScoreResult:
     """Every item scored, or an error for the whole request.
 
@@ -54,13 +59,7 @@ async def score_waiting(
     size = min(state.settings.max_items_per_request, rt.batcher.policy.max_queue_items)
 
     async def part(chunk: list[Item]) -> ScoreResult:
-        while True:
-            await rt.batcher.wait_for_room(len(chunk), deadline)
-            try:
-                return await scorer.score(rt.name, chunk, strict=False, deadline=deadline)
-            except Overloaded:  # another request took the room meanwhile
-                if time.monotonic() >= deadline:
-                    raise
+        return await scorer.score(rt.name, chunk, strict=False, deadline=deadline, wait_until=deadline)
 
     tasks = [asyncio.ensure_future(part(items[i : i + size])) for i in range(0, len(items), size)]
     try:
@@ -70,14 +69,18 @@ async def score_waiting(
             task.cancel()
         raise
     request.state.cache_hits = sum(p.cache_hits for p in parts)
-    return ScoreResult(
+    result = ScoreResult(
         model=rt.name,
         version=rt.version,
+        backend=parts[0].backend,
+        precision=parts[0].precision,
         scores=[s for p in parts for s in p.scores],
         item_tokens=[t for p in parts for t in p.item_tokens],
         item_truncated=[t for p in parts for t in p.item_truncated],
         cache_hits=sum(p.cache_hits for p in parts),
     )
+    name_engine(response, result)
+    return result
 
 
 def _sigmoid(x: float) -> float:
@@ -93,12 +96,13 @@ def _flags(outcomes: Sequence[Outcome], which: Outcome) -> list[float]:
 @router.post(
     "/get_reward",
     response_model=RewardResponse,
-    responses=error_responses(400, 401, 413, 422, 429, 500, 503, 504),
+    responses={**ENGINE_HEADERS, **error_responses(400, 401, 408, 413, 422, 429, 500, 503, 504)},
     summary="OpenRLHF remote reward model protocol",
 )
 async def get_reward(
     body: RewardRequest,
     request: Request,
+    response: Response,
     x_request_timeout: float | None = Header(None, description="deadline in seconds"),
 ) -> RewardResponse:
     state: AppState = request.app.state.rmserve
@@ -118,7 +122,7 @@ async def get_reward(
     )
     if items:
         deadline = deadline_of(state, request, x_request_timeout, None, state.settings.get_reward_timeout_s)
-        result = await score_waiting(state, request, rt, items, deadline)
+        result = await score_waiting(state, request, response, rt, items, deadline)
         scores, tokens, truncated = result.scores, result.item_tokens, result.item_truncated
     else:  # several reward URLs and one sample: OpenRLHF sends the other servers empty lists
         scores, tokens, truncated = [], [], []
@@ -148,7 +152,7 @@ def _slime_item(rt: ModelRuntime, body: SlimeRewardRequest, retemplate: bool) ->
 @router.post(
     "/v1/reward",
     response_model=float,
-    responses=error_responses(401, 413, 422, 429, 500, 503, 504),
+    responses={**ENGINE_HEADERS, **error_responses(401, 408, 413, 422, 429, 500, 503, 504)},
     summary="slime's remote reward model protocol: one sample, a bare number back",
 )
 async def slime_reward(
@@ -169,7 +173,7 @@ async def slime_reward(
     item, outcome = _slime_item(rt, body, state.settings.retemplate)
     response.headers["X-RMServe-Template"] = outcome
     deadline = deadline_of(state, request, x_request_timeout, None)
-    result = await score_waiting(state, request, rt, [item], deadline)
+    result = await score_waiting(state, request, response, rt, [item], deadline)
     return result.scores[0]
 
 
@@ -189,7 +193,7 @@ def _classify_items(rt: ModelRuntime, body: ClassifyRequest, retemplate: bool) -
     ]
 
 
-async def _classify(request: Request, body: ClassifyRequest) -> dict[str, Any]:
+async def _classify(request: Request, response: Response, body: ClassifyRequest) -> dict[str, Any]:
     state: AppState = request.app.state.rmserve
     scorer = state.ready_scorer()
     log_body(state, request, body)
@@ -201,7 +205,7 @@ async def _classify(request: Request, body: ClassifyRequest) -> dict[str, Any]:
         if isinstance(item, TextItem) and len(item.text) > state.settings.max_chars_per_item:
             raise TooLarge(f"input[{i}]: {len(item.text)} characters is over the limit")
     result = (
-        await score_waiting(state, request, rt, items, deadline_of(state, request, None, None))
+        await score_waiting(state, request, response, rt, items, deadline_of(state, request, None, None))
         if items
         else None
     )
@@ -233,16 +237,16 @@ async def _classify(request: Request, body: ClassifyRequest) -> dict[str, Any]:
 
 
 _CLASSIFY = {
-    "responses": error_responses(400, 401, 413, 422, 429, 500, 503, 504),
+    "responses": {**ENGINE_HEADERS, **error_responses(400, 401, 408, 413, 422, 429, 500, 503, 504)},
     "summary": "vLLM's classify API for a single-label reward model",
 }
 
 
 @router.post("/classify", **_CLASSIFY)
-async def classify(body: ClassifyRequest, request: Request) -> dict[str, Any]:
-    return await _classify(request, body)
+async def classify(body: ClassifyRequest, request: Request, response: Response) -> dict[str, Any]:
+    return await _classify(request, response, body)
 
 
 @router.post("/v1/classify", **_CLASSIFY)
-async def classify_v1(body: ClassifyRequest, request: Request) -> dict[str, Any]:
-    return await _classify(request, body)
+async def classify_v1(body: ClassifyRequest, request: Request, response: Response) -> dict[str, Any]:
+    return await _classify(request, response, body)

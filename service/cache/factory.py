@@ -5,9 +5,10 @@ from __future__ import annotations
 from rmserve.cache.base import ScoreCache
 from rmserve.cache.memory import MemoryCache
 from rmserve.config import Settings
+from rmserve.metrics import Metrics
 
 
-def make_cache(settings: Settings) -> ScoreCache | None:
+def make_cache(settings: Settings, metrics: Metrics | None = None) -> ScoreCache | None:
     backend = settings.cache_backend()
     if backend == "off":
         return None
@@ -27,4 +28,8 @@ def make_cache(settings: Settings) -> ScoreCache | None:
         breaker_cooldown_s=settings.cache_breaker_cooldown_s,
     )
     url = settings.redis_url.get_secret_value()
-    return RedisCache.from_url(url, options)
+    on_drop = None
+    if metrics is not None:
+        dropped = metrics.cache_dropped_writes
+        on_drop = lambda reason, n: dropped.labels(reason=reason).inc(n)  # noqa: E731
+    return RedisCache.from_url(url, options, on_drop)

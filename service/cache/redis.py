@@ -19,6 +19,8 @@ import asyncio
 import itertools
 import logging
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import OutOfMemoryError
 from redis.utils import HIREDIS_AVAILABLE
 
 from rmserve.cache.base import CacheUnavailable
@@ -39,6 +42,7 @@ log = logging.getLogger("rmserve.cache")
 _TTL_JITTER = 0.10
 _WRITE_BATCH = 512  # entries per pipelined write
 _WRITE_CONNECTIONS = 2
+_FULL_WARNING_EVERY_S = 60.0  # a full Redis is logged at most this often
 _CLOSE_FLUSH_S = 2.0  # on shutdown, how long buffered writes may take to reach Redis
 
 
@@ -95,8 +99,16 @@ def _client(target: RedisTarget, opts: RedisOptions, *, timeout_s: float, connec
 class RedisCache:
     backend = "redis"
 
-    def __init__(self, target: RedisTarget, reader: Any, writer: Any, opts: RedisOptions) -> None:
+    def __init__(
+        self,
+        target: RedisTarget,
+        reader: Any,
+        writer: Any,
+        opts: RedisOptions,
+        on_drop: Callable[[str, int], None] | None = None,
+    ) -> None:
         self.target = target
+        self._on_drop = on_drop  # (reason, entries): the service's dropped-writes metric
         self.options = opts
         self._reader = reader
         self._writer_client = writer
@@ -116,14 +128,17 @@ class RedisCache:
         self.writes = 0
         self.write_errors = 0
         self.dropped_writes = 0
+        self.full_warned_at: float | None = None
 
     @classmethod
-    def from_url(cls, url: str, opts: RedisOptions) -> RedisCache:
+    def from_url(
+        cls, url: str, opts: RedisOptions, on_drop: Callable[[str, int], None] | None = None
+    ) -> RedisCache:
         """Build the clients; connects nothing (readiness never waits on Redis)."""
         target = parse_redis_url(url)
         reader = _client(target, opts, timeout_s=opts.timeout_s, connections=opts.pool_size)
         writer = _client(target, opts, timeout_s=opts.write_timeout_s, connections=_WRITE_CONNECTIONS)
-        return cls(target, reader, writer, opts)
+        return cls(target, reader, writer, opts, on_drop)
 
     # -- reads (request path) ------------------------------------------------------------------
 
@@ -171,7 +186,7 @@ class RedisCache:
         if not entries or self._closing:
             return
         if len(self._buffer) + len(entries) > self.options.write_buffer_items:
-            self.dropped_writes += len(entries)
+            self._dropped("buffer_full", len(entries))
             return
         self._buffer.update(entries)
         if self._writer is None or self._writer.done():
@@ -197,7 +212,7 @@ class RedisCache:
 
     async def _write(self, batch: dict[str, bytes]) -> None:
         if not self._breaker.allow():
-            self.dropped_writes += len(batch)
+            self._dropped("circuit_open", len(batch))
             return
         ttl_ms = self.options.ttl_s * 1000
         try:
@@ -213,13 +228,28 @@ class RedisCache:
         except asyncio.CancelledError:
             self._breaker.release()
             raise
+        except OutOfMemoryError:
+            self.write_errors += 1
+            # Full (maxmemory with a noeviction policy): Redis still answers reads, so the circuit
+            # stays closed; the drop is counted and said, at most once a minute.
+            self._succeeded()
+            self._dropped("redis_full", len(batch))
+            now = time.monotonic()
+            if self.full_warned_at is None or now - self.full_warned_at >= _FULL_WARNING_EVERY_S:
+                self.full_warned_at = now
+                log.warning("redis is full (maxmemory reached): score cache writes are dropped")
         except Exception as exc:
             self.write_errors += 1
-            self.dropped_writes += len(batch)
+            self._dropped("error", len(batch))
             self._failed("write", exc)
         else:
             self.writes += len(batch)
             self._succeeded()
+
+    def _dropped(self, reason: str, n: int) -> None:
+        self.dropped_writes += n
+        if self._on_drop is not None:
+            self._on_drop(reason, n)
 
     # -- breaker bookkeeping -------------------------------------------------------------------
 

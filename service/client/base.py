@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from rmserve.client.errors import (
+    BadRequestError,
     OverloadedError,
     ProtocolError,
     RetryBudgetExceeded,
@@ -42,6 +43,7 @@ from rmserve.client.responses import (
 )
 from rmserve.client.results import Health, RewardResult, ScoreResult
 from rmserve.client.steps import Call, Gather, Operation, Reply, Send, Sleep
+from rmserve.items import text_problem
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # OpenRLHF waits 180 s for a reward; a trainer step is worth as much to us.
@@ -108,6 +110,8 @@ class BaseRewardClient:
         if isinstance(items, (str, Mapping)):
             raise TypeError("score() takes a list of items, not a single item")
         payload = [to_item(v, i) for i, v in enumerate(items)]
+        for i, item in enumerate(payload):
+            _check_texts(f"items[{i}]", item)
         extra: dict[str, Any] = {}
         if model or self.model:
             extra["model"] = model or self.model
@@ -123,6 +127,9 @@ class BaseRewardClient:
         for name, values in (("prompts", prompts), ("labels", labels)):
             if values is not None and len(values) != len(queries):
                 raise ValueError(f"{name} has {len(values)} entries but queries has {len(queries)}")
+        for name, texts in (("query", queries), ("prompts", prompts or ())):
+            for i, text in enumerate(texts):
+                _check_texts(f"{name}[{i}]", text)
         calls = []
         for s in self._chunks(len(queries)):
             body: dict[str, Any] = {"query": list(queries[s])}
@@ -204,3 +211,17 @@ class BaseRewardClient:
             if time.monotonic() >= deadline:
                 raise ServerUnavailableError(f"{self.base_url} not ready in {timeout_s} s: {health.status}")
             yield Sleep(poll_s)
+
+
+def _check_texts(where: str, value: Any) -> None:
+    """Raise BadRequestError, as the server would answer, for a text no UTF-8 body can carry."""
+    if isinstance(value, str):
+        problem = text_problem(value)
+        if problem is not None:
+            raise BadRequestError(f"{where}: {problem}", type="invalid_request")
+    elif isinstance(value, Mapping):
+        for key, inner in value.items():
+            _check_texts(f"{where}.{key}", inner)
+    elif isinstance(value, list | tuple):
+        for i, inner in enumerate(value):
+            _check_texts(f"{where}[{i}]", inner)

@@ -25,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from rmserve.engines.base import EngineError, EngineInfo, TokenBatch, split_threads
+from rmserve.engines.registry import Backend
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _OUTPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -170,3 +171,41 @@ class OnnxRuntimeEngine:
     def close(self) -> None:
         # Idempotent: the batcher and its owner may both close the engine.
         self.__dict__.pop("_lanes", None)
+
+
+def _build_cpu(model: Path, precision: str, threads: int, streams: int) -> OnnxRuntimeEngine:
+    return OnnxRuntimeEngine(model, provider="cpu", threads=threads, precision=precision, streams=streams)
+
+
+def _build_cuda(model: Path, precision: str, threads: int, streams: int) -> OnnxRuntimeEngine:
+    return OnnxRuntimeEngine(model, provider="cuda", threads=threads, precision=precision, streams=streams)
+
+
+# Batch budgets measured on the 2-vCPU development machine with two streams (loadtests/README.md):
+# ONNX Runtime is fastest at batches of 1 to 4 HH pairs and loses 15% at 2,048 tokens. A call costs
+# about 4 ms and a token about 70 us there (MiniLM-L6), so a pass is worth 64 padded tokens; on a GPU
+# a launch costs as much as thousands of tokens and it wants large batches.
+BACKENDS = (
+    Backend(
+        name="cpu",
+        device="cpu",
+        present=lambda: True,
+        precisions=lambda: ("fp32",),
+        build=_build_cpu,
+        batch_tokens=512,
+        call_overhead_tokens=64,
+        auto_rank=20,
+        missing="pip install onnxruntime",
+    ),
+    Backend(
+        name="cuda",
+        device="gpu",
+        present=cuda_present,
+        precisions=lambda: ("fp32",),
+        build=_build_cuda,
+        batch_tokens=65536,
+        call_overhead_tokens=8192,
+        auto_rank=0,
+        missing="CUDAExecutionProvider is missing; install onnxruntime-gpu instead of onnxruntime",
+    ),
+)

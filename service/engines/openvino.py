@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from rmserve.engines.base import EngineError, EngineInfo, TokenBatch
+from rmserve.engines.registry import Backend
 
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
 
@@ -109,3 +110,28 @@ class OpenVinoEngine:
     def close(self) -> None:
         self.__dict__.pop("_requests", None)
         self.__dict__.pop("_compiled", None)
+
+
+def _precisions() -> tuple[str, ...]:
+    return ("fp32", "bf16") if cpu_supports_bf16() else ("fp32",)
+
+
+def _build(model: Path, precision: str, threads: int, streams: int) -> OpenVinoEngine:
+    return OpenVinoEngine(model, threads=threads, precision=precision, streams=streams)
+
+
+# OpenVINO is flat from 1,024 to 2,048 padded tokens per pass on the 2-vCPU development machine
+# (loadtests/README.md). Ranked before ONNX Runtime: its bf16 is the CPU's fast path.
+BACKENDS = (
+    Backend(
+        name="openvino",
+        device="cpu",
+        present=openvino_present,
+        precisions=_precisions,
+        build=_build,
+        batch_tokens=2048,
+        call_overhead_tokens=64,
+        auto_rank=10,
+        missing="pip install openvino",
+    ),
+)
