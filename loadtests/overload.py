@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--per-request", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, serve({"RMSERVE_CACHE": "off"}, Path(tmp)) as server:
-        model = httpx.get(server.url + "/v1/models").json()["models"][0]
+        model = httpx.get(server.url + "/v1/models").json()["data"][0]
         print(f"serving {model['provider']}/{model['precision']}, queue limit {1024} items (default)")
         print(asyncio.run(run(server.url, args.seconds, args.deadline, args.per_request)))
 

@@ -255,7 +255,7 @@ def test_two_starts_with_the_same_settings_serve_the_same_backend_and_precision(
     for _ in range(2):
         with serve(env, tmp_path) as running:
             resp = httpx.post(running.url + "/v1/score", json={"items": [{"prompt": "p", "response": "r"}]})
-            model = httpx.get(running.url + "/v1/models").json()["models"][0]
+            model = httpx.get(running.url + "/v1/models").json()["data"][0]
             assert (resp.headers["x-backend"], resp.headers["x-precision"]) == (
                 model["provider"],
                 model["precision"],
