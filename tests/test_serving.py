@@ -12,6 +12,7 @@ import pytest
 from rmserve.bundle import load_bundle
 from rmserve.formatting import Formatter
 from rmserve.items import PairItem
+from tests.support.contract import DOCUMENTED_METRICS
 from tests.support.server import serve
 
 TEXTS = [
@@ -25,19 +26,6 @@ TEXTS = [
 ]
 # fp32 is the exact precision: these tests hold the server to PyTorch's scores.
 EXACT = {"RMSERVE_PRECISION": "fp32"}
-DOCUMENTED_METRICS = [
-    "rmserve_requests_total",
-    "rmserve_request_duration_seconds",
-    "rmserve_queue_depth",
-    "rmserve_queue_wait_seconds",
-    "rmserve_tokenize_duration_seconds",
-    "rmserve_inference_duration_seconds",
-    "rmserve_batch_size",
-    "rmserve_batch_tokens",
-    "rmserve_items_scored_total",
-    "rmserve_cache_lookups_total",
-    "rmserve_model_info",
-]
 
 
 def torch_scores(bundle_dir: Path, pairs: list[tuple[str, str]]) -> np.ndarray:

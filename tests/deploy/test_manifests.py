@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.contract import DOCUMENTED_METRICS
+
 from .dashboard import dashboard_metric_names, dashboard_queries
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,20 +32,6 @@ DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.33.0"
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
-# docs/api.md, "Metrics": the names the dashboard and the alerts may rely on.
-DOCUMENTED_METRICS = {
-    "rmserve_requests_total",
-    "rmserve_request_duration_seconds",
-    "rmserve_queue_depth",
-    "rmserve_queue_wait_seconds",
-    "rmserve_tokenize_duration_seconds",
-    "rmserve_inference_duration_seconds",
-    "rmserve_batch_size",
-    "rmserve_batch_tokens",
-    "rmserve_items_scored_total",
-    "rmserve_cache_lookups_total",
-    "rmserve_model_info",
-}
 
 # What each rendering is built from: a kustomization directory, or overlay + components (rendered
 # through a throwaway kustomization, since kustomize only composes components from a kustomization).
