@@ -59,7 +59,6 @@ class Formatter:
         self.settings: FormatSettings = bundle.manifest.format
         self.tokenizer = tokenizer or load_tokenizer(bundle)
         self.uses_type_ids = "token_type_ids" in bundle.manifest.inputs
-        self.pad_token: str | None = self.tokenizer.id_to_token(self.settings.pad_token_id)
         self._pair_specials = (
             self.tokenizer.post_processor.num_special_tokens_to_add(True)
             if (self.tokenizer.post_processor is not None)

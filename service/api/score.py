@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Any
 
 from fastapi import APIRouter, Header, Request, Response
 from pydantic import BaseModel
@@ -25,7 +26,7 @@ router = APIRouter()
 body_log = logging.getLogger("rmserve.bodies")
 
 # Every score response names the engine that produced it, so a change of backend or precision is visible.
-ENGINE_HEADERS = {
+ENGINE_HEADERS: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "scores, in order",
         "headers": {

@@ -236,17 +236,15 @@ async def _classify(request: Request, response: Response, body: ClassifyRequest)
     }
 
 
-_CLASSIFY = {
-    "responses": {**ENGINE_HEADERS, **error_responses(400, 401, 408, 413, 422, 429, 500, 503, 504)},
-    "summary": "vLLM's classify API for a single-label reward model",
-}
+_CLASSIFY_RESPONSES = {**ENGINE_HEADERS, **error_responses(400, 401, 408, 413, 422, 429, 500, 503, 504)}
+_CLASSIFY_SUMMARY = "vLLM's classify API for a single-label reward model"
 
 
-@router.post("/classify", **_CLASSIFY)
+@router.post("/classify", responses=_CLASSIFY_RESPONSES, summary=_CLASSIFY_SUMMARY)
 async def classify(body: ClassifyRequest, request: Request, response: Response) -> dict[str, Any]:
     return await _classify(request, response, body)
 
 
-@router.post("/v1/classify", **_CLASSIFY)
+@router.post("/v1/classify", responses=_CLASSIFY_RESPONSES, summary=_CLASSIFY_SUMMARY)
 async def classify_v1(body: ClassifyRequest, request: Request, response: Response) -> dict[str, Any]:
     return await _classify(request, response, body)
