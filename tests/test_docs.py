@@ -86,3 +86,10 @@ def test_the_readme_layout_names_every_module_and_package_of_service_and_models(
                 assert f"`{entry.name}/`" in layout, entry
             elif entry.suffix == ".py":
                 assert f"`{entry.stem}`" in layout, entry
+
+
+def test_every_test_a_doc_cites_as_evidence_exists() -> None:
+    tests = "".join(p.read_text(encoding="utf-8") for p in (REPO / "tests").rglob("*.py"))
+    for path in [REPO / "README.md", *(REPO / "docs").glob("*.md"), REPO / "loadtests" / "README.md"]:
+        for name in set(re.findall(r"`(test_[a-z0-9_]+)`", path.read_text(encoding="utf-8"))):
+            assert f"def {name}(" in tests, f"{path.name} cites {name}, which no test defines"

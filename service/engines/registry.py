@@ -22,7 +22,7 @@ from rmserve.engines.base import Engine
 log = logging.getLogger("rmserve.engines")
 
 # Files of this package that hold no backend.
-_NOT_BACKENDS = frozenset({"base", "gate", "registry", "select"})
+_NOT_BACKENDS = frozenset({"base", "batches", "gate", "registry", "select"})
 
 
 @dataclass(frozen=True)
