@@ -8,6 +8,7 @@ keys). ``load_bundle`` recomputes the digest and refuses a bundle that does not 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +193,10 @@ def load_bundle(directory: str | Path) -> Bundle:
 
 
 def default_bundle_path() -> Path:
-    """The default reward model shipped inside the package (``models/default``)."""
-    # Located by path rather than import so that serving never imports the torch-side package.
-    return Path(__file__).resolve().parent.parent / "models" / "default"
+    """The default reward model shipped inside the package: ``rmserve/models/default`` as installed,
+    ``models/default`` in a clone (an editable install maps ``rmserve.models`` there)."""
+    # Found, not imported: the package's __init__ is empty, and nothing torch-side runs.
+    spec = importlib.util.find_spec("rmserve.models")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the rmserve.models package (the default bundle's home) is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "default"

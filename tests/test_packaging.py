@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import sysconfig
 import venv
 from pathlib import Path
 
@@ -115,12 +116,43 @@ def test_no_top_level_service_models_tests_or_loadtests_outside_the_clone(
         assert _run(python, "import rmserve.client", tmp_path).returncode == 0
 
 
+@pytest.fixture(scope="module")
+def server_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A virtual environment holding a regular (not editable) install of the clone, the wheel's layout,
+    with the server extra's packages borrowed from this environment (a .pth line) to spare a download."""
+    root = tmp_path_factory.mktemp("server-env")
+    venv.EnvBuilder(with_pip=False).create(root / "venv")
+    python = root / "venv" / "bin" / "python"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    # A path line only: this environment's own .pth files (its editable rmserve) are not processed there.
+    (Path(site) / "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return python
+
+
 @pytest.mark.slow
-def test_rmserve_serve_with_nothing_set_serves_the_bundled_default_model(tmp_path: Path) -> None:
-    with serve({}, tmp_path, timeout=300) as srv:
+def test_the_installed_package_serves_the_bundled_default_model_with_nothing_set(
+    server_env: Path, tmp_path: Path
+) -> None:
+    where = _run(server_env, "import rmserve.bundle as b; print(b.default_bundle_path())", tmp_path)
+    assert where.returncode == 0, where.stderr
+    assert Path(where.stdout.strip()).parts[-3:] == ("rmserve", "models", "default")
+    assert not Path(where.stdout.strip()).is_relative_to(REPO), "the clone's bundle, not the installed one"
+    with serve({}, tmp_path, timeout=300, python=server_env) as srv:
         models = httpx.get(srv.url + "/v1/models").json()
         item = {"prompt": "How do I boil an egg?", "response": "Put it in boiling water for 8 minutes."}
         reply = httpx.post(srv.url + "/v1/score", json={"items": [item]})
-    assert reply.status_code == 200
+    assert reply.status_code == 200, reply.text
     assert reply.json()["model"] == "default" and len(reply.json()["scores"]) == 1
-    assert "default" in json.dumps(models)
+    assert [m["id"] for m in models["data"]] == ["default"]

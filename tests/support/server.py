@@ -61,16 +61,17 @@ def wait_ready(url: str, process: subprocess.Popen[bytes] | None = None, timeout
     raise TimeoutError(f"{url} was not ready within {timeout} s")
 
 
-def _rmserve() -> list[str]:
-    script = Path(sys.executable).with_name("rmserve")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "rmserve.cli"]
+def _rmserve(python: Path) -> list[str]:
+    script = python.with_name("rmserve")
+    return [str(script)] if script.is_file() else [str(python), "-m", "rmserve.cli"]
 
 
 @contextmanager
 def serve(
-    env: dict[str, str], tmp: Path, *, ready: bool = True, timeout: float = 120.0
+    env: dict[str, str], tmp: Path, *, ready: bool = True, timeout: float = 120.0, python: Path | None = None
 ) -> Iterator[ServerProcess]:
-    """Run ``rmserve serve`` with RMSERVE_* ``env`` on a free port; stop it afterwards."""
+    """Run ``rmserve serve`` with RMSERVE_* ``env`` on a free port; stop it afterwards. ``python``: the
+    interpreter of the environment whose ``rmserve`` runs (default: this one's)."""
     port = free_port()
     full_env = {
         **os.environ,
@@ -84,7 +85,7 @@ def serve(
         proc = subprocess.Popen(
             # The console script, from outside the clone: what a user's ``rmserve serve`` runs
             # (where none is installed, as on the GPU check's machine, its module).
-            _rmserve() + ["serve"],
+            _rmserve(python or Path(sys.executable)) + ["serve"],
             env=full_env,
             cwd=tmp,
             stdout=log,
