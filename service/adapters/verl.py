@@ -141,6 +141,15 @@ def _one(solution: str, extra_info: Mapping[str, Any] | None, settings: dict[str
     return item, False
 
 
+def _rollout(
+    solution_str: str, extra_info: Mapping[str, Any] | None, kwargs: dict[str, Any]
+) -> tuple[dict[str, Any], Any, bool]:
+    """One rollout's settings, item and whether it is scored without its prompt."""
+    settings = scoring_settings(kwargs)
+    item, blind = _one(solution_str, extra_info, settings)
+    return settings, item, blind
+
+
 async def compute_score(
     data_source: str,
     solution_str: str,
@@ -149,8 +158,7 @@ async def compute_score(
     **kwargs: Any,
 ) -> dict[str, float]:
     """veRL's ``compute_score`` (reward loop, awaited): the reward model's raw score for one rollout."""
-    settings = scoring_settings(kwargs)
-    item, blind = _one(solution_str, extra_info, settings)
+    settings, item, blind = _rollout(solution_str, extra_info, kwargs)
     result = await async_client(settings).score_result([item])
     return result_dict(result.scores[0], blind)
 
@@ -163,8 +171,7 @@ def compute_score_sync(
     **kwargs: Any,
 ) -> dict[str, float]:
     """``compute_score`` for veRL releases that call it without awaiting (the legacy ``naive``)."""
-    settings = scoring_settings(kwargs)
-    item, blind = _one(solution_str, extra_info, settings)
+    settings, item, blind = _rollout(solution_str, extra_info, kwargs)
     result = _sync_client(os.getpid(), _client_options(settings)).score_result([item])
     return result_dict(result.scores[0], blind)
 

@@ -28,8 +28,11 @@ def make_cache(settings: Settings, metrics: Metrics | None = None) -> ScoreCache
         breaker_cooldown_s=settings.cache_breaker_cooldown_s,
     )
     url = settings.redis_url.get_secret_value()
-    on_drop = None
-    if metrics is not None:
-        dropped = metrics.cache_dropped_writes
-        on_drop = lambda reason, n: dropped.labels(reason=reason).inc(n)  # noqa: E731
-    return RedisCache.from_url(url, options, on_drop)
+    if metrics is None:
+        return RedisCache.from_url(url, options)
+    dropped = metrics.cache_dropped_writes
+
+    def count_dropped(reason: str, n: int) -> None:
+        dropped.labels(reason=reason).inc(n)
+
+    return RedisCache.from_url(url, options, count_dropped)
