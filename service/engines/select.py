@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,19 +142,22 @@ def _gate_and_choose(
     selection: dict[str, Any],
 ) -> tuple[Candidate, Engine]:
     """A reduced precision, gated against fp32 (ONNX Runtime on the CPU, the reference); for auto,
-    served when it passes (its speed is measured for the report only)."""
-    reference = build(Candidate("cpu", "fp32"), bundle, threads, streams)
-    built: list[Engine] = [reference]
+    served when it passes (its speed is measured for the report only). Every engine built on the way
+    but the chosen one is closed, also when the choice fails."""
+    built: list[Engine] = []
+
+    def make(cand: Candidate) -> Engine:
+        built.append(build(cand, bundle, threads, streams))
+        return built[-1]
+
+    chosen: tuple[Candidate, Engine] | None = None
     try:
-        chosen = _choose(bundle, settings, exact, reduced, threads, streams, selection, reference, built)
-    except BaseException:
+        chosen = _choose(bundle, settings, exact, reduced, selection, make)
+        return chosen
+    finally:
         for engine in built:
-            engine.close()
-        raise
-    for engine in built:
-        if engine is not chosen[1]:
-            engine.close()
-    return chosen
+            if chosen is None or engine is not chosen[1]:
+                engine.close()
 
 
 def _choose(
@@ -161,12 +165,10 @@ def _choose(
     settings: Settings,
     exact: Candidate | None,
     reduced: list[Candidate],
-    threads: int,
-    streams: int,
     selection: dict[str, Any],
-    reference: Engine,
-    built: list[Engine],
+    make: Callable[[Candidate], Engine],
 ) -> tuple[Candidate, Engine]:
+    reference = make(Candidate("cpu", "fp32"))
     items = calibration_items(bundle, Formatter(bundle))
     pad_id = bundle.manifest.format.pad_token_id
     measured: dict[str, float] = {}
@@ -175,8 +177,7 @@ def _choose(
     selection["quality_gate"] = gates
     passed: tuple[Candidate, Engine] | None = None
     for cand in reduced:
-        engine = build(cand, bundle, threads, streams)
-        built.append(engine)
+        engine = make(cand)
         report = run_gate(
             reference,
             engine,
@@ -198,10 +199,7 @@ def _choose(
             raise EngineError("no engine passed the quality gate")
         selection["reason"] = f"{passed[0].label} passed the quality gate"
         return passed
-    exact_engine = reference
-    if exact != Candidate("cpu", "fp32"):
-        exact_engine = build(exact, bundle, threads, streams)
-        built.append(exact_engine)
+    exact_engine = reference if exact == Candidate("cpu", "fp32") else make(exact)
     if passed is None:
         selection["reason"] = (
             f"{exact.label}, the bundle's own precision: no reduced one passed the quality gate"
