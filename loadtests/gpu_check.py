@@ -224,7 +224,7 @@ def export_stage(name: str, work: Path, device: str, max_len: int, legacy: bool)
         f"in {time.perf_counter() - started:.1f}s"
     )
     meta = ModelMeta(
-        kind="decoder",
+        family="decoder",
         pooling="last_token",
         model_type=family,
         architecture=arch,
@@ -246,7 +246,7 @@ def export_stage(name: str, work: Path, device: str, max_len: int, legacy: bool)
         name=name,
         architecture=arch,
         model_type=family,
-        kind="decoder",
+        family="decoder",
         base_model=meta.base_model,
         format=settings,
         opset=plan.opset,
@@ -308,7 +308,7 @@ def export_stage(name: str, work: Path, device: str, max_len: int, legacy: bool)
         "name": name,
         "architecture": arch,
         "model_type": family,
-        "kind": "decoder",
+        "family": "decoder",
         "base_model": meta.base_model,
         "format": settings,
         "opset": plan.opset,

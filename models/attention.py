@@ -40,15 +40,15 @@ class AttentionPlan:
         return f"fused:{FUSED_OP}" if self.fused else "unfused"
 
 
-def unfused(opset: int, reason: str, kind: str = "decoder") -> AttentionPlan:
-    return AttentionPlan("eager" if kind == "decoder" else None, opset, False, reason)
+def unfused(opset: int, reason: str, family: str = "decoder") -> AttentionPlan:
+    return AttentionPlan("eager" if family == "decoder" else None, opset, False, reason)
 
 
-def plan(kind: str, *, fuse: bool, opset: int | None, default_opset: int) -> AttentionPlan:
-    """The plan for a checkpoint of ``kind`` before it is loaded."""
-    if kind != "decoder":
+def plan(family: str, *, fuse: bool, opset: int | None, default_opset: int) -> AttentionPlan:
+    """The plan for a checkpoint of ``family`` before it is loaded."""
+    if family != "decoder":
         reason = "encoders keep their attention (rmserve export --optimize fuses BERT-style graphs)"
-        return unfused(opset or default_opset, reason, kind)
+        return unfused(opset or default_opset, reason, family)
     if not fuse:
         return unfused(opset or default_opset, "--no-fuse-attention")
     if opset is not None and opset < FUSED_OPSET:

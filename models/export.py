@@ -29,7 +29,7 @@ from rmserve.models.attention import AttentionPlan
 from rmserve.models.data import recorded_path
 from rmserve.models.formats import format_settings, save_tokenizer
 from rmserve.models.graph import EXTERNAL_DATA_BYTES, ExportError, export_onnx, fuse_encoder, input_names
-from rmserve.models.heads import ModelMeta, ScoreModel, checkpoint_kind, load_score_model
+from rmserve.models.heads import ModelMeta, ScoreModel, checkpoint_family, load_score_model
 from rmserve.models.parity import Pair, ParityReport, check_parity
 
 DEFAULT_OPSET = 18
@@ -65,8 +65,8 @@ def export_bundle(
     if dest.exists() and any(dest.iterdir()) and not overwrite:
         raise ExportError(f"{dest} exists and is not empty (pass overwrite=True / --force to replace it)")
     try:
-        kind = checkpoint_kind(checkpoint)
-        chosen = attention.plan(kind, fuse=fuse_attention, opset=opset, default_opset=DEFAULT_OPSET)
+        family = checkpoint_family(checkpoint)
+        chosen = attention.plan(family, fuse=fuse_attention, opset=opset, default_opset=DEFAULT_OPSET)
         model, tokenizer, meta, chosen = _load(checkpoint, chosen)
     except (OSError, ValueError) as exc:
         raise ExportError(f"cannot load {checkpoint} as a reward model: {exc}") from exc
@@ -87,7 +87,7 @@ def export_bundle(
             "name": name or checkpoint.resolve().name,
             "architecture": meta.architecture,
             "model_type": meta.model_type,
-            "kind": meta.kind,
+            "family": meta.family,
             "base_model": recorded_path(base_model) if base_model else meta.base_model,
             "format": settings,
             "opset": chosen.opset,
@@ -230,7 +230,7 @@ def _try_optimize(
     invariance: float,
 ) -> ParityReport:
     """ORT transformer fusions on a copy of the bundle; adopted only if parity still holds."""
-    if meta.kind != "encoder":
+    if meta.family != "encoder":
         # ORT's optimizer has no fusion patterns for Llama-family graphs exported by dynamo;
         # the server's ORT_ENABLE_ALL session still applies the generic fusions at load.
         report.extra["optimized"] = False

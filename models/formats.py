@@ -22,7 +22,7 @@ DEFAULT_CHAT_TEMPLATE = (
 
 
 def default_max_length(tokenizer: Any, meta: ModelMeta) -> int:
-    limits = [DEFAULT_MAX_LENGTH[meta.kind], int(min(tokenizer.model_max_length, 1 << 30))]
+    limits = [DEFAULT_MAX_LENGTH[meta.family], int(min(tokenizer.model_max_length, 1 << 30))]
     if meta.max_position_embeddings:
         limits.append(int(meta.max_position_embeddings))
     return min(limits)
@@ -32,8 +32,8 @@ def format_settings(
     tokenizer: Any, meta: ModelMeta, *, max_length: int | None, input_format: str | None
 ) -> FormatSettings:
     """How the server must turn items into token ids for this checkpoint."""
-    fmt = input_format or ("text_pair" if meta.kind == "encoder" else "chat_template")
-    if fmt == "text_pair" and meta.kind == "decoder":
+    fmt = input_format or ("text_pair" if meta.family == "encoder" else "chat_template")
+    if fmt == "text_pair" and meta.family == "decoder":
         raise ExportError("text_pair is an encoder format; a decoder reads chat_template or plain text")
     template = None
     if fmt == "chat_template":
@@ -46,7 +46,7 @@ def format_settings(
         pooling=meta.pooling,
         pad_token_id=meta.pad_token_id,
         # Decoder text arrives rendered, special tokens included (the template writes BOS/EOS).
-        add_special_tokens=meta.kind == "encoder",
+        add_special_tokens=meta.family == "encoder",
         chat_template=template,
         bos_token=tokenizer.bos_token,
         eos_token=tokenizer.eos_token,

@@ -320,7 +320,7 @@ def measure_fp16(
     scores, pairwise agreement under ``min_agreement``, Spearman under ``min_spearman`` (if set).
     """
     pad_id = bundle.manifest.format.pad_token_id
-    sides: tuple[Side, ...] = PADDING_SIDES if bundle.manifest.kind == "decoder" else ("right",)
+    sides: tuple[Side, ...] = PADDING_SIDES if bundle.manifest.family == "decoder" else ("right",)
     report = ParityReport(
         text_source=text_source,
         n_texts=len(encoded),
@@ -342,7 +342,7 @@ def measure_fp16(
             report.max_rel_diff = max(report.max_rel_diff, float(scaled_diff(scores, reference).max()))
     alone = served[0]
     report.batch_invariance_max = max(float(scaled_diff(s, alone).max()) for s in served)
-    report.left_padding_invariant = bundle.manifest.kind == "decoder"
+    report.left_padding_invariant = bundle.manifest.family == "decoder"
     report.score_range = [float(reference.min()), float(reference.max())]
     agreement, rho = pairwise_agreement(alone, reference), spearman(alone, reference)
     report.extra |= {

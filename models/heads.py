@@ -18,7 +18,7 @@ from torch import nn
 
 from rmserve.bundle import ENCODER_POOLINGS, Pooling
 
-Kind = Literal["encoder", "decoder"]
+Family = Literal["encoder", "decoder"]
 
 # Families we export and test; anything else falls back on the head's attribute name below.
 ENCODER_TYPES = frozenset(
@@ -32,7 +32,7 @@ DECODER_TYPES = frozenset({"llama", "qwen2", "qwen3", "gemma", "gemma2", "mistra
 DECODER_ATTENTION = "eager"
 
 
-def kind_of(config: Any) -> Kind:
+def family_of(config: Any) -> Family:
     """Encoder or decoder, from the config's model_type (or, failing that, its head's name)."""
     model_type = getattr(config, "model_type", "")
     if model_type in ENCODER_TYPES:
@@ -48,7 +48,7 @@ def kind_of(config: Any) -> Kind:
 
 def pooling_of(config: Any) -> Pooling:
     """The pooling a checkpoint was trained with: ``rmserve_pooling`` in config.json, else the default."""
-    if kind_of(config) == "decoder":
+    if family_of(config) == "decoder":
         return "last_token"
     chosen = getattr(config, "rmserve_pooling", None) or "cls"
     if chosen not in ENCODER_POOLINGS:
@@ -64,7 +64,7 @@ def pooling_of(config: Any) -> Pooling:
 
 def uses_token_type_ids(config: Any) -> bool:
     """BERT-style encoders embed segment ids; DeBERTa-v2 (type_vocab_size 0) and decoders do not."""
-    return kind_of(config) == "encoder" and int(getattr(config, "type_vocab_size", 0) or 0) > 0
+    return family_of(config) == "encoder" and int(getattr(config, "type_vocab_size", 0) or 0) > 0
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -81,16 +81,16 @@ def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
 class ScoreModel(nn.Module):
     """One float32 reward per row of a padded batch."""
 
-    def __init__(self, hf_model: nn.Module, pooling: Pooling, kind: Kind) -> None:
+    def __init__(self, hf_model: nn.Module, pooling: Pooling, family: Family) -> None:
         super().__init__()
         # Any: the HF model's heads (classifier/score) and base_model are looked up by name.
         self.hf_model: Any = hf_model
-        if kind == "decoder" and pooling != "last_token":
+        if family == "decoder" and pooling != "last_token":
             raise ValueError("a decoder reward model pools its last token")
-        if kind == "encoder" and pooling not in ENCODER_POOLINGS:
+        if family == "encoder" and pooling not in ENCODER_POOLINGS:
             raise ValueError(f"an encoder pools {', '.join(ENCODER_POOLINGS)}, not {pooling!r}")
         self.pooling = pooling
-        self.kind = kind
+        self.family = family
 
     def forward(
         self,
@@ -168,7 +168,7 @@ def base_model_of(checkpoint: Path) -> str:
 class ModelMeta:
     """What the exporter needs to know about a checkpoint besides its weights."""
 
-    kind: Kind
+    family: Family
     pooling: Pooling
     model_type: str
     architecture: str
@@ -193,19 +193,19 @@ def load_score_model(
     config = AutoConfig.from_pretrained(path)
     if int(getattr(config, "num_labels", 1)) != 1:
         raise ValueError(f"{path} has num_labels={config.num_labels}; a reward model has exactly one")
-    kind = kind_of(config)
+    family = family_of(config)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"{path}: the tokenizer has neither a pad token nor an EOS token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
     config.pad_token_id = tokenizer.pad_token_id
-    attn = attn_implementation or (DECODER_ATTENTION if kind == "decoder" else None)
+    attn = attn_implementation or (DECODER_ATTENTION if family == "decoder" else None)
     extra = {"attn_implementation": attn} if attn else {}
     hf_model = AutoModelForSequenceClassification.from_pretrained(
         path, config=config, dtype=torch.float32, **extra
     )
-    model = ScoreModel(hf_model, pooling_of(config), kind).eval()
+    model = ScoreModel(hf_model, pooling_of(config), family).eval()
     return model, tokenizer, model_meta(model, base_model_of(path), int(tokenizer.pad_token_id))
 
 
@@ -214,7 +214,7 @@ def model_meta(model: ScoreModel, base_model: str, pad_token_id: int) -> ModelMe
     config = model.hf_model.config
     archs = getattr(config, "architectures", None) or [type(model.hf_model).__name__]
     return ModelMeta(
-        kind=model.kind,
+        family=model.family,
         pooling=model.pooling,
         model_type=config.model_type,
         architecture=archs[0],
@@ -226,8 +226,8 @@ def model_meta(model: ScoreModel, base_model: str, pad_token_id: int) -> ModelMe
     )
 
 
-def checkpoint_kind(checkpoint_dir: str | Path) -> Kind:
+def checkpoint_family(checkpoint_dir: str | Path) -> Family:
     """Encoder or decoder, from the checkpoint's config alone (no weights are read)."""
     from transformers import AutoConfig
 
-    return kind_of(AutoConfig.from_pretrained(Path(checkpoint_dir)))
+    return family_of(AutoConfig.from_pretrained(Path(checkpoint_dir)))

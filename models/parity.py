@@ -278,7 +278,7 @@ def check_parity(
         served = _compare(engine, model, encoded, pad_id, batch_sizes, report)
     finally:
         engine.close()
-    _check_invariance(served, bundle.manifest.kind == "decoder", report)
+    _check_invariance(served, bundle.manifest.family == "decoder", report)
     if report.max_rel_diff > tolerance:
         report.problems.append(
             f"ONNX Runtime differs from PyTorch by up to {report.max_rel_diff:.3g} (scaled; "

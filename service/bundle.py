@@ -14,13 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 CALIBRATION_FILE = "calibration.jsonl"
-FORMAT_VERSION = 1
+# 2: ``family`` (encoder, decoder) and ``kind`` (outcome, process); format 1 said ``kind`` for the family.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 
 InputFormat = Literal["text_pair", "chat_template", "plain"]
 Pooling = Literal["cls", "mean", "mean_response", "last_token"]
@@ -30,6 +32,9 @@ Pooling = Literal["cls", "mean", "mean_response", "last_token"]
 # a long prompt, identical for every response to it, does not dilute what differs between them.
 ENCODER_POOLINGS: tuple[Pooling, ...] = ("cls", "mean", "mean_response")
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
+Family = Literal["encoder", "decoder"]
+# outcome: one reward per sequence; process: a reward at each step of a solution (a step token's position).
+Kind = Literal["outcome", "process"]
 
 
 class BundleError(Exception):
@@ -74,7 +79,8 @@ class Manifest(BaseModel):
     digest: str
     architecture: str
     model_type: str
-    kind: Literal["encoder", "decoder"]
+    family: Family
+    kind: Kind = "outcome"
     base_model: str
     format: FormatSettings
     precision: Precision = "fp32"
@@ -90,6 +96,15 @@ class Manifest(BaseModel):
     attention: str = "unfused"
     attention_reason: str | None = None
     created_by: str = "rmserve export"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_format_1(cls, data: Any) -> Any:
+        # Format 1 named the family ``kind`` and had only outcome bundles; its digest covers the same
+        # files and settings, so such a bundle is read as is.
+        if isinstance(data, dict) and data.get("format_version") == 1 and "family" not in data:
+            data = {**data, "family": data.get("kind"), "kind": "outcome"}
+        return data
 
 
 @dataclass(frozen=True)
@@ -181,7 +196,7 @@ def load_bundle(directory: str | Path) -> Bundle:
     if not path.is_dir():
         raise BundleError(f"bundle directory {path} does not exist")
     manifest = read_manifest(path)
-    if manifest.format_version != FORMAT_VERSION:
+    if manifest.format_version not in READABLE_FORMATS:
         raise BundleError(f"{path}: bundle format {manifest.format_version} is not supported")
     actual = compute_digest(path, manifest.files, manifest.format, manifest.precision)
     if actual != manifest.digest:

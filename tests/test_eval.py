@@ -100,7 +100,7 @@ def build_small_bundle(directory: Path, *, dim: int = 16, seed: int = 0) -> Path
         name="small-test-rm",
         architecture="MeanPoolReward",
         model_type="test",
-        kind="encoder",
+        family="encoder",
         base_model="none (random, built in tests/test_eval.py)",
         opset=18,
         inputs=["input_ids", "attention_mask", "token_type_ids"],

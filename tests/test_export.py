@@ -89,7 +89,7 @@ def test_every_architecture_exports_with_parity(arch: str, bundle_of: Callable[[
     assert m.output == "scores" and m.precision == "fp32" and m.calibration_file == "calibration.jsonl"
     assert (bundle.path / "calibration.jsonl").read_text().count("\n") == 64
     decoder = arch in DECODERS
-    assert m.kind == ("decoder" if decoder else "encoder")
+    assert m.family == ("decoder" if decoder else "encoder")
     assert m.format.pooling == ("last_token" if decoder else "cls")
     assert m.format.input_format == ("chat_template" if decoder else "text_pair")
     assert m.format.add_special_tokens is not decoder
@@ -141,6 +141,18 @@ def test_changed_byte_in_model_is_refused(bundle_of: Callable[[str], Path], tmp_
         victim.write_bytes(bytes(data))
         with pytest.raises(BundleError, match="does not match"):
             load_bundle(copy)
+
+
+def test_a_format_1_manifest_is_read_with_its_family_and_as_an_outcome_bundle(
+    bundle_of: Callable[[str], Path], tmp_path: Path
+) -> None:
+    copy = shutil.copytree(bundle_of("bert"), tmp_path / "format-1")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    manifest["kind"] = manifest.pop("family")  # format 1 named the family "kind"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    read = load_bundle(copy).manifest  # the digest covers files and settings, not these names
+    assert (read.family, read.kind) == ("encoder", "outcome")
 
 
 def test_broken_graph_fails_parity_and_writes_nothing(
