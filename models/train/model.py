@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from rmserve.models.heads import ScoreModel, kind_of
+from rmserve.models.heads import ScoreModel, family_of
 from rmserve.models.train.config import TrainConfig
 
 
@@ -16,8 +16,8 @@ def init_model(cfg: TrainConfig) -> ScoreModel:
 
     set_seed(cfg.seed)
     config = AutoConfig.from_pretrained(cfg.base_model, num_labels=1)
-    kind = kind_of(config)
-    if kind == "encoder":
+    family = family_of(config)
+    if family == "encoder":
         # heads.pooling_of reads this back at export: train and serve pool the same way.
         config.rmserve_pooling = cfg.pooling
     if cfg.dropout is not None:
@@ -45,7 +45,7 @@ def init_model(cfg: TrainConfig) -> ScoreModel:
             embeddings.requires_grad_(False)
         for layer in encoder_layers(hf_model)[: cfg.freeze_layers]:
             layer.requires_grad_(False)
-    return ScoreModel(hf_model, cfg.pooling if kind == "encoder" else "last_token", kind)  # type: ignore[arg-type]
+    return ScoreModel(hf_model, cfg.pooling if family == "encoder" else "last_token", family)  # type: ignore[arg-type]
 
 
 def _eos_id(base_model: str, config: Any) -> int:
