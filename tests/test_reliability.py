@@ -282,7 +282,12 @@ def test_a_drain_past_its_grace_answers_200_or_a_json_503(
 
         def one(i: int) -> None:
             items = [{"prompt": f"drain {i} {j} " * 60, "response": f"reply {j} " * 30} for j in range(48)]
-            resp = httpx.post(running.url + "/v1/score", json={"items": items}, timeout=60)
+            try:
+                resp = httpx.post(running.url + "/v1/score", json={"items": items}, timeout=60)
+            except httpx.ConnectError:
+                # Sent after the drain began: the listener is closed, so it was never accepted.
+                outcomes.append((0, "", "connection refused"))
+                return
             outcomes.append((resp.status_code, resp.headers.get("content-type", ""), resp.text))
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
@@ -298,11 +303,14 @@ def test_a_drain_past_its_grace_answers_200_or_a_json_503(
         assert running.process.wait(timeout=60) == 0
     assert len(outcomes) == 12
     statuses = sorted({o[0] for o in outcomes})
-    # 429: refused at admission (its deadline could not be met), never accepted; the accepted ones
-    # end in 200 or, past the grace, a JSON 503.
-    assert set(statuses) <= {200, 429, 503}, outcomes
+    # 429: refused at admission (its deadline could not be met), never accepted; 0: it connected only
+    # after the listener closed (a loaded machine may start a thread late); the accepted ones end in
+    # 200 or, past the grace, a JSON 503: none is dropped or answered in plain text.
+    assert set(statuses) <= {0, 200, 429, 503}, outcomes
     assert 503 in statuses, statuses  # the grace really ran out
     for status, content_type, text in outcomes:
+        if status == 0:
+            continue
         assert content_type == "application/json", text
         if status == 503:
             error = json.loads(text)["error"]
