@@ -69,11 +69,6 @@ class Message:
             return self.content
         return PART_SEPARATOR.join(self.content)
 
-    @property
-    def is_plain(self) -> bool:
-        """Only a role and text: what every rendering shows the same way."""
-        return isinstance(self.content, str) and self == Message(self.role, self.content)
-
 
 Messages = tuple[Message, ...]
 
