@@ -386,3 +386,47 @@ def test_messages_that_differ_only_in_a_tool_call_never_share_a_cache_key() -> N
     ]
     assert len({item_key(ns, v) for v in variants}) == len(variants)
     assert item_key(ns, variants[0]) == item_key(ns, copy.deepcopy(variants[0]))
+
+
+def test_a_template_that_reads_text_parts_gets_them_as_parts_and_others_get_them_joined() -> None:
+    reads_parts = ChatTemplate(
+        "{% for m in messages %}{% if m.content is string %}{{ m.content }}"
+        "{% else %}{% for p in m.content %}[{{ p.text }}]{% endfor %}{% endif %};{% endfor %}",
+        bos_token=None,
+        eos_token=None,
+    )
+    parts = (Message("user", ("a", "b")), Message("assistant", "c"))
+    assert reads_parts.rendering.parts == "template"
+    assert reads_parts.render(parts) == "[a][b];c;"
+    joined = ChatTemplate(CHAT_TEMPLATE, bos_token="", eos_token="")
+    assert joined.render(parts) == joined.render((Message("user", "a\nb"), Message("assistant", "c")))
+
+
+def test_the_client_keeps_a_messages_structure_and_leaves_out_what_cannot_travel() -> None:
+    """Rows from parquet carry every key (None where unset) and arrays; parts may hold images."""
+    from rmserve.client import message_text, to_item
+
+    class Image:  # what a multimodal tool result holds: not JSON, and never scored
+        pass
+
+    image_and_text = [{"type": "image", "image": Image()}, {"type": "text", "text": "42"}]
+    messages = np.array(
+        [
+            {"role": "user", "content": "q", "tool_calls": None, "thinking": None},
+            {"role": "assistant", "content": None, "tool_calls": np.array([CALL], dtype=object)},
+            {"role": "tool", "content": image_and_text},
+            {"role": "assistant", "content": "It is 42.", "tool_calls": [], "thinking": "Add them."},
+        ],
+        dtype=object,
+    )
+    assert to_item(list(messages)) == {
+        "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "tool_calls": [CALL]},
+            {"role": "tool", "content": [{"type": "image"}, {"type": "text", "text": "42"}]},
+            {"role": "assistant", "content": "It is 42.", "reasoning_content": "Add them."},
+        ]
+    }
+    assert message_text(None) == "" and message_text(messages[2]["content"]) == "42"
+    with pytest.raises(TypeError, match="items\\[0\\]: a message is a mapping with 'role'"):
+        to_item([{"content": "no role"}, {"role": "assistant", "content": "x"}])
