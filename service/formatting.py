@@ -53,13 +53,14 @@ def load_tokenizer(bundle: Bundle) -> Tokenizer:
 
 
 def shorter_conversations(messages: Messages) -> Iterator[Messages]:
-    """The conversation with its oldest turns dropped, one more each time, the final turn and a leading
-    system message kept. A turn leaves with the tool results that follow it (an assistant's calls and
-    their results go together)."""
+    """The conversation with its oldest turns dropped, one more each time; the final turn, a leading
+    system message and the latest prompt turn stay (a reply is never scored without what it answers:
+    past that, the formatter cuts tokens). A turn leaves with the tool results that follow it (an
+    assistant's calls and their results go together)."""
     head = messages[:1] if len(messages) > 1 and messages[0].role == "system" else ()
     body, last = messages[len(head) : -1], messages[-1]
-    for cut in range(1, len(body) + 1):
-        if cut == len(body) or body[cut].role not in TOOL_ROLES:
+    for cut in range(1, len(body)):
+        if body[cut].role not in TOOL_ROLES:
             yield (*head, *body[cut:], last)
 
 

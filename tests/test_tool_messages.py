@@ -361,7 +361,8 @@ def test_a_long_conversation_loses_its_oldest_turns_whole_and_keeps_the_final_an
     assert list(shorter_conversations(conversation))[:2] == [without_first, without_call]
     with pytest.raises(ItemTooLong):
         cut_to(len(ids(*conversation)) - 1).encode([ChatItem(conversation)], strict=True)
-    # Nothing left to drop: the oldest tokens go, the final answer's stay.
+    # Past the latest question nothing more is dropped whole: the oldest tokens go, the answer's stay.
+    assert list(shorter_conversations(conversation))[-1] == (system, turns[-1], conversation[-1])
     tiny = cut_to(12).encode([ChatItem(conversation)])[0]
     assert tiny.truncated and tiny.ids[-5:] == ids(*conversation)[-5:] and len(tiny.ids) == 12
 
