@@ -132,7 +132,7 @@ def _reply(value: Any, what: str) -> str:
     turns = parse_messages(value, what)
     if len(turns) != 1 or turns[0].role != "assistant":
         raise ValueError(f"'{what}' must be one assistant message, got {[m.role for m in turns]}")
-    return turns[0].content.strip()
+    return turns[0].text.strip()
 
 
 def _margin(value: Any) -> float | None:

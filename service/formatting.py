@@ -1,23 +1,27 @@
 """Items -> token ids, the way the bundle's model was trained to read them.
 
 Three input formats (``input_format``): ``text_pair`` (encoders: prompt and response as a sentence pair),
-``chat_template`` (decoder reward models: messages rendered by the bundle's Jinja template) and
-``plain`` (text already formatted). Truncation keeps the response and the final tokens: the prompt
-loses its oldest tokens first, then the response does.
+``chat_template`` (decoder reward models: messages rendered by the bundle's Jinja template, ``rmserve.chat``)
+and ``plain`` (text already formatted). Truncation keeps the response and the final tokens: the prompt
+loses its oldest tokens first, then the response does. A conversation rendered by a chat template loses
+whole turns first (``shorter_conversations``), so what is left still reads as the template wrote it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Encoding, Tokenizer
 
 from rmserve.bundle import Bundle, FormatSettings
+from rmserve.chat import TRANSCRIPT, ChatTemplate, Rendering
 from rmserve.errors import InvalidItem, ItemTooLong
 from rmserve.items import (
+    TOOL_ROLES,
     Item,
+    Message,
+    Messages,
     TextItem,
     as_messages,
     as_pair,
@@ -25,7 +29,7 @@ from rmserve.items import (
 from rmserve.markup import Markup, detect
 
 # Rendered once to learn which markup a bundle's chat template writes.
-_PROBE = [{"role": "user", "content": "probe"}, {"role": "assistant", "content": "reply"}]
+_PROBE = (Message("user", "probe"), Message("assistant", "reply"))
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,16 @@ def load_tokenizer(bundle: Bundle) -> Tokenizer:
     return tok
 
 
-def _raise(message: str) -> None:
-    raise ValueError(message)
+def shorter_conversations(messages: Messages) -> Iterator[Messages]:
+    """The conversation with its oldest turns dropped, one more each time; the final turn, a leading
+    system message and the latest prompt turn stay (a reply is never scored without what it answers:
+    past that, the formatter cuts tokens). A turn leaves with the tool results that follow it (an
+    assistant's calls and their results go together)."""
+    head = messages[:1] if len(messages) > 1 and messages[0].role == "system" else ()
+    body, last = messages[len(head) : -1], messages[-1]
+    for cut in range(1, len(body)):
+        if body[cut].role not in TOOL_ROLES:
+            yield (*head, *body[cut:], last)
 
 
 class Formatter:
@@ -64,23 +76,24 @@ class Formatter:
             if (self.tokenizer.post_processor is not None)
             else 0
         )
-        self._template: Any = None
-        if self.settings.input_format == "chat_template":
-            if not self.settings.chat_template:
+        self.template: ChatTemplate | None = None
+        fmt = self.settings
+        if fmt.input_format == "chat_template":
+            if not fmt.chat_template:
                 raise ValueError("a chat_template bundle needs a chat template in its manifest")
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _raise
-            self._template = env.from_string(self.settings.chat_template)
+            self.template = ChatTemplate(fmt.chat_template, bos_token=fmt.bos_token, eos_token=fmt.eos_token)
         bos = self.settings.bos_token
         self._bos_id = self.tokenizer.token_to_id(bos) if bos else None
         # The pad token's text, which policies also append: OpenRLHF's queries arrive padded with it.
         self.pad_token: str | None = self.tokenizer.id_to_token(self.settings.pad_token_id)
         # The markup this bundle reads: its template's for chat_template bundles, HH turns for pairs.
         self.markup: Markup | None = None
-        if self._template is not None:
-            self.markup = detect(self._render_messages(_PROBE))
+        if self.template is not None:
+            self.markup = detect(self.template.render(_PROBE))
         elif self.settings.input_format == "text_pair":
             self.markup = "hh"
+        # How messages reach the model (shown in /v1/models); HH transcripts write tool calls as text.
+        self.rendering: Rendering = self.template.rendering if self.template is not None else TRANSCRIPT
 
     def encode(
         self, items: list[Item], *, strict: bool = False, positions: list[int] | None = None
@@ -94,42 +107,44 @@ class Formatter:
                 return self._encode_pairs(items, strict)
             texts = [self._render(i, item) for i, item in enumerate(items)]
             encs = self.tokenizer.encode_batch(texts, add_special_tokens=self.settings.add_special_tokens)
-            return [self._fit_single(i, e, strict) for i, e in enumerate(encs)]
+            pairs = enumerate(zip(items, encs, strict=True))
+            return [self._fit_rendered(i, item, e, strict) for i, (item, e) in pairs]
         except (InvalidItem, ItemTooLong) as exc:
             if positions is not None:
                 raise exc.at(positions[exc.index]) from None
             raise
 
     def _render(self, index: int, item: Item) -> str:
-        if isinstance(item, TextItem) or self._template is None:
-            if isinstance(item, TextItem):
-                return item.text
+        if isinstance(item, TextItem):
+            return item.text
+        if self.template is None:
             pair = as_pair(item)
             assert pair is not None
             return pair[0] + " " + pair[1]
-        messages = as_messages(item)
+        return self._render_messages(index, as_messages(item))
+
+    def _render_messages(self, index: int, messages: Messages) -> str:
+        assert self.template is not None
         try:
-            return self._render_messages(messages)
+            return self.template.render(messages)
         except Exception as exc:  # a template's own raise_exception, or a Jinja error
-            if not any(m["role"] == "tool" for m in messages):
-                raise InvalidItem(index, f"chat template rejected the messages: {exc}") from None
-        # A template without a tool role (many reject any role but user/assistant/system): a tool's
-        # result is what the user side of the conversation reported back, so it renders as a user turn.
-        folded = [{"role": "user", "content": m["content"]} if m["role"] == "tool" else m for m in messages]
-        try:
-            return self._render_messages(folded)
-        except Exception as exc:
             raise InvalidItem(index, f"chat template rejected the messages: {exc}") from None
 
-    def _render_messages(self, messages: list[dict[str, str]]) -> str:
-        return str(
-            self._template.render(
-                messages=messages,
-                add_generation_prompt=False,
-                bos_token=self.settings.bos_token or "",
-                eos_token=self.settings.eos_token or "",
-            )
-        )
+    def _fit_rendered(self, index: int, item: Item, enc: Encoding, strict: bool) -> Encoded:
+        """A rendered item cut to max_length: a conversation loses its oldest turns, then tokens."""
+        fits = len(enc.ids) <= self.settings.max_length
+        if strict or fits or self.template is None or isinstance(item, TextItem):
+            return self._fit_single(index, enc, strict)
+        for shorter in shorter_conversations(as_messages(item)):
+            try:
+                text = self.template.render(shorter)
+            except Exception:  # e.g. a template that needs a user turn: try dropping more, or cut tokens
+                continue
+            enc = self.tokenizer.encode(text, add_special_tokens=self.settings.add_special_tokens)
+            if len(enc.ids) <= self.settings.max_length:
+                break
+        fitted = self._fit_single(index, enc, strict)
+        return Encoded(fitted.ids, fitted.type_ids, truncated=True)
 
     def _encode_pairs(self, items: list[Item], strict: bool) -> list[Encoded]:
         pairs: list[tuple[str, str] | None] = []

@@ -64,6 +64,8 @@ class ModelRuntime:
             "engine": info.detail,
             "selection": self.selection,
             "max_batch_tokens": self.batcher.policy.max_batch_tokens,
+            # How messages reach the model: what its chat template renders, and the fallbacks taken.
+            "messages": self.formatter.rendering.describe(),
             "manifest": self.bundle.manifest.model_dump(mode="json"),
         }
 

@@ -49,12 +49,15 @@ CHATML_PROMPT = CHATML[: CHATML.index("Sure,")]
 
 
 def llama3_bundle(source: Path, target: Path) -> Path:
-    """A copy of the tiny llama bundle whose manifest carries a Llama-3-style chat template."""
+    """A copy of the tiny llama bundle whose manifest carries a Llama-3-style chat template, with room
+    for its markup (rotary positions: the graph takes longer inputs than the 128 it was exported at),
+    so the conversations here are scored whole: a text is cut by tokens, messages by whole turns."""
     shutil.copytree(source, target)
     fields = read_manifest(target).model_dump(mode="json")
     for derived in ("files", "digest", "version"):
         fields.pop(derived)
     fields["format"]["chat_template"] = LLAMA3_TEMPLATE
+    fields["format"]["max_length"] = 256
     write_manifest(target, **fields)
     return target
 

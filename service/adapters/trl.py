@@ -8,7 +8,9 @@ float per completion. Prompts and completions are either text (standard datasets
 - messages + ``[{"role": "assistant", ...}]`` -> ``{"messages": prompt + completion}``
 - messages + text completion           -> ``{"prompt": messages, "response": c}``
 
-Conversations may hold ``{"role": "tool"}`` messages (tool-calling GRPO); the server renders them.
+Messages go as TRL holds them, structure kept: tool-calling GRPO's assistant turns with ``tool_calls``
+(``content`` empty), ``{"role": "tool", "name", "content"}`` results, content parts, reasoning; the
+server renders them with the reward model's own chat template (docs/trainers.md).
 When TRL passes ``log_metric`` (TRL >= 1.0), the share of completions the server truncated to the
 model's ``max_length`` is logged as ``<name>/truncated``.
 
@@ -25,12 +27,11 @@ or ``rmserve_<model>``.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from rmserve.client import DEFAULT_URL, AsyncRewardClient, ItemLike, RewardClient, ScoreResult, message_text
+from rmserve.client import DEFAULT_URL, AsyncRewardClient, ItemLike, RewardClient, ScoreResult
 
 AsyncRewardFunc = Callable[..., Coroutine[Any, Any, list[float]]]
 
@@ -43,18 +44,6 @@ __all__ = [
 ]
 
 
-def _message(message: Any) -> dict[str, str]:
-    """A TRL message as the API's: its text, with an assistant's tool calls written out as JSON lines.
-
-    Tool-calling GRPO gives assistant turns ``tool_calls`` (and maybe no content) and tool turns
-    ``{"role": "tool", "name", "content"}``.
-    """
-    text = message_text(message.get("content") or "")
-    calls = [c.get("function", c) for c in message.get("tool_calls") or [] if isinstance(c, dict)]
-    lines = [json.dumps(c, sort_keys=True, default=str) for c in calls]
-    return {"role": str(message["role"]), "content": "\n".join([text, *lines] if text else lines)}
-
-
 def trl_items(prompts: list[Any], completions: list[Any]) -> list[ItemLike]:
     """TRL's (prompt, completion) columns -> client items, one per completion, in order."""
     if len(prompts) != len(completions):
@@ -63,9 +52,9 @@ def trl_items(prompts: list[Any], completions: list[Any]) -> list[ItemLike]:
     for prompt, completion in zip(prompts, completions, strict=True):
         if isinstance(completion, list):  # conversational: the completion is the assistant's message(s)
             messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            items.append({"messages": [_message(m) for m in [*messages, *completion]]})
+            items.append({"messages": [*messages, *completion]})
         elif isinstance(prompt, list):
-            items.append(([_message(m) for m in prompt], message_text(completion)))
+            items.append((list(prompt), str(completion)))
         else:
             items.append((str(prompt), str(completion)))
     return items

@@ -26,7 +26,6 @@ from rmserve.adapters.verl import (
     scoring_settings,
     verl_item,
 )
-from rmserve.client import message_text
 
 try:  # inside veRL; the manager works the same without the base class
     from verl.experimental.reward_loop.reward_manager.base import (  # type: ignore[import-not-found]
@@ -80,8 +79,9 @@ class RMServeRewardManager(_Base):  # type: ignore[misc,valid-type]
         if raw is not None and len(raw) > 0:
             if isinstance(raw, str):
                 return (raw, response), False
-            messages = [{"role": str(m["role"]), "content": message_text(m["content"])} for m in raw]
-            return {"messages": [*messages, {"role": "assistant", "content": response}]}, False
+            # The turns go as veRL keeps them (tool calls, content null or parts): the client keeps their
+            # structure and the server renders them with the reward model's template.
+            return {"messages": [*list(raw), {"role": "assistant", "content": response}]}, False
         found = verl_item(response, columns.get("extra_info") or {})
         if found is not None:
             return found, False

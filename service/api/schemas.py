@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Annotated, Any, Literal
 
@@ -16,8 +17,17 @@ from pydantic import (
     model_validator,
 )
 
-from rmserve.errors import BadRequest, TooLarge
-from rmserve.items import ChatItem, Item, Message, PairItem, TextItem, text_problem
+from rmserve.errors import BadRequest, InvalidItem, TooLarge
+from rmserve.items import (
+    ChatItem,
+    Item,
+    Message,
+    PairItem,
+    TextItem,
+    ToolCall,
+    message_texts,
+    text_problem,
+)
 
 
 def _tokenizable(text: str) -> str:
@@ -31,11 +41,119 @@ def _tokenizable(text: str) -> str:
 Text = Annotated[str, AfterValidator(_tokenizable)]
 
 
+class TextPartIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: Text
+
+
+class OtherPartIn(BaseModel):
+    """A content part of another type (``image_url``, ``input_audio``, ...): never scored; its fields
+    are not read."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+
+
+def _part_kind(value: Any) -> str:
+    return "text" if isinstance(value, dict) and value.get("type") == "text" else "other"
+
+
+Part = Annotated[
+    Annotated[TextPartIn, Tag("text")] | Annotated[OtherPartIn, Tag("other")], Discriminator(_part_kind)
+]
+
+
+# One branch is tried, chosen by the value's JSON type, so an error names one problem, not two.
+def _list_or_text(value: Any) -> str:
+    return "list" if isinstance(value, list) else "text"
+
+
+def _dict_or_text(value: Any) -> str:
+    return "dict" if isinstance(value, dict) else "text"
+
+
+Content = Annotated[
+    Annotated[Text, Tag("text")] | Annotated[list[Part], Tag("list")], Discriminator(_list_or_text)
+]
+
+
+class FunctionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[Text, Field(min_length=1, examples=["get_weather"])]
+    arguments: Annotated[
+        Annotated[Text, Tag("text")] | Annotated[dict[str, Any], Tag("dict")], Discriminator(_dict_or_text)
+    ] = Field(description="a JSON string (OpenAI) or an object (transformers, TRL); rendered as given")
+
+    @field_validator("arguments")
+    @classmethod
+    def _tokenizable_arguments(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:
+        if isinstance(value, dict):
+            problem = text_problem(json.dumps(value, ensure_ascii=False))
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: Text | None = None
+    type: Literal["function"] = "function"
+    function: FunctionIn
+
+
 class MessageIn(BaseModel):
+    """A message in OpenAI's shape: a tool-calling assistant turn, a tool's result, parts content."""
+
     model_config = ConfigDict(extra="forbid")
 
     role: Annotated[Text, Field(min_length=1, max_length=64, examples=["user"])]
-    content: Text
+    content: Content | None = Field(
+        None, description="text, a list of content parts (text parts are scored), or null beside tool_calls"
+    )
+    tool_calls: list[ToolCallIn] | None = Field(None, description="an assistant's function calls")
+    tool_call_id: Text | None = Field(None, description="a tool result: the call it answers")
+    name: Text | None = Field(None, description="a tool result: the tool's name")
+    reasoning_content: Text | None = Field(
+        None, description="an assistant's reasoning, where its template shows it"
+    )
+
+    @model_validator(mode="after")
+    def _said_something(self) -> MessageIn:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"tool_calls belong to an assistant turn, not to a {self.role!r} one")
+        if self.content is None and not self.tool_calls:
+            raise ValueError(
+                "content is null or missing; only an assistant turn that makes tool_calls may omit it"
+            )
+        return self
+
+    def to_message(self) -> Message:
+        if isinstance(self.content, list):
+            content: str | tuple[str, ...] | None = tuple(
+                p.text for p in self.content if isinstance(p, TextPartIn)
+            )
+        else:
+            content = self.content
+        calls = tuple(ToolCall(c.function.name, c.function.arguments, c.id) for c in self.tool_calls or [])
+        return Message(self.role, content, calls, self.tool_call_id, self.name, self.reasoning_content)
+
+    def other_parts(self) -> list[tuple[int, str]]:
+        """(index, type) of each content part that is not text: dropped from what is scored."""
+        if not isinstance(self.content, list):
+            return []
+        return [(i, p.type) for i, p in enumerate(self.content) if isinstance(p, OtherPartIn)]
+
+    def chars(self) -> int:
+        return sum(len(text) for _, text in message_texts("", self.to_message()))
+
+
+def to_messages(messages: list[MessageIn]) -> tuple[Message, ...]:
+    return tuple(m.to_message() for m in messages)
 
 
 def _prompt_shape(value: Any) -> str:
@@ -84,18 +202,23 @@ class ScoreItemIn(BaseModel):
 
     def to_item(self) -> Item:
         if self.messages is not None:
-            return ChatItem(tuple(Message(m.role, m.content) for m in self.messages))
+            return ChatItem(to_messages(self.messages))
         if self.text is not None:
             return TextItem(self.text)
         assert self.prompt is not None and self.response is not None
         if isinstance(self.prompt, str):
             return PairItem(self.prompt, self.response)
-        return PairItem(tuple(Message(m.role, m.content) for m in self.prompt), self.response)
+        return PairItem(to_messages(self.prompt), self.response)
+
+    def message_fields(self) -> list[tuple[str, MessageIn]]:
+        """("messages[1]", message) for each message the item holds, named as in the API."""
+        field = "messages" if self.messages is not None else "prompt"
+        given = self.messages if self.messages is not None else self.prompt
+        return [(f"{field}[{j}]", m) for j, m in enumerate(given)] if isinstance(given, list) else []
 
     def chars(self) -> int:
-        msgs = (self.messages or []) + (self.prompt if isinstance(self.prompt, list) else [])
         texts = [self.response, self.text, self.prompt if isinstance(self.prompt, str) else None]
-        return sum(len(t) for t in texts if t) + sum(len(m.content) + len(m.role) for m in msgs)
+        return sum(len(t) for t in texts if t) + sum(m.chars() for _, m in self.message_fields())
 
 
 class ScoreRequest(BaseModel):
@@ -111,6 +234,11 @@ class ScoreRequest(BaseModel):
     timeout_s: float | None = Field(
         None, gt=0, description="deadline for this request (at most the server's)"
     )
+    non_text_parts: Literal["drop", "error"] = Field(
+        "drop",
+        description='content parts that are not text (images, audio): "drop" scores the text without them '
+        '(counted in usage.dropped_parts); "error" refuses the item with 422',
+    )
 
     @field_validator("timeout_s", mode="before")
     @classmethod
@@ -125,6 +253,7 @@ class Usage(BaseModel):
     tokens: int
     cache_hits: int
     truncated: int
+    dropped_parts: int = Field(0, description="content parts that are not text, left out of what was scored")
 
 
 class ScoreResponse(BaseModel):
@@ -168,6 +297,22 @@ def to_items(items: list[ScoreItemIn], max_chars: int) -> list[Item]:
             raise TooLarge(f"items[{i}]: {n} characters is over the limit of {max_chars} per item")
         out.append(item.to_item())
     return out
+
+
+def dropped_parts(items: list[ScoreItemIn], *, refuse: bool) -> int:
+    """How many content parts that are not text the items hold; with ``refuse``, the first is a 422."""
+    n = 0
+    for i, item in enumerate(items):
+        for where, message in item.message_fields():
+            for k, kind in message.other_parts():
+                if refuse:
+                    raise InvalidItem(
+                        i,
+                        f"{where}.content[{k}] is a part of type {kind!r}; only text parts are scored "
+                        '(send non_text_parts: "drop" to score the text without it)',
+                    )
+                n += 1
+    return n
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:

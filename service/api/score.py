@@ -14,6 +14,7 @@ from rmserve.api.schemas import (
     ScoreRequest,
     ScoreResponse,
     Usage,
+    dropped_parts,
     error_responses,
     to_items,
 )
@@ -117,6 +118,7 @@ async def score(
     log_body(state, request, body)
     check_count(state, len(body.items))
     items = to_items(body.items, state.settings.max_chars_per_item)
+    dropped = dropped_parts(body.items, refuse=body.non_text_parts == "error")
     deadline = deadline_of(state, request, x_request_timeout, body.timeout_s)
     result = await run_score(
         scorer, request, response, body.model, items, strict=body.truncation == "error", deadline=deadline
@@ -126,6 +128,10 @@ async def score(
         model_version=result.version,
         scores=result.scores,
         usage=Usage(
-            items=len(items), tokens=result.tokens, cache_hits=result.cache_hits, truncated=result.truncated
+            items=len(items),
+            tokens=result.tokens,
+            cache_hits=result.cache_hits,
+            truncated=result.truncated,
+            dropped_parts=dropped,
         ),
     )

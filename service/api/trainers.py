@@ -26,10 +26,11 @@ from rmserve.api.schemas import (
     RewardResponse,
     SlimeRewardRequest,
     error_responses,
+    to_messages,
 )
 from rmserve.api.score import ENGINE_HEADERS, check_count, deadline_of, log_body, name_engine
 from rmserve.errors import BadRequest, TooLarge
-from rmserve.items import ChatItem, Item, Message, PairItem, TextItem
+from rmserve.items import ChatItem, Item, PairItem, TextItem
 from rmserve.markup import Outcome, reread, reread_pair
 from rmserve.openrlhf import query_items
 from rmserve.scoring import ModelRuntime, Scorer, ScoreResult
@@ -140,7 +141,7 @@ async def get_reward(
 
 def _slime_item(rt: ModelRuntime, body: SlimeRewardRequest, retemplate: bool) -> tuple[Item, Outcome]:
     if not isinstance(body.prompt, str):
-        return PairItem(tuple(Message(m.role, m.content) for m in body.prompt), body.response), "as_is"
+        return PairItem(to_messages(body.prompt), body.response), "as_is"
     if rt.formatter.settings.input_format == "plain":
         return TextItem(body.prompt + body.response), "as_is"
     reading = reread_pair(body.prompt, body.response, rt.formatter.markup, enabled=retemplate)
@@ -166,7 +167,7 @@ async def slime_reward(
     log_body(state, request, body)
     rt = scorer.runtime(None)
     chars = len(body.response) + (
-        len(body.prompt) if isinstance(body.prompt, str) else sum(len(m.content) for m in body.prompt)
+        len(body.prompt) if isinstance(body.prompt, str) else sum(m.chars() for m in body.prompt)
     )
     if chars > state.settings.max_chars_per_item:
         raise TooLarge(f"{chars} characters is over the limit of {state.settings.max_chars_per_item}")
@@ -179,7 +180,7 @@ async def slime_reward(
 
 def _classify_items(rt: ModelRuntime, body: ClassifyRequest, retemplate: bool) -> list[Item]:
     if body.messages is not None:
-        return [ChatItem(tuple(Message(m.role, m.content) for m in body.messages))]
+        return [ChatItem(to_messages(body.messages))]
     texts = body.texts()
     fmt = rt.formatter.settings
     if fmt.input_format != "chat_template":

@@ -2,7 +2,10 @@
 
 A score is a pure function of (bundle version, format settings, backend, precision, item). The
 namespace digests everything but the item; the key digests the namespace and a length-delimited
-encoding of the item, so two different items can never share a key.
+encoding of the item, so two different items can never share a key. A message is encoded whole
+(``canonical_message``): its content (text, parts or none), tool calls and tool fields, so two
+conversations that differ only in a tool call never share a key, and single-flight (which joins
+items by key) never joins them.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import struct
 from dataclasses import dataclass
 
 from rmserve.bundle import Manifest
-from rmserve.items import ChatItem, Item, Message, PairItem, TextItem
+from rmserve.items import ChatItem, Item, Message, PairItem, TextItem, arguments_value
 
 _LEN = struct.Struct(">Q")
+# The layout of the item encoding below, part of the namespace: a new layout never reads old entries.
+_KEY_LAYOUT = 2
 _VALUE = struct.Struct(">dIB")  # score (float64 holds the float32 exactly), tokens, truncated
 
 
@@ -26,6 +31,7 @@ def namespace(manifest: Manifest, provider: str, precision: str) -> bytes:
         "format": manifest.format.model_dump(mode="json"),
         "provider": provider,
         "precision": precision,
+        "key_layout": _KEY_LAYOUT,
     }
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).digest()
 
@@ -36,11 +42,20 @@ def _field(out: list[bytes], value: str) -> None:
     out.append(raw)
 
 
+def canonical_message(m: Message) -> str:
+    """One message as compact JSON with a fixed field order: content as text, a list of text parts or
+    null; each tool call's arguments as given (a JSON string stays a string; an object keeps its key
+    order, which the template's ``tojson`` keeps too)."""
+    content = list(m.content) if isinstance(m.content, tuple) else m.content
+    calls = [[c.id, c.name, arguments_value(c.arguments)] for c in m.tool_calls]
+    fields = [m.role, content, calls, m.tool_call_id, m.name, m.reasoning_content]
+    return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+
+
 def _messages(out: list[bytes], messages: tuple[Message, ...]) -> None:
     out.append(_LEN.pack(len(messages)))
     for m in messages:
-        _field(out, m.role)
-        _field(out, m.content)
+        _field(out, canonical_message(m))
 
 
 def encode_item(item: Item) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rmserve.items import ChatItem, Item, Message, PairItem, TextItem
+from rmserve.items import PART_SEPARATOR, ChatItem, Item, Message, PairItem, TextItem, message_dict
 
 MessageLike = Mapping[str, Any]
 # What ``score`` accepts per item: (prompt, response), an API-shaped dict, a message list, text, or
@@ -17,22 +17,85 @@ MessageLike = Mapping[str, Any]
 ItemLike = tuple[Any, str] | Mapping[str, Any] | Sequence[MessageLike] | str | Item
 
 
+# Where a message's reasoning may be found: transformers reads all three names
+# (huggingface/transformers src/transformers/utils/chat_template_utils.py, _REASONING_FIELDS).
+_REASONING = ("reasoning_content", "thinking", "reasoning")
+
+
+def _listed(value: Any, where: str) -> list[Any]:
+    """A list-like value as a list: a list, a tuple, or a numpy array (parquet rows hold those)."""
+    if not isinstance(value, str | bytes | Mapping):
+        if isinstance(value, Sequence):
+            return list(value)
+        tolist = getattr(value, "tolist", None)
+        if callable(tolist):
+            return list(tolist())
+    raise TypeError(f"{where}: expected a list, not {type(value).__name__}")
+
+
 def message_text(content: Any) -> str:
-    """A message's content as text: a string, or the text parts of a multimodal content list."""
+    """A message's content as text: a string, the text parts of a parts list (joined by a newline, as
+    the server joins them), or ``""`` for none."""
+    if content is None:
+        return ""
     if isinstance(content, str):
         return content
-    if isinstance(content, Sequence):
-        parts = [p for p in content if isinstance(p, Mapping) and p.get("type") == "text"]
-        return "".join(str(p.get("text", "")) for p in parts)
-    raise TypeError(f"message content must be text or a list of parts, not {type(content).__name__}")
+    parts = _listed(content, "message content")
+    return PART_SEPARATOR.join(
+        str(p.get("text", "")) for p in parts if isinstance(p, Mapping) and p.get("type") == "text"
+    )
 
 
-def _message_dict(message: MessageLike | Message, where: str) -> dict[str, str]:
+def _part(part: Any, where: str) -> dict[str, Any]:
+    if not isinstance(part, Mapping) or "type" not in part:
+        raise TypeError(f"{where}: a content part is a mapping with 'type'")
+    if part["type"] == "text":
+        return {"type": "text", "text": part.get("text")}
+    # What another part holds (an image, audio) is never scored: its type is enough for the server to
+    # count it (usage.dropped_parts) or refuse it (non_text_parts="error").
+    return {"type": str(part["type"])}
+
+
+def _tool_call(call: Any, where: str) -> dict[str, Any]:
+    if not isinstance(call, Mapping):
+        raise TypeError(f"{where}: a tool call is a mapping with 'function'")
+    function = call.get("function", call)  # OpenAI's nesting, or the function's fields alone
+    if not isinstance(function, Mapping) or "name" not in function:
+        raise TypeError(f"{where}: a tool call's function is a mapping with 'name' and 'arguments'")
+    arguments = function.get("arguments")
+    out: dict[str, Any] = {} if call.get("id") is None else {"id": call["id"]}
+    return out | {
+        "type": call.get("type") or "function",
+        "function": {"name": function["name"], "arguments": {} if arguments is None else arguments},
+    }
+
+
+def _message_dict(message: MessageLike | Message, where: str) -> dict[str, Any]:
+    """A message in OpenAI's shape, its structure kept: tool calls, tool fields, content parts.
+
+    Keys whose value is None are left out (a parquet row of messages carries every key of every
+    message, None where unset); a key the API does not know is sent, for the server to name it.
+    """
     if isinstance(message, Message):
-        return {"role": message.role, "content": message.content}
-    if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+        return message_dict(message)
+    if not isinstance(message, Mapping) or "role" not in message:
         raise TypeError(f"{where}: a message is a mapping with 'role' and 'content'")
-    return {"role": str(message["role"]), "content": message_text(message["content"])}
+    out: dict[str, Any] = {"role": str(message["role"])}
+    for key, value in message.items():
+        if value is None or key == "role":
+            continue
+        if key == "content":
+            out[key] = value if isinstance(value, str) else [_part(p, where) for p in _listed(value, where)]
+        elif key == "tool_calls":
+            calls = [_tool_call(c, where) for c in _listed(value, where)]
+            if calls:  # an empty list is no calls (Llama 3.1's template refuses one)
+                out[key] = calls
+        elif key not in _REASONING:
+            out[str(key)] = value
+    reasoning = next((message[k] for k in _REASONING if message.get(k) is not None), None)
+    if reasoning is not None:
+        out["reasoning_content"] = reasoning
+    return out
 
 
 def _is_messages(value: Any) -> bool:

@@ -88,6 +88,7 @@ def parse_score(call: Call, body: Any) -> ScoreResult:
         int(u.get("tokens", 0)),
         int(u.get("cache_hits", 0)),
         int(u.get("truncated", 0)),
+        int(u.get("dropped_parts", 0)),
     )
     version = body.get("model_version")
     return ScoreResult(scores, body.get("model"), (version,) if version else (), usage, 1)

@@ -12,6 +12,7 @@ class Usage:
     tokens: int = 0
     cache_hits: int = 0
     truncated: int = 0
+    dropped_parts: int = 0  # content parts that are not text, left out of what was scored
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -19,6 +20,7 @@ class Usage:
             self.tokens + other.tokens,
             self.cache_hits + other.cache_hits,
             self.truncated + other.truncated,
+            self.dropped_parts + other.dropped_parts,
         )
 
 
