@@ -102,7 +102,9 @@ def guarded_nodes(model: onnx.ModelProto) -> list[str]:
         for node in consumers.get(value, []):
             if node.op_type in FP32_OPS:
                 return True
-            through = node.op_type in _TRANSPARENT and depth < 3
+            # A Gather passes its data through, not its indices.
+            moved = node.op_type != "Gather" or node.input[0] == value
+            through = node.op_type in _TRANSPARENT and moved and depth < 3
             if through and any(feeds_guarded(o, depth + 1) for o in node.output):
                 return True
         return False

@@ -213,22 +213,35 @@ def test_server_asked_for_cuda_without_one_never_turns_ready(
         assert "install onnxruntime-gpu instead of onnxruntime" in server.log()
 
 
-def test_the_gpu_check_dry_run_measures_rmserve_beside_the_pytorch_baseline(tmp_path: Path) -> None:
-    """loadtests/gpu_check.py --cpu-dry-run: the GPU check's code end to end, tiny shapes, on the CPU."""
+def test_the_gpu_check_dry_run_measures_bf16_and_fp16_bundles_beside_pytorch_and_the_grpo_workload(
+    tmp_path: Path,
+) -> None:
+    """loadtests/gpu_check.py --cpu-dry-run: the GPU check's code end to end, tiny shapes, on the CPU
+    (fp16 on ONNX Runtime's CPU provider, bf16 on OpenVINO: the CPU provider has no bf16 kernels)."""
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, str(repo / "loadtests" / "gpu_check.py"), "--cpu-dry-run", "--no-http"]
-        + ["--models", "tiny-qwen3", "--work", str(tmp_path / "work"), "--out", str(out)],
+        + ["--models", "tiny-llama", "--grpo-model", "tiny-llama"]
+        + ["--work", str(tmp_path / "work"), "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=400,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((out / "gpu_check.json").read_text())
     paths = {row["path"] for row in result["rows"]}
     assert {"engine.infer x8", "batcher, 64 callers", "HF + SDPA"} <= paths
-    assert result["models"]["tiny-qwen3"]["attention"] == "fused:Attention"
-    assert result["models"]["tiny-qwen3"]["parity"]["problems"] == []
+    assert set(result["models"]) == {"tiny-llama/bf16", "tiny-llama/fp16"}
+    for summary in result["models"].values():
+        assert (summary["graph"], summary["nodes_per_layer"], summary["residual_guard"]) == ("lean", 16, False)
+        assert summary["parity"]["problems"] == [] and summary["parity"]["padding_sides"] == ["right"]
+    assert result["grpo"]["workload"].startswith("4 prompts x 8 responses")
+    rmserve = [row for row in result["grpo"]["rows"] if row["path"].startswith("rmserve")]
+    hf = [row for row in result["grpo"]["rows"] if row["path"].startswith("HF + SDPA, micro-batches of 32")]
+    assert len(rmserve) == len(hf) == 2
+    # The batcher sorts what waits by length: it pads less than fixed micro-batches in arrival order.
+    assert max(r["padded_fraction"] for r in rmserve) < min(r["padded_fraction"] for r in hf)
     table = (out / "gpu_check.md").read_text()
-    assert "| engine / SDPA |" in table and "| tiny-qwen3 | 128 |" in table
+    assert "| engine / SDPA |" in table and "| tiny-llama/bf16 | 128 |" in table
+    assert "GRPO-shaped workload: 4 prompts x 8 responses" in table
