@@ -234,7 +234,8 @@ def test_the_gpu_check_dry_run_measures_bf16_and_fp16_bundles_beside_pytorch_and
     assert {"engine.infer x8", "batcher, 64 callers", "HF + SDPA"} <= paths
     assert set(result["models"]) == {"tiny-llama/bf16", "tiny-llama/fp16"}
     for summary in result["models"].values():
-        assert (summary["graph"], summary["nodes_per_layer"], summary["residual_guard"]) == ("lean", 16, False)
+        assert (summary["graph"], summary["nodes_per_layer"]) == ("lean", 16)
+        assert summary["residual_guard"] is False
         assert summary["parity"]["problems"] == [] and summary["parity"]["padding_sides"] == ["right"]
     assert result["grpo"]["workload"].startswith("4 prompts x 8 responses")
     rmserve = [row for row in result["grpo"]["rows"] if row["path"].startswith("rmserve")]
