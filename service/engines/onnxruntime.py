@@ -12,7 +12,7 @@ On CUDA the memory arena grows by what is requested (``kSameAsRequested``), not 
 and never past ``gpu_mem_limit`` when one is set: a long-running server that once saw a large
 batch keeps that batch's working set, not twice it. TF32 is off: an fp32 bundle promises scores
 equal to PyTorch's within 1e-4 relative (README, "Exact"), which TF32 matrix products (~3e-4) would break;
-fp16 bundles never use TF32, and they are the fast path on a GPU (docs/gpu.md).
+fp16 and bf16 bundles never use TF32, and they are the fast path on a GPU (docs/gpu.md).
 """
 
 from __future__ import annotations
