@@ -60,17 +60,19 @@ def baseline(
     vocab_used: int,
     device: str,
     *,
-    compile_too: bool,
+    paths: set[str],
     report: Callable[[str, int, int, float], None],
     time_left: Callable[[], float],
 ) -> None:
-    """HF + SDPA, then HF + SDPA + torch.compile; ``report(path, items, tokens, pairs/s)`` per row."""
+    """HF + SDPA (``paths`` has "sdpa") and/or HF + SDPA + torch.compile ("compile");
+    ``report(path, items, tokens, pairs/s)`` per row."""
     import torch
 
     model = build()
-    for (items, tokens), rate in measure(model, shapes, vocab_used, device).items():
-        report(SDPA, items, tokens, rate)
-    if compile_too:
+    if "sdpa" in paths:
+        for (items, tokens), rate in measure(model, shapes, vocab_used, device).items():
+            report(SDPA, items, tokens, rate)
+    if "compile" in paths:
         compiled = torch.compile(model)
         for items, tokens in shapes:
             if time_left() < 90:  # a compile per shape takes a minute or so

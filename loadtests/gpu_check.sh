@@ -21,7 +21,7 @@ SITE=${SITE:-/tmp/site}
 SRC=${SRC:-/tmp/rmserve-src}
 WORK=${WORK:-/tmp/gpucheck}
 OUT=${OUT:-/tmp/gpucheck-out}
-MODELS=${MODELS:-qwen2-0.5b,qwen2-1.5b,qwen3-1.7b}
+MODELS=${MODELS:-qwen2-0.5b,qwen2-1.5b,qwen3-1.7b,llama-8b-l8}
 PY=${PYTHON:-python3}
 export PYTHONPATH="$SITE:$SRC" PYTHONUNBUFFERED=1
 mkdir -p "$SITE" "$WORK" "$OUT" /tmp/ortparts
@@ -69,7 +69,7 @@ serve() {
   # Rows print as they complete and $OUT/gpu_check.{md,json} are rewritten after each one, so a run
   # cut short by the device's time limit still leaves its partial table.
   "$PY" "$SRC/loadtests/gpu_check.py" --stage serve --models "$MODELS" --work "$WORK" --out "$OUT" \
-    --deadline-s "${DEADLINE_S:-420}" --wait-s "${WAIT_S:-300}" 2>&1 | tee "$OUT/gpu_check.log" || status=$?
+    --deadline-s "${DEADLINE_S:-480}" --wait-s "${WAIT_S:-300}" 2>&1 | tee "$OUT/gpu_check.log" || status=$?
   cat "$WORK"/export*.log 2>/dev/null | grep -v "TracerWarning\|torchvision\|^  " >"$OUT/export.log" || true
   return $status
 }

@@ -2,12 +2,13 @@
 
 The bundle is built in a staging directory next to the destination and moved into place only
 after parity holds (see models/parity.py), so a failed export leaves nothing behind. Steps:
-load the checkpoint as a ``ScoreModel`` (decoders with SDPA attention, so each layer's attention
-exports as one fused op: models/attention.py) -> torch.onnx (dynamo) export with dynamic batch
-and sequence axes -> tokenizer files -> parity through the server's own formatter and engine ->
-optional fusions (kept only if parity still holds) -> optional fp16 (models/fp16.py: converted,
-measured against fp32 PyTorch, gated) -> the manifest with its digest, computed once over the
-final files -> publish.
+load the checkpoint as a ``ScoreModel`` -> the graph: for Llama, Qwen2, Qwen3 and Mistral decoders
+the lean graph, written from the weights (models/lean: no padding mask, so the bundle requires right
+padding), else torch.onnx (dynamo) of the model loaded with SDPA attention, so each layer's
+attention exports as one fused op (models/attention.py) -> tokenizer files -> parity through the
+server's own formatter and engine -> optional fusions (kept only if parity still holds) -> optional
+fp16 or bf16 (models/reduced.py: by measured headroom, measured against fp32 PyTorch, gated) -> the
+manifest with its digest, computed once over the final files -> publish.
 """
 
 from __future__ import annotations
@@ -22,15 +23,16 @@ from typing import Any
 import torch
 
 from rmserve.bundle import CALIBRATION_FILE, MODEL_FILE, Manifest, unsealed_bundle, write_manifest
-from rmserve.engines.base import EngineError
-from rmserve.models import attention, fp16
+from rmserve.models import attention, lean
 from rmserve.models import parity as parity_mod
 from rmserve.models.attention import AttentionPlan
 from rmserve.models.data import recorded_path
 from rmserve.models.formats import format_settings, save_tokenizer
 from rmserve.models.graph import EXTERNAL_DATA_BYTES, ExportError, export_onnx, fuse_encoder, input_names
 from rmserve.models.heads import ModelMeta, ScoreModel, checkpoint_family, load_score_model
+from rmserve.models.lean.eligibility import graph_reason
 from rmserve.models.parity import Pair, ParityReport, check_parity
+from rmserve.models.reduced import REDUCED, reduce_precision
 
 DEFAULT_OPSET = 18
 MAX_CALIBRATION_PAIRS = 64
@@ -49,6 +51,7 @@ def export_bundle(
     training: dict[str, Any] | None = None,
     opset: int | None = None,
     fuse_attention: bool = True,
+    graph: str = "auto",
     base_model: str | None = None,
     overwrite: bool = False,
     tolerance: float = 1e-4,
@@ -58,10 +61,12 @@ def export_bundle(
     """Export ``checkpoint_dir`` to a bundle at ``bundle_dir``; raises ExportError with the reason.
 
     ``opset`` defaults to 23 for a decoder with fused attention, else 18 (models/attention.py).
+    ``graph``: ``auto`` writes the lean graph where the checkpoint takes it (models/lean), ``lean``
+    fails where it does not, ``traced`` always traces.
     """
     checkpoint, dest = Path(checkpoint_dir), Path(bundle_dir)
-    if precision not in ("fp32", "fp16"):
-        raise ExportError(f"precision {precision!r} is not exported; choose fp32 or fp16")
+    if precision not in ("fp32", *REDUCED):
+        raise ExportError(f"precision {precision!r} is not exported; choose fp32, {' or '.join(REDUCED)}")
     if dest.exists() and any(dest.iterdir()) and not overwrite:
         raise ExportError(f"{dest} exists and is not empty (pass overwrite=True / --force to replace it)")
     try:
@@ -71,6 +76,12 @@ def export_bundle(
     except (OSError, ValueError) as exc:
         raise ExportError(f"cannot load {checkpoint} as a reward model: {exc}") from exc
     settings = format_settings(tokenizer, meta, max_length=max_length, input_format=input_format)
+    try:
+        why_traced = graph_reason(
+            graph, meta.family, model.hf_model.config, settings.max_length, chosen.reason
+        )
+    except ValueError as exc:
+        raise ExportError(str(exc)) from exc
     texts, source = parity_mod.reference_pairs(32)
     calibration = calibration_set(calibration_pairs)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -78,9 +89,20 @@ def export_bundle(
     try:
         staging = staging_root / "bundle"
         staging.mkdir()
-        model, chosen, exporter, fused_ops = _export_graph(
-            checkpoint, model, meta, chosen, staging, external_data_bytes
-        )
+        if why_traced is None:
+            written = lean.write_lean_graph(
+                model.hf_model,
+                settings.max_length,
+                staging,
+                precision="fp32",
+                external_data_bytes=external_data_bytes,
+            )
+            chosen, exporter = AttentionPlan("sdpa", lean.LEAN_OPSET, True), lean.EXPORTER
+            fused_ops = attention.fused_ops_summary(attention.op_counts(staging / MODEL_FILE))
+        else:
+            model, chosen, exporter, fused_ops = _export_graph(
+                checkpoint, model, meta, chosen, staging, external_data_bytes
+            )
         save_tokenizer(tokenizer, staging)
         write_calibration(staging, calibration)
         fields: dict[str, Any] = {
@@ -96,11 +118,15 @@ def export_bundle(
             "training": training,
             "attention": chosen.label,
             "attention_reason": chosen.reason,
+            "graph": "lean" if why_traced is None else "traced",
+            "graph_reason": why_traced if meta.family == "decoder" else None,
+            "padding": "right" if why_traced is None else "any",
             "exporter": {
                 "path": exporter,
                 "torch": torch.__version__,
                 "attn_implementation": chosen.implementation,
                 "fused_ops": fused_ops,
+                **({"lean": written.as_manifest()} if why_traced is None else {}),
             },
         }
         report = _parity(staging, fields, model, texts, source, tolerance, invariance_tolerance)
@@ -117,9 +143,18 @@ def export_bundle(
                 tolerance,
                 invariance_tolerance,
             )
-        if precision == "fp16":
-            fields["precision"] = "fp16"
-            report = _to_fp16(staging, model, fields, report, texts, source, external_data_bytes)
+        if precision in REDUCED:
+            report = reduce_precision(
+                staging,
+                model,
+                fields,
+                report,
+                texts,
+                source,
+                calibration,
+                precision=precision,
+                external_data_bytes=external_data_bytes,
+            )
         # The one digest: every file is final here and hashed once.
         manifest = write_manifest(staging, **fields, parity=report.as_manifest())
         _publish(staging, dest, staging_root / "previous")
@@ -247,31 +282,6 @@ def _try_optimize(
     candidate.rename(staging)
     fused.extra |= {"optimized": True, "fusions": fusions, "unfused": _summary(report)}
     return fused
-
-
-def _to_fp16(
-    staging: Path,
-    model: ScoreModel,
-    fields: dict[str, Any],
-    report: ParityReport,
-    texts: Sequence[Pair],
-    source: str,
-    external_data_bytes: int,
-) -> ParityReport:
-    """Convert the parity-checked fp32 graph to fp16 (models/fp16.py); ship it only if its drift passes."""
-    path = staging / MODEL_FILE
-    try:
-        conversion = fp16.convert_model_fp16(path, path, external_data_bytes=external_data_bytes)
-        # No tolerance: fp16 deviates by design; what it deviates by is measured and recorded.
-        drift = fp16.check_fp16(unsealed_bundle(staging, **fields), model, texts, text_source=source)
-    except fp16.Fp16Error as exc:
-        raise ExportError(str(exc)) from exc
-    except EngineError as exc:
-        raise ExportError(f"onnxruntime (CPU) cannot run the fp16 graph, so it is unchecked: {exc}") from exc
-    if drift.problems:
-        raise ExportError("fp16 check failed, nothing was written: " + "; ".join(drift.problems))
-    report.extra["fp16"] = fp16.manifest_record(drift, conversion)
-    return report
 
 
 def _summary(report: ParityReport) -> dict[str, float]:

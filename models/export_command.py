@@ -24,7 +24,20 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         help="default: text_pair for encoders, chat_template for decoders",
     )
     parser.add_argument("--optimize", action="store_true", help="ORT fusions, kept only if parity holds")
-    parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="weights precision")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "bf16"],
+        default="fp32",
+        help="fp32 (exact; CPU and GPU), fp16 (GPU; every layer fp16 where the measured headroom allows), "
+        "bf16 (GPU with bf16 units, compute capability 8.0+; lean graphs)",
+    )
+    parser.add_argument(
+        "--graph",
+        choices=["auto", "lean", "traced"],
+        default="auto",
+        help="auto: the lean graph (right padding, no mask) for Llama/Qwen2/Qwen3/Mistral decoders, else "
+        "the traced one; lean: fail where it does not apply; traced: torch.onnx's graph",
+    )
     parser.add_argument(
         "--opset", type=int, help="ONNX opset (default: 23 for fused decoder attention, else 18)"
     )
@@ -53,6 +66,7 @@ def run_export(args: argparse.Namespace) -> int:
             precision=args.precision,
             opset=args.opset,
             fuse_attention=args.fuse_attention,
+            graph=args.graph,
             calibration_pairs=args.calibration,
             base_model=args.base_model,
             overwrite=args.force,
@@ -62,10 +76,11 @@ def run_export(args: argparse.Namespace) -> int:
         return 1
     p = manifest.parity
     why = f" ({manifest.attention_reason})" if manifest.attention_reason else ""
+    traced = f" ({manifest.graph_reason})" if manifest.graph_reason else ""
     print(
         f"exported {manifest.name} version {manifest.version} to {args.bundle}: "
         f"max|onnx-torch|={p['max_abs_diff']:.3g}, batch invariance {p['batch_invariance_max']:.3g}, "
-        f"attention {manifest.attention}{why}"
+        f"attention {manifest.attention}{why}, graph {manifest.graph}{traced}, padding {manifest.padding}"
     )
     return 0
 

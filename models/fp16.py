@@ -38,16 +38,17 @@ from onnx import TensorProto, helper, numpy_helper
 
 from rmserve.bundle import Bundle
 from rmserve.engines.base import available_cpus
-from rmserve.engines.batches import Side, score_rows
+from rmserve.engines.batches import score_rows
 from rmserve.engines.gate import MIN_AGREEMENT, MIN_SPEARMAN, pairwise_agreement, spearman
 from rmserve.engines.onnxruntime import OnnxRuntimeEngine
 from rmserve.formatting import Encoded, Formatter
+from rmserve.models.graph import save_onnx
 from rmserve.models.heads import ScoreModel
 from rmserve.models.parity import (
     BATCH_SIZES,
-    PADDING_SIDES,
     Pair,
     ParityReport,
+    invariance_sides,
     reference_scores,
     scaled_diff,
 )
@@ -76,8 +77,9 @@ FP32_OPS = frozenset(
     }
 )
 LINEAR_OPS = frozenset({"MatMul", "Gemm"})
-# Values a guarded op reads through unchanged in type.
-_TRANSPARENT = frozenset({"Cast", "Identity"})
+# Values a guarded op reads through unchanged in type, as they are or moved: the lean graph reshapes
+# the residual stream and gathers each row's last token before its final norm (models/lean/heads.py).
+_TRANSPARENT = frozenset({"Cast", "Identity", "Reshape", "Gather"})
 # 2**15 is still "minus infinity" after softmax, and stays finite when a second mask is added.
 FP16_CLAMP = 32768.0
 # fp16 must order at least this share of item pairs as fp32 PyTorch does for export to ship it
@@ -100,7 +102,9 @@ def guarded_nodes(model: onnx.ModelProto) -> list[str]:
         for node in consumers.get(value, []):
             if node.op_type in FP32_OPS:
                 return True
-            through = node.op_type in _TRANSPARENT and depth < 3
+            # A Gather passes its data through, not its indices.
+            moved = node.op_type != "Gather" or node.input[0] == value
+            through = node.op_type in _TRANSPARENT and moved and depth < 3
             if through and any(feeds_guarded(o, depth + 1) for o in node.output):
                 return True
         return False
@@ -124,7 +128,7 @@ def convert_model_fp16(source: Path, dest: Path, *, external_data_bytes: int) ->
     for node in list(graph.node):
         rewrite.convert(node, keep)
     rewrite.finish()
-    _save(model, dest, external_data_bytes)
+    save_onnx(model, dest, external_data_bytes)
     fp32_ops = Counter(n.op_type for n in rewrite.nodes if n.op_type in FP32_OPS)
     return {
         "fp16_nodes": rewrite.counts[16],
@@ -283,21 +287,6 @@ def _hoist_constants(graph: onnx.GraphProto) -> None:
     graph.node.extend(kept)
 
 
-def _save(model: onnx.ModelProto, dest: Path, external_data_bytes: int) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    data = dest.with_name(dest.name + ".data")
-    data.unlink(missing_ok=True)  # onnx appends to an existing data file
-    external = sum(t.ByteSize() for t in model.graph.initializer) > external_data_bytes
-    onnx.save_model(
-        model,
-        str(dest),
-        save_as_external_data=external,
-        all_tensors_to_one_file=True,
-        location=data.name,
-        size_threshold=1024,
-    )
-
-
 # -- measurement --------------------------------------------------------------------------------
 
 
@@ -311,16 +300,18 @@ def measure_fp16(
     batch_sizes: Sequence[int] = BATCH_SIZES,
     min_agreement: float = MIN_AGREEMENT,
     min_spearman: float | None = MIN_SPEARMAN,
+    precision: str = "fp16",
 ) -> ParityReport:
     """Score ``encoded`` items through ``engine`` and compare with ``reference`` (fp32 scores, one per item).
 
     Records max |fp16 - fp32| (absolute and scaled as in parity.py), the ranking agreement of the
     fp16 scores with fp32 (pairwise and Spearman, over all items) and the batch drift (an item
-    alone vs inside padded batches, both padding sides for decoders). Problems: non-finite
+    alone vs inside padded batches, on the padding sides the bundle is held to: models/parity.py).
+    ``precision`` names the reduced precision (fp16, or bf16 on the same rule). Problems: non-finite
     scores, pairwise agreement under ``min_agreement``, Spearman under ``min_spearman`` (if set).
     """
     pad_id = bundle.manifest.format.pad_token_id
-    sides: tuple[Side, ...] = PADDING_SIDES if bundle.manifest.family == "decoder" else ("right",)
+    sides = invariance_sides(bundle.manifest)
     report = ParityReport(
         text_source=text_source,
         n_texts=len(encoded),
@@ -335,30 +326,30 @@ def measure_fp16(
         for size in sorted(batch_sizes):
             scores = score_rows(encoded, engine.infer, pad_id, batch_items=size, side=side, sort=False)
             if not np.isfinite(scores).all():
-                report.problems.append(f"non-finite fp16 scores ({side} padding, batch size {size})")
+                report.problems.append(f"non-finite {precision} scores ({side} padding, batch size {size})")
                 scores = np.nan_to_num(scores)
             served.append(scores)
             report.max_abs_diff = max(report.max_abs_diff, float(np.abs(scores - reference).max()))
             report.max_rel_diff = max(report.max_rel_diff, float(scaled_diff(scores, reference).max()))
     alone = served[0]
     report.batch_invariance_max = max(float(scaled_diff(s, alone).max()) for s in served)
-    report.left_padding_invariant = bundle.manifest.family == "decoder"
+    report.left_padding_invariant = "left" in sides
     report.score_range = [float(reference.min()), float(reference.max())]
     agreement, rho = pairwise_agreement(alone, reference), spearman(alone, reference)
     report.extra |= {
-        "precision": "fp16",
+        "precision": precision,
         "ranking_agreement": round(agreement, 6),
         "spearman": round(rho, 6),
         "reference": "fp32 PyTorch",
-        "engine": engine.info.provider,
-        "rule": f"max |fp16 - fp32| as measured; pairwise ranking agreement >= {min_agreement}",
+        "engine": f"{engine.info.provider}/{engine.info.precision}",
+        "rule": f"max |{precision} - fp32| as measured; pairwise ranking agreement >= {min_agreement}",
     }
     if agreement < min_agreement:
         report.problems.append(
-            f"fp16 ranks pairs differently from fp32: agreement {agreement:.4f} < {min_agreement}"
+            f"{precision} ranks pairs differently from fp32: agreement {agreement:.4f} < {min_agreement}"
         )
     if min_spearman is not None and rho < min_spearman:
-        report.problems.append(f"fp16 Spearman vs fp32 {rho:.4f} < {min_spearman}")
+        report.problems.append(f"{precision} Spearman vs fp32 {rho:.4f} < {min_spearman}")
     return report
 
 
@@ -395,5 +386,6 @@ def manifest_record(report: ParityReport, conversion: dict[str, Any]) -> dict[st
         "spearman": report.extra["spearman"],
         "n_texts": report.n_texts,
         "reference": "fp32 PyTorch",
+        "engine": report.extra["engine"],
         **conversion,
     }

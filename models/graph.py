@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -100,6 +101,24 @@ def export_legacy(
             location=DATA_FILE,
             size_threshold=1024,
         )
+
+
+def save_onnx(model: Any, dest: Path, external_data_bytes: int) -> None:
+    """Write ``model`` to ``dest``; its weights go to ``<dest>.data`` when over ``external_data_bytes``."""
+    import onnx
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    data = dest.with_name(dest.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    external = sum(t.ByteSize() for t in model.graph.initializer) > external_data_bytes
+    onnx.save_model(
+        model,
+        str(dest),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
 
 
 def fuse_encoder(path: Path) -> dict[str, int]:

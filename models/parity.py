@@ -3,11 +3,12 @@
 Token ids come from the server's own ``Formatter`` and batches from the server's own engine, so
 parity covers the path a request takes. Three checks, on padded batches of real text:
 
-* ONNX Runtime vs PyTorch on the same padded batch (sizes 1, 7, 32; right and left padding),
+* ONNX Runtime vs PyTorch on the same padded batch (sizes 1, 7, 32; right and left padding, or
+  right alone for a bundle whose graph reads no padding mask: ``padding: right``, the lean graph),
   ``|onnx - torch| <= tolerance * max(1, |torch|)``: absolute near zero, relative for large scores;
 * batch invariance: an item's score alone vs inside a padded batch, ``<= invariance_tolerance``
-  on the same scale (left padding too for decoders; an encoder's absolute positions move under
-  left padding, so there it is compared against PyTorch only);
+  on the same scale (left padding too for decoders that read the mask; an encoder's absolute
+  positions move under left padding, so there it is compared against PyTorch only);
 * every score finite.
 """
 
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rmserve.bundle import Bundle
+from rmserve.bundle import Bundle, Manifest
 from rmserve.engines.base import TokenBatch, available_cpus
 from rmserve.engines.batches import Side, score_rows
 from rmserve.engines.onnxruntime import OnnxRuntimeEngine
@@ -188,6 +189,16 @@ def reference_pairs(limit: int = 32) -> tuple[list[Pair], str]:
     return spread_by_length(builtin_pairs(), limit), "builtin"
 
 
+def compared_sides(manifest: Manifest) -> tuple[Side, ...]:
+    """The padding sides a bundle's scores are compared with PyTorch's on."""
+    return ("right",) if manifest.padding == "right" else PADDING_SIDES
+
+
+def invariance_sides(manifest: Manifest) -> tuple[Side, ...]:
+    """The padding sides on which an item must score as it does alone (see the module docstring)."""
+    return PADDING_SIDES if manifest.family == "decoder" and manifest.padding != "right" else ("right",)
+
+
 def torch_scores(model: ScoreModel, batch: TokenBatch) -> np.ndarray:
     """The PyTorch reference on exactly the arrays the engine receives, on the model's own device."""
     device = next(model.parameters()).device
@@ -269,16 +280,18 @@ def check_parity(
         text_source=text_source,
         n_texts=len(pairs),
         batch_sizes=list(batch_sizes),
-        padding_sides=list(PADDING_SIDES),
+        padding_sides=list(compared_sides(bundle.manifest)),
         tolerance=tolerance,
         invariance_tolerance=invariance_tolerance,
         truncated_texts=sum(e.truncated for e in encoded),
     )
     try:
-        served = _compare(engine, model, encoded, pad_id, batch_sizes, report)
+        served = _compare(
+            engine, model, encoded, pad_id, batch_sizes, compared_sides(bundle.manifest), report
+        )
     finally:
         engine.close()
-    _check_invariance(served, bundle.manifest.family == "decoder", report)
+    _check_invariance(served, invariance_sides(bundle.manifest), report)
     if report.max_rel_diff > tolerance:
         report.problems.append(
             f"ONNX Runtime differs from PyTorch by up to {report.max_rel_diff:.3g} (scaled; "
@@ -293,6 +306,7 @@ def _compare(
     encoded: Sequence[Encoded],
     pad_id: int,
     batch_sizes: Sequence[int],
+    sides: tuple[Side, ...],
     report: ParityReport,
 ) -> dict[tuple[str, int], np.ndarray]:
     """Run every (side, batch size); return the engine's score for each item under each.
@@ -306,7 +320,7 @@ def _compare(
     served: dict[tuple[str, int], np.ndarray] = {}
     alone_ref: np.ndarray | None = None
     low, high = np.inf, -np.inf
-    for side in PADDING_SIDES:
+    for side in sides:
         for size in sorted(batch_sizes, reverse=True):
             onnx = score_rows(encoded, engine.infer, pad_id, batch_items=size, side=side, sort=False)
             if size == 1 and alone_ref is not None:
@@ -327,11 +341,10 @@ def _compare(
 
 
 def _check_invariance(
-    served: dict[tuple[str, int], np.ndarray], is_decoder: bool, report: ParityReport
+    served: dict[tuple[str, int], np.ndarray], sides: tuple[Side, ...], report: ParityReport
 ) -> None:
     alone = served[("right", min(s for _, s in served))]
-    sides = PADDING_SIDES if is_decoder else ("right",)
-    report.left_padding_invariant = is_decoder
+    report.left_padding_invariant = "left" in sides
     worst = 0.0
     for (side, _size), scores in served.items():
         if side in sides:

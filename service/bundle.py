@@ -35,6 +35,11 @@ Precision = Literal["fp32", "fp16", "bf16", "int8"]
 Family = Literal["encoder", "decoder"]
 # outcome: one reward per sequence; process: a reward at each step of a solution (a step token's position).
 Kind = Literal["outcome", "process"]
+# traced: torch.onnx's graph of the PyTorch model; lean: rmserve's own decoder graph (models/lean).
+Graph = Literal["traced", "lean"]
+# any: the graph reads the attention mask, so rows may be padded on either side; right: it reads no
+# padding mask and is right only when every row's real tokens come first.
+Padding = Literal["any", "right"]
 
 
 class BundleError(Exception):
@@ -95,6 +100,11 @@ class Manifest(BaseModel):
     # "unfused": matrix products and a softmax, with ``attention_reason`` saying why.
     attention: str = "unfused"
     attention_reason: str | None = None
+    # The graph variant, decided at export: "lean" graphs need right padding (``padding``), which the
+    # engine enforces; ``graph_reason`` says why a decoder did not get the lean graph.
+    graph: Graph = "traced"
+    graph_reason: str | None = None
+    padding: Padding = "any"
     created_by: str = "rmserve export"
 
     @model_validator(mode="before")

@@ -25,7 +25,8 @@ from rmserve.formatting import Formatter
 from rmserve.items import ChatItem, Message, PairItem, TextItem
 from rmserve.models.export import ExportError, export_bundle
 from rmserve.models.export_command import main
-from tests.support.tiny import ARCHITECTURES, DECODERS, FUSED, NO_PAD, tiny_checkpoint
+from rmserve.models.parity import compared_sides
+from tests.support.tiny import ARCHITECTURES, DECODERS, ENCODERS, FUSED, LEAN, NO_PAD, tiny_checkpoint
 
 # The one architecture exported with its weights in model.onnx.data, by lowering the threshold.
 EXTERNAL_ARCH = "mistral"
@@ -85,7 +86,9 @@ def test_every_architecture_exports_with_parity(arch: str, bundle_of: Callable[[
     p = m.parity
     assert p["max_rel_diff"] <= 1e-4 and p["max_abs_diff"] <= 1e-4 * max(1.0, *map(abs, p["score_range"]))
     assert p["batch_invariance_max"] <= 1e-5
-    assert p["n_texts"] == 32 and p["batch_sizes"] == [1, 7, 32] and p["padding_sides"] == ["right", "left"]
+    # A lean graph reads no padding mask: it is held to right padding, the only side it is fed.
+    sides = ["right"] if arch in LEAN else ["right", "left"]
+    assert p["n_texts"] == 32 and p["batch_sizes"] == [1, 7, 32] and p["padding_sides"] == sides
     assert m.output == "scores" and m.precision == "fp32" and m.calibration_file == "calibration.jsonl"
     assert (bundle.path / "calibration.jsonl").read_text().count("\n") == 64
     decoder = arch in DECODERS
@@ -99,12 +102,20 @@ def test_every_architecture_exports_with_parity(arch: str, bundle_of: Callable[[
     # Decoders fuse their attention (one Attention op per layer, opset 23); Gemma2 cannot (soft-capping).
     assert m.attention == ("fused:Attention" if arch in FUSED else "unfused")
     assert m.opset == (23 if arch in FUSED else 18)
-    if arch == "gemma2":
+    assert (m.graph, m.padding) == (("lean", "right") if arch in LEAN else ("traced", "any"))
+    if arch == "gemma2":  # keeps the traced graph, and says why
         assert m.attention_reason == "the model has no PyTorch SDPA attention path to fuse"
+        assert m.graph_reason is not None and m.graph_reason.startswith("gemma2 has no lean graph")
+    if arch in ENCODERS:
+        assert m.graph_reason is None
 
 
 @pytest.mark.parametrize("arch", DECODERS)
-def test_decoder_scores_do_not_depend_on_padding_side(arch: str, bundle_of: Callable[[str], Path]) -> None:
+def test_decoder_scores_do_not_depend_on_the_batch_on_every_padding_side_the_bundle_takes(
+    arch: str, bundle_of: Callable[[str], Path]
+) -> None:
+    """Both sides for a traced graph (it reads the mask); right alone for a lean one (it is refused
+    left padding: tests/test_lean_graph.py)."""
     bundle = load_bundle(bundle_of(arch))
     items = [
         PairItem("Can you help me?", "Sure, here is how."),
@@ -115,13 +126,12 @@ def test_decoder_scores_do_not_depend_on_padding_side(arch: str, bundle_of: Call
     pad = bundle.manifest.format.pad_token_id
     engine = OnnxRuntimeEngine(bundle.model_path)
     try:
-        right = engine.infer(pad_rows(encoded, pad, "right"))
-        left = engine.infer(pad_rows(encoded, pad, "left"))
         alone = np.concatenate([engine.infer(pad_rows([e], pad, "right")) for e in encoded])
+        for side in compared_sides(bundle.manifest):
+            assert np.abs(engine.infer(pad_rows(encoded, pad, side)) - alone).max() <= 1e-5, side
     finally:
         engine.close()
-    assert np.abs(right - left).max() <= 1e-5
-    assert np.abs(right - alone).max() <= 1e-5
+    assert compared_sides(bundle.manifest) == (("right",) if arch in LEAN else ("right", "left"))
 
 
 def test_tokenizer_without_pad_token_pads_with_eos(bundle_of: Callable[[str], Path]) -> None:

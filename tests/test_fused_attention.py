@@ -1,8 +1,9 @@
-"""Fused attention in decoder bundles: one ONNX Attention op per layer, PyTorch's scores over HTTP.
+"""Fused attention in traced decoder bundles: one ONNX Attention op per layer, PyTorch's scores over HTTP.
 
-Tiny random-init Llama, Qwen2 and Qwen3 reward models exported with the default settings; their
-scores through a real ``rmserve serve`` are held to the PyTorch model (eager attention, fp32) on
-left- and right-padded batches of the same items. Also: the fp16 variant, and the unfused flag.
+Tiny random-init Llama, Qwen2 and Qwen3 reward models exported with ``--graph traced`` (the default
+for them is the lean graph: tests/test_lean_graph.py); their scores through a real ``rmserve serve``
+are held to the PyTorch model (eager attention, fp32) on left- and right-padded batches of the same
+items. Also: the fp16 variant, and the unfused flag.
 """
 
 from __future__ import annotations
@@ -41,10 +42,9 @@ ITEMS = [
 
 
 @pytest.fixture(scope="module")
-def bundles(tiny_bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """llama and qwen2 from the session's tiny bundles; qwen3 exported here."""
-    qwen3 = tiny_bundle("qwen3", tmp_path_factory.mktemp("qwen3"))
-    return {"llama": tiny_bundles["llama"], "qwen2": tiny_bundles["qwen2"], "qwen3": qwen3}
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """arch -> its traced bundle (``checkpoint`` beside it)."""
+    return {arch: tiny_bundle(arch, tmp_path_factory.mktemp(arch), graph="traced") for arch in FUSED_ARCHS}
 
 
 def ops_of(bundle: Path) -> list[str]:
@@ -58,6 +58,7 @@ def test_a_decoder_exports_one_fused_attention_op_per_layer_and_no_softmax(
     manifest = load_bundle(bundles[arch]).manifest
     ops = ops_of(bundles[arch])
     assert manifest.attention == "fused:Attention" and manifest.attention_reason is None
+    assert (manifest.graph, manifest.graph_reason, manifest.padding) == ("traced", "--graph traced", "any")
     assert manifest.opset == 23
     assert ops.count("Attention") == LAYERS
     assert "Softmax" not in ops
@@ -121,9 +122,10 @@ def test_the_fp16_variant_keeps_the_fused_ops_and_passes_its_gate(
     monkeypatch.setenv(HH_DEV_ENV, str(tmp_path / "no-shared-data"))
     fp32 = bundles["llama"]
     reuse_traced(monkeypatch, fp32)
-    manifest = export_bundle(fp32.parent / "checkpoint", tmp_path / "fp16", precision="fp16")
+    manifest = export_bundle(fp32.parent / "checkpoint", tmp_path / "fp16", precision="fp16", graph="traced")
     assert manifest.precision == "fp16" and manifest.attention == "fused:Attention"
     fp16 = manifest.parity["fp16"]
+    assert fp16["residual_guard"] is True  # a traced graph keeps the fp32 residual guard
     assert fp16["pairwise_ranking_agreement"] >= 0.999 and fp16["max_rel_diff"] < 0.05
     graph = onnx.load(str(tmp_path / "fp16" / MODEL_FILE)).graph
     assert [n.op_type for n in graph.node].count("Attention") == LAYERS
@@ -140,6 +142,7 @@ def test_no_fuse_attention_keeps_the_unfused_graph_and_says_why(
     assert "attention unfused (--no-fuse-attention)" in capsys.readouterr().out
     manifest = load_bundle(tmp_path / "unfused").manifest
     assert manifest.attention == "unfused" and manifest.attention_reason == "--no-fuse-attention"
+    assert (manifest.graph, manifest.graph_reason) == ("traced", "--no-fuse-attention")
     assert manifest.opset == 18 and manifest.parity["max_rel_diff"] <= 1e-4
     ops = ops_of(tmp_path / "unfused")
     assert "Attention" not in ops and ops.count("Softmax") == LAYERS
@@ -166,7 +169,7 @@ def test_a_graph_that_does_not_fuse_is_exported_unfused_with_the_reason(
         return real(model, meta, directory, **kw)
 
     monkeypatch.setattr(export_mod, "export_onnx", first_one_layer_short)
-    manifest = export_bundle(bundles["llama"].parent / "checkpoint", tmp_path / "b")
+    manifest = export_bundle(bundles["llama"].parent / "checkpoint", tmp_path / "b", graph="traced")
     assert calls == [23, 18]
     assert manifest.attention == "unfused"
     assert manifest.attention_reason is not None and "Softmax" in manifest.attention_reason

@@ -33,7 +33,7 @@ from rmserve.formatting import Formatter
 from rmserve.models.export import export_bundle
 from rmserve.models.fp16 import FP32_OPS, convert_model_fp16, guarded_nodes, measure_fp16
 from rmserve.models.heads import load_score_model
-from rmserve.models.parity import reference_pairs, reference_scores
+from rmserve.models.parity import compared_sides, reference_pairs, reference_scores
 from tests.support.server import serve
 
 no_gpu = pytest.mark.skipif(
@@ -97,7 +97,7 @@ def test_fp16_bundle_runs_on_the_cpu_within_its_recorded_deviation(
     pad = fp16.manifest.format.pad_token_id
     recorded = fp16.manifest.parity["fp16"]
     bound = recorded["max_abs_diff"] + recorded["batch_drift_max"] * 4 + 1e-4  # fp32 itself is within 1e-4
-    for side in ("right", "left"):
+    for side in compared_sides(fp16.manifest):
         for start in range(0, len(encoded), 8):
             batch = pad_rows(encoded[start : start + 8], pad, side)
             a, b = half.infer(batch), full.infer(batch)
@@ -125,23 +125,20 @@ def test_overflow_guard_keeps_norms_softmax_and_residual_adds_in_fp32(
 ) -> None:
     fp32 = onnx.load(str(tiny_bundles["qwen2"] / MODEL_FILE))
     kept = guarded_nodes(fp32)
-    # 2 layers: 4 residual adds, each feeding the next RMSNormalization. The fused graph has no
-    # epsilon adds (RMSNorm is one op) and no mask adds (Attention reads a boolean mask).
-    assert len(kept) == 4
+    # The lean graph, 2 layers: 4 residual adds, each feeding the next RMSNormalization (the last one
+    # through the reshape and the gather of each row's last token). No epsilon adds (RMSNorm is one
+    # op), no mask adds (no mask), and Qwen2's q/k/v bias add feeds no norm.
+    assert len(kept) == 4 and all(name.startswith("layer") for name in kept)
     assert {n.op_type for n in fp32.graph.node} >= {"Attention", "RMSNormalization"}
     fp16 = onnx.load(str(converted["qwen2"]))
     types = {v.name: v.type.tensor_type.elem_type for v in [*fp16.graph.value_info, *fp16.graph.output]}
     outputs = {n.name: n.output[0] for n in fp16.graph.node}
     for name in kept:
         assert types.get(outputs[name]) == onnx.TensorProto.FLOAT, name
-    for node in fp16.graph.node:
-        if node.op_type in FP32_OPS and node.output[0] in types:  # float ones; ReduceMax also pools int64
-            assert types[node.output[0]] != onnx.TensorProto.FLOAT16, node.name
-    # The rotary phases (integer positions x inv_freq) reach Cos/Sin in float32, never via float16.
-    producers = {o: n for n in fp16.graph.node for o in n.output}
-    for node in fp16.graph.node:
-        if node.op_type in ("Cos", "Sin"):
-            assert producers[node.input[0]].op_type != "Cast", node.name
+    norms = [n for n in fp16.graph.node if n.op_type in FP32_OPS and n.output[0] in types]
+    assert [n.op_type for n in norms].count("RMSNormalization") == 5  # 2 per layer and the final one
+    for node in norms:  # float ones; ReduceSum also counts the int64 mask
+        assert types[node.output[0]] != onnx.TensorProto.FLOAT16, node.name
     halves = [
         numpy_helper.to_array(t, base_dir=str(converted["qwen2"].parent))
         for t in fp16.graph.initializer
@@ -216,22 +213,36 @@ def test_server_asked_for_cuda_without_one_never_turns_ready(
         assert "install onnxruntime-gpu instead of onnxruntime" in server.log()
 
 
-def test_the_gpu_check_dry_run_measures_rmserve_beside_the_pytorch_baseline(tmp_path: Path) -> None:
-    """loadtests/gpu_check.py --cpu-dry-run: the GPU check's code end to end, tiny shapes, on the CPU."""
+def test_the_gpu_check_dry_run_measures_bf16_and_fp16_bundles_beside_pytorch_and_the_grpo_workload(
+    tmp_path: Path,
+) -> None:
+    """loadtests/gpu_check.py --cpu-dry-run: the GPU check's code end to end, tiny shapes, on the CPU
+    (fp16 on ONNX Runtime's CPU provider, bf16 on OpenVINO: the CPU provider has no bf16 kernels)."""
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, str(repo / "loadtests" / "gpu_check.py"), "--cpu-dry-run", "--no-http"]
-        + ["--models", "tiny-qwen3", "--work", str(tmp_path / "work"), "--out", str(out)],
+        + ["--models", "tiny-llama", "--grpo-model", "tiny-llama"]
+        + ["--work", str(tmp_path / "work"), "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=400,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((out / "gpu_check.json").read_text())
     paths = {row["path"] for row in result["rows"]}
     assert {"engine.infer x8", "batcher, 64 callers", "HF + SDPA"} <= paths
-    assert result["models"]["tiny-qwen3"]["attention"] == "fused:Attention"
-    assert result["models"]["tiny-qwen3"]["parity"]["problems"] == []
+    assert set(result["models"]) == {"tiny-llama/bf16", "tiny-llama/fp16"}
+    for summary in result["models"].values():
+        assert (summary["graph"], summary["nodes_per_layer"]) == ("lean", 16)
+        assert summary["residual_guard"] is False
+        assert summary["parity"]["problems"] == [] and summary["parity"]["padding_sides"] == ["right"]
+    assert result["grpo"]["workload"].startswith("4 prompts x 8 responses")
+    rmserve = [row for row in result["grpo"]["rows"] if row["path"].startswith("rmserve")]
+    hf = [row for row in result["grpo"]["rows"] if row["path"].startswith("HF + SDPA, micro-batches of 32")]
+    assert len(rmserve) == len(hf) == 2
+    # The batcher sorts what waits by length: it pads less than fixed micro-batches in arrival order.
+    assert max(r["padded_fraction"] for r in rmserve) < min(r["padded_fraction"] for r in hf)
     table = (out / "gpu_check.md").read_text()
-    assert "| engine / SDPA |" in table and "| tiny-qwen3 | 128 |" in table
+    assert "| engine / SDPA |" in table and "| tiny-llama/bf16 | 128 |" in table
+    assert "GRPO-shaped workload: 4 prompts x 8 responses" in table

@@ -93,6 +93,46 @@ def infer_all(engine: Engine, batches: Sequence[TokenBatch]) -> list[np.ndarray]
         return list(pool.map(engine.infer, batches))
 
 
+class BatchRefused(ValueError):
+    """A batch the engine's graph would score wrongly: a caller's bug, never a client's input."""
+
+
+def left_padded_rows(attention_mask: np.ndarray) -> list[int]:
+    """Rows whose mask has a padding position before a real one (right padding has none)."""
+    return [int(i) for i in np.flatnonzero((attention_mask[:, 1:] > attention_mask[:, :-1]).any(axis=1))]
+
+
+class RightPaddedOnly:
+    """An engine for a bundle whose graph reads no padding mask (manifest ``padding: right``).
+
+    Such a graph attends causally and pools at ``sum(mask) - 1``, which is each row's last real token
+    only when the row is padded on the right; a left-padded batch is refused before it runs, so it can
+    never come back as wrong scores. The server pads on the right (``pad_batch``).
+    """
+
+    def __init__(self, engine: Engine, bundle: str) -> None:
+        self.engine = engine
+        self.bundle = bundle
+        self.info = engine.info
+
+    def infer(self, batch: TokenBatch) -> np.ndarray:
+        rows = left_padded_rows(batch.attention_mask)
+        if rows:
+            raise BatchRefused(
+                f"bundle {self.bundle!r} requires right padding (its graph reads no padding mask: "
+                f"manifest padding=right), but rows {rows[:8]} of this batch are left-padded"
+            )
+        return self.engine.infer(batch)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def for_padding(engine: Engine, padding: str, bundle: str) -> Engine:
+    """``engine`` as a bundle whose manifest says ``padding`` must be fed."""
+    return RightPaddedOnly(engine, bundle) if padding == "right" else engine
+
+
 class EngineError(Exception):
     """An engine cannot be created as configured (missing provider, bad model file)."""
 

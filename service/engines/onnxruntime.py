@@ -12,12 +12,13 @@ On CUDA the memory arena grows by what is requested (``kSameAsRequested``), not 
 and never past ``gpu_mem_limit`` when one is set: a long-running server that once saw a large
 batch keeps that batch's working set, not twice it. TF32 is off: an fp32 bundle promises scores
 equal to PyTorch's within 1e-4 relative (README, "Exact"), which TF32 matrix products (~3e-4) would break;
-fp16 bundles never use TF32, and they are the fast path on a GPU (docs/gpu.md).
+fp16 and bf16 bundles never use TF32, and they are the fast path on a GPU (docs/gpu.md).
 """
 
 from __future__ import annotations
 
 import queue
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,36 @@ _OUTPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 def cuda_present() -> bool:
     """onnxruntime-gpu is installed and sees a device."""
     return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def compute_capability(device_id: int) -> tuple[int, int] | None:
+    """The GPU's compute capability from nvidia-smi (no CUDA runtime is imported here); None if unknown."""
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", f"--id={device_id}", "--query-gpu=compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        major, minor = done.stdout.strip().split(".")
+        return int(major), int(minor)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def bf16_problem(capability: tuple[int, int] | None) -> str | None:
+    """Why a bf16 bundle cannot be served on a GPU of ``capability``, or None.
+
+    bf16 kernels (and flash attention) need compute capability 8.0+ (Ampere); an unknown capability
+    is let through, and a GPU without them fails at its first forward pass, in the warm-up.
+    """
+    if capability is None or capability >= (8, 0):
+        return None
+    found = ".".join(map(str, capability))
+    return (
+        f"a bf16 bundle needs a GPU with bf16 units (compute capability 8.0+); this one is {found}: "
+        "export the model with --precision fp16 for it"
+    )
 
 
 def cuda_options(device_id: int, gpu_mem_limit_bytes: int) -> dict[str, str]:
@@ -178,6 +209,9 @@ def _build_cpu(model: Path, precision: str, threads: int, streams: int) -> OnnxR
 
 
 def _build_cuda(model: Path, precision: str, threads: int, streams: int) -> OnnxRuntimeEngine:
+    problem = bf16_problem(compute_capability(0)) if precision == "bf16" else None
+    if problem:
+        raise EngineError(problem)
     return OnnxRuntimeEngine(model, provider="cuda", threads=threads, precision=precision, streams=streams)
 
 

@@ -31,7 +31,7 @@ class Backend:
     device: Literal["cpu", "gpu"]
     present: Callable[[], bool]
     # Precisions it runs for an fp32 bundle on this machine, exact first. A GPU backend runs the
-    # bundle's own precision (fp32 or fp16 bundles) instead.
+    # bundle's own precision (fp32, fp16 or bf16 bundles) instead.
     precisions: Callable[[], tuple[str, ...]]
     build: Callable[[Path, str, int, int], Engine]  # (model file, precision, threads, streams)
     batch_tokens: int  # padded tokens per forward pass, by default

@@ -25,7 +25,7 @@ from typing import Any
 
 from rmserve.bundle import Bundle
 from rmserve.config import Settings
-from rmserve.engines.base import Engine, EngineError, available_cpus
+from rmserve.engines.base import Engine, EngineError, available_cpus, for_padding
 from rmserve.engines.gate import MIN_AGREEMENT, MIN_SPEARMAN, calibration_items, run_gate, score_items
 from rmserve.engines.registry import Backend, backend, backends
 from rmserve.formatting import Formatter
@@ -58,7 +58,9 @@ class Candidate:
 
 
 def build(candidate: Candidate, bundle: Bundle, threads: int, streams: int = 1) -> Engine:
-    return backend(candidate.provider).build(bundle.model_path, candidate.precision, threads, streams)
+    """The engine of ``candidate`` for ``bundle``, fed as its manifest's ``padding`` says."""
+    engine = backend(candidate.provider).build(bundle.model_path, candidate.precision, threads, streams)
+    return for_padding(engine, bundle.manifest.padding, bundle.manifest.name)
 
 
 def _pool(provider: str) -> list[Backend]:

@@ -17,6 +17,8 @@ ENCODERS = ("bert", "deberta-v2")
 DECODERS = ("llama", "qwen2", "qwen3", "gemma2", "mistral")
 # Decoders whose attention exports fused (one ONNX Attention per layer); Gemma2 soft-caps its logits.
 FUSED = ("llama", "qwen2", "qwen3", "mistral")
+# Decoders exported as the lean graph by default (models/lean): the fused ones, here.
+LEAN = FUSED
 # Decoders that keep a tokenizer without any pad token (the exporter must pad with EOS).
 NO_PAD = ("llama",)
 

@@ -1,0 +1,82 @@
+"""The lean decoder graph: rmserve's own ONNX graph of a Llama-layout reward model, for right padding.
+
+Written from the checkpoint's weights node by node (no tracing), in standard ONNX opset 23 ops that
+ONNX Runtime (CPU and CUDA) and OpenVINO run: ``RMSNormalization``, ``RotaryEmbedding`` and
+``Attention`` with no mask, causal, grouped K/V and 3D inputs, so ONNX Runtime's CUDA provider can
+take flash attention (docs/gpu.md). The graph is right only for right-padded batches; the manifest
+says so (``padding: right``) and the engine refuses anything else (rmserve.engines.base).
+
+Pieces: ``eligibility`` (which checkpoints), ``weights`` (the checkpoint as packed arrays),
+``builder`` (named nodes, one float type), ``body`` (ids -> residual stream), ``heads`` (residual
+stream -> scores). The same builder writes the graph in float32, float16 or bfloat16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from onnx import TensorProto, helper
+
+from rmserve.bundle import MODEL_FILE
+from rmserve.models.graph import save_onnx
+from rmserve.models.lean.body import decoder_body, decoder_inputs, layer_node_counts
+from rmserve.models.lean.builder import GraphBuilder
+from rmserve.models.lean.eligibility import LAYER_NODE_BUDGET, why_not_lean
+from rmserve.models.lean.heads import last_token_score
+from rmserve.models.lean.weights import DecoderWeights, Linear, decoder_weights, score_head
+
+LEAN_OPSET = 23
+EXPORTER = "rmserve lean graph builder (models/lean)"
+
+__all__ = [
+    "LAYER_NODE_BUDGET",
+    "LEAN_OPSET",
+    "LeanGraph",
+    "build_lean_graph",
+    "why_not_lean",
+    "write_lean_graph",
+]
+
+
+@dataclass(frozen=True)
+class LeanGraph:
+    """What was written: the nodes of each layer and of the parts around the layers."""
+
+    precision: str
+    nodes: dict[str, int]
+
+    @property
+    def nodes_per_layer(self) -> int:
+        return max(n for scope, n in self.nodes.items() if scope.startswith("layer"))
+
+    def as_manifest(self) -> dict[str, Any]:
+        layers = {s: n for s, n in self.nodes.items() if s.startswith("layer")}
+        outside = {s: n for s, n in self.nodes.items() if not s.startswith("layer")}
+        return {
+            "nodes_per_layer": self.nodes_per_layer,
+            "layers": len(layers),
+            "nodes_outside_layers": outside,
+        }
+
+
+def build_lean_graph(w: DecoderWeights, score: Linear, precision: str) -> Any:
+    """The ONNX model: ``input_ids``, ``attention_mask`` (int64 ``[batch, seq]``) -> ``scores``."""
+    g = GraphBuilder(precision)
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])
+    inputs = decoder_inputs(g, ids.name, mask.name)
+    scores = last_token_score(g, decoder_body(g, w, inputs), inputs, w, score)
+    g.rename(scores, "scores")
+    out = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch"])
+    return g.model([ids, mask], [out], LEAN_OPSET)
+
+
+def write_lean_graph(
+    hf_model: Any, max_length: int, directory: Path, *, precision: str, external_data_bytes: int
+) -> LeanGraph:
+    """Write ``model.onnx`` (+ ``model.onnx.data`` when large) for ``hf_model`` at ``precision``."""
+    model = build_lean_graph(decoder_weights(hf_model, max_length), score_head(hf_model), precision)
+    save_onnx(model, directory / MODEL_FILE, external_data_bytes)
+    return LeanGraph(precision, layer_node_counts(model))

@@ -1,0 +1,77 @@
+"""Which decoders take the lean graph, and why the others keep the traced one.
+
+The lean graph has no padding mask: each layer's ``Attention`` is causal and nothing else, which is
+right for a right-padded row scored at its last real token (a real token attends only to earlier
+positions, which are real). That holds for a causal decoder whose attention a row's own length
+cannot change. Not for: a sliding window shorter than the bundle's ``max_length`` (the window, not
+causality alone, would decide what a token sees), rotary embeddings that depend on the sequence
+length (dynamic NTK, LongRoPE), Gemma-style models (logit soft-capping, scaled embeddings, other
+norms) or any other family whose layer is not Llama's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# model_type -> the per-layer node budget of its fp32 lean graph (tests/test_lean_graph.py holds each
+# family to it): Llama's layer, plus a bias Add for Qwen2, plus a reshape-norm-reshape for each of
+# Qwen3's per-head q and k norms.
+LAYER_NODE_BUDGET = {"llama": 20, "mistral": 20, "qwen2": 20, "qwen3": 24}
+# Rotary embeddings whose cos/sin depend on the position alone, so they are computed once at export.
+STATIC_ROPE = frozenset({"default", "linear", "llama3", "yarn"})
+
+
+def sliding_window(config: Any) -> int | None:
+    """The window a layer of this model attends within, if any layer has one."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if config.model_type == "mistral" or (layer_types and "sliding_attention" in layer_types):
+        return int(window)
+    return None  # Qwen2/Qwen3 carry a sliding_window that no layer uses unless use_sliding_window
+
+
+def rope_type(config: Any) -> str:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return str(params.get("rope_type") or params.get("type") or "default")
+
+
+def why_not_lean(config: Any, max_length: int) -> str | None:
+    """None when a checkpoint of ``config`` exports the lean graph at ``max_length``; else why not."""
+    model_type = getattr(config, "model_type", "")
+    if model_type not in LAYER_NODE_BUDGET:
+        return f"{model_type} has no lean graph (only {', '.join(sorted(LAYER_NODE_BUDGET))})"
+    window = sliding_window(config)
+    if window is not None and window < max_length:
+        return (
+            f"its sliding window ({window} tokens) is shorter than max_length {max_length}, so attention "
+            "needs a mask"
+        )
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"hidden_act {config.hidden_act!r} is not silu"
+    kind = rope_type(config)
+    if kind not in STATIC_ROPE:
+        return f"rope_type {kind!r} depends on the sequence length"
+    partial = getattr(config, "partial_rotary_factor", 1.0) or 1.0
+    if float(partial) != 1.0:
+        return f"partial_rotary_factor {partial} is not 1"
+    return None
+
+
+def graph_reason(
+    option: str, family: str, config: Any, max_length: int, attention_reason: str | None
+) -> str | None:
+    """None when the export writes the lean graph; else why it writes the traced one.
+
+    ``option`` is ``rmserve export --graph``: auto (lean where it applies), lean (or fail), traced.
+    ``attention_reason`` is why attention is unfused, if it is (the lean graph's attention is fused).
+    """
+    if family != "decoder":
+        return "encoders keep the traced graph"
+    if option == "traced":
+        return "--graph traced"
+    reason = why_not_lean(config, max_length) or attention_reason
+    if reason is not None and option == "lean":
+        raise ValueError(f"--graph lean: {reason}")
+    return reason
