@@ -16,7 +16,6 @@ dependencies; aiohttp, which OpenRLHF and slime post with, is not installed):
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import pytest
 
 from rmserve.bundle import read_manifest, write_manifest
 from rmserve.client import RewardClient
+from rmserve.models.export import export_bundle
 from tests.support.server import ServerProcess, serve
 from tests.support.tiny import corpus
 
@@ -49,15 +49,14 @@ CHATML_PROMPT = CHATML[: CHATML.index("Sure,")]
 
 
 def llama3_bundle(source: Path, target: Path) -> Path:
-    """A copy of the tiny llama bundle whose manifest carries a Llama-3-style chat template, with room
-    for its markup (rotary positions: the graph takes longer inputs than the 128 it was exported at),
-    so the conversations here are scored whole: a text is cut by tokens, messages by whole turns."""
-    shutil.copytree(source, target)
+    """The tiny llama exported again with room for a Llama-3-style chat template's markup (256 tokens,
+    so the conversations here are scored whole: a text is cut by tokens, messages by whole turns), its
+    manifest carrying that template."""
+    export_bundle(source.parent / "checkpoint", target, name="tiny-llama3", max_length=256)
     fields = read_manifest(target).model_dump(mode="json")
     for derived in ("files", "digest", "version"):
         fields.pop(derived)
     fields["format"]["chat_template"] = LLAMA3_TEMPLATE
-    fields["format"]["max_length"] = 256
     write_manifest(target, **fields)
     return target
 
