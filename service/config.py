@@ -247,8 +247,13 @@ def add_settings_arguments(parser: argparse.ArgumentParser, model: type[BaseSett
             parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
 
 
-def settings_from_args(args: argparse.Namespace, model: type[S] = Settings) -> S:  # type: ignore[assignment]
+def settings_from_args(args: argparse.Namespace) -> Settings:
     """Flags override env vars; both are validated by the same model."""
+    return model_from_args(Settings, args)
+
+
+def model_from_args(model: type[S], args: argparse.Namespace) -> S:
+    """``model`` (a settings class) from the flags given, over its env vars."""
     given = {n: getattr(args, n) for n in model.model_fields if getattr(args, n, None) is not None}
     return model(**given)
 

@@ -3,10 +3,10 @@
 Joins the Ray cluster at ``--address`` (or ``RAY_ADDRESS``; ``auto``: the cluster running on this
 machine), or starts a one-node cluster of its own (``rmserve.ray.cluster``). It starts Serve's HTTP
 proxy on ``--host``/``--port`` (where Serve is not running yet), deploys the application and waits
-for its replicas to be ready. Then it blocks until SIGTERM or SIGINT, and drains: the application is deleted, which stops routing
-to its replicas and gives each ``drain_grace_s`` to finish what it accepted; a cluster this command
-started stops with it. Exit status: 0 after a drain, 1 when the application failed to start, 2 for
-invalid settings.
+for its replicas to be ready. Then it blocks until SIGTERM or SIGINT, and drains: the application
+is deleted, which stops routing to its replicas and gives each ``drain_grace_s`` to finish what it
+accepted; a cluster this command started stops with it. Exit status: 0 after a drain, 1 when the
+application failed to start, 2 for invalid settings.
 """
 
 from __future__ import annotations
@@ -21,7 +21,13 @@ from types import FrameType
 
 from pydantic import ValidationError
 
-from rmserve.config import Settings, add_settings_arguments, explain_invalid, settings_from_args
+from rmserve.config import (
+    Settings,
+    add_settings_arguments,
+    explain_invalid,
+    model_from_args,
+    settings_from_args,
+)
 from rmserve.logs import configure_logging
 from rmserve.ray.options import RaySettings
 
@@ -41,7 +47,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
-        ray_settings = settings_from_args(args, RaySettings)
+        ray_settings = model_from_args(RaySettings, args)
     except (ValidationError, ValueError) as exc:
         print(f"rmserve: invalid configuration:\n{explain_invalid(exc, args)}", file=sys.stderr)
         return 2
@@ -63,7 +69,10 @@ def run(settings: Settings, ray_settings: RaySettings) -> int:
 
     catch_signals()  # a signal while the head starts still stops it
     with contextlib.ExitStack() as stack:
-        address = ray_settings.address or os.environ.get("RAY_ADDRESS") or stack.enter_context(local_head())
+        address = ray_settings.address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            address = stack.enter_context(local_head())
+            print(f"rmserve: started a local Ray cluster at {address}", file=sys.stderr, flush=True)
         # Ray reads its authentication mode once, at import: after the local head set it.
         import ray
         from ray import serve

@@ -117,7 +117,7 @@ class RMServeReplica:
 
 def build(settings: Settings, ray_settings: RaySettings) -> Application:
     """The Ray Serve application for these settings (``serve.run`` it)."""
-    deployment = serve.deployment(RMServeReplica).options(**ray_settings.deployment_options(settings))
+    deployment = serve.deployment(**ray_settings.deployment_options(settings))(RMServeReplica)
     return deployment.bind(ray_settings.replica_settings(settings))
 
 

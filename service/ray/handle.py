@@ -14,7 +14,7 @@ cluster; otherwise Serve connects through ``RAY_ADDRESS``). Imports nothing of t
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from ray import serve
@@ -39,7 +39,8 @@ def _deployment(app_name: str) -> DeploymentHandle:
 
 def _send(handle: DeploymentHandle, request: httpx.Request, body: bytes) -> DeploymentResponse:
     path = request.url.raw_path.decode("ascii")
-    return handle.handle_request.remote(request.method, path, list(request.headers.multi_items()), body)
+    call = handle.handle_request.remote(request.method, path, list(request.headers.multi_items()), body)
+    return cast(DeploymentResponse, call)  # a unary call: not a stream
 
 
 def _read_timeout(request: httpx.Request) -> float | None:

@@ -28,8 +28,8 @@ class RaySettings(BaseSettings):
 
     address: str | None = Field(
         None,
-        description="Ray cluster to join: auto, host:port or ray://host:port (unset: RAY_ADDRESS, "
-        "else a new local cluster)",
+        description="Ray cluster to join: auto (the one on this machine) or host:port "
+        "(unset: RAY_ADDRESS, else a new local cluster)",
     )
     app_name: str = Field(
         DEFAULT_APP, min_length=1, description="Ray Serve application name (handles use it)"
@@ -45,7 +45,7 @@ class RaySettings(BaseSettings):
         64.0, gt=0, description="autoscaling: items queued or in a forward pass per replica to aim at"
     )
     look_back_s: float = Field(
-        10.0, gt=0, description="autoscaling: window over which each replica's queued items are averaged"
+        15.0, gt=0, description="autoscaling: window over which each replica's queued items are averaged"
     )
     upscale_delay_s: float = Field(
         10.0, ge=0, description="autoscaling: how long more replicas must be wanted before they start"
