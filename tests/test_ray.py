@@ -279,6 +279,23 @@ class TestTwoReplicasOfTheDefaultBundle:
         assert "items[0].prompt" in bad.json()["error"]["message"]
         assert bad.headers.get_list("x-request-id") == [bad.json()["error"]["request_id"]]
 
+    def test_each_replica_exports_its_rmserve_metrics_tagged_with_it_to_rays_prometheus_endpoint(
+        self, two_replicas: ServerProcess, cluster: RayCluster
+    ) -> None:
+        served = {
+            httpx.post(two_replicas.url + "/v1/score", json={"items": [{"text": f"m{i}"}]}).headers[
+                "x-replica"
+            ]
+            for i in range(16)
+        }
+        pattern = re.compile(r'^ray_rmserve_items_scored_total\{[^}]*replica="([a-z0-9]+)"', re.M)
+
+        def exported() -> set[str]:
+            text = httpx.get(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=10).text
+            return set(pattern.findall(text))
+
+        _wait(lambda: exported() >= served, 90, f"items scored by replicas {served} in Ray's export")
+
     def test_the_handle_client_returns_what_the_http_routes_return(
         self, two_replicas: ServerProcess, cluster: RayCluster
     ) -> None:

@@ -12,7 +12,8 @@ exactly as ``rmserve serve`` does. This module owns only the wiring around that 
 - drain: on scale-down, redeploy or shutdown Ray stops routing to the replica and waits up to
   ``graceful_shutdown_timeout_s`` (the server's ``drain_grace_s``) for its requests; the app's
   lifespan then finishes whatever its batchers still hold;
-- identity: every response names its replica in ``x-replica`` (Ray's replica id);
+- identity: every response names its replica in ``x-replica`` (Ray's replica id), and its metrics
+  reach Ray's Prometheus export tagged with it (``rmserve.ray.metrics``);
 - in-cluster calls: ``handle_request`` runs one HTTP request through the same app for a
   ``DeploymentHandle`` (``rmserve.ray.handle``), so a handle gets what the HTTP route answers.
 """
@@ -30,6 +31,7 @@ from ray.serve import Application
 from rmserve.app import create_app
 from rmserve.config import Settings
 from rmserve.logs import configure_logging
+from rmserve.ray.metrics import RayMetricsCopy
 from rmserve.ray.options import ITEMS_METRIC, RaySettings, split_builder_args
 from rmserve.state import AppState
 
@@ -87,6 +89,10 @@ class RMServeReplica:
         # (not ``self.app``: that name is Ray's, the wrapper's view of what this returns)
         self.rmserve_app = app = create_app(self.settings)
         self.state: AppState = app.state.rmserve
+        # Ray builds the app on the replica's event loop: the copy of its metrics runs there too.
+        self.metrics_copy = asyncio.get_running_loop().create_task(
+            RayMetricsCopy(self.state.metrics.registry).run()
+        )
         # Handle calls run through the same app in this process (``handle_request``).
         self.transport = httpx.ASGITransport(app=ReplicaHeaders(app, self.replica, proxied=False))
         return ReplicaHeaders(app, self.replica, proxied=True)

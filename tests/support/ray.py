@@ -33,6 +33,7 @@ RAY_ENV = {
 class RayCluster:
     address: str
     http_port: int  # Serve's proxy port: one per cluster, fixed by the first application
+    metrics_port: int  # where Ray's metrics agent exports every process's metrics for Prometheus
     process: subprocess.Popen[bytes]
     log_path: Path
 
@@ -44,18 +45,22 @@ def _bin(name: str) -> str:
 @contextmanager
 def ray_head(tmp: Path, timeout: float = 120.0) -> Iterator[RayCluster]:
     """A one-node cluster (2 CPUs); stopped, with every process it started, on leaving."""
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     log_path = tmp / "ray-head.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [_bin("ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--block"]
-            + ["--include-dashboard=false", "--node-ip-address=127.0.0.1"],
+            + [
+                "--include-dashboard=false",
+                "--node-ip-address=127.0.0.1",
+                f"--metrics-export-port={metrics_port}",
+            ],
             env={**os.environ, **RAY_ENV},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    cluster = RayCluster(f"127.0.0.1:{port}", free_port(), proc, log_path)
+    cluster = RayCluster(f"127.0.0.1:{port}", free_port(), metrics_port, proc, log_path)
     try:
         deadline = time.monotonic() + timeout
         while "Ray runtime started" not in log_path.read_text(errors="replace"):
