@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from rmserve.client import ModelNotFoundError, RewardClient
-from tests.support.server import ServerProcess, free_port, serve
+from tests.support.server import REPO, ServerProcess, free_port, serve
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
 from ray import serve as ray_serve_api  # noqa: E402
@@ -156,6 +156,22 @@ def test_the_handle_client_imports_nothing_of_the_server() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_docs_ray_lists_every_ray_setting_with_its_flag_and_default() -> None:
+    from rmserve.config import default_text
+    from rmserve.ray.options import RaySettings
+
+    rows = {}
+    for line in (REPO / "docs" / "ray.md").read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `RMSERVE_RAY_"):
+            rows[cells[0]] = cells
+    assert set(rows) == {f"`RMSERVE_RAY_{name.upper()}`" for name in RaySettings.model_fields}
+    for name, field in RaySettings.model_fields.items():
+        _, flag, default, meaning = rows[f"`RMSERVE_RAY_{name.upper()}`"]
+        assert flag == f"`--{name.replace('_', '-')}`" and default == f"`{default_text(field.default)}`", name
+        assert meaning, name
 
 
 # -- rmserve ray-serve on a cluster of its own ------------------------------------------------------
