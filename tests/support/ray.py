@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.server import ServerProcess, free_port, wait_ready
+from tests.support.server import ServerProcess, free_port, wait_ready_or_explain
 
 RAY_ENV = {
     "RAY_AUTH_MODE": "disabled",
@@ -110,10 +110,7 @@ def ray_serve(
     """``rmserve ray-serve`` ready to answer; SIGTERM (a drain) and waited for on leaving."""
     server, proc = ray_serve_process(args, env, tmp, port=port, address=address)
     try:
-        try:
-            wait_ready(server.url, proc, timeout)
-        except Exception as exc:
-            raise RuntimeError(f"{exc}\n--- rmserve ray-serve log ---\n{server.log()[-4000:]}") from None
+        wait_ready_or_explain(server, timeout)
         yield server
     finally:
         stop(proc, timeout=120)
