@@ -402,6 +402,24 @@ class TestTwoReplicasOfTheDefaultBundle:
         _wait(replaced, 120, "two running replicas, the killed one not among them")
 
 
+def test_a_bundle_that_does_not_load_fails_ray_serve_with_the_replicas_reason_and_exit_1(
+    cluster: RayCluster, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-bundle-here"
+    server, proc = ray_serve_process(
+        [*REPLICA, "--models", str(missing)], FP32, tmp_path, port=cluster.http_port, address=cluster.address
+    )
+    try:
+        assert proc.wait(timeout=240) == 1, server.log()
+    finally:
+        stop(proc)
+    failure = [line for line in server.log().splitlines() if line.startswith("rmserve: start-up failed:")]
+    assert len(failure) == 1 and str(missing) in failure[0], server.log()[-3000:]
+    assert _replicas("rmserve") == 0
+
+
+# A look-back under Ray's deprecated 10 s metrics interval warns; the test wants a short one.
+@pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning")
 def test_autoscaling_goes_from_one_to_two_replicas_under_queued_load_and_back_to_one(
     cluster: RayCluster, tmp_path: Path
 ) -> None:
