@@ -158,6 +158,20 @@ def test_the_handle_client_imports_nothing_of_the_server() -> None:
     assert proc.stdout.strip() == "[]"
 
 
+def test_ray_serve_without_ray_names_the_ray_extra_before_starting_anything(tmp_path: Path) -> None:
+    # Ray hidden from the import system (a None entry in sys.modules), as in an install without it.
+    code = (
+        "import sys; sys.modules['ray'] = None; from rmserve.cli import main; sys.exit(main(['ray-serve']))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "rmserve ray-serve: needs the ray extra (missing module 'ray'): pip install 'rmserve[ray]'"
+    )
+
+
 def test_docs_ray_lists_every_ray_setting_with_its_flag_and_default() -> None:
     from rmserve.config import default_text
     from rmserve.ray.options import RaySettings

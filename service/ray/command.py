@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import signal
 import sys
@@ -57,6 +58,9 @@ def main(argv: list[str]) -> int:
 
 def run(settings: Settings, ray_settings: RaySettings) -> int:
     from rmserve.ray.cluster import local_head
+
+    if importlib.util.find_spec("ray") is None:  # before any cluster starts: `rmserve` names the extra
+        raise ModuleNotFoundError("No module named 'ray'", name="ray")
 
     stop = threading.Event()
 
