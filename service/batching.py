@@ -101,13 +101,17 @@ class Batcher:
     def queued(self) -> int:
         return self._queued
 
+    @property
+    def in_work(self) -> int:
+        """Items accepted and not yet scored: queued, and in forward passes now."""
+        return self._queued + sum(len(batch) for batch in self._running.values())
+
     def wait_estimate_s(self, extra: int = 0) -> float | None:
         """Seconds until ``extra`` more items would be scored behind the work queued and running now,
         at the recently measured rate; None before any forward pass has been measured."""
         if self._rate <= 0:
             return None
-        running = sum(len(batch) for batch in self._running.values())
-        return (self._queued + running + extra) / self._rate
+        return (self.in_work + extra) / self._rate
 
     def retry_after_s(self, extra: int = 0) -> float:
         """How long the queue (plus ``extra`` items) takes to drain at the recent rate."""

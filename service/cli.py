@@ -1,4 +1,4 @@
-"""The ``rmserve`` command: serve | export | train | eval.
+"""The ``rmserve`` command: serve | ray-serve | export | train | eval.
 
 Each command lives in its own module, imported only when it runs, so the client-only install
 (``pip install rmserve``) has a working ``rmserve`` that names the extra a command needs.
@@ -22,6 +22,7 @@ class Command:
 
 COMMANDS = {
     "serve": Command("rmserve.serve", "server", "serve reward model bundles over HTTP"),
+    "ray-serve": Command("rmserve.ray.command", "ray", "serve reward model bundles on a Ray cluster"),
     "export": Command(
         "rmserve.models.export_command", "export", "export a Hugging Face checkpoint to a bundle"
     ),

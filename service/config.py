@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from rmserve.cache.redis_url import parse_redis_url
 
 PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16", "int8"]
+S = TypeVar("S", bound=BaseSettings)
 
 
 class Settings(BaseSettings):
@@ -228,12 +229,12 @@ def default_text(value: Any) -> str:
     return str(value)
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting, named after its env var (RMSERVE_MAX_WAIT_MS is --max-wait-ms), its help
-    line ending in its default (where the description does not say it already) and its env var."""
-    for name, field in Settings.model_fields.items():
+def add_settings_arguments(parser: argparse.ArgumentParser, model: type[BaseSettings] = Settings) -> None:
+    """One flag per setting of ``model``, named after its env var (RMSERVE_MAX_WAIT_MS is --max-wait-ms),
+    its help line ending in its default (where the description does not say it already) and its env var."""
+    for name, field in model.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        env = "RMSERVE_" + name.upper()
+        env = str(model.model_config.get("env_prefix", "")) + name.upper()
         description = field.description or ""
         said = field.default is None and ("(default:" in description or "(unset:" in description)
         default = "" if said else f" (default: {default_text(field.default)})"
@@ -248,8 +249,13 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Flags override env vars; both are validated by the same model."""
-    given = {n: getattr(args, n) for n in Settings.model_fields if getattr(args, n, None) is not None}
-    return Settings(**given)
+    return model_from_args(Settings, args)
+
+
+def model_from_args(model: type[S], args: argparse.Namespace) -> S:
+    """``model`` (a settings class) from the flags given, over its env vars."""
+    given = {n: getattr(args, n) for n in model.model_fields if getattr(args, n, None) is not None}
+    return model(**given)
 
 
 def explain_invalid(exc: ValidationError | ValueError, args: argparse.Namespace | None = None) -> str:

@@ -40,3 +40,9 @@ class AppState:
         if self.phase != "ready" or self.scorer is None:
             return False
         return all(rt.batcher.healthy for rt in self.scorer.models.values())
+
+    def items_in_work(self) -> int:
+        """Items accepted and not yet scored, over every model: the load a replica reports to Ray."""
+        if self.scorer is None:
+            return 0
+        return sum(rt.batcher.in_work for rt in self.scorer.models.values())

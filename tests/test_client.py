@@ -170,6 +170,22 @@ def test_does_not_retry_client_errors_or_a_500(kind: str, status: int, type_: st
         assert "items[0]: nope" in str(caught.value)
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_retries_a_proxys_plain_text_500_where_it_would_not_retry_rmserves_own(kind: str) -> None:
+    # What Ray Serve's proxy answers when the replica it forwarded the request to died mid-request.
+    lost = (
+        b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        b"content-length: 21\r\nconnection: close\r\n\r\nInternal Server Error"
+    )
+    with flaky(lost, scores(0.25)) as server:
+        assert call_score(kind, server.url, [("p", "r")], **FAST) == [0.25]
+        assert server.requests == 2
+    with flaky(lost, lost, lost) as server:
+        with pytest.raises(RetryBudgetExceeded) as caught:
+            call_score(kind, server.url, [("p", "r")], max_retries=2, **FAST)
+        assert isinstance(caught.value.last_error, ServerUnavailableError) and caught.value.status == 500
+
+
 def test_honours_retry_after() -> None:
     with flaky(error(429, "overloaded", "queue full", **{"Retry-After": "1"}), scores(2.0)) as server:
         assert call_score("sync", server.url, [("p", "r")], **FAST) == [2.0]

@@ -5,8 +5,10 @@ as ``reward_func(queries, prompts, labels)`` in a thread, one sample per call in
 (``openrlhf/utils/agent.py``, ``SingleTurnAgentExecutor``). Unlike OpenRLHF's own HTTP caller
 (5 tries, 1 s apart, no headers), this sends a bearer key and honours ``Retry-After``: use it for
 servers with API keys. Settings come from the environment of the rollout workers: ``RMSERVE_URL``,
-``RMSERVE_API_KEY``, ``RMSERVE_CLIENT_TIMEOUT_S`` (180), ``RMSERVE_CLIENT_MAX_RETRIES`` (5). The
-server scores with its default bundle, as for OpenRLHF's own requests.
+``RMSERVE_API_KEY``, ``RMSERVE_CLIENT_TIMEOUT_S`` (180), ``RMSERVE_CLIENT_MAX_RETRIES`` (5), and
+``RMSERVE_RAY_APP``: the name of an rmserve application on the trainer's own Ray cluster, scored
+through a Ray Serve handle instead of HTTP (``rmserve.ray``; docs/ray.md). The server scores with
+its default bundle, as for OpenRLHF's own requests.
 
 It returns what rmserve's ``/get_reward`` returns (``rewards``, ``scores``, ``extra_logs``), as
 torch tensors when torch is importable (OpenRLHF's examples return tensors), else as lists.
@@ -18,15 +20,17 @@ import functools
 import os
 from typing import Any
 
+from rmserve.adapters.clients import reward_client
 from rmserve.client import DEFAULT_URL, RewardClient
 
 __all__ = ["reward_func"]
 
 
 @functools.lru_cache(maxsize=4)
-def _client(pid: int, url: str, api_key: str | None) -> RewardClient:
-    return RewardClient(
+def _client(pid: int, url: str, api_key: str | None, ray_app: str | None) -> RewardClient:
+    return reward_client(
         url,
+        ray_app,
         api_key=api_key,
         timeout=float(os.environ.get("RMSERVE_CLIENT_TIMEOUT_S", "180")),
         max_retries=int(os.environ.get("RMSERVE_CLIENT_MAX_RETRIES", "5")),
@@ -49,6 +53,7 @@ def reward_func(
         os.getpid(),
         os.environ.get("RMSERVE_URL", DEFAULT_URL),
         os.environ.get("RMSERVE_API_KEY") or None,
+        os.environ.get("RMSERVE_RAY_APP") or None,
     )
     result = client.get_reward_result(list(queries), list(prompts) if prompts is not None else None, labels)
     return {

@@ -14,6 +14,9 @@ reward_kwargs key          environment variable            meaning
 ``rmserve_timeout_s``      ``RMSERVE_CLIENT_TIMEOUT_S``    client timeout (default 180)
 ``rmserve_max_retries``    ``RMSERVE_CLIENT_MAX_RETRIES``  retries of 429/502/503 (default 5)
 ``rmserve_require_prompt`` ``RMSERVE_REQUIRE_PROMPT``      a sample without a prompt is an error
+``rmserve_ray_app``        ``RMSERVE_RAY_APP``             score through a Ray Serve handle to
+                                                           this rmserve application instead of
+                                                           HTTP (same Ray cluster, docs/ray.md)
 =========================  ==============================  =====================================
 
 veRL hands ``solution_str`` already decoded (special tokens skipped) and never the prompt. The prompt
@@ -39,6 +42,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from rmserve.adapters.clients import async_reward_client, reward_client
 from rmserve.client import DEFAULT_URL, AsyncRewardClient, ItemLike, RewardClient
 
 __all__ = [
@@ -75,6 +79,7 @@ def scoring_settings(kwargs: Mapping[str, Any]) -> dict[str, Any]:
         "timeout": float(get("timeout_s", "RMSERVE_CLIENT_TIMEOUT_S", 180)),
         "max_retries": int(get("max_retries", "RMSERVE_CLIENT_MAX_RETRIES", 5)),
         "require_prompt": str(get("require_prompt", "RMSERVE_REQUIRE_PROMPT", "")).lower() in _TRUE,
+        "ray_app": get("ray_app", "RMSERVE_RAY_APP", None),
     }
 
 
@@ -120,7 +125,7 @@ def _client_options(settings: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
 @functools.lru_cache(maxsize=8)
 def _sync_client(pid: int, options: tuple[tuple[str, Any], ...]) -> RewardClient:
     # One pooled client per process and configuration: veRL calls compute_score per sample.
-    return RewardClient(**dict(options))
+    return reward_client(**dict(options))
 
 
 _async_clients: dict[tuple[int, tuple[tuple[str, Any], ...]], AsyncRewardClient] = {}
@@ -130,7 +135,7 @@ def async_client(settings: dict[str, Any]) -> AsyncRewardClient:
     """One pooled async client per event loop and configuration (a pool belongs to its loop)."""
     key = (id(asyncio.get_running_loop()), _client_options(settings))
     if key not in _async_clients:
-        _async_clients[key] = AsyncRewardClient(**dict(key[1]))
+        _async_clients[key] = async_reward_client(**dict(key[1]))
     return _async_clients[key]
 
 

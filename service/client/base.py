@@ -4,10 +4,12 @@
 each operation as a generator of ``Step``s (``rmserve.client.steps``). ``RewardClient`` and
 ``AsyncRewardClient`` carry the steps out, each in its own way, and stay thin mirrors.
 
-Retries: only 429, 502, 503 and connection failures (refused, reset, dropped mid-answer). Scoring is
-a pure function of its input, so a retried request cannot do harm twice; 502 is what a proxy or
-Kubernetes ingress answers while a pod restarts. Never retried: any other 4xx (the input is wrong and
-stays wrong), 500 (the model failed; the request id is in the message), 504 and client read timeouts
+Retries: only 429, 502, 503, a 500 without rmserve's error body (a proxy's: Ray Serve's when the
+replica it forwarded to died) and connection failures (refused, reset, dropped mid-answer). Scoring
+is a pure function of its input, so a retried request cannot do harm twice; 502 is what a proxy or
+Kubernetes ingress answers while a pod restarts. Never retried: any other 4xx (the input is wrong
+and stays wrong), rmserve's own 500 (the model failed; the request id is in the message), 504 and
+client read timeouts
 (the server already spent the deadline on this work: resending it under load only adds load).
 Backoff is exponential with full jitter; a ``Retry-After`` header sets the least wait. After
 ``max_retries`` retries the client raises ``RetryBudgetExceeded`` carrying the last error.

@@ -44,7 +44,8 @@ class OverloadedError(RewardServerError):
 
 
 class ServerUnavailableError(RewardServerError):
-    """503 (starting or draining) or 502 from a proxy in front of it."""
+    """503 (starting or draining), or 502 or a bare 500 from a proxy in front of it (the server
+    behind it was lost)."""
 
 
 class ServerConnectionError(ServerUnavailableError):

@@ -13,6 +13,7 @@ from rmserve.client.errors import (
     ProtocolError,
     RewardServerError,
     ServerConnectionError,
+    ServerUnavailableError,
     error_class,
 )
 from rmserve.client.results import Health, RewardResult, ScoreResult, Usage
@@ -43,9 +44,13 @@ def raise_for(reply: Reply) -> None:
     err = body.get("error") if isinstance(body, dict) else None
     if isinstance(err, dict):
         type_, message, rid = err.get("type"), str(err.get("message", "")), err.get("request_id")
+        cls = error_class(reply.status)
     else:  # not ours: a proxy's HTML page, say
         type_, message, rid = None, reply.content[:200].decode("utf-8", "replace"), None
-    raise error_class(reply.status)(
+        # A proxy's own 500 (Ray Serve's, when the replica it forwarded to died mid-request) means
+        # the server behind it was lost, as a 502 does: retried. rmserve's 500s carry its error body.
+        cls = ServerUnavailableError if reply.status == 500 else error_class(reply.status)
+    raise cls(
         f"{reply.status} {type_ or 'error'}: {message}",
         status=reply.status,
         type=type_,

@@ -61,6 +61,14 @@ def wait_ready(url: str, process: subprocess.Popen[bytes] | None = None, timeout
     raise TimeoutError(f"{url} was not ready within {timeout} s")
 
 
+def wait_ready_or_explain(server: ServerProcess, timeout: float) -> None:
+    """``wait_ready``, or a RuntimeError carrying the server's log."""
+    try:
+        wait_ready(server.url, server.process, timeout)
+    except Exception as exc:
+        raise RuntimeError(f"{exc}\n--- server log ---\n{server.log()}") from None
+
+
 def _rmserve(python: Path) -> list[str]:
     script = python.with_name("rmserve")
     return [str(script)] if script.is_file() else [str(python), "-m", "rmserve.cli"]
@@ -94,10 +102,7 @@ def serve(
     server = ServerProcess(f"http://127.0.0.1:{port}", proc, log_path)
     try:
         if ready:
-            try:
-                wait_ready(server.url, proc, timeout)
-            except Exception as exc:
-                raise RuntimeError(f"{exc}\n--- server log ---\n{server.log()}") from None
+            wait_ready_or_explain(server, timeout)
         yield server
     finally:
         if proc.poll() is None:

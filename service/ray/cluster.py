@@ -1,0 +1,78 @@
+"""The Ray cluster ``rmserve ray-serve`` runs on: one it joins, or a local head node it owns.
+
+A local head is Ray's own ``ray start --head --block``, started in a session of its own: a signal
+sent to the command's whole process group (a terminal, ``timeout``, a supervisor that signals every
+process) reaches the command, which drains, and not the cluster under it, which would die before
+the drain. The head stops when the command is done with it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# Ray prints this once the head node's processes are up.
+_STARTED = "Ray runtime started"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ray_cli() -> list[str]:
+    script = Path(sys.executable).with_name("ray")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+@contextmanager
+def local_head(timeout_s: float = 120.0) -> Iterator[str]:
+    """Start a one-node Ray cluster; yield its address; stop it on leaving."""
+    port = _free_port()
+    # Token authentication, Ray's default for a new cluster, said out loud: the head makes (or finds)
+    # the token, and a driver joining it, this process, sends it only when the mode says so.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    with tempfile.NamedTemporaryFile("w+b", prefix="rmserve-ray-head-", suffix=".log") as log:
+        head = subprocess.Popen(
+            [*_ray_cli(), "start", "--head", f"--port={port}", "--block", "--disable-usage-stats"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # The command drains its application before it stops the head: Ray's own node drain
+            # on SIGTERM would only wait (up to 30 s) for the Serve controller, which never idles.
+            env={**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},
+        )
+        try:
+            _wait_started(head, Path(log.name), timeout_s)
+            yield f"127.0.0.1:{port}"
+        finally:
+            _stop(head)
+
+
+def _wait_started(head: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _STARTED not in log.read_text(errors="replace"):
+        if head.poll() is not None or time.monotonic() > deadline:
+            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+            raise RuntimeError("the local Ray head did not start:\n" + "\n".join(tail))
+        time.sleep(0.2)
+
+
+def _stop(head: subprocess.Popen[bytes]) -> None:
+    """SIGTERM: Ray's ``--block`` stops the node's processes, then itself."""
+    if head.poll() is None:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
