@@ -38,16 +38,17 @@ from onnx import TensorProto, helper, numpy_helper
 
 from rmserve.bundle import Bundle
 from rmserve.engines.base import available_cpus
-from rmserve.engines.batches import Side, score_rows
+from rmserve.engines.batches import Read, Side, score_rows
 from rmserve.engines.gate import MIN_AGREEMENT, MIN_SPEARMAN, pairwise_agreement, spearman
 from rmserve.engines.onnxruntime import OnnxRuntimeEngine
-from rmserve.formatting import Encoded, Formatter
-from rmserve.models.heads import ScoreModel
+from rmserve.formatting import Encoded
 from rmserve.models.parity import (
     BATCH_SIZES,
     PADDING_SIDES,
     Pair,
     ParityReport,
+    TorchModel,
+    reference_items,
     reference_scores,
     scaled_diff,
 )
@@ -311,8 +312,10 @@ def measure_fp16(
     batch_sizes: Sequence[int] = BATCH_SIZES,
     min_agreement: float = MIN_AGREEMENT,
     min_spearman: float | None = MIN_SPEARMAN,
+    read: Read | None = None,
 ) -> ParityReport:
-    """Score ``encoded`` items through ``engine`` and compare with ``reference`` (fp32 scores, one per item).
+    """Score ``encoded`` items through ``engine`` and compare with ``reference`` (fp32 scores, one per
+    item; or with ``read``, a process bundle's step values, all steps of all items in turn).
 
     Records max |fp16 - fp32| (absolute and scaled as in parity.py), the ranking agreement of the
     fp16 scores with fp32 (pairwise and Spearman, over all items) and the batch drift (an item
@@ -333,7 +336,9 @@ def measure_fp16(
     served: list[np.ndarray] = []
     for side in sides:
         for size in sorted(batch_sizes):
-            scores = score_rows(encoded, engine.infer, pad_id, batch_items=size, side=side, sort=False)
+            scores = score_rows(
+                encoded, engine.infer, pad_id, batch_items=size, side=side, sort=False, read=read
+            )
             if not np.isfinite(scores).all():
                 report.problems.append(f"non-finite fp16 scores ({side} padding, batch size {size})")
                 scores = np.nan_to_num(scores)
@@ -362,14 +367,14 @@ def measure_fp16(
     return report
 
 
-def check_fp16(bundle: Bundle, model: ScoreModel, pairs: Sequence[Pair], *, text_source: str) -> ParityReport:
-    """The export gate: the fp16 bundle, as served on the CPU, against fp32 ``model`` on ``pairs``.
+def check_fp16(bundle: Bundle, model: TorchModel, pairs: Sequence[Pair], *, text_source: str) -> ParityReport:
+    """The export gate: the fp16 bundle, as served on the CPU, against fp32 ``model`` on ``pairs``
+    (a process bundle's step values at its step tokens).
 
     Raises EngineError when onnxruntime cannot run the graph; the problems say what failed.
     """
-    chat = bundle.manifest.format.input_format == "chat_template"
-    encoded = Formatter(bundle).encode([p.as_item(chat) for p in pairs])
-    reference = reference_scores(model, encoded, bundle.manifest.format.pad_token_id)
+    encoded, read = reference_items(bundle, pairs)
+    reference = reference_scores(model, encoded, bundle.manifest.format.pad_token_id, read=read)
     engine = OnnxRuntimeEngine(bundle.model_path, provider="cpu", threads=available_cpus(), precision="fp16")
     try:
         return measure_fp16(
@@ -380,6 +385,7 @@ def check_fp16(bundle: Bundle, model: ScoreModel, pairs: Sequence[Pair], *, text
             text_source=text_source,
             min_agreement=MIN_EXPORT_AGREEMENT,
             min_spearman=None,
+            read=read,
         )
     finally:
         engine.close()

@@ -18,6 +18,7 @@ from rmserve.bundle import Bundle, FormatSettings
 from rmserve.errors import InvalidItem, ItemTooLong
 from rmserve.items import (
     Item,
+    StepsItem,
     TextItem,
     as_messages,
     as_pair,
@@ -35,6 +36,9 @@ class Encoded:
     ids: tuple[int, ...]
     type_ids: tuple[int, ...] | None
     truncated: bool
+    # Process bundles: where each step's token is, in order, and how many trailing steps truncation dropped.
+    positions: tuple[int, ...] = ()
+    dropped: int = 0
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -100,7 +104,17 @@ class Formatter:
                 raise exc.at(positions[exc.index]) from None
             raise
 
+    def text_of(self, index: int, item: Item) -> str:
+        """The text the model reads for ``item`` (``index`` names it in an InvalidItem), untokenized."""
+        return self._render(index, item)
+
+    def leading_special(self, enc: Encoding) -> int:
+        """1 when ``enc`` starts with a BOS/CLS that truncation must keep, else 0."""
+        return int(bool(enc.ids) and (enc.special_tokens_mask[0] == 1 or enc.ids[0] == self._bos_id))
+
     def _render(self, index: int, item: Item) -> str:
+        if isinstance(item, StepsItem):  # the process kind renders steps (rmserve.steps)
+            raise InvalidItem(index, "steps are scored by process reward models")
         if isinstance(item, TextItem) or self._template is None:
             if isinstance(item, TextItem):
                 return item.text
@@ -181,8 +195,7 @@ class Formatter:
             if strict:
                 raise ItemTooLong(index, len(ids), limit)
             # Keep a leading BOS/CLS, then the final tokens: a decoder scores the last one.
-            lead_special = enc.special_tokens_mask[0] == 1 or ids[0] == self._bos_id
-            head = ids[:1] if lead_special else []
+            head = ids[: self.leading_special(enc)]
             ids = head + ids[len(ids) - (limit - len(head)) :]
         type_ids = tuple([0] * len(ids)) if self.uses_type_ids else None
         return Encoded(tuple(ids), type_ids, truncated)

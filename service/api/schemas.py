@@ -17,7 +17,8 @@ from pydantic import (
 )
 
 from rmserve.errors import BadRequest, TooLarge
-from rmserve.items import ChatItem, Item, Message, PairItem, TextItem, text_problem
+from rmserve.items import ChatItem, Item, Message, PairItem, StepsItem, TextItem, text_problem
+from rmserve.kinds import Aggregate
 
 
 def _tokenizable(text: str) -> str:
@@ -49,7 +50,8 @@ Prompt = Annotated[
 
 
 class ScoreItemIn(BaseModel):
-    """One item, in one of three shapes: prompt + response, messages, or text."""
+    """One item, in one of four shapes: prompt + response, messages, text, or (for a process reward
+    model) prompt + steps."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -58,6 +60,7 @@ class ScoreItemIn(BaseModel):
                 {"prompt": "What is 2+2?", "response": "4"},
                 {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
                 {"text": "\n\nHuman: Hi\n\nAssistant: Hello!"},
+                {"prompt": "What is 2+3*4?", "steps": ["3*4 = 12.", "2 + 12 = 14."]},
             ]
         },
     )
@@ -68,12 +71,19 @@ class ScoreItemIn(BaseModel):
         None, min_length=1, description="ends with the assistant's reply"
     )
     text: Text | None = Field(None, description="already formatted text")
+    steps: list[Text] | None = Field(
+        None, min_length=1, description="a solution's steps, for a process reward model (with prompt)"
+    )
 
     @model_validator(mode="after")
     def _one_shape(self) -> ScoreItemIn:
-        for name in ("prompt", "response", "messages", "text"):
+        for name in ("prompt", "response", "messages", "text", "steps"):
             if name in self.model_fields_set and getattr(self, name) is None:
                 raise ValueError(f"{name} is null; give its value or leave the field out")
+        if self.steps is not None:
+            if self.prompt is None or self.response is not None or self.messages or self.text is not None:
+                raise ValueError("steps go with a prompt, and with no response, messages or text")
+            return self
         pair = self.prompt is not None or self.response is not None
         shapes = sum([pair, self.messages is not None, self.text is not None])
         if shapes != 1:
@@ -83,6 +93,9 @@ class ScoreItemIn(BaseModel):
         return self
 
     def to_item(self) -> Item:
+        if self.steps is not None:
+            assert self.prompt is not None
+            return StepsItem(_prompt(self.prompt), tuple(self.steps))
         if self.messages is not None:
             return ChatItem(tuple(Message(m.role, m.content) for m in self.messages))
         if self.text is not None:
@@ -95,7 +108,12 @@ class ScoreItemIn(BaseModel):
     def chars(self) -> int:
         msgs = (self.messages or []) + (self.prompt if isinstance(self.prompt, list) else [])
         texts = [self.response, self.text, self.prompt if isinstance(self.prompt, str) else None]
+        texts += self.steps or []
         return sum(len(t) for t in texts if t) + sum(len(m.content) + len(m.role) for m in msgs)
+
+
+def _prompt(prompt: str | list[MessageIn]) -> str | tuple[Message, ...]:
+    return prompt if isinstance(prompt, str) else tuple(Message(m.role, m.content) for m in prompt)
 
 
 class ScoreRequest(BaseModel):
@@ -111,6 +129,9 @@ class ScoreRequest(BaseModel):
     timeout_s: float | None = Field(
         None, gt=0, description="deadline for this request (at most the server's)"
     )
+    step_aggregate: Aggregate | None = Field(
+        None, description="process reward models: how an item's step scores become its score (default min)"
+    )
 
     @field_validator("timeout_s", mode="before")
     @classmethod
@@ -125,12 +146,18 @@ class Usage(BaseModel):
     tokens: int
     cache_hits: int
     truncated: int
+    steps_dropped: int | None = Field(
+        None, description="process reward models: trailing steps left out by truncation, in all items"
+    )
 
 
 class ScoreResponse(BaseModel):
     model: str
     model_version: str
     scores: list[float]
+    step_scores: list[list[float]] | None = Field(
+        None, description="process reward models: one list per item, one score per step kept, in order"
+    )
     usage: Usage
 
 
@@ -148,6 +175,9 @@ class RewardResponse(BaseModel):
     rewards: list[float]
     scores: list[float]
     extra_logs: dict[str, list[float]]
+    step_scores: list[list[float]] | None = Field(
+        None, description="process reward models: each query's step scores (rewards are their minimum)"
+    )
 
 
 class ErrorBody(BaseModel):

@@ -3,6 +3,9 @@
 A score is a pure function of (bundle version, format settings, backend, precision, item). The
 namespace digests everything but the item; the key digests the namespace and a length-delimited
 encoding of the item, so two different items can never share a key.
+
+A process model's value is an item's step rewards (the prompt and every step are in the key); the
+aggregate a request asks for is computed from them per response, so one entry serves every aggregate.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ import struct
 from dataclasses import dataclass
 
 from rmserve.bundle import Manifest
-from rmserve.items import ChatItem, Item, Message, PairItem, TextItem
+from rmserve.items import ChatItem, Item, Message, PairItem, StepsItem, TextItem
 
 _LEN = struct.Struct(">Q")
 _VALUE = struct.Struct(">dIB")  # score (float64 holds the float32 exactly), tokens, truncated
+# A step value: b"S", tokens, truncated, steps dropped, then one float64 per step kept.
+_STEPS = struct.Struct(">cIBI")
 
 
 def namespace(manifest: Manifest, provider: str, precision: str) -> bytes:
@@ -60,6 +65,16 @@ def encode_item(item: Item) -> bytes:
     elif isinstance(item, TextItem):
         out.append(b"T")
         _field(out, item.text)
+    elif isinstance(item, StepsItem):
+        if isinstance(item.prompt, str):
+            out.append(b"S")
+            _field(out, item.prompt)
+        else:
+            out.append(b"N")
+            _messages(out, item.prompt)
+        out.append(_LEN.pack(len(item.steps)))
+        for step in item.steps:
+            _field(out, step)
     else:  # pragma: no cover - the Item union is closed
         raise TypeError(f"not an item: {item!r}")
     return b"".join(out)
@@ -71,18 +86,31 @@ def item_key(ns: bytes, item: Item) -> str:
 
 @dataclass(frozen=True)
 class Scored:
-    """What the cache keeps for an item: enough to answer without tokenizing again."""
+    """What the cache keeps for an item: enough to answer without tokenizing again.
 
-    score: float
+    ``value`` is an outcome model's score, or a process model's step rewards (``rmserve.kinds``);
+    ``dropped`` counts the trailing steps truncation left out.
+    """
+
+    value: float | tuple[float, ...]
     tokens: int
     truncated: bool
+    dropped: int = 0
 
     def pack(self) -> bytes:
-        return _VALUE.pack(self.score, self.tokens, int(self.truncated))
+        if isinstance(self.value, tuple):
+            head = _STEPS.pack(b"S", self.tokens, int(self.truncated), self.dropped)
+            return head + struct.pack(f">{len(self.value)}d", *self.value)
+        return _VALUE.pack(self.value, self.tokens, int(self.truncated))
 
     @classmethod
     def unpack(cls, raw: bytes) -> Scored | None:
-        if len(raw) != _VALUE.size:
-            return None  # not ours, or an older layout: treat as a miss
-        score, tokens, truncated = _VALUE.unpack(raw)
-        return cls(score, tokens, bool(truncated))
+        if len(raw) == _VALUE.size:
+            score, tokens, truncated = _VALUE.unpack(raw)
+            return cls(score, tokens, bool(truncated))
+        n, rest = divmod(len(raw) - _STEPS.size, 8)
+        if raw[:1] == b"S" and n > 0 and rest == 0:
+            _, tokens, truncated, dropped = _STEPS.unpack(raw[: _STEPS.size])
+            steps = struct.unpack(f">{n}d", raw[_STEPS.size :])
+            return cls(tuple(steps), tokens, bool(truncated), dropped)
+        return None  # not ours, or an older layout: treat as a miss
