@@ -20,6 +20,11 @@ of ``__call__``; a coroutine function passes all three (an object with ``async _
 the last). TRL awaits it on its own event loop, concurrently with other async reward functions.
 TRL names a reward function by its ``__name__`` in its logs (``rewards/<name>/mean``): ``rmserve``
 or ``rmserve_<model>``.
+
+With ``steps=True`` the served model is a process reward model: each completion is cut into steps at
+``step_separator`` (default a blank line, as the Qwen PRM model cards split solutions) and scored as
+``{"prompt", "steps"}``; the trainer gets each completion's aggregate of its step scores
+(``step_aggregate``: the server's default ``min``, or ``last``, ``mean``, ``prod``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from rmserve.client import DEFAULT_URL, AsyncRewardClient, ItemLike, RewardClient, ScoreResult, message_text
+from rmserve.items import STEP_SEPARATOR, split_steps
 
 AsyncRewardFunc = Callable[..., Coroutine[Any, Any, list[float]]]
 
@@ -40,6 +46,7 @@ __all__ = [
     "async_trl_reward_func",
     "trl_items",
     "trl_reward_func",
+    "trl_step_items",
 ]
 
 
@@ -71,6 +78,30 @@ def trl_items(prompts: list[Any], completions: list[Any]) -> list[ItemLike]:
     return items
 
 
+def trl_step_items(
+    prompts: list[Any], completions: list[Any], separator: str = STEP_SEPARATOR
+) -> list[ItemLike]:
+    """TRL's columns -> process items ``(prompt, [step, ...])``: each completion's text (a conversational
+    completion's last message; its earlier messages join the prompt) cut into steps at ``separator``."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
+    items: list[ItemLike] = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        context: Any = [_message(m) for m in prompt] if isinstance(prompt, list) else str(prompt)
+        if isinstance(completion, list):  # conversational: the last message is the solution
+            *before, last = [_message(m) for m in completion]
+            if before:
+                context = [
+                    *(context if isinstance(context, list) else [{"role": "user", "content": context}]),
+                    *before,
+                ]
+            text = last["content"]
+        else:
+            text = message_text(completion)
+        items.append((context, list(split_steps(text, separator))))
+    return items
+
+
 class _Base:
     def __init__(
         self,
@@ -79,6 +110,9 @@ class _Base:
         model: str | None = None,
         api_key: str | None = None,
         name: str | None = None,
+        steps: bool = False,
+        step_separator: str = STEP_SEPARATOR,
+        step_aggregate: str | None = None,
         **client_options: Any,
     ) -> None:
         if isinstance(url_or_client, (RewardClient, AsyncRewardClient)):
@@ -90,6 +124,9 @@ class _Base:
             self.url = url_or_client or os.environ.get("RMSERVE_URL", DEFAULT_URL)
         self.model = model
         self.api_key = api_key if api_key is not None else os.environ.get("RMSERVE_API_KEY")
+        self.steps = steps
+        self.step_separator = step_separator
+        self.step_aggregate = step_aggregate
         self.client_options = client_options
         self.__name__ = name or ("rmserve" if not model else f"rmserve_{model}")
 
@@ -105,10 +142,17 @@ class _Base:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r}, model={self.model!r}, name={self.__name__!r})"
 
+    def _items(self, prompts: list[Any], completions: list[Any]) -> list[ItemLike]:
+        if self.steps:
+            return trl_step_items(prompts, completions, self.step_separator)
+        return trl_items(prompts, completions)
+
     def _report(self, result: ScoreResult, kwargs: dict[str, Any]) -> list[float]:
         log_metric = kwargs.get("log_metric")
         if callable(log_metric) and result.scores:
             log_metric(f"{self.__name__}/truncated", result.usage.truncated / len(result.scores))
+            if self.steps:
+                log_metric(f"{self.__name__}/steps_dropped", result.usage.steps_dropped / len(result.scores))
         return result.scores
 
 
@@ -125,7 +169,11 @@ class TRLRewardFunction(_Base):
         return self._client
 
     def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
-        return self._report(self.client().score_result(trl_items(prompts, completions)), kwargs)
+        items = self._items(prompts, completions)
+        client = self.client()
+        if self.steps:
+            return self._report(client.score_steps(items, aggregate=self.step_aggregate), kwargs)
+        return self._report(client.score_result(items), kwargs)
 
 
 class AsyncTRLRewardFunction(_Base):
@@ -144,8 +192,11 @@ class AsyncTRLRewardFunction(_Base):
         return self._client
 
     async def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+        items = self._items(prompts, completions)
         client = await self.client()
-        return self._report(await client.score_result(trl_items(prompts, completions)), kwargs)
+        if self.steps:
+            return self._report(await client.score_steps(items, aggregate=self.step_aggregate), kwargs)
+        return self._report(await client.score_result(items), kwargs)
 
 
 def trl_reward_func(
@@ -154,14 +205,27 @@ def trl_reward_func(
     model: str | None = None,
     api_key: str | None = None,
     name: str | None = None,
+    steps: bool = False,
+    step_separator: str = STEP_SEPARATOR,
+    step_aggregate: str | None = None,
     **client_options: Any,
 ) -> TRLRewardFunction:
     """A TRL ``reward_funcs`` entry scoring with rmserve at ``url`` (default: $RMSERVE_URL or local).
 
     ``api_key`` defaults to $RMSERVE_API_KEY; ``client_options`` go to ``RewardClient`` (chunk_size,
-    max_concurrency, max_retries, timeout, ...).
+    max_concurrency, max_retries, timeout, ...). ``steps``: a process reward model scores each
+    completion's steps (see the module docstring).
     """
-    return TRLRewardFunction(url_or_client, model=model, api_key=api_key, name=name, **client_options)
+    return TRLRewardFunction(
+        url_or_client,
+        model=model,
+        api_key=api_key,
+        name=name,
+        steps=steps,
+        step_separator=step_separator,
+        step_aggregate=step_aggregate,
+        **client_options,
+    )
 
 
 def async_trl_reward_func(
@@ -170,13 +234,25 @@ def async_trl_reward_func(
     model: str | None = None,
     api_key: str | None = None,
     name: str | None = None,
+    steps: bool = False,
+    step_separator: str = STEP_SEPARATOR,
+    step_aggregate: str | None = None,
     **client_options: Any,
 ) -> AsyncRewardFunc:
     """Like ``trl_reward_func``, as an ``async def`` reward function (``AsyncRewardClient`` underneath).
 
     The function's ``rmserve`` attribute is the ``AsyncTRLRewardFunction`` it calls.
     """
-    scorer = AsyncTRLRewardFunction(url_or_client, model=model, api_key=api_key, name=name, **client_options)
+    scorer = AsyncTRLRewardFunction(
+        url_or_client,
+        model=model,
+        api_key=api_key,
+        name=name,
+        steps=steps,
+        step_separator=step_separator,
+        step_aggregate=step_aggregate,
+        **client_options,
+    )
 
     async def reward(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
         return await scorer(prompts, completions, **kwargs)

@@ -12,6 +12,7 @@ class Usage:
     tokens: int = 0
     cache_hits: int = 0
     truncated: int = 0
+    steps_dropped: int = 0  # process reward models: trailing steps truncation left out
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -19,18 +20,23 @@ class Usage:
             self.tokens + other.tokens,
             self.cache_hits + other.cache_hits,
             self.truncated + other.truncated,
+            self.steps_dropped + other.steps_dropped,
         )
 
 
 @dataclass(frozen=True)
 class ScoreResult:
-    """Scores in request order, summed usage, and every model version that answered (one, normally)."""
+    """Scores in request order, summed usage, and every model version that answered (one, normally).
+
+    From a process reward model, ``step_scores`` holds each item's step scores (one per step kept, in
+    order) and ``scores`` each item's aggregate of them."""
 
     scores: list[float]
     model: str | None
     model_versions: tuple[str, ...]
     usage: Usage
     requests: int
+    step_scores: list[list[float]] | None = None
 
     @property
     def model_version(self) -> str | None:
@@ -44,6 +50,7 @@ class RewardResult:
     rewards: list[float]
     scores: list[float]
     extra_logs: dict[str, list[float]]
+    step_scores: list[list[float]] | None = None  # a process reward model's, per query
 
 
 @dataclass(frozen=True)
