@@ -5,7 +5,8 @@ RewardBench-2's shape (one prompt, ``chosen`` and ``rejected`` as lists of respo
 prompt/response, ``messages`` or ``text`` rows that are only scored, and for process reward models
 ProcessBench rows (``problem``, ``steps``, ``label``: the index of the first wrong step, or -1) and
 best-of-N solutions in steps (``candidates``, each a list of steps, and ``correct``, one bool each).
-Files are JSONL (also ``.gz``) and CSV here; JSON, Parquet and saved HF datasets through ``rmserve.models.data.read_rows``.
+Files are JSONL (also ``.gz``) and CSV here; JSON, Parquet and saved HF datasets through
+``rmserve.models.data.read_rows``.
 
 Every row has a key: the first 16 hex digits of its data file's sha256 and its row number.
 """
