@@ -257,3 +257,106 @@ def test_a_process_model_under_get_reward_scores_each_responses_steps_split_at_b
     assert unreadable.status_code == 422 and "query[0]" in unreadable.json()["error"]["message"]
     slime = {"prompt": plain_prompt, "response": "12 + 30 = 42.\n\nSo 42."}
     assert httpx.post(prm.url + "/v1/reward", json=slime, timeout=60).json() == direct["scores"][1]
+
+
+def test_the_client_scores_steps_sync_and_async_and_refuses_an_outcome_answer(prm: ServerProcess) -> None:
+    from rmserve.client import AsyncRewardClient, ProtocolError, RewardClient
+
+    direct = score(prm, "default", [steps_json(s) for s in SOLUTIONS], step_aggregate="mean").json()
+    shapes: list[Any] = [
+        ("What is 2 + 3 * 4?", list(SOLUTIONS[0].steps)),  # (prompt, [step, ...])
+        {"problem": "How many legs do 3 spiders have?", "steps": list(SOLUTIONS[1].steps)},  # ProcessBench's
+        SOLUTIONS[2],
+        steps_json(SOLUTIONS[3]),
+        SOLUTIONS[4],
+    ]
+    with RewardClient(prm.url, chunk_size=2) as client:
+        result = client.score_steps(shapes, aggregate="mean")
+        assert result.step_scores == direct["step_scores"] and result.scores == direct["scores"]
+        assert result.usage.items == len(SOLUTIONS) and result.usage.steps_dropped == 0
+        assert client.score(shapes) == [min(s) for s in direct["step_scores"]]  # score(): the aggregates
+        with pytest.raises(ProtocolError, match="not a process reward model"):
+            client.score_steps([{"text": "a whole answer"}], model="outcome")
+
+    async def run() -> Any:
+        async with AsyncRewardClient(prm.url) as client:
+            return await client.score_steps(shapes, aggregate="mean")
+
+    assert asyncio.run(run()).step_scores == direct["step_scores"]
+
+
+def test_trl_and_verl_adapters_hand_the_trainer_the_aggregate_of_each_solutions_steps(
+    prm: ServerProcess,
+) -> None:
+    from rmserve.adapters import verl
+    from rmserve.adapters.trl import async_trl_reward_func, trl_reward_func
+
+    prompts: list[Any] = ["What is 2 + 3 * 4?", [{"role": "user", "content": "Add 12 and 30."}]]
+    completions: list[Any] = [
+        "3 * 4 = 12.\n\n2 + 12 = 14.\n\nThe answer is 14.",
+        [{"role": "assistant", "content": "12 + 30 = 42.\n\nSo 42."}],
+    ]
+    steps = [["3 * 4 = 12.", "2 + 12 = 14.", "The answer is 14."], ["12 + 30 = 42.", "So 42."]]
+    items = [{"prompt": "What is 2 + 3 * 4?", "steps": steps[0]}, {"prompt": prompts[1], "steps": steps[1]}]
+    direct = score(prm, "default", items, step_aggregate="last").json()
+    logged: dict[str, float] = {}
+    reward = trl_reward_func(prm.url, steps=True, step_aggregate="last")
+    got = reward(prompts=prompts, completions=completions, log_metric=logged.__setitem__)
+    assert got == direct["scores"] and logged == {"rmserve/truncated": 0.0, "rmserve/steps_dropped": 0.0}
+    async_reward = async_trl_reward_func(prm.url, steps=True, step_aggregate="last")
+    assert asyncio.run(async_reward(prompts=prompts, completions=completions)) == direct["scores"]
+
+    kwargs = {"rmserve_url": prm.url, "rmserve_steps": True, "rmserve_step_aggregate": "last"}
+    extra = {"question": "What is 2 + 3 * 4?"}
+    awaited = asyncio.run(verl.compute_score("math", completions[0], None, extra, **kwargs))
+    assert awaited == {"score": direct["scores"][0], "rmserve_prompt_blind": 0.0, "rmserve_steps": 3.0}
+    lines = "1 + 1 = 2.\n2 + 2 = 4."
+    assert (
+        verl.compute_score_sync("math", lines, None, extra, **kwargs)["rmserve_steps"] == 1.0
+    )  # no blank line
+    by_line = verl.compute_score_sync("math", lines, None, extra, **kwargs, rmserve_step_separator="\n")
+    assert by_line["rmserve_steps"] == 2.0
+    batch = verl.compute_score_batch(["math"] * 2, [completions[0]] * 2, [None] * 2, [extra, {}], **kwargs)
+    assert batch[0] == awaited and batch[1]["rmserve_prompt_blind"] == 1.0
+
+
+def test_trl_grpo_trainer_optimizes_against_a_process_reward_model(
+    prm: ServerProcess, tmp_path: Path
+) -> None:
+    import importlib.util
+
+    from trl import GRPOTrainer
+
+    from rmserve.adapters.trl import TRLRewardFunction, trl_step_items
+    from tests.support.server import REPO
+
+    spec = importlib.util.spec_from_file_location("grpo_example", REPO / "examples" / "grpo_remote_reward.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    calls: list[tuple[list[Any], list[Any], list[float]]] = []
+
+    class Recording(TRLRewardFunction):
+        def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+            rewards = super().__call__(prompts, completions, **kwargs)
+            calls.append((list(prompts), list(completions), rewards))
+            return rewards
+
+    tokenizer = example.build_tokenizer()
+    trainer = GRPOTrainer(
+        model=example.build_policy(tokenizer),
+        processing_class=tokenizer,
+        reward_funcs=[Recording(prm.url, steps=True)],
+        args=example.grpo_config(
+            tmp_path / "out", steps=1, batch=4, generations=2, completion_len=6, learning_rate=1e-2
+        ),
+        train_dataset=example.prompt_dataset(4),
+    )
+    trainer.train()
+    assert len(calls) == 1 and len(calls[0][1]) == 4
+    prompts, completions, rewards = calls[0]
+    again = score(
+        prm, "default", [steps_json(StepsItem(p, tuple(s))) for p, s in trl_step_items(prompts, completions)]
+    )
+    assert rewards == pytest.approx(again.json()["scores"], abs=1e-6)  # each completion's minimum step score
