@@ -101,7 +101,13 @@ def markdown(summary: dict[str, Any], plots: list[str]) -> str:
     lines += [
         "",
         f"{c['rows_scored']} rows scored: {c['pairs']} pairs, {c['best_of_n']} best-of-N rows, "
-        f"{c['plain']} plain rows; {c['bad_rows']} bad rows skipped.",
+        f"{c['plain']} plain rows"
+        + (
+            f", {c['processbench']} ProcessBench rows, {c['process_best_of_n']} best-of-N rows in steps"
+            if c.get("processbench") or c.get("process_best_of_n")
+            else ""
+        )
+        + f"; {c['bad_rows']} bad rows skipped.",
         "",
     ]
     if summary["accuracy"] is not None:
