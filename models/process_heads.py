@@ -38,6 +38,7 @@ from rmserve.models.heads import (
     ModelMeta,
     base_model_of,
     family_of,
+    load_tokenizer,
     position_ids_of,
 )
 
@@ -163,18 +164,14 @@ def load_step_model(
 ) -> tuple[StepModel, Any, ModelMeta, ProcessSettings]:
     """Load a process reward checkpoint as an fp32 ``StepModel`` in eval mode, with its tokenizer,
     meta and the process settings its bundle records. ValueError says what does not fit."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     path = Path(checkpoint_dir)
     config = AutoConfig.from_pretrained(path)
     if family_of(config) != "decoder":
         raise ValueError("a process reward model must be a decoder (its step values are read causally)")
     head = head_form(config)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"{path}: the tokenizer has neither a pad token nor an EOS token to pad with")
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(path)
     config.pad_token_id = tokenizer.pad_token_id
     token_id = single_token(tokenizer, step_token, "step token")
     label_ids: tuple[int, int] | None = None

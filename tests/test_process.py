@@ -289,7 +289,7 @@ def test_trl_and_verl_adapters_hand_the_trainer_the_aggregate_of_each_solutions_
     prm: ServerProcess,
 ) -> None:
     from rmserve.adapters import verl
-    from rmserve.adapters.trl import async_trl_reward_func, trl_reward_func
+    from rmserve.adapters.trl import StepScoring, async_trl_reward_func, trl_reward_func
 
     prompts: list[Any] = ["What is 2 + 3 * 4?", [{"role": "user", "content": "Add 12 and 30."}]]
     completions: list[Any] = [
@@ -300,10 +300,10 @@ def test_trl_and_verl_adapters_hand_the_trainer_the_aggregate_of_each_solutions_
     items = [{"prompt": "What is 2 + 3 * 4?", "steps": steps[0]}, {"prompt": prompts[1], "steps": steps[1]}]
     direct = score(prm, "default", items, step_aggregate="last").json()
     logged: dict[str, float] = {}
-    reward = trl_reward_func(prm.url, steps=True, step_aggregate="last")
+    reward = trl_reward_func(prm.url, steps=StepScoring(aggregate="last"))
     got = reward(prompts=prompts, completions=completions, log_metric=logged.__setitem__)
     assert got == direct["scores"] and logged == {"rmserve/truncated": 0.0, "rmserve/steps_dropped": 0.0}
-    async_reward = async_trl_reward_func(prm.url, steps=True, step_aggregate="last")
+    async_reward = async_trl_reward_func(prm.url, steps=StepScoring(aggregate="last"))
     assert asyncio.run(async_reward(prompts=prompts, completions=completions)) == direct["scores"]
 
     kwargs = {"rmserve_url": prm.url, "rmserve_steps": True, "rmserve_step_aggregate": "last"}

@@ -21,10 +21,10 @@ the last). TRL awaits it on its own event loop, concurrently with other async re
 TRL names a reward function by its ``__name__`` in its logs (``rewards/<name>/mean``): ``rmserve``
 or ``rmserve_<model>``.
 
-With ``steps=True`` the served model is a process reward model: each completion is cut into steps at
-``step_separator`` (default a blank line, as the Qwen PRM model cards split solutions) and scored as
-``{"prompt", "steps"}``; the trainer gets each completion's aggregate of its step scores
-(``step_aggregate``: the server's default ``min``, or ``last``, ``mean``, ``prod``).
+With ``steps=True`` (or ``steps=StepScoring(...)``) the served model is a process reward model: each
+completion is cut into steps at ``separator`` (default a blank line, as the Qwen PRM model cards split
+solutions) and scored as ``{"prompt", "steps"}``; the trainer gets each completion's aggregate of its
+step scores (``aggregate``: the server's default ``min``, or ``last``, ``mean``, ``prod``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import asyncio
 import json
 import os
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from rmserve.client import DEFAULT_URL, AsyncRewardClient, ItemLike, RewardClient, ScoreResult, message_text
@@ -42,6 +43,7 @@ AsyncRewardFunc = Callable[..., Coroutine[Any, Any, list[float]]]
 
 __all__ = [
     "AsyncTRLRewardFunction",
+    "StepScoring",
     "TRLRewardFunction",
     "async_trl_reward_func",
     "trl_items",
@@ -78,6 +80,15 @@ def trl_items(prompts: list[Any], completions: list[Any]) -> list[ItemLike]:
     return items
 
 
+@dataclass(frozen=True)
+class StepScoring:
+    """How completions are scored by a process reward model: cut at ``separator``, each completion's
+    step scores reduced by ``aggregate`` (None: the server's default, ``min``)."""
+
+    separator: str = STEP_SEPARATOR
+    aggregate: str | None = None
+
+
 def trl_step_items(
     prompts: list[Any], completions: list[Any], separator: str = STEP_SEPARATOR
 ) -> list[ItemLike]:
@@ -110,9 +121,7 @@ class _Base:
         model: str | None = None,
         api_key: str | None = None,
         name: str | None = None,
-        steps: bool = False,
-        step_separator: str = STEP_SEPARATOR,
-        step_aggregate: str | None = None,
+        steps: bool | StepScoring = False,
         **client_options: Any,
     ) -> None:
         if isinstance(url_or_client, (RewardClient, AsyncRewardClient)):
@@ -124,9 +133,11 @@ class _Base:
             self.url = url_or_client or os.environ.get("RMSERVE_URL", DEFAULT_URL)
         self.model = model
         self.api_key = api_key if api_key is not None else os.environ.get("RMSERVE_API_KEY")
-        self.steps = steps
-        self.step_separator = step_separator
-        self.step_aggregate = step_aggregate
+        self.steps: StepScoring | None = None
+        if isinstance(steps, StepScoring):
+            self.steps = steps
+        elif steps:
+            self.steps = StepScoring()
         self.client_options = client_options
         self.__name__ = name or ("rmserve" if not model else f"rmserve_{model}")
 
@@ -144,7 +155,7 @@ class _Base:
 
     def _items(self, prompts: list[Any], completions: list[Any]) -> list[ItemLike]:
         if self.steps:
-            return trl_step_items(prompts, completions, self.step_separator)
+            return trl_step_items(prompts, completions, self.steps.separator)
         return trl_items(prompts, completions)
 
     def _report(self, result: ScoreResult, kwargs: dict[str, Any]) -> list[float]:
@@ -172,7 +183,7 @@ class TRLRewardFunction(_Base):
         items = self._items(prompts, completions)
         client = self.client()
         if self.steps:
-            return self._report(client.score_steps(items, aggregate=self.step_aggregate), kwargs)
+            return self._report(client.score_steps(items, aggregate=self.steps.aggregate), kwargs)
         return self._report(client.score_result(items), kwargs)
 
 
@@ -195,7 +206,7 @@ class AsyncTRLRewardFunction(_Base):
         items = self._items(prompts, completions)
         client = await self.client()
         if self.steps:
-            return self._report(await client.score_steps(items, aggregate=self.step_aggregate), kwargs)
+            return self._report(await client.score_steps(items, aggregate=self.steps.aggregate), kwargs)
         return self._report(await client.score_result(items), kwargs)
 
 
@@ -205,9 +216,7 @@ def trl_reward_func(
     model: str | None = None,
     api_key: str | None = None,
     name: str | None = None,
-    steps: bool = False,
-    step_separator: str = STEP_SEPARATOR,
-    step_aggregate: str | None = None,
+    steps: bool | StepScoring = False,
     **client_options: Any,
 ) -> TRLRewardFunction:
     """A TRL ``reward_funcs`` entry scoring with rmserve at ``url`` (default: $RMSERVE_URL or local).
@@ -217,14 +226,7 @@ def trl_reward_func(
     completion's steps (see the module docstring).
     """
     return TRLRewardFunction(
-        url_or_client,
-        model=model,
-        api_key=api_key,
-        name=name,
-        steps=steps,
-        step_separator=step_separator,
-        step_aggregate=step_aggregate,
-        **client_options,
+        url_or_client, model=model, api_key=api_key, name=name, steps=steps, **client_options
     )
 
 
@@ -234,9 +236,7 @@ def async_trl_reward_func(
     model: str | None = None,
     api_key: str | None = None,
     name: str | None = None,
-    steps: bool = False,
-    step_separator: str = STEP_SEPARATOR,
-    step_aggregate: str | None = None,
+    steps: bool | StepScoring = False,
     **client_options: Any,
 ) -> AsyncRewardFunc:
     """Like ``trl_reward_func``, as an ``async def`` reward function (``AsyncRewardClient`` underneath).
@@ -244,14 +244,7 @@ def async_trl_reward_func(
     The function's ``rmserve`` attribute is the ``AsyncTRLRewardFunction`` it calls.
     """
     scorer = AsyncTRLRewardFunction(
-        url_or_client,
-        model=model,
-        api_key=api_key,
-        name=name,
-        steps=steps,
-        step_separator=step_separator,
-        step_aggregate=step_aggregate,
-        **client_options,
+        url_or_client, model=model, api_key=api_key, name=name, steps=steps, **client_options
     )
 
     async def reward(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:

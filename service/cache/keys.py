@@ -48,16 +48,21 @@ def _messages(out: list[bytes], messages: tuple[Message, ...]) -> None:
         _field(out, m.content)
 
 
+def _prompt(out: list[bytes], prompt: str | tuple[Message, ...], tags: tuple[bytes, bytes]) -> None:
+    """A prompt under the item's tag for text (``tags[0]``) or for messages (``tags[1]``)."""
+    if isinstance(prompt, str):
+        out.append(tags[0])
+        _field(out, prompt)
+    else:
+        out.append(tags[1])
+        _messages(out, prompt)
+
+
 def encode_item(item: Item) -> bytes:
     """A length-delimited, type-tagged encoding: injective over items."""
     out: list[bytes] = []
     if isinstance(item, PairItem):
-        if isinstance(item.prompt, str):
-            out.append(b"P")
-            _field(out, item.prompt)
-        else:
-            out.append(b"M")
-            _messages(out, item.prompt)
+        _prompt(out, item.prompt, (b"P", b"M"))
         _field(out, item.response)
     elif isinstance(item, ChatItem):
         out.append(b"C")
@@ -66,12 +71,7 @@ def encode_item(item: Item) -> bytes:
         out.append(b"T")
         _field(out, item.text)
     elif isinstance(item, StepsItem):
-        if isinstance(item.prompt, str):
-            out.append(b"S")
-            _field(out, item.prompt)
-        else:
-            out.append(b"N")
-            _messages(out, item.prompt)
+        _prompt(out, item.prompt, (b"S", b"N"))
         out.append(_LEN.pack(len(item.steps)))
         for step in item.steps:
             _field(out, step)
