@@ -161,3 +161,16 @@ def test_the_step_token_must_follow_each_step_and_appear_nowhere_else(
         enc.encode([TextItem("no step token")])
     texts = enc.encode([TextItem("a<extra_0>b<extra_0>c")])[0]
     assert len(texts.positions) == 2
+
+
+def test_a_process_bundle_runs_at_its_own_precision_and_a_reduced_one_is_refused_with_the_reason(
+    process_bundles: dict[str, Path],
+) -> None:
+    from rmserve.config import Settings
+    from rmserve.engines.base import EngineError
+    from rmserve.engines.select import candidates
+
+    bundle = load_bundle(process_bundles["qwen2-tc2"])
+    assert {c.precision for c in candidates(bundle, Settings(precision="auto"))} == {"fp32"}
+    with pytest.raises(EngineError, match="a process bundle runs at its own precision"):
+        candidates(bundle, Settings(precision="bf16"))

@@ -103,7 +103,8 @@ def markdown(summary: dict[str, Any], plots: list[str]) -> str:
         f"{c['rows_scored']} rows scored: {c['pairs']} pairs, {c['best_of_n']} best-of-N rows, "
         f"{c['plain']} plain rows"
         + (
-            f", {c['processbench']} ProcessBench rows, {c['process_best_of_n']} best-of-N rows in steps"
+            f", {c.get('processbench', 0)} ProcessBench rows, {c.get('process_best_of_n', 0)} best-of-N rows "
+            "in steps"
             if c.get("processbench") or c.get("process_best_of_n")
             else ""
         )

@@ -250,8 +250,6 @@ def summarize(
             "pairs": sum(r["kind"] == "pair" for r in scored),
             "best_of_n": sum(r["kind"] == "best_of_n" for r in scored),
             "plain": sum(r["kind"] == "score" for r in scored),
-            "processbench": sum(r["kind"] == "process" for r in scored),
-            "process_best_of_n": sum(r["kind"] == "process_best_of_n" for r in scored),
             "bad_rows": len(all_bad),
         },
         "scores": {
@@ -286,6 +284,8 @@ def summarize(
     pb, bon = processbench(records, threshold), best_of_n(records, aggregate)
     if pb:
         summary["processbench"] = pb
+        summary["counts"]["processbench"] = pb["overall"]["rows"]
     if bon:
         summary["process_best_of_n"] = bon
+        summary["counts"]["process_best_of_n"] = bon["overall"]["rows"]
     return summary
