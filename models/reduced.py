@@ -25,13 +25,11 @@ from typing import Any
 
 from rmserve.bundle import MODEL_FILE, Bundle, unsealed_bundle
 from rmserve.engines.base import EngineError, available_cpus
-from rmserve.formatting import Formatter
 from rmserve.models import fp16
 from rmserve.models.graph import ExportError
 from rmserve.models.headroom import FP16_MAX, MARGIN, Headroom, measure_headroom
-from rmserve.models.heads import ScoreModel
 from rmserve.models.lean import write_lean_graph
-from rmserve.models.parity import Pair, ParityReport, reference_scores
+from rmserve.models.parity import Pair, ParityReport, TorchModel, reference_items, reference_scores
 
 REDUCED = ("fp16", "bf16")
 # Ops the bf16 lean graph computes bfloat16 with, each registered for BFloat16 by ONNX Runtime's CUDA
@@ -50,7 +48,7 @@ BF16_CUDA_OPS = frozenset(
 
 def reduce_precision(
     staging: Path,
-    model: ScoreModel,
+    model: TorchModel,
     fields: dict[str, Any],
     report: ParityReport,
     texts: Sequence[Pair],
@@ -67,12 +65,12 @@ def reduce_precision(
         why = fields.get("graph_reason")
         raise ExportError(f"bf16 bundles are written by the lean graph builder; this one is traced: {why}")
     bundle = unsealed_bundle(staging, **fields)
-    room = measure_headroom(model, _encode(bundle, calibration), bundle.manifest.format.pad_token_id)
+    room = measure_headroom(model, *_calibration(bundle, calibration))
     max_length = bundle.manifest.format.max_length
     try:
         if precision == "bf16" or (lean and room.fits_fp16):
             graph = write_lean_graph(
-                model.hf_model,
+                model,
                 max_length,
                 staging,
                 precision=precision,
@@ -128,17 +126,19 @@ def _guard_reason(precision: str, lean: bool, room: Headroom, guard: bool) -> st
     )
 
 
-def _encode(bundle: Bundle, pairs: Sequence[Pair]) -> list[Any]:
-    chat = bundle.manifest.format.input_format == "chat_template"
-    return Formatter(bundle).encode([p.as_item(chat) for p in pairs])
+def _calibration(bundle: Bundle, pairs: Sequence[Pair]) -> tuple[Any, int, Any]:
+    """The calibration pairs as the bundle's kind encodes them, its pad id, and how a row is read."""
+    encoded, read = reference_items(bundle, pairs)
+    return encoded, bundle.manifest.format.pad_token_id, read
 
 
 def _measure(
-    bundle: Bundle, model: ScoreModel, pairs: Sequence[Pair], source: str, precision: str
+    bundle: Bundle, model: TorchModel, pairs: Sequence[Pair], source: str, precision: str
 ) -> ParityReport:
-    """The reduced graph as an engine here runs it, against the fp32 ``model`` on ``pairs``."""
-    encoded = _encode(bundle, pairs)
-    reference = reference_scores(model, encoded, bundle.manifest.format.pad_token_id)
+    """The reduced graph as an engine here runs it, against the fp32 ``model`` on ``pairs`` (a
+    process bundle's step values at its step tokens)."""
+    encoded, read = reference_items(bundle, pairs)
+    reference = reference_scores(model, encoded, bundle.manifest.format.pad_token_id, read=read)
     engine = _engine(bundle, precision)
     try:
         return fp16.measure_fp16(
@@ -150,6 +150,7 @@ def _measure(
             min_agreement=fp16.MIN_EXPORT_AGREEMENT,
             min_spearman=None,
             precision=precision,
+            read=read,
         )
     finally:
         engine.close()

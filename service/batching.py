@@ -6,8 +6,9 @@ tokens plus a fixed price per forward pass, each within the token budget), and t
 the oldest item runs on the engine's worker threads, off the event loop. The rest wait and are
 planned again with whatever arrives meanwhile, so under load batches group items of like length
 by themselves; ``max_wait_ms`` can add a short wait to fill them further. Every accepted item's
-future is resolved: with its score, or with the error that stopped it (deadline passed, inference
-failed, shutting down).
+future is resolved: with its value (what the bundle kind's ``read`` takes from the item's row of
+output: a score, or a process model's step values), or with the error that stopped it (deadline
+passed, inference failed, shutting down).
 
 Admission keeps the deadline a promise: a request is refused (429, with a ``Retry-After`` from the
 same estimate) when the work ahead of it, at the measured rate, cannot end before its deadline; and
@@ -20,16 +21,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from rmserve.engines.base import Engine, EngineCrashed, pad_batch
+from rmserve.engines.batches import Read
 from rmserve.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
 from rmserve.formatting import Encoded
+from rmserve.kinds import NonFinite, read_score
 from rmserve.metrics import Metrics
 from rmserve.planning import PLAN_EXACT_ITEMS, greedy_batches, plan_batches
 
@@ -45,7 +48,7 @@ class Job:
 
     encoded: Encoded
     deadline: float  # time.monotonic() by which it must be in a forward pass
-    future: asyncio.Future[float]
+    future: asyncio.Future[Any]  # the item's value, as ``read`` takes it from the output
     enqueued: float = field(default_factory=time.monotonic)
     taken: bool = False  # out of the queue (in a forward pass, or failed): its timer leaves it alone
 
@@ -72,8 +75,10 @@ class Batcher:
         with_type_ids: bool,
         metrics: Metrics,
         rebuild: Callable[[], Engine] | None = None,
+        read: Read = read_score,
     ) -> None:
         self.model = model
+        self._read = read
         self._rebuild = rebuild
         self._failures = 0
         self.engine = engine
@@ -117,7 +122,7 @@ class Batcher:
         """How long the queue (plus ``extra`` items) takes to drain at the recent rate."""
         return self.wait_estimate_s(extra) or 1.0
 
-    def submit(self, items: list[Encoded], deadline: float) -> list[asyncio.Future[float]]:
+    def submit(self, items: list[Encoded], deadline: float) -> list[asyncio.Future[Any]]:
         """Queue items for scoring, all or none. Raises Overloaded when the queue is full, or when the
         work ahead cannot end before ``deadline`` (a ``time.monotonic()``)."""
         self._check_room(len(items), deadline)
@@ -132,7 +137,7 @@ class Batcher:
 
     async def admit(
         self, items: list[Encoded], deadline: float, *, wait_until: float | None = None
-    ) -> list[asyncio.Future[float]]:
+    ) -> list[asyncio.Future[Any]]:
         """``submit``, or with ``wait_until`` (a ``time.monotonic()``), wait until then for room in the
         queue before giving up with the same Overloaded that ``submit`` raises."""
         while True:
@@ -375,10 +380,10 @@ class Batcher:
         self._metrics.items_scored.labels(model=self.model).inc(rows)
         rate = rows * self._streams / max(elapsed, 1e-6)  # every stream busy under load
         self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
-        for job, score in zip(live, scores.tolist(), strict=True):
+        for job, row in zip(live, scores, strict=True):
             if job.future.done():
                 continue
-            if math.isfinite(score):
-                job.future.set_result(score)
-            else:
-                job.future.set_exception(InferenceFailed("the model returned a non-finite score"))
+            try:
+                job.future.set_result(self._read(row, job.encoded, 0))
+            except NonFinite as exc:
+                job.future.set_exception(InferenceFailed(str(exc)))

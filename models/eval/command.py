@@ -21,7 +21,8 @@ from rmserve.models.eval.store import BAD_ROWS_FILE, ScoreStore, check_run_file
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rmserve eval",
-        description="Score preference eval sets: accuracy per subset, RewardBench weighting, plots, report. "
+        description="Score preference eval sets: accuracy per subset, RewardBench weighting, plots, report; "
+        "with a process reward model, ProcessBench F1 and best-of-N accuracy. "
         "Resumable: rerun the same command to continue a killed run.",
     )
     p.add_argument(
@@ -69,6 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --bundle: fp32 (default) gives the server's fp32 scores exactly",
     )
     p.add_argument("--threads", type=int, default=None, help="with --bundle: inference threads")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="ProcessBench rows: a step scored under this is predicted wrong (default 0.5)",
+    )
+    p.add_argument(
+        "--step-aggregate",
+        default="min",
+        choices=["min", "last", "mean", "prod"],
+        help="best-of-N rows in steps: how a candidate's step scores become one (default min)",
+    )
     p.add_argument("--split", help="the split of a saved HF DatasetDict")
     p.add_argument("--limit", type=int, default=None, help="read at most this many rows of each file")
     p.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
@@ -163,7 +176,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "items_per_s": round(scorer.items_sent / seconds, 2) if seconds > 0 and scorer.items_sent else None,
         "pairs_per_s": _pairs_per_s(todo, seconds),
     }
-    summary = summarize(records, bad, files, scorer.model, run_info, limit=args.limit)
+    summary = summarize(
+        records,
+        bad,
+        files,
+        scorer.model,
+        run_info,
+        limit=args.limit,
+        threshold=args.threshold,
+        aggregate=args.step_aggregate,
+    )
     with (out / BAD_ROWS_FILE).open("w", encoding="utf-8") as fh:
         for entry in bad_rows(bad, records):
             fh.write(json.dumps(entry, ensure_ascii=False) + "\n")

@@ -74,9 +74,10 @@ def build_lean_graph(w: DecoderWeights, score: Linear, precision: str) -> Any:
 
 
 def write_lean_graph(
-    hf_model: Any, max_length: int, directory: Path, *, precision: str, external_data_bytes: int
+    source: Any, max_length: int, directory: Path, *, precision: str, external_data_bytes: int
 ) -> LeanGraph:
-    """Write ``model.onnx`` (+ ``model.onnx.data`` when large) for ``hf_model`` at ``precision``."""
-    model = build_lean_graph(decoder_weights(hf_model, max_length), score_head(hf_model), precision)
+    """Write ``model.onnx`` (+ ``model.onnx.data`` when large) for the ``ScoreModel`` ``source`` at
+    ``precision``."""
+    model = build_lean_graph(decoder_weights(source.body, max_length), score_head(source.hf_model), precision)
     save_onnx(model, directory / MODEL_FILE, external_data_bytes)
     return LeanGraph(precision, layer_node_counts(model))

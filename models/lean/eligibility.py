@@ -60,7 +60,12 @@ def why_not_lean(config: Any, max_length: int) -> str | None:
 
 
 def graph_reason(
-    option: str, family: str, config: Any, max_length: int, attention_reason: str | None
+    option: str,
+    family: str,
+    config: Any,
+    max_length: int,
+    attention_reason: str | None,
+    kind: str = "outcome",
 ) -> str | None:
     """None when the export writes the lean graph; else why it writes the traced one.
 
@@ -71,7 +76,8 @@ def graph_reason(
         return "encoders keep the traced graph"
     if option == "traced":
         return "--graph traced"
-    reason = why_not_lean(config, max_length) or attention_reason
+    process = "process heads have no lean graph yet" if kind == "process" else None
+    reason = why_not_lean(config, max_length) or attention_reason or process
     if reason is not None and option == "lean":
         raise ValueError(f"--graph lean: {reason}")
     return reason

@@ -99,10 +99,10 @@ def rotary_tables(base: Any, max_length: int, head_dim: int) -> tuple[np.ndarray
     return _array(cos[0, :, :half]), _array(sin[0, :, :half])
 
 
-def decoder_weights(hf_model: Any, max_length: int) -> DecoderWeights:
-    """The body of a Llama-layout ``*ForSequenceClassification`` model (its ``model``)."""
-    base = hf_model.model
-    config = hf_model.config
+def decoder_weights(base: Any, max_length: int) -> DecoderWeights:
+    """A Llama-layout decoder body (transformers' ``LlamaModel``, ``Qwen2Model``, ...: the ``body`` of a
+    ``ScoreModel`` or of a process ``StepModel``)."""
+    config = base.config
     first = base.layers[0].self_attn
     head_dim = int(first.head_dim)
     cos, sin = rotary_tables(base, max_length, head_dim)

@@ -23,11 +23,13 @@ from rmserve.items import (
     Item,
     Message,
     PairItem,
+    StepsItem,
     TextItem,
     ToolCall,
     message_texts,
     text_problem,
 )
+from rmserve.kinds import Aggregate
 
 
 def _tokenizable(text: str) -> str:
@@ -167,7 +169,8 @@ Prompt = Annotated[
 
 
 class ScoreItemIn(BaseModel):
-    """One item, in one of three shapes: prompt + response, messages, or text."""
+    """One item, in one of four shapes: prompt + response, messages, text, or (for a process reward
+    model) prompt + steps."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -176,6 +179,7 @@ class ScoreItemIn(BaseModel):
                 {"prompt": "What is 2+2?", "response": "4"},
                 {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
                 {"text": "\n\nHuman: Hi\n\nAssistant: Hello!"},
+                {"prompt": "What is 2+3*4?", "steps": ["3*4 = 12.", "2 + 12 = 14."]},
             ]
         },
     )
@@ -186,12 +190,19 @@ class ScoreItemIn(BaseModel):
         None, min_length=1, description="ends with the assistant's reply"
     )
     text: Text | None = Field(None, description="already formatted text")
+    steps: list[Text] | None = Field(
+        None, min_length=1, description="a solution's steps, for a process reward model (with prompt)"
+    )
 
     @model_validator(mode="after")
     def _one_shape(self) -> ScoreItemIn:
-        for name in ("prompt", "response", "messages", "text"):
+        for name in ("prompt", "response", "messages", "text", "steps"):
             if name in self.model_fields_set and getattr(self, name) is None:
                 raise ValueError(f"{name} is null; give its value or leave the field out")
+        if self.steps is not None:
+            if self.prompt is None or self.response is not None or self.messages or self.text is not None:
+                raise ValueError("steps go with a prompt, and with no response, messages or text")
+            return self
         pair = self.prompt is not None or self.response is not None
         shapes = sum([pair, self.messages is not None, self.text is not None])
         if shapes != 1:
@@ -201,6 +212,10 @@ class ScoreItemIn(BaseModel):
         return self
 
     def to_item(self) -> Item:
+        if self.steps is not None:
+            assert self.prompt is not None
+            prompt = self.prompt if isinstance(self.prompt, str) else to_messages(self.prompt)
+            return StepsItem(prompt, tuple(self.steps))
         if self.messages is not None:
             return ChatItem(to_messages(self.messages))
         if self.text is not None:
@@ -218,6 +233,7 @@ class ScoreItemIn(BaseModel):
 
     def chars(self) -> int:
         texts = [self.response, self.text, self.prompt if isinstance(self.prompt, str) else None]
+        texts += self.steps or []
         return sum(len(t) for t in texts if t) + sum(m.chars() for _, m in self.message_fields())
 
 
@@ -239,6 +255,9 @@ class ScoreRequest(BaseModel):
         description='content parts that are not text (images, audio): "drop" scores the text without them '
         '(counted in usage.dropped_parts); "error" refuses the item with 422',
     )
+    step_aggregate: Aggregate | None = Field(
+        None, description="process reward models: how an item's step scores become its score (default min)"
+    )
 
     @field_validator("timeout_s", mode="before")
     @classmethod
@@ -254,12 +273,18 @@ class Usage(BaseModel):
     cache_hits: int
     truncated: int
     dropped_parts: int = Field(0, description="content parts that are not text, left out of what was scored")
+    steps_dropped: int | None = Field(
+        None, description="process reward models: trailing steps left out by truncation, in all items"
+    )
 
 
 class ScoreResponse(BaseModel):
     model: str
     model_version: str
     scores: list[float]
+    step_scores: list[list[float]] | None = Field(
+        None, description="process reward models: one list per item, one score per step kept, in order"
+    )
     usage: Usage
 
 
@@ -277,6 +302,9 @@ class RewardResponse(BaseModel):
     rewards: list[float]
     scores: list[float]
     extra_logs: dict[str, list[float]]
+    step_scores: list[list[float]] | None = Field(
+        None, description="process reward models: each query's step scores (rewards are their minimum)"
+    )
 
 
 class ErrorBody(BaseModel):

@@ -1,7 +1,9 @@
 """Items in every shape a caller holds -> the API's JSON item.
 
-The server's own item types (``rmserve.formatting``: ``PairItem``, ``ChatItem``, ``TextItem``) are
-accepted as they are, so code that already holds them (``rmserve eval``) sends them unconverted.
+The server's own item types (``rmserve.items``: ``PairItem``, ``ChatItem``, ``TextItem``,
+``StepsItem``) are accepted as they are, so code that already holds them (``rmserve eval``) sends
+them unconverted. A process reward model's item is ``(prompt, [step, ...])``, a dict with ``prompt``
+(or ProcessBench's ``problem``) and ``steps``, a ``StepsItem``, or text carrying the step token.
 """
 
 from __future__ import annotations
@@ -9,12 +11,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rmserve.items import PART_SEPARATOR, ChatItem, Item, Message, PairItem, TextItem, message_dict
+from rmserve.items import PART_SEPARATOR, ChatItem, Item, Message, PairItem, StepsItem, TextItem, message_dict
 
 MessageLike = Mapping[str, Any]
-# What ``score`` accepts per item: (prompt, response), an API-shaped dict, a message list, text, or
-# one of the server's item types.
-ItemLike = tuple[Any, str] | Mapping[str, Any] | Sequence[MessageLike] | str | Item
+# What ``score`` accepts per item: (prompt, response), (prompt, [step, ...]), an API-shaped dict, a
+# message list, text, or one of the server's item types.
+ItemLike = (
+    tuple[Any, str] | tuple[Any, Sequence[str]] | Mapping[str, Any] | Sequence[MessageLike] | str | Item
+)
 
 
 # Where a message's reasoning may be found: transformers reads all three names
@@ -114,7 +118,19 @@ def _server_item(item: Item, where: str) -> dict[str, Any]:
     if isinstance(item, ChatItem):
         return {"messages": [_message_dict(m, where) for m in item.messages]}
     prompt = item.prompt if isinstance(item.prompt, str) else [_message_dict(m, where) for m in item.prompt]
+    if isinstance(item, StepsItem):
+        return {"prompt": prompt, "steps": list(item.steps)}
     return {"prompt": prompt, "response": item.response}
+
+
+def _steps(prompt: Any, steps: Any, where: str) -> dict[str, Any]:
+    texts = _listed(steps, f"{where}: steps")
+    if not all(isinstance(s, str) for s in texts):
+        raise TypeError(f"{where}: steps are a list of texts")
+    shown = [_message_dict(m, where) for m in prompt] if _is_messages(prompt) else prompt
+    if not isinstance(shown, str | list):
+        raise TypeError(f"{where}: a prompt is text or a message list, not {type(prompt).__name__}")
+    return {"prompt": shown, "steps": texts}
 
 
 def to_item(value: ItemLike, index: int = 0) -> dict[str, Any]:
@@ -123,20 +139,27 @@ def to_item(value: ItemLike, index: int = 0) -> dict[str, Any]:
     v: Any = value  # checked shape by shape below
     if isinstance(v, str):
         return {"text": value}
-    if isinstance(v, PairItem | ChatItem | TextItem):
+    if isinstance(v, PairItem | ChatItem | TextItem | StepsItem):
         return _server_item(v, where)
     if isinstance(v, Mapping):
+        if "steps" in v and ("prompt" in v or "problem" in v):
+            return _steps(v.get("prompt", v.get("problem")), v["steps"], where)
         if "messages" in v:
             return {"messages": [_message_dict(m, where) for m in v["messages"]]}
         if "text" in v:
             return {"text": v["text"]}
         if "prompt" in v and ("response" in v or "completion" in v):
             return to_item((v["prompt"], v.get("response", v.get("completion"))), index)
-        raise TypeError(f"{where}: a dict item has 'prompt' and 'response', 'messages', or 'text'")
+        raise TypeError(
+            f"{where}: a dict item has 'prompt' and 'response' (or 'steps'), 'messages', or 'text'"
+        )
     if _is_messages(v):
         return {"messages": [_message_dict(m, where) for m in v]}
     if isinstance(v, Sequence) and len(v) == 2:
         prompt, response = v
+        steps = not isinstance(response, str) and isinstance(response, Sequence) and bool(response)
+        if steps and all(isinstance(s, str) for s in response):  # (prompt, [step, ...]): a solution in steps
+            return _steps(prompt, response, where)
         if _is_messages(response):  # a conversational completion: [{"role": "assistant", ...}]
             prompt_msgs = prompt if _is_messages(prompt) else [{"role": "user", "content": prompt}]
             return {"messages": [_message_dict(m, where) for m in [*prompt_msgs, *response]]}
