@@ -99,7 +99,6 @@ def export_bundle(
             model.body.config,
             settings.max_length,
             chosen.reason,
-            "process" if process else "outcome",
         )
     except ValueError as exc:
         raise ExportError(str(exc)) from exc

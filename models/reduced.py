@@ -36,11 +36,13 @@ REDUCED = ("fp16", "bf16")
 # provider in its source (microsoft/onnxruntime, read 2026-12): MatMul-13, Add-14, Mul-14, Sigmoid-13
 # in onnxruntime/core/providers/cuda/cuda_execution_provider.cc; RMSNormalization-23 in
 # .../cuda/nn/rms_norm.cc; RotaryEmbedding-23 in .../cuda/llm/rotary_embedding.cc; Attention-23 in
-# .../cuda/llm/attention.cc (bf16 tested since microsoft/onnxruntime#27892). Gather, Split, Reshape
-# and Cast move data of any type (their registrations were not re-read). The rest see int64 shapes,
-# positions and lengths only. loadtests/gpu_check.py counts what ONNX Runtime leaves off the GPU.
+# .../cuda/llm/attention.cc (bf16 tested since microsoft/onnxruntime#27892); Relu-14 (the
+# Qwen2.5-Math-PRM step head) in .../cuda/activation/activations.cc. Gather, Split, Reshape and Cast
+# move data of any type (their registrations were not re-read). The rest see int64 shapes, positions
+# and lengths only, or (a step head's rule: Sub, Sigmoid) float32 after the head's Cast.
+# loadtests/gpu_check.py counts what ONNX Runtime leaves off the GPU.
 BF16_CUDA_OPS = frozenset(
-    {"MatMul", "Add", "Mul", "Sigmoid", "RMSNormalization", "RotaryEmbedding", "Attention"}
+    {"MatMul", "Add", "Mul", "Sigmoid", "Relu", "RMSNormalization", "RotaryEmbedding", "Attention"}
     | {"Gather", "Split", "Reshape", "Cast"}
     | {"Shape", "Range", "Expand", "ReduceSum", "Sub", "Max"}
 )

@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
+from rmserve.bundle import load_bundle
 from rmserve.items import Message, StepsItem
 from rmserve.kinds import aggregate_steps
 from tests.support.process import SOLUTIONS, encoded, flat, torch_step_values
@@ -20,7 +21,7 @@ from tests.support.redis import delete_prefix, shared_redis_url, unique_prefix
 from tests.support.server import ServerProcess, serve
 
 # Served names of the bundles: the default one is a 2-label token classifier (PURE-PRM's form).
-NAMES = {"default": "qwen2-tc2", "tc1": "llama-tc1", "lm": "llama-lm"}
+NAMES = {"default": "qwen2-tc2", "tc1": "llama-tc1", "lm": "llama-lm", "prm": "qwen2-prm"}
 
 
 def steps_json(item: StepsItem) -> dict[str, Any]:
@@ -66,6 +67,7 @@ def test_served_step_scores_equal_pytorch_at_the_step_tokens_with_outcome_items_
     name: str, prm: ServerProcess, process_bundles: dict[str, Path]
 ) -> None:
     bundle = process_bundles[NAMES[name]]
+    assert load_bundle(bundle).manifest.padding == "right"  # the lean graph: the batcher pads right
     tag = f" ({name})"  # items of this test only: nothing comes from the cache
     items = [StepsItem(s.prompt, (*s.steps[:-1], s.steps[-1] + tag)) for s in SOLUTIONS]
     expected = torch_step_values(bundle, list(items))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,33 +16,47 @@ from rmserve.bundle import Bundle, BundleError, load_bundle
 from rmserve.errors import InvalidItem, ItemTooLong
 from rmserve.formatting import Formatter
 from rmserve.items import StepsItem, TextItem
+from rmserve.models.lean import LAYER_NODE_BUDGET
 from rmserve.steps import StepEncoder
-from tests.support.tiny import tiny_process_checkpoint
+from tests.support.tiny import PROCESS_FORMS, tiny_process_checkpoint
 
-FORMS = ("qwen2-tc2", "llama-tc1", "llama-lm")
+# Each form's rule, head and lean layer (tests/test_lean_graph.py: Llama's 16 nodes, Qwen2's 17).
+FORMS = {
+    "qwen2-tc2": ("positive_prob", "token_classification", 17),
+    "llama-tc1": ("sigmoid", "token_classification", 16),
+    "llama-lm": ("positive_prob", "lm_head", 16),
+    "qwen2-prm": ("positive_prob", "qwen2_prm", 17),
+}
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_each_head_form_exports_a_graph_of_step_values_that_matches_pytorch_at_the_step_tokens(
+@pytest.mark.parametrize("form", PROCESS_FORMS)
+def test_each_process_head_form_exports_the_lean_graph_of_step_values_within_the_layer_node_budget(
     form: str, process_bundles: dict[str, Path]
 ) -> None:
     manifest = load_bundle(process_bundles[form]).manifest
     assert manifest.kind == "process" and manifest.format.pooling == "step"
     assert manifest.process is not None
-    rule = {"qwen2-tc2": "positive_prob", "llama-tc1": "sigmoid", "llama-lm": "positive_prob"}[form]
-    head = {"qwen2-tc2": "token_classification", "llama-tc1": "token_classification", "llama-lm": "lm_head"}
-    assert (manifest.process.rule, manifest.process.head) == (rule, head[form])
+    rule, head, layer_nodes = FORMS[form]
+    assert (manifest.process.rule, manifest.process.head) == (rule, head)
+    # The lean graph by default, as for outcome decoders of these families: right padding only.
+    assert (manifest.graph, manifest.graph_reason, manifest.padding) == ("lean", None, "right")
     parity = manifest.parity
-    assert parity["values"].startswith("step values at") and parity["left_padding_invariant"]
+    assert parity["values"].startswith("step values at") and not parity["left_padding_invariant"]
     assert parity["max_rel_diff"] <= 1e-4 and parity["batch_invariance_max"] <= 1e-5
-    assert parity["padding_sides"] == ["right", "left"] and parity["batch_sizes"] == [1, 7, 32]
+    assert parity["padding_sides"] == ["right"] and parity["batch_sizes"] == [1, 7, 32]
     graph = onnx.load(str(process_bundles[form] / "model.onnx")).graph
-    assert len(graph.output[0].type.tensor_type.shape.dim) == 2  # [batch, length]
+    assert [d.dim_param for d in graph.output[0].type.tensor_type.shape.dim] == ["batch", "sequence"]
+    scopes = Counter(node.name.split("/", 1)[0] for node in graph.node)
+    assert {scopes["layer0"], scopes["layer1"]} == {layer_nodes}
+    assert layer_nodes <= LAYER_NODE_BUDGET[manifest.model_type]
+    assert manifest.exporter["lean"]["nodes_per_layer"] == layer_nodes  # type: ignore[attr-defined]
+    ops = Counter(node.op_type for node in graph.node)
+    assert ops["Attention"] == 2 and not {"Softmax", "Transpose", "Where"} & set(ops)
     # Nothing of vocabulary size but the input embedding: an LM head keeps only its two label rows.
     vocab = json.loads((process_bundles[form].parent / "checkpoint" / "config.json").read_text())[
         "vocab_size"
     ]
-    assert sum(1 for t in graph.initializer if t.dims and t.dims[0] == vocab) == 1
+    assert sum(1 for t in graph.initializer if vocab in t.dims) == 1
 
 
 def test_a_qwen2_prm_checkpoint_loads_without_remote_code_and_scores_as_its_head_defines(
@@ -90,20 +105,32 @@ def test_a_step_or_label_token_that_is_not_one_token_is_an_export_error_naming_i
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_an_fp16_process_bundle_records_how_far_its_step_values_drift_from_fp32(
-    process_bundles: dict[str, Path], tmp_path: Path
+@pytest.mark.parametrize("graph", ["auto", "traced"])
+def test_an_fp16_process_bundle_takes_fp16_by_headroom_and_records_its_step_value_drift(
+    graph: str, process_bundles: dict[str, Path], tmp_path: Path
 ) -> None:
     from rmserve.models.export import export_bundle
     from rmserve.models.process_heads import StepExport
 
     checkpoint = process_bundles["llama-tc1"].parent / "checkpoint"
+    step = StepExport(rule="sigmoid")
     manifest = export_bundle(
-        checkpoint, tmp_path / "fp16", precision="fp16", max_length=64, step=StepExport(rule="sigmoid")
+        checkpoint, tmp_path / "fp16", precision="fp16", max_length=64, step=step, graph=graph
     )
     assert manifest.precision == "fp16" and manifest.kind == "process"
     drift = manifest.parity["fp16"]
     assert drift["n_texts"] == 32 and 0 < drift["max_abs_diff"] < 0.05  # step values are probabilities
     assert drift["pairwise_ranking_agreement"] >= 0.98
+    assert drift["headroom"]["fits_fp16"]  # a tiny model's residual stream is small
+    if graph == "auto":  # the lean graph, rebuilt in fp16 throughout: every layer and the head
+        assert manifest.graph == "lean" and not drift["residual_guard"]
+        model = onnx.load(str(tmp_path / "fp16" / "model.onnx"))
+        types = {t.data_type for t in model.graph.initializer if t.dims and len(t.dims) == 2}
+        assert types == {onnx.TensorProto.FLOAT16}
+    else:  # traced: the guarded converter, and parity on both paddings (the graph reads the mask)
+        assert manifest.graph == "traced" and drift["residual_guard"]
+        assert manifest.padding == "any" and manifest.parity["padding_sides"] == ["right", "left"]
+        assert manifest.parity["max_rel_diff"] <= 1e-4
 
 
 def test_a_process_bundle_whose_step_settings_were_edited_is_refused(
@@ -174,3 +201,31 @@ def test_a_process_bundle_runs_at_its_own_precision_and_a_reduced_one_is_refused
     assert {c.precision for c in candidates(bundle, Settings(precision="auto"))} == {"fp32"}
     with pytest.raises(EngineError, match="a process bundle runs at its own precision"):
         candidates(bundle, Settings(precision="bf16"))
+
+
+@pytest.mark.parametrize("rule", ["positive_prob", "prob_diff", "sigmoid", "raw"])
+def test_the_lean_step_head_applies_every_rule_as_pytorch_does_on_right_padded_batches(
+    rule: str, process_bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    from rmserve.engines.batches import pad_rows
+    from rmserve.engines.onnxruntime import OnnxRuntimeEngine
+    from rmserve.models.lean import write_lean_graph
+    from rmserve.models.parity import torch_scores
+    from rmserve.models.process_heads import load_step_model
+    from tests.support.process import SOLUTIONS, encoded
+
+    bundle = process_bundles["qwen2-tc2"]
+    model, _, _, _ = load_step_model(bundle.parent / "checkpoint", rule=rule)  # type: ignore[arg-type]
+    write_lean_graph(model, 256, tmp_path, precision="fp32", external_data_bytes=1 << 30)
+    rows = encoded(bundle, list(SOLUTIONS))
+    assert len({len(r) for r in rows}) == len(rows)  # every row but the longest is padded
+    batch = pad_rows(rows, load_bundle(bundle).manifest.format.pad_token_id, "right")
+    engine = OnnxRuntimeEngine(tmp_path / "model.onnx")
+    try:
+        got = engine.infer(batch)
+    finally:
+        engine.close()
+    expected = torch_scores(model, batch)
+    assert got.shape == expected.shape == batch.shape
+    for i, row in enumerate(rows):  # the values read: each item's step tokens
+        np.testing.assert_allclose(got[i, list(row.positions)], expected[i, list(row.positions)], atol=1e-5)

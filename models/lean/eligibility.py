@@ -7,6 +7,9 @@ cannot change. Not for: a sliding window shorter than the bundle's ``max_length`
 causality alone, would decide what a token sees), rotary embeddings that depend on the sequence
 length (dynamic NTK, LongRoPE), Gemma-style models (logit soft-capping, scaled embeddings, other
 norms) or any other family whose layer is not Llama's.
+
+Both kinds of bundle take it: an outcome model scores each row's last real token, a process model each
+step token (models/lean/heads.py), and under right padding every real token sees only real tokens.
 """
 
 from __future__ import annotations
@@ -65,7 +68,6 @@ def graph_reason(
     config: Any,
     max_length: int,
     attention_reason: str | None,
-    kind: str = "outcome",
 ) -> str | None:
     """None when the export writes the lean graph; else why it writes the traced one.
 
@@ -76,8 +78,7 @@ def graph_reason(
         return "encoders keep the traced graph"
     if option == "traced":
         return "--graph traced"
-    process = "process heads have no lean graph yet" if kind == "process" else None
-    reason = why_not_lean(config, max_length) or attention_reason or process
+    reason = why_not_lean(config, max_length) or attention_reason
     if reason is not None and option == "lean":
         raise ValueError(f"--graph lean: {reason}")
     return reason
