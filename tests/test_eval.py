@@ -450,6 +450,18 @@ def test_a_run_records_the_backend_and_precision_it_scored_with(small_bundle: Pa
     assert eval_run(data, "--bundle", small_bundle, "--out", out) == 1
 
 
+def test_eval_without_bundle_or_url_scores_with_the_shipped_default_model(
+    default_bundle: Path, tmp_path: Path
+) -> None:
+    data = write_jsonl(tmp_path / "p.jsonl", synthetic_pairs(6))
+    out = tmp_path / "out"
+    assert eval_run(data, "--out", out) == 0
+    version = json.loads((default_bundle / "manifest.json").read_text())["version"]
+    model = summary(out)["model"]
+    assert (model["name"], model["version"], model["mode"]) == ("default", version, "in-process")
+    assert len(records(out)) == 6
+
+
 def test_models_listed_in_either_shape_of_v1_models_read_alike() -> None:
     manifest = {"name": "rm", "version": "abc", "precision": "fp32"}
     served = {"precision": "fp32", "manifest": manifest}

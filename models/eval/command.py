@@ -30,9 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DATA",
         help="JSONL (.gz), JSON, Parquet, CSV files or saved HF dataset directories",
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--bundle", help="score in process with this bundle (ONNX Runtime, no server)")
-    src.add_argument("--url", help="score through a running rmserve at this URL")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--bundle",
+        help="score in process with this bundle (ONNX Runtime, no server; default: the shipped default "
+        "model, the one `rmserve serve` serves)",
+    )
+    src.add_argument("--url", help="score through a running rmserve at this URL (default: none, in process)")
     p.add_argument(
         "--out", required=True, help="output directory (scores.jsonl, summary.json, plots, report.md)"
     )
@@ -82,9 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _make_scorer(args: argparse.Namespace) -> Scorer:
-    if args.bundle:
+    if not args.url:
+        from rmserve.bundle import default_bundle_path
+
         return LocalScorer(
-            args.bundle,
+            args.bundle or default_bundle_path(),
             provider=args.provider,
             precision=args.precision,
             threads=args.threads,
