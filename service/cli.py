@@ -32,6 +32,20 @@ COMMANDS = {
 }
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every command's help: an option that takes a value ends its line with its default, unless
+    the line says it already (a default of None means nothing to show, and the help says what)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if not action.option_strings or "default" in text or action.nargs == 0:
+            return text
+        if default is None or default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: {'none' if default == [] else '%(default)s'})".strip()
+
+
 def _version() -> str:
     try:
         return version("rmserve")

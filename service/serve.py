@@ -24,6 +24,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from rmserve.app import create_app
 from rmserve.auth import KeyStore
+from rmserve.cli import DefaultsHelpFormatter
 from rmserve.config import add_settings_arguments, explain_invalid, settings_from_args
 from rmserve.loading import preflight
 from rmserve.logs import configure_logging
@@ -68,7 +69,11 @@ class LifecycleLines(logging.Filter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rmserve serve", description="serve reward model bundles over HTTP")
+    parser = argparse.ArgumentParser(
+        prog="rmserve serve",
+        description="serve reward model bundles over HTTP",
+        formatter_class=DefaultsHelpFormatter,
+    )
     add_settings_arguments(parser)
     return parser
 
