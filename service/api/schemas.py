@@ -12,9 +12,11 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails
 
 from rmserve.errors import BadRequest, TooLarge
 from rmserve.items import ChatItem, Item, Message, PairItem, TextItem, text_problem
@@ -95,7 +97,12 @@ class ScoreItemIn(BaseModel):
         if shapes != 1:
             raise ValueError("give exactly one of: prompt and response, messages, or text")
         if pair and (self.prompt is None or self.response is None):
-            raise ValueError("prompt and response go together")
+            # Named at the field, as pydantic names any missing field: items[3].response: Field required
+            missing = "response" if self.response is None else "prompt"
+            given = self.model_dump(exclude_unset=True)
+            raise ValidationError.from_exception_data(
+                "ScoreItemIn", [InitErrorDetails(type="missing", loc=(missing,), input=given)]
+            )
         return self
 
     def to_item(self) -> Item:
