@@ -1,7 +1,7 @@
 """The ``rmserve`` command: serve | export | train | eval.
 
-Each command lives in its own module, imported only when it runs, so the client-only install
-(``pip install rmserve``) has a working ``rmserve`` that names the extra a command needs.
+Each command lives in its own module, imported only when it runs, so the client-only install has a
+working ``rmserve`` that names the extra a command needs and how to install it.
 """
 
 from __future__ import annotations
@@ -53,6 +53,16 @@ def _version() -> str:
         return "unknown"
 
 
+def install_lines(extra: str) -> str:
+    """How to add an extra, for each way rmserve is installed (it is not on a public index yet)."""
+    wheel = f"dist/rmserve-{_version()}-py3-none-any.whl"
+    return (
+        f"  from a clone of its repository:  pip install '.[{extra}]'\n"
+        f"  from a wheel (python -m build):  pip install '{wheel}[{extra}]'\n"
+        f"  from a package index:            pip install 'rmserve[{extra}]'"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rmserve", description="Reward models as a service")
     parser.add_argument("--version", action="version", version=f"rmserve {_version()}")
@@ -76,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         if exc.name is None or exc.name.split(".")[0] == "rmserve":
             raise
         print(
-            f"rmserve {name}: needs the {command.extra} extra (missing module {exc.name!r}): "
-            f"pip install 'rmserve[{command.extra}]'",
+            f"rmserve {name}: needs the {command.extra} extra (missing module {exc.name!r}); "
+            f"install it as rmserve came:\n{install_lines(command.extra)}",
             file=sys.stderr,
         )
         return 2

@@ -49,9 +49,13 @@ def test_running_train_without_torch_names_the_extra_it_needs(tmp_path: Path) ->
     pairs.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
     proc = _rmserve("train", "--train", str(pairs), block=("torch",))
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (
-        "rmserve train: needs the train extra (missing module 'torch'): pip install 'rmserve[train]'"
-    )
+    version = PYPROJECT["project"]["version"]
+    assert proc.stderr.splitlines() == [
+        "rmserve train: needs the train extra (missing module 'torch'); install it as rmserve came:",
+        "  from a clone of its repository:  pip install '.[train]'",
+        f"  from a wheel (python -m build):  pip install 'dist/rmserve-{version}-py3-none-any.whl[train]'",
+        "  from a package index:            pip install 'rmserve[train]'",
+    ]
 
 
 def test_every_package_folder_is_listed_for_installation() -> None:
