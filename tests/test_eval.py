@@ -452,12 +452,17 @@ def test_a_run_records_the_backend_and_precision_it_scored_with(small_bundle: Pa
     assert eval_run(data, "--bundle", small_bundle, "--out", out) == 1
 
 
+def scored_pairs(tmp_path: Path, n: int, *options: Any) -> tuple[Path, Path]:
+    """(data, out) of an eval run over ``n`` synthetic pairs with ``options``; the run succeeded."""
+    data = write_jsonl(tmp_path / "p.jsonl", synthetic_pairs(n))
+    assert eval_run(data, *options, "--out", tmp_path / "out") == 0
+    return data, tmp_path / "out"
+
+
 def test_eval_without_bundle_or_url_scores_with_the_shipped_default_model(
     default_bundle: Path, tmp_path: Path
 ) -> None:
-    data = write_jsonl(tmp_path / "p.jsonl", synthetic_pairs(6))
-    out = tmp_path / "out"
-    assert eval_run(data, "--out", out) == 0
+    _, out = scored_pairs(tmp_path, 6)
     version = json.loads((default_bundle / "manifest.json").read_text())["version"]
     model = summary(out)["model"]
     assert (model["name"], model["version"], model["mode"]) == ("default", version, "in-process")
@@ -494,8 +499,7 @@ def test_plots_count_in_whole_numbers_and_no_legend_covers_a_bar_or_label(
         return save(fig, path, plt)
 
     monkeypatch.setattr(render, "_save", keep)
-    data = write_jsonl(tmp_path / "p.jsonl", synthetic_pairs(12))  # three subsets, few rows
-    assert eval_run(data, "--bundle", small_bundle, "--out", tmp_path / "out") == 0
+    scored_pairs(tmp_path, 12, "--bundle", small_bundle)  # three subsets, few rows
     assert set(figures) == {"scores.png", "margins.png", "accuracy_by_subset.png"}
     for name, fig in figures.items():
         ax = fig.axes[0]
@@ -509,9 +513,7 @@ def test_plots_count_in_whole_numbers_and_no_legend_covers_a_bar_or_label(
 def test_the_report_lists_the_worst_ranked_rows_with_their_margins(
     small_bundle: Path, tmp_path: Path
 ) -> None:
-    data = write_jsonl(tmp_path / "p.jsonl", synthetic_pairs(30))
-    out = tmp_path / "out"
-    assert eval_run(data, "--bundle", small_bundle, "--out", out) == 0
+    data, out = scored_pairs(tmp_path, 30, "--bundle", small_bundle)
     by_margin = sorted(records(out), key=lambda r: r["scores"][0] - r["scores"][1])
     worst = summary(out)["worst_rows"]
     assert [(w["line"], w["margin"]) for w in worst] == [
