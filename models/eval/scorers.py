@@ -7,6 +7,7 @@ side refuses becomes an ``error`` record and the other rows of its chunk are sco
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol
 
 from rmserve.items import Item
@@ -34,7 +35,7 @@ class LocalScorer:
 
     def __init__(
         self,
-        bundle_dir: str,
+        bundle_dir: str | Path,
         *,
         provider: str = "cpu",
         precision: str = "fp32",
