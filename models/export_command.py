@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import get_args
 
 from rmserve.bundle import InputFormat, StepRule
+from rmserve.cli import DefaultsHelpFormatter
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,14 +52,22 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="keep a decoder's attention unfused (MatMul/Softmax/MatMul), not one Attention op per layer",
     )
-    parser.add_argument("--calibration", help="JSONL of {prompt, response} calibration pairs, or 'builtin'")
-    parser.add_argument("--base-model", help="the model this checkpoint was fine-tuned from")
+    parser.add_argument(
+        "--calibration",
+        help="JSONL of {prompt, response} calibration pairs, or 'builtin' (default: the HH-RLHF dev "
+        "pairs of the shared data when present, else 'builtin')",
+    )
+    parser.add_argument(
+        "--base-model",
+        help="the model this checkpoint was fine-tuned from (default: the name its config.json "
+        "records, else the checkpoint directory's name)",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
     steps = parser.add_argument_group("process reward models (a reward per step: docs/process.md)")
     steps.add_argument(
         "--step-token",
         help='export a process reward model whose steps each end with this token (e.g. "<extra_0>"); '
-        "it must be one token of the tokenizer",
+        "it must be one token of the tokenizer (default: none, an outcome model)",
     )
     steps.add_argument(
         "--step-rule",
@@ -71,7 +80,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         nargs=2,
         metavar=("POSITIVE", "NEGATIVE"),
         default=("+", "-"),
-        help="a causal LM read at two tokens: the positive and negative one (default: + -)",
+        help="a causal LM read at two tokens: the positive and negative one",
     )
 
 
@@ -119,12 +128,18 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="rmserve export", description="Export a Hugging Face reward model to a verified bundle."
+        prog="rmserve export",
+        description="Export a Hugging Face reward model to a verified bundle.",
+        formatter_class=DefaultsHelpFormatter,
     )
     add_export_arguments(parser)
-    return run_export(parser.parse_args(argv))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_export(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

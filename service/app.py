@@ -14,12 +14,11 @@ from rmserve.api import ops, score, trainers
 from rmserve.api.errors import install_error_handlers
 from rmserve.api.middleware import EdgeLimits, EdgeMiddleware
 from rmserve.auth import KeyStore
-from rmserve.bundle import default_bundle_path
 from rmserve.cache.factory import make_cache
 from rmserve.config import Settings
 from rmserve.engines.base import available_cpus
 from rmserve.engines.select import create_engine
-from rmserve.loading import EngineFactory, load_runtime
+from rmserve.loading import EngineFactory, load_runtime, preflight
 from rmserve.metrics import Metrics
 from rmserve.scoring import ModelRuntime, Scorer
 from rmserve.state import AppState
@@ -32,20 +31,20 @@ def create_app(
     *,
     engine_factory: EngineFactory = create_engine,
     on_fatal: Callable[[str], None] | None = None,
+    keys: KeyStore | None = None,
 ) -> FastAPI:
-    """The app. ``on_fatal`` is told when start-up fails (``rmserve serve`` then exits non-zero)."""
+    """The app. ``on_fatal`` is told when start-up fails (``rmserve serve`` then exits non-zero);
+    ``keys``: the API keys, read from the settings unless given."""
     settings = settings or Settings()
     metrics = Metrics()
     state = AppState(settings=settings, metrics=metrics)
     pool = ThreadPoolExecutor(max_workers=max(2, available_cpus()), thread_name_prefix="tokenize")
-    secret = settings.api_keys.get_secret_value() if settings.api_keys is not None else None
-    keys = KeyStore(secret, settings.api_keys_file)
+    keys = keys or KeyStore.from_settings(settings)
 
     async def start() -> None:
         try:
-            keys.check()
             models: dict[str, ModelRuntime] = {}
-            for name, path in settings.model_paths(default_bundle_path()).items():
+            for name, path in preflight(settings, keys).items():
                 models[name] = await load_runtime(name, path, settings, metrics, engine_factory)
                 log.info("loaded model %s version %s from %s", name, models[name].version, path)
             state.scorer = Scorer(

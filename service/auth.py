@@ -13,6 +13,8 @@ import logging
 import time
 from pathlib import Path
 
+from rmserve.config import Settings
+
 log = logging.getLogger("rmserve.auth")
 
 
@@ -30,6 +32,11 @@ class KeyStore:
         self._mtime: float | None = None
         self._checked = 0.0
         self._reload()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KeyStore:
+        secret = settings.api_keys.get_secret_value() if settings.api_keys is not None else None
+        return cls(secret, settings.api_keys_file)
 
     def _reload(self) -> None:
         if self._path is None:

@@ -10,10 +10,11 @@ future is resolved: with its value (what the bundle kind's ``read`` takes from t
 output: a score, or a process model's step values), or with the error that stopped it (deadline
 passed, inference failed, shutting down).
 
-Admission keeps the deadline a promise: a request is refused (429, with a ``Retry-After`` from the
-same estimate) when the work ahead of it, at the measured rate, cannot end before its deadline; and
-each accepted request has a timer of its own that takes its items out of the queue with a 504 when
-its deadline passes before they reach a forward pass.
+Admission keeps the deadline a promise: a deadline shorter than the fastest forward pass measured
+on the engine is refused before any work (422: no idle server could meet it); a request is refused
+(429, with a ``Retry-After`` from the same estimate) when the work ahead of it, at the measured rate,
+cannot end before its deadline; and each accepted request has a timer of its own that takes its
+items out of the queue with a 504 when its deadline passes before they reach a forward pass.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 
 from rmserve.engines.base import Engine, EngineCrashed, pad_batch
 from rmserve.engines.batches import Read
-from rmserve.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
+from rmserve.errors import DeadlineExceeded, InferenceFailed, InvalidRequest, NotReady, Overloaded
 from rmserve.formatting import Encoded
 from rmserve.kinds import NonFinite, read_score
 from rmserve.metrics import Metrics
@@ -97,6 +98,7 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._rate = 0.0  # items/s of recent forward passes: admission's estimate and Retry-After
+        self.fastest_pass_s = 0.0  # the quickest forward pass seen: no deadline may be shorter
         self.healthy = True
         self.restarts = 0
 
@@ -121,6 +123,15 @@ class Batcher:
     def retry_after_s(self, extra: int = 0) -> float:
         """How long the queue (plus ``extra`` items) takes to drain at the recent rate."""
         return self.wait_estimate_s(extra) or 1.0
+
+    def check_timeout(self, timeout_s: float) -> None:
+        """InvalidRequest when a request asks for a deadline (``timeout_s`` after its arrival) shorter
+        than the fastest forward pass this engine has made: not even an idle server could meet it."""
+        if timeout_s < self.fastest_pass_s:
+            raise InvalidRequest(
+                f"a deadline of {timeout_s * 1000:.1f} ms is less than one forward pass of model "
+                f"{self.model!r} takes (at least {self.fastest_pass_s * 1000:.1f} ms); give it more time"
+            )
 
     def submit(self, items: list[Encoded], deadline: float) -> list[asyncio.Future[Any]]:
         """Queue items for scoring, all or none. Raises Overloaded when the queue is full, or when the
@@ -189,15 +200,20 @@ class Batcher:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def warmup(self, max_length: int) -> None:
-        """A forward pass on every stream at the largest shape the batcher builds, before ready."""
+        """A forward pass on every stream at the largest shape the batcher builds, before ready; then
+        one at the smallest (one token), timed: the fastest a request could ever be scored."""
         rows = max(1, self.policy.max_batch_tokens // max_length)
-        batch = pad_batch(
-            [[self._pad_id] * max_length] * rows, self._pad_id, [None] * rows if self._with_type_ids else None
-        )
+        type_ids = [None] * rows if self._with_type_ids else None
+        batch = pad_batch([[self._pad_id] * max_length] * rows, self._pad_id, type_ids)
         loop = asyncio.get_running_loop()
         await asyncio.gather(
             *(loop.run_in_executor(self._executor, self.engine.infer, batch) for _ in range(self._streams))
         )
+        smallest = pad_batch([[self._pad_id]], self._pad_id, [None] if self._with_type_ids else None)
+        for _ in range(2):  # a first pass at a new shape may allocate: the second one counts
+            started = time.perf_counter()
+            await loop.run_in_executor(self._executor, self.engine.infer, smallest)
+            self.fastest_pass_s = time.perf_counter() - started
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._supervise(), name=f"batcher-{self.model}")
@@ -376,6 +392,7 @@ class Batcher:
             return
         self._failures = 0
         elapsed = time.perf_counter() - started
+        self.fastest_pass_s = min(self.fastest_pass_s or elapsed, elapsed)
         self._metrics.inference_duration.observe(elapsed)
         self._metrics.items_scored.labels(model=self.model).inc(rows)
         rate = rows * self._streams / max(elapsed, 1e-6)  # every stream busy under load

@@ -251,14 +251,21 @@ def read_manifest(directory: Path) -> Manifest:
         raise BundleError(f"{path} is not a valid manifest: {exc}") from None
 
 
-def load_bundle(directory: str | Path) -> Bundle:
-    """Read and verify a bundle; raises BundleError when its content does not match its digest."""
+def peek_bundle(directory: str | Path) -> tuple[Path, Manifest]:
+    """A bundle directory and its manifest, read but not verified (no file is hashed): what start-up
+    checks before the server listens. Raises BundleError naming what is wrong."""
     path = Path(directory).expanduser().resolve()
     if not path.is_dir():
         raise BundleError(f"bundle directory {path} does not exist")
     manifest = read_manifest(path)
     if manifest.format_version not in READABLE_FORMATS:
         raise BundleError(f"{path}: bundle format {manifest.format_version} is not supported")
+    return path, manifest
+
+
+def load_bundle(directory: str | Path) -> Bundle:
+    """Read and verify a bundle; raises BundleError when its content does not match its digest."""
+    path, manifest = peek_bundle(directory)
     actual = compute_digest(path, manifest.files, manifest.format, manifest.precision, manifest.process)
     if actual != manifest.digest:
         raise BundleError(

@@ -1,7 +1,7 @@
 """The ``rmserve`` command: serve | ray-serve | export | train | eval.
 
-Each command lives in its own module, imported only when it runs, so the client-only install
-(``pip install rmserve``) has a working ``rmserve`` that names the extra a command needs.
+Each command lives in its own module, imported only when it runs, so the client-only install has a
+working ``rmserve`` that names the extra a command needs and how to install it.
 """
 
 from __future__ import annotations
@@ -33,11 +33,35 @@ COMMANDS = {
 }
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every command's help: an option that takes a value ends its line with its default, unless
+    the line says it already (a default of None means nothing to show, and the help says what)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if not action.option_strings or "default" in text or action.nargs == 0:
+            return text
+        if default is None or default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: {'none' if default == [] else '%(default)s'})".strip()
+
+
 def _version() -> str:
     try:
         return version("rmserve")
     except PackageNotFoundError:  # run from a source tree that was never installed
         return "unknown"
+
+
+def install_lines(extra: str) -> str:
+    """How to add an extra, for each way rmserve is installed (it is not on a public index yet)."""
+    wheel = f"dist/rmserve-{_version()}-py3-none-any.whl"
+    return (
+        f"  from a clone of its repository:  pip install '.[{extra}]'\n"
+        f"  from a wheel (python -m build):  pip install '{wheel}[{extra}]'\n"
+        f"  from a package index:            pip install 'rmserve[{extra}]'"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         if exc.name is None or exc.name.split(".")[0] == "rmserve":
             raise
         print(
-            f"rmserve {name}: needs the {command.extra} extra (missing module {exc.name!r}): "
-            f"pip install 'rmserve[{command.extra}]'",
+            f"rmserve {name}: needs the {command.extra} extra (missing module {exc.name!r}); "
+            f"install it as rmserve came:\n{install_lines(command.extra)}",
             file=sys.stderr,
         )
         return 2

@@ -125,7 +125,8 @@ class Settings(BaseSettings):
     drain_grace_s: float = Field(
         20.0,
         ge=0,
-        description="on SIGTERM, how long accepted work may take to finish; still waiting then: 503",
+        description="on SIGTERM or Ctrl-C, how long accepted work may take to finish; "
+        "still waiting then: 503",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_bodies: bool = Field(False, description="log request texts (debug only: they may be private)")

@@ -1,4 +1,5 @@
-"""Load a bundle into a ModelRuntime: verify, pick the engine, warm up at the largest shape."""
+"""Start-up: what can be checked before the server listens, then each bundle loaded into a
+ModelRuntime (verify, pick the engine, warm up at the largest shape)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rmserve.auth import KeyStore
 from rmserve.batching import Batcher, BatchPolicy
-from rmserve.bundle import Bundle, load_bundle
+from rmserve.bundle import Bundle, default_bundle_path, load_bundle, peek_bundle
 from rmserve.cache.keys import namespace
 from rmserve.config import Settings
 from rmserve.engines.base import Engine
@@ -19,6 +21,18 @@ from rmserve.metrics import Metrics
 from rmserve.scoring import ModelRuntime
 
 EngineFactory = Callable[[Bundle, Settings], tuple[Engine, dict[str, Any]]]
+
+
+def preflight(settings: Settings, keys: KeyStore) -> dict[str, Path]:
+    """The bundles to load, by name, once the checks that cost nothing pass: API keys configured are
+    usable, and every model path is a bundle directory with a readable manifest. Raises an error naming
+    the first problem (ValueError, BundleError, OSError), so a server that cannot start says why
+    before it listens."""
+    keys.check()
+    paths = settings.model_paths(default_bundle_path())
+    for path in paths.values():
+        peek_bundle(path)
+    return paths
 
 
 def _pinned(selection: dict[str, Any]) -> dict[str, Any]:

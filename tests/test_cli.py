@@ -3,6 +3,8 @@ extras it needs only to run."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import subprocess
 import sys
 import tomllib
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from rmserve.cli import COMMANDS
 from tests.support.server import REPO
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -46,9 +49,13 @@ def test_running_train_without_torch_names_the_extra_it_needs(tmp_path: Path) ->
     pairs.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
     proc = _rmserve("train", "--train", str(pairs), block=("torch",))
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (
-        "rmserve train: needs the train extra (missing module 'torch'): pip install 'rmserve[train]'"
-    )
+    version = PYPROJECT["project"]["version"]
+    assert proc.stderr.splitlines() == [
+        "rmserve train: needs the train extra (missing module 'torch'); install it as rmserve came:",
+        "  from a clone of its repository:  pip install '.[train]'",
+        f"  from a wheel (python -m build):  pip install 'dist/rmserve-{version}-py3-none-any.whl[train]'",
+        "  from a package index:            pip install 'rmserve[train]'",
+    ]
 
 
 def test_every_package_folder_is_listed_for_installation() -> None:
@@ -61,3 +68,39 @@ def test_every_package_folder_is_listed_for_installation() -> None:
             relative = init.parent.relative_to(REPO / folder)
             found.add(".".join([namespace, *relative.parts]))
     assert found == set(PYPROJECT["tool"]["setuptools"]["packages"])
+
+
+def _option_help(text: str) -> dict[str, str]:
+    """A --help text's options -> the help each shows, joined onto one line."""
+    shown: dict[str, str] = {}
+    option = None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            option = line.split()[0].rstrip(",")
+            shown[option] = line
+        elif option is not None and line.startswith("   "):
+            shown[option] += " " + line.strip()
+        else:
+            option = None
+    return {name: " ".join(help_text.split()) for name, help_text in shown.items()}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_option_of_every_command_shows_its_default_in_help(
+    command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside a default
+    parser = importlib.import_module(COMMANDS[command].module).build_parser()
+    shown = _option_help(parser.format_help())
+    for action in parser._actions:  # argparse has no public list of a parser's options
+        if not action.option_strings or action.help == argparse.SUPPRESS or action.required:
+            continue
+        if action.nargs == 0 and isinstance(action.default, bool) or action.default == argparse.SUPPRESS:
+            continue  # a flag is off unless given; --help and --version have no default
+        name = action.option_strings[0]
+        # "(unset: ...)": what a setting left unset does, which is its default.
+        assert "default" in shown[name] or "(unset:" in shown[name], (
+            f"rmserve {command} {name}: {shown[name]}"
+        )
+        if action.default not in (None, []):
+            assert str(action.default) in shown[name], f"rmserve {command} {name}: {shown[name]}"

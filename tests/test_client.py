@@ -308,3 +308,48 @@ def test_text_no_utf8_body_can_carry_is_a_typed_error_before_anything_is_sent() 
                 await aclient.get_reward(["q"], prompts=["\ud800"])
 
     asyncio.run(run())
+
+
+REFUSED_ITEMS = [
+    (["just a response"], r"^items\[0\]: a bare string is not an item"),
+    ([("p", "r"), 42], r"^items\[1\]: expected \(prompt, response\)"),
+    ([("p", "r"), ("p", "r"), ("p", "r"), {"prompt": "p"}], r"^items\[3\]\.response: Field required$"),
+    ([{"response": "r"}], r"^items\[0\]\.prompt: Field required$"),
+    ([{"prompt": "p", "completion": "r"}], r"^items\[0\]\.response: Field required$"),
+    (
+        [{"answer": "r"}],
+        r"^items\[0\]: a dict item has 'prompt' and 'response' \(or 'steps'\), 'messages', or 'text'",
+    ),
+    ([("p", 5)], r"^items\[0\]: a response is text, not int"),
+    ([[{"content": "hi"}]], r"^items\[0\]: a message is a mapping with 'role'"),
+]
+
+
+@pytest.mark.parametrize("items,message", REFUSED_ITEMS, ids=[m for _, m in REFUSED_ITEMS])
+def test_an_item_in_no_documented_shape_is_a_bad_request_error_before_anything_is_sent(
+    items: list[Any], message: str
+) -> None:
+    # Nothing listens on this port: a request that went out would be a ServerConnectionError.
+    url = f"http://127.0.0.1:{free_port()}"
+    with RewardClient(url, max_retries=0) as client:
+        with pytest.raises(BadRequestError, match=message) as refused:
+            client.score(items)
+        assert refused.value.status is None and refused.value.type == "invalid_request"
+
+    async def run() -> None:
+        async with AsyncRewardClient(url, max_retries=0) as aclient:
+            with pytest.raises(BadRequestError, match=message):
+                await aclient.score(items)
+
+    asyncio.run(run())
+
+
+def test_a_single_item_or_query_where_a_list_belongs_is_a_bad_request_error() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    with RewardClient(url, max_retries=0) as client:
+        with pytest.raises(BadRequestError, match="takes a list of items"):
+            client.score("one text")  # type: ignore[arg-type]
+        with pytest.raises(BadRequestError, match="takes a list of queries"):
+            client.get_reward("one query")  # type: ignore[arg-type]
+        with pytest.raises(BadRequestError, match="prompts has 2 entries but queries has 1"):
+            client.get_reward(["q"], prompts=["a", "b"])

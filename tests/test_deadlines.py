@@ -1,5 +1,6 @@
 """Deadlines in the batcher: each request's own timer, admission that refuses work which cannot end
-in time, and an admission that waits for room until a deadline of its own."""
+in time, an admission that waits for room until a deadline of its own, and a floor under the deadline
+a request may ask for: the model's fastest forward pass."""
 
 from __future__ import annotations
 
@@ -8,17 +9,23 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
+from rmserve.app import create_app
 from rmserve.batching import Batcher, BatchPolicy
-from rmserve.bundle import load_bundle
+from rmserve.bundle import Bundle, load_bundle
+from rmserve.config import Settings
 from rmserve.engines.base import TokenBatch
 from rmserve.engines.onnxruntime import OnnxRuntimeEngine
+from rmserve.engines.select import create_engine
 from rmserve.errors import DeadlineExceeded, Overloaded
 from rmserve.formatting import Encoded, Formatter
 from rmserve.items import PairItem
 from rmserve.metrics import Metrics
+from tests.support.inproc import serve_app
+from tests.support.server import wait_ready
 
 
 class HeldEngine:
@@ -130,3 +137,50 @@ def test_an_admission_may_wait_for_room_until_its_own_limit(engine_and_items) ->
         await batcher.stop()
 
     asyncio.run(run())
+
+
+class SlowEngine:
+    """The real engine, each forward pass made 300 ms slower (a test-only wrapper: the tiny models
+    built here run a forward pass in well under a millisecond, a large model on a CPU does not)."""
+
+    def __init__(self, inner: OnnxRuntimeEngine) -> None:
+        self.inner = inner
+        self.info = inner.info
+        self.passes = 0
+
+    def infer(self, batch: TokenBatch) -> np.ndarray:
+        self.passes += 1
+        time.sleep(0.3)
+        return self.inner.infer(batch)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_deadline_shorter_than_the_models_fastest_forward_pass_is_a_422_before_any_work(
+    tiny_bundles: dict[str, Path],
+) -> None:
+    settings = Settings(models=str(tiny_bundles["bert"]), precision="fp32", provider="cpu", cache="off")
+    engines: list[SlowEngine] = []
+
+    def factory(bundle: Bundle, s: Settings):  # type: ignore[no-untyped-def]
+        engine, selection = create_engine(bundle, s)
+        engines.append(SlowEngine(engine))
+        return engines[-1], selection
+
+    with serve_app(create_app(settings, engine_factory=factory)) as url:
+        wait_ready(url)
+        passes = engines[-1].passes
+        for route, body in (
+            ("/v1/score", {"items": [{"prompt": "a", "response": "b"}]}),
+            ("/get_reward", {"query": ["a b"]}),
+        ):
+            # Above the server-wide floor of 0.1 s, below what this model's forward pass takes.
+            refused = httpx.post(url + route, json=body, headers={"X-Request-Timeout": "0.2"})
+            assert refused.status_code == 422, refused.text
+            message = refused.json()["error"]["message"]
+            assert "a deadline of 200.0 ms is less than one forward pass of model 'default'" in message
+            assert engines[-1].passes == passes  # refused before any work
+            met = httpx.post(url + route, json=body, headers={"X-Request-Timeout": "5"})
+            assert met.status_code == 200, met.text
+            passes = engines[-1].passes

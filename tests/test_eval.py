@@ -21,7 +21,9 @@ import numpy as np
 import pytest
 
 from rmserve.bundle import FormatSettings, default_bundle_path, write_manifest
+from rmserve.models.eval import render
 from rmserve.models.eval.command import main
+from rmserve.models.eval.render import zero_edged_bins
 from rmserve.models.eval.scorers import served_entry
 from rmserve.models.eval.summary import outcome, rewardbench_v1, rewardbench_v2
 from tests.support.server import REPO, serve
@@ -448,6 +450,79 @@ def test_a_run_records_the_backend_and_precision_it_scored_with(small_bundle: Pa
     # Scores of another precision never join these: an --out scored in bf16 is refused.
     (out / "run.json").write_text(json.dumps({**run, "precision": "bf16"}))
     assert eval_run(data, "--bundle", small_bundle, "--out", out) == 1
+
+
+def scored_pairs(tmp_path: Path, n: int, *options: Any) -> tuple[Path, Path]:
+    """(data, out) of an eval run over ``n`` synthetic pairs with ``options``; the run succeeded."""
+    data = write_jsonl(tmp_path / "p.jsonl", synthetic_pairs(n))
+    assert eval_run(data, *options, "--out", tmp_path / "out") == 0
+    return data, tmp_path / "out"
+
+
+def test_eval_without_bundle_or_url_scores_with_the_shipped_default_model(
+    default_bundle: Path, tmp_path: Path
+) -> None:
+    _, out = scored_pairs(tmp_path, 6)
+    version = json.loads((default_bundle / "manifest.json").read_text())["version"]
+    model = summary(out)["model"]
+    assert (model["name"], model["version"], model["mode"]) == ("default", version, "in-process")
+    assert len(records(out)) == 6
+
+
+@pytest.mark.parametrize(
+    "margins",
+    [
+        [-0.19, -0.05, 0.0, 0.02, 0.07],
+        [0.3, 0.31, 2.5],
+        [-4.0, -1.0],
+        [0.0, 0.0],
+        list(np.linspace(-2.7, 4.1, 900)),
+    ],
+)
+def test_margin_bins_have_an_edge_at_zero_so_no_bin_holds_wrong_and_right_rows(margins: list[float]) -> None:
+    edges = zero_edged_bins(np.asarray(margins), 30)
+    assert 0.0 in edges
+    assert edges[0] <= min(margins) and edges[-1] >= max(margins)
+    widths = np.diff(edges)
+    assert np.allclose(widths, widths[0]) and len(edges) <= 33
+
+
+def test_plots_count_in_whole_numbers_and_no_legend_covers_a_bar_or_label(
+    small_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    figures = {}
+    save = render._save
+
+    def keep(fig: Any, path: Path, plt: Any) -> str:  # a spy: the real save, figures drawn to look at
+        fig.canvas.draw()
+        figures[path.name] = fig
+        return save(fig, path, plt)
+
+    monkeypatch.setattr(render, "_save", keep)
+    scored_pairs(tmp_path, 12, "--bundle", small_bundle)  # three subsets, few rows
+    assert set(figures) == {"scores.png", "margins.png", "accuracy_by_subset.png"}
+    for name, fig in figures.items():
+        ax = fig.axes[0]
+        legend = ax.get_legend().get_window_extent()
+        covered = [*ax.patches, *ax.texts]
+        assert not any(legend.overlaps(a.get_window_extent()) for a in covered), name
+        if name != "accuracy_by_subset.png":
+            assert all(float(t).is_integer() for t in ax.get_yticks()), (name, ax.get_yticks())
+
+
+def test_the_report_lists_the_worst_ranked_rows_with_their_margins(
+    small_bundle: Path, tmp_path: Path
+) -> None:
+    data, out = scored_pairs(tmp_path, 30, "--bundle", small_bundle)
+    by_margin = sorted(records(out), key=lambda r: r["scores"][0] - r["scores"][1])
+    worst = summary(out)["worst_rows"]
+    assert [(w["line"], w["margin"]) for w in worst] == [
+        (r["line"], pytest.approx(r["scores"][0] - r["scores"][1], abs=1e-6)) for r in by_margin[:10]
+    ]
+    report = (out / "report.md").read_text()
+    table = report[report.index("## Worst-ranked rows") :]
+    for w in worst:
+        assert f"| `{data}` | {w['line']} | {w['subset']} | {w['margin']:.4f} |" in table
 
 
 def test_models_listed_in_either_shape_of_v1_models_read_alike() -> None:

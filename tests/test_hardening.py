@@ -10,10 +10,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+import yaml
 
 from rmserve.app import create_app
 from rmserve.bundle import Bundle, default_bundle_path, load_bundle
@@ -111,6 +113,45 @@ def test_hostile_input_is_refused_with_the_limit_named(
     assert httpx.post(hostile_server + "/v1/score", json=ONE).status_code == 200  # still serving
 
 
+SCORING_ROUTES = {
+    "/v1/score": {"items": [{"prompt": "a", "response": "b"}]},
+    "/get_reward": {"query": ["a b"]},
+    "/v1/reward": {"prompt": "a", "response": "b"},
+    "/classify": {"input": "a b"},
+    "/v1/classify": {"input": "a b"},
+}
+
+
+def _forward_passes(url: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return sum(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith("rmserve_batch_size_count")
+    )
+
+
+@pytest.mark.parametrize("route", list(SCORING_ROUTES))
+def test_tiny_and_zero_deadlines_are_a_422_before_any_work_on_every_scoring_route(
+    route: str, hostile_server: str
+) -> None:
+    passes = _forward_passes(hostile_server)
+    for value in ("0", "6.3e-126", "-1", "0.001", "0.099", "nan", "inf"):
+        resp = httpx.post(
+            hostile_server + route, json=SCORING_ROUTES[route], headers={"X-Request-Timeout": value}
+        )
+        assert resp.status_code == 422, (value, resp.text)
+        message = resp.json()["error"]["message"]
+        assert message.startswith("X-Request-Timeout: ") and "seconds of at least 0.1" in message, message
+    if route == "/v1/score":
+        for value in (0, 1e-300, 0.05):
+            resp = httpx.post(hostile_server + route, json={**SCORING_ROUTES[route], "timeout_s": value})
+            assert resp.status_code == 422 and resp.json()["error"]["message"].startswith("timeout_s: "), (
+                resp.text
+            )
+    assert _forward_passes(hostile_server) == passes  # nothing was scored for them
+    fine = httpx.post(hostile_server + route, json=SCORING_ROUTES[route], headers={"X-Request-Timeout": "30"})
+    assert fine.status_code == 200, fine.text
+
+
 @pytest.fixture(scope="module")
 def hostile_server(tiny_bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     env = {
@@ -122,29 +163,48 @@ def hostile_server(tiny_bundles: dict[str, Path], tmp_path_factory: pytest.TempP
         yield server.url
 
 
-def test_schemathesis_finds_no_server_error(hostile_server: str, tmp_path: Path) -> None:
+def _fuzz(url: str, cassette: Path, *options: str) -> list[dict[str, Any]]:
+    """Run schemathesis (check: not_a_server_error) against the live API; returns what it sent and got."""
     st = shutil.which("st", path=str(Path(sys.executable).parent)) or shutil.which("st")
     if st is None:
         pytest.fail("schemathesis (the `st` command) is not installed: pip install -e '.[dev]'")
-    proc = subprocess.run(
-        [
-            st,
-            "run",
-            hostile_server + "/openapi.json",
-            "--checks",
-            "not_a_server_error",
-            "--max-examples",
-            "40",
-            "--request-timeout",
-            "30",
-            "--generation-deterministic",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
+    command = [st, "run", url + "/openapi.json", "--checks", "not_a_server_error", "--request-timeout", "30"]
+    command += ["--workers", "1", "--report", "vcr", "--report-vcr-path", str(cassette), *options]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=cassette.parent)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    return list(yaml.safe_load(cassette.read_text())["http_interactions"])
+
+
+def _path(interaction: dict[str, Any]) -> str:
+    return httpx.URL(interaction["request"]["uri"]).path
+
+
+def test_schemathesis_finds_no_server_error_on_any_route(hostile_server: str, tmp_path: Path) -> None:
+    # Every operation, with schemathesis's boundary and example cases.
+    every = _fuzz(
+        hostile_server, tmp_path / "every.yaml", "--max-examples", "40", "--generation-deterministic"
+    )
+    sent = {(i["request"]["method"], _path(i)) for i in every}
+    for path, methods in httpx.get(hostile_server + "/openapi.json").json()["paths"].items():
+        for method in methods:
+            assert (method.upper(), path) in sent, (method, path)
+    # The scoring routes again with random cases (seeded: the same ones every run), so that a valid
+    # body meets any deadline header: tiny ones (below the floor) are refused, the others are met.
+    scoring = _fuzz(
+        hostile_server,
+        tmp_path / "scoring.yaml",
+        *("--max-examples", "150", "--seed", "1", "--include-method", "POST"),
+        *("--include-path-regex", "^/(v1/score|get_reward|v1/reward|classify|v1/classify)$"),
+        *("--phases", "coverage,fuzzing"),
+    )
+    timed = [
+        (_path(i), i["response"]["status"]["code"], i["response"]["body"].get("string", ""))
+        for i in scoring
+        if "x-request-timeout" in {h.lower() for h in i["request"]["headers"] or {}}
+    ]
+    assert {path for path, _, _ in timed} == set(SCORING_ROUTES)  # a deadline header on every route
+    assert any(code == "200" for _, code, _ in timed), "no deadline header met a valid body"
+    assert any("X-Request-Timeout: " in body for _, _, body in timed), "no deadline under the floor was sent"
 
 
 class FaultyEngine:

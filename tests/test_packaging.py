@@ -76,31 +76,37 @@ def test_the_client_install_brings_httpx_and_nothing_heavy(client_env: Path, tmp
 def test_the_client_install_scores_against_a_live_server(
     client_env: Path, tiny_bundles: dict[str, Path], tmp_path: Path
 ) -> None:
-    items = [{"prompt": "How do I boil an egg?", "response": "Eight minutes in boiling water."}, "plain text"]
+    items = [
+        {"prompt": "How do I boil an egg?", "response": "Eight minutes in boiling water."},
+        {"text": "plain text"},
+    ]
     with serve({"RMSERVE_MODELS": str(tiny_bundles["bert"]), "RMSERVE_PRECISION": "fp32"}, tmp_path) as srv:
         code = (
             "import json, sys; import rmserve.adapters.trl, rmserve.adapters.verl; "
             "from rmserve.client import RewardClient; "
             f"items = json.loads({json.dumps(json.dumps(items))}); "
-            "items = [(i['prompt'], i['response']) if isinstance(i, dict) else i for i in items]; "
+            "items = [(i['prompt'], i['response']) if 'prompt' in i else i for i in items]; "
             f"print(json.dumps(RewardClient({srv.url!r}).score(items)))"
         )
         proc = _run(client_env, code, tmp_path)
         assert proc.returncode == 0, proc.stderr
-        body = {"items": [items[0], {"text": items[1]}]}
+        body = {"items": items}
         expected = httpx.post(srv.url + "/v1/score", json=body).json()["scores"]
     assert json.loads(proc.stdout) == expected
 
 
 @pytest.mark.slow
-def test_rmserve_serve_without_the_server_extra_names_the_extra_in_one_line(
+def test_rmserve_serve_without_the_server_extra_names_the_extra_and_how_to_install_it(
     client_env: Path, tmp_path: Path
 ) -> None:
     rmserve = str(client_env.with_name("rmserve"))
     proc = subprocess.run([rmserve, "serve"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "pip install 'rmserve[server]'" in lines[0], proc.stderr
+    first, *ways = proc.stderr.strip().splitlines()
+    assert first.startswith("rmserve serve: needs the server extra (missing module "), proc.stderr
+    # rmserve is not on a public index yet: a clone and a built wheel come first.
+    assert ["pip install" in w for w in ways] == [True] * 3, proc.stderr
+    assert "'.[server]'" in ways[0] and "python -m build" in ways[1] and "'rmserve[server]'" in ways[2]
     version = subprocess.run([rmserve, "--version"], capture_output=True, text=True, timeout=60)
     assert version.stdout.startswith("rmserve ")
 

@@ -128,6 +128,17 @@ def test_fuzzed_text_on_every_route_and_shape_is_scored_or_refused_with_a_4xx(
     assert httpx.get(server.url + "/health/live").status_code == 200
 
 
+def test_a_pair_missing_its_response_or_prompt_is_a_422_naming_the_field(server) -> None:  # type: ignore[no-untyped-def]
+    url = server.url + "/v1/score"
+    texts = [{"text": "a"}, {"text": "b"}, {"text": "c"}]
+    for item, message in (
+        ({"prompt": "p"}, "items[3].response: Field required"),
+        ({"response": "r"}, "items[3].prompt: Field required"),
+    ):
+        resp = _post(url, {"items": [*texts, item]})
+        assert resp.status_code == 422 and resp.json()["error"]["message"] == message, resp.text
+
+
 def test_errors_say_what_is_wrong_in_words(server) -> None:  # type: ignore[no-untyped-def]
     url = server.url + "/v1/score"
     headers = {"content-type": "application/json"}

@@ -405,7 +405,7 @@ def test_a_template_that_reads_text_parts_gets_them_as_parts_and_others_get_them
 
 def test_the_client_keeps_a_messages_structure_and_leaves_out_what_cannot_travel() -> None:
     """Rows from parquet carry every key (None where unset) and arrays; parts may hold images."""
-    from rmserve.client import message_text, to_item
+    from rmserve.client import BadRequestError, message_text, to_item
 
     class Image:  # what a multimodal tool result holds: not JSON, and never scored
         pass
@@ -429,5 +429,5 @@ def test_the_client_keeps_a_messages_structure_and_leaves_out_what_cannot_travel
         ]
     }
     assert message_text(None) == "" and message_text(messages[2]["content"]) == "42"
-    with pytest.raises(TypeError, match="items\\[0\\]: a message is a mapping with 'role'"):
+    with pytest.raises(BadRequestError, match="items\\[0\\]: a message is a mapping with 'role'"):
         to_item([{"content": "no role"}, {"role": "assistant", "content": "x"}])

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rmserve.cli import DefaultsHelpFormatter
 from rmserve.models.eval.rows import EvalError, EvalRow, read_data
 from rmserve.models.eval.scorers import LocalScorer, RemoteScorer, Scorer, score_chunk
 from rmserve.models.eval.store import BAD_ROWS_FILE, ScoreStore, check_run_file
@@ -21,6 +22,7 @@ from rmserve.models.eval.store import BAD_ROWS_FILE, ScoreStore, check_run_file
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rmserve eval",
+        formatter_class=DefaultsHelpFormatter,
         description="Score preference eval sets: accuracy per subset, RewardBench weighting, plots, report; "
         "with a process reward model, ProcessBench F1 and best-of-N accuracy. "
         "Resumable: rerun the same command to continue a killed run.",
@@ -31,9 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DATA",
         help="JSONL (.gz), JSON, Parquet, CSV files or saved HF dataset directories",
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--bundle", help="score in process with this bundle (ONNX Runtime, no server)")
-    src.add_argument("--url", help="score through a running rmserve at this URL")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--bundle",
+        help="score in process with this bundle (ONNX Runtime, no server; default: the shipped default "
+        "model, the one `rmserve serve` serves)",
+    )
+    src.add_argument("--url", help="score through a running rmserve at this URL (default: none, in process)")
     p.add_argument(
         "--out", required=True, help="output directory (scores.jsonl, summary.json, plots, report.md)"
     )
@@ -69,21 +75,31 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["fp32", "bf16", "fp16", "int8", "auto"],
         help="with --bundle: fp32 (default) gives the server's fp32 scores exactly",
     )
-    p.add_argument("--threads", type=int, default=None, help="with --bundle: inference threads")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="with --bundle: inference threads "
+        "(default: $RMSERVE_THREADS, else the CPUs this process may use)",
+    )
     p.add_argument(
         "--threshold",
         type=float,
         default=0.5,
-        help="ProcessBench rows: a step scored under this is predicted wrong (default 0.5)",
+        help="ProcessBench rows: a step scored under this is predicted wrong",
     )
     p.add_argument(
         "--step-aggregate",
         default="min",
         choices=["min", "last", "mean", "prod"],
-        help="best-of-N rows in steps: how a candidate's step scores become one (default min)",
+        help="best-of-N rows in steps: how a candidate's step scores become one",
     )
-    p.add_argument("--split", help="the split of a saved HF DatasetDict")
-    p.add_argument("--limit", type=int, default=None, help="read at most this many rows of each file")
+    p.add_argument(
+        "--split", help="the split of a saved HF DatasetDict (default: its only split, if it has one)"
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help="read at most this many rows of each file (default: all)"
+    )
     p.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
     p.add_argument(
         "--restart", action="store_true", help="discard the scores already in --out and start over"
@@ -95,9 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _make_scorer(args: argparse.Namespace) -> Scorer:
-    if args.bundle:
+    if not args.url:
+        from rmserve.bundle import default_bundle_path
+
         return LocalScorer(
-            args.bundle,
+            args.bundle or default_bundle_path(),
             provider=args.provider,
             precision=args.precision,
             threads=args.threads,

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from rmserve.models.eval import steps
-from rmserve.models.eval.summary import PLOTS, PREFERENCE_KINDS, outcome
+from rmserve.models.eval.summary import PLOTS, PREFERENCE_KINDS, outcome, worst_ranked
 
 
 def write_plots(out: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
@@ -18,6 +18,7 @@ def write_plots(out: Path, summary: dict[str, Any], records: list[dict[str, Any]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     scored = [r for r in records if "error" not in r]
     prefs = [r for r in scored if r["kind"] in PREFERENCE_KINDS]
@@ -37,18 +38,27 @@ def write_plots(out: Path, summary: dict[str, Any], records: list[dict[str, Any]
             if values:
                 ax.hist(values, bins=bins, alpha=0.55, label=f"{label} (n={len(values)})", color=color)
         ax.set(xlabel="reward score", ylabel="responses", title="Score distributions: chosen vs rejected")
-        ax.legend()
+        _counts_with_legend(ax, MaxNLocator)
         written.append(_save(fig, out / PLOTS["scores"], plt))
     if prefs:
-        margins = [outcome(r)[1] for r in prefs]
+        margins = np.asarray([outcome(r)[1] for r in prefs], dtype=np.float64)
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        ax.hist(margins, bins=min(60, max(10, int(math.sqrt(len(margins))))), color="tab:purple", alpha=0.8)
+        wrong, right = margins[margins <= 0], margins[margins > 0]
+        ax.hist(
+            [wrong, right],
+            bins=zero_edged_bins(margins, min(60, max(10, int(math.sqrt(margins.size))))),
+            stacked=True,
+            color=["tab:red", "tab:green"],
+            alpha=0.8,
+            label=[f"ranked wrong or tied (n={wrong.size})", f"ranked right (n={right.size})"],
+        )
         ax.axvline(0.0, color="black", linestyle="--", linewidth=1)
         ax.set(
             xlabel="margin: r_chosen - r_rejected (best-of-N: minus the best rejected)",
             ylabel="rows",
             title=f"Margins (accuracy {summary['accuracy']:.4f}, mean margin {summary['mean_margin']:.4f})",
         )
+        _counts_with_legend(ax, MaxNLocator)
         written.append(_save(fig, out / PLOTS["margins"], plt))
     if len(summary["subsets"]) > 1:  # one subset's bar would only repeat the overall accuracy
         subsets = summary["subsets"]
@@ -62,7 +72,8 @@ def write_plots(out: Path, summary: dict[str, Any], records: list[dict[str, Any]
             ax.text(min(a + 0.01, 0.9), i, f"{a:.3f}", va="center")
         ax.axvline(0.5, color="gray", linestyle=":", linewidth=1, label="coin flip (pairs)")
         ax.set(xlim=(0, 1), xlabel="accuracy", title="Accuracy per subset")
-        ax.legend(loc="lower right")
+        # Beside the axes, where no bar or its label can be under it.
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         written.append(_save(fig, out / PLOTS["accuracy"], plt))
     pb = summary.get("processbench")
     if pb:
@@ -70,6 +81,23 @@ def write_plots(out: Path, summary: dict[str, Any], records: list[dict[str, Any]
         if process_plot:
             written.append(process_plot)
     return written
+
+
+def _counts_with_legend(ax: Any, locator: Any) -> None:
+    """A histogram's count axis in whole numbers (no "1.5 responses"), with headroom above the
+    tallest bar for the legend, so that it covers none."""
+    ax.yaxis.set_major_locator(locator(integer=True))
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.3)
+    ax.legend(loc="upper right")
+
+
+def zero_edged_bins(values: np.ndarray, count: int) -> list[float]:
+    """About ``count`` equal histogram bins over ``values`` and 0, one edge at exactly 0, so that no
+    bin holds both wrongly (margin <= 0) and rightly ranked rows."""
+    lo, hi = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
+    width = (hi - lo) / count or 1.0
+    first, last = math.floor(lo / width), max(math.ceil(hi / width), math.floor(lo / width) + 1)
+    return [k * width for k in range(first, last + 1)]
 
 
 def _save(fig: Any, path: Path, plt: Any) -> str:
@@ -147,6 +175,23 @@ def markdown(summary: dict[str, Any], plots: list[str]) -> str:
             ]
             lines += [f"| {k} | {_fmt(v)} |" for k, v in parts.items()]
             lines += ["", rb["method"] + ".", ""]
+    worst = summary.get("worst_rows") or []
+    if worst:
+        lines += [
+            "## Worst-ranked rows",
+            "",
+            f"The {len(worst)} rows with the lowest margins (the worst chosen score minus the best "
+            "rejected one): where to look first for label noise or a model's blind spots.",
+            "",
+            "| file | line | subset | margin | chosen | rejected |",
+            "| --- | ---: | --- | ---: | ---: | ---: |",
+        ]
+        lines += [
+            f"| `{w['file']}` | {w['line']} | {w['subset']} | {_fmt(w['margin'])} | {_fmt(w['chosen'])} "
+            f"| {_fmt(w['rejected'])} |"
+            for w in worst
+        ]
+        lines.append("")
     if plots:
         lines += ["## Plots", ""]
         captions = {
@@ -216,6 +261,7 @@ def write_report(out: Path, summary: dict[str, Any], records: list[dict[str, Any
 
     plots = write_plots(out, summary, records)
     summary["plots"] = plots
+    summary["worst_rows"] = worst_ranked(records)
     (out / "summary.json").write_text(
         json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )

@@ -8,6 +8,7 @@ process reward model's value for an item is its list of step scores.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol
 
 from rmserve.items import Item, StepsItem
@@ -38,7 +39,7 @@ class LocalScorer:
 
     def __init__(
         self,
-        bundle_dir: str,
+        bundle_dir: str | Path,
         *,
         provider: str = "cpu",
         precision: str = "fp32",

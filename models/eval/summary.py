@@ -289,3 +289,23 @@ def summarize(
         summary["process_best_of_n"] = bon
         summary["counts"]["process_best_of_n"] = bon["overall"]["rows"]
     return summary
+
+
+def worst_ranked(records: Iterable[dict[str, Any]], n: int = 10) -> list[dict[str, Any]]:
+    """The ``n`` scored preference rows with the lowest margins (the model's worst rankings first):
+    where each is, its margin, and the two scores it compares (the worst chosen, the best rejected)."""
+    prefs = [r for r in records if "error" not in r and r["kind"] in PREFERENCE_KINDS]
+    rows = []
+    for r in sorted(prefs, key=lambda r: outcome(r)[1])[:n]:
+        k = r["n_chosen"]
+        rows.append(
+            {
+                "file": r["file"],
+                "line": r["line"],
+                "subset": r["subset"],
+                "margin": _r(outcome(r)[1]),
+                "chosen": _r(min(r["scores"][:k])),
+                "rejected": _r(max(r["scores"][k:])),
+            }
+        )
+    return rows

@@ -10,6 +10,7 @@ import json
 from dataclasses import fields
 
 from rmserve.bundle import ENCODER_POOLINGS
+from rmserve.cli import DefaultsHelpFormatter
 from rmserve.models.train.config import TrainConfig
 
 
@@ -50,7 +51,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="local HF checkpoint to start from (default: all-MiniLM-L6-v2 package)",
     )
     a("--output-dir", default=d.output_dir, help="where the checkpoint and trainer state go")
-    a("--bundle-dir", default=None, help="export the trained model as a bundle here")
+    a(
+        "--bundle-dir",
+        default=None,
+        help="export the trained model as a bundle here (default: none, the checkpoint only)",
+    )
     a("--name", default=d.name, help="bundle name in its manifest")
     a(
         "--pooling",
@@ -65,17 +70,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.max_length,
         help="tokens per (prompt, response), cut like the server",
     )
-    a("--epochs", type=float, default=d.epochs)
-    a("--lr", dest="learning_rate", type=float, default=d.learning_rate)
+    a("--epochs", type=float, default=d.epochs, help="passes over the training pairs")
+    a("--lr", dest="learning_rate", type=float, default=d.learning_rate, help="peak learning rate")
     a("--batch-size", type=int, default=d.batch_size, help="pairs per optimizer step (per device)")
-    a("--grad-accum", type=int, default=d.grad_accum)
-    a("--warmup-ratio", type=float, default=d.warmup_ratio)
+    a("--grad-accum", type=int, default=d.grad_accum, help="batches per optimizer step")
+    a("--warmup-ratio", type=float, default=d.warmup_ratio, help="share of the steps spent warming up")
     a(
         "--scheduler",
         default=d.scheduler,
         help="transformers lr schedule: linear, cosine, constant_with_warmup",
     )
-    a("--weight-decay", type=float, default=d.weight_decay)
+    a("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
     a("--dropout", type=float, default=d.dropout, help="dropout during training (0 disables it)")
     a("--center-coef", type=float, default=d.center_coef, help="reward-centering coefficient (0: off)")
     a(
@@ -106,8 +111,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "and ship the uniform average of their weights",
     )
     a("--bf16", action="store_true", help="bf16 autocast (CPU with AMX, or GPU)")
-    a("--max-train-pairs", type=int, default=None, help="train on a seeded random subset (pilots)")
-    a("--eval-batch-size", type=int, default=d.eval_batch_size)
+    a(
+        "--max-train-pairs",
+        type=int,
+        default=None,
+        help="train on a seeded random subset of this many pairs (pilots; default: all)",
+    )
+    a("--eval-batch-size", type=int, default=d.eval_batch_size, help="pairs per forward pass when scoring")
     a("--calibration-pairs", type=int, default=d.calibration_pairs, help="dev pairs stored in the bundle")
     a(
         "--calibration",
@@ -146,10 +156,15 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rmserve train",
         description="Train a Bradley-Terry reward model from preference pairs and export it as a bundle.",
+        formatter_class=DefaultsHelpFormatter,
     )
     add_train_arguments(parser)
-    return run_train(parser.parse_args(argv))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_train(build_parser().parse_args(argv))

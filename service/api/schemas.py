@@ -13,9 +13,11 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails
 
 from rmserve.errors import BadRequest, InvalidItem, TooLarge
 from rmserve.items import (
@@ -37,6 +39,22 @@ def _tokenizable(text: str) -> str:
     if problem is not None:
         raise ValueError(problem)
     return text
+
+
+# The shortest deadline a request may ask for (X-Request-Timeout, timeout_s). A request's own way
+# through rmserve (HTTP, validation, tokenizing, the queue, one forward pass of a small model) takes
+# about a millisecond on an idle 2-core machine, but tens of milliseconds when its cores are busy:
+# below this floor a deadline is met or missed by scheduling noise, not by the work ahead, so it is
+# refused at once as invalid (422) rather than accepted to end in a 504. Trainers ask for seconds.
+# A model slower than this has a floor of its own, its fastest forward pass (``Batcher.check_timeout``).
+MIN_TIMEOUT_S = 0.1
+
+
+def timeout_problem(value: float) -> str | None:
+    """Why ``value`` (seconds) is not a deadline a request may ask for; None when it is one."""
+    if math.isfinite(value) and value >= MIN_TIMEOUT_S:
+        return None
+    return f"{value} is not a deadline rmserve can meet; give a number of seconds of at least {MIN_TIMEOUT_S}"
 
 
 # Every text a tokenizer reads is checked where it enters: a lone surrogate is a 422 naming its field.
@@ -208,7 +226,12 @@ class ScoreItemIn(BaseModel):
         if shapes != 1:
             raise ValueError("give exactly one of: prompt and response, messages, or text")
         if pair and (self.prompt is None or self.response is None):
-            raise ValueError("prompt and response go together")
+            # Named at the field, as pydantic names any missing field: items[3].response: Field required
+            missing = "response" if self.response is None else "prompt"
+            given = self.model_dump(exclude_unset=True)
+            raise ValidationError.from_exception_data(
+                "ScoreItemIn", [InitErrorDetails(type="missing", loc=(missing,), input=given)]
+            )
         return self
 
     def to_item(self) -> Item:
@@ -248,7 +271,9 @@ class ScoreRequest(BaseModel):
         "auto", description='"auto" truncates an item over max_length (reported in usage); "error" gives 413'
     )
     timeout_s: float | None = Field(
-        None, gt=0, description="deadline for this request (at most the server's)"
+        None,
+        description=f"deadline for this request, in seconds (at least {MIN_TIMEOUT_S}; at most the server's)",
+        json_schema_extra={"minimum": MIN_TIMEOUT_S},
     )
     non_text_parts: Literal["drop", "error"] = Field(
         "drop",
@@ -259,11 +284,12 @@ class ScoreRequest(BaseModel):
         None, description="process reward models: how an item's step scores become its score (default min)"
     )
 
-    @field_validator("timeout_s", mode="before")
+    @field_validator("timeout_s")
     @classmethod
-    def _finite_deadline(cls, value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{value} is not a deadline; give a number of seconds above 0")
+    def _meetable_deadline(cls, value: float | None) -> float | None:
+        problem = None if value is None else timeout_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
 

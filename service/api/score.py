@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
 from pydantic import BaseModel
 
 from rmserve.api.schemas import (
+    MIN_TIMEOUT_S,
     ScoreRequest,
     ScoreResponse,
     Usage,
     dropped_parts,
     error_responses,
+    timeout_problem,
     to_items,
 )
 from rmserve.errors import InvalidRequest, TooLarge
 from rmserve.items import Item
 from rmserve.kinds import Aggregate
-from rmserve.scoring import Scorer, ScoreResult
+from rmserve.scoring import ModelRuntime, Scorer, ScoreResult
 from rmserve.state import AppState
 
 router = APIRouter()
@@ -42,6 +43,16 @@ ENGINE_HEADERS: dict[int | str, dict[str, Any]] = {
 }
 
 
+# Every scoring route takes a deadline header; values below the floor are refused in ``deadline_of``.
+DeadlineHeader = Annotated[
+    float | None,
+    Header(
+        description=f"deadline in seconds, counted from arrival (at least {MIN_TIMEOUT_S})",
+        json_schema_extra={"minimum": MIN_TIMEOUT_S},
+    ),
+]
+
+
 def log_body(state: AppState, request: Request, body: BaseModel) -> None:
     # Texts being scored may be private: logged only when RMSERVE_LOG_BODIES is switched on.
     if state.settings.log_bodies:
@@ -57,21 +68,23 @@ def log_body(state: AppState, request: Request, body: BaseModel) -> None:
 def deadline_of(
     state: AppState,
     request: Request,
+    rt: ModelRuntime,
     header: float | None,
     field: float | None,
     limit: float | None = None,
 ) -> float:
-    """The monotonic time by which the request's items must be in a forward pass, counted from its
-    arrival at the edge (reading and validating the body is part of the time it asked for).
-    ``limit`` is the route's default deadline (the server's request_timeout_s unless given)."""
-    if header is not None and not (math.isfinite(header) and header > 0):
-        raise InvalidRequest(
-            f"X-Request-Timeout: {header} is not a deadline; give a number of seconds above 0"
-        )
+    """The monotonic time by which the request must be answered, counted from its arrival at the
+    edge (reading and validating the body is part of the time it asked for). ``limit`` is the
+    route's default deadline (the server's request_timeout_s unless given). A deadline under the
+    floor, or shorter than ``rt``'s fastest forward pass, is a 422 before any work."""
+    problem = None if header is None else timeout_problem(header)
+    if problem is not None:
+        raise InvalidRequest(f"X-Request-Timeout: {problem}")
     limit = limit if limit is not None else state.settings.request_timeout_s
-    asked = [t for t in (header, field) if t is not None]
+    timeout_s = min([limit, *(t for t in (header, field) if t is not None)])
+    rt.batcher.check_timeout(timeout_s)
     arrived = getattr(request.state, "arrived", None)
-    return (arrived if arrived is not None else time.monotonic()) + min([limit, *asked])
+    return (arrived if arrived is not None else time.monotonic()) + timeout_s
 
 
 def check_count(state: AppState, n: int) -> None:
@@ -114,15 +127,15 @@ async def score(
     body: ScoreRequest,
     request: Request,
     response: Response,
-    x_request_timeout: float | None = Header(None, description="deadline in seconds"),
+    x_request_timeout: DeadlineHeader = None,
 ) -> ScoreResponse:
     state: AppState = request.app.state.rmserve
     scorer = state.ready_scorer()
     log_body(state, request, body)
+    deadline = deadline_of(state, request, scorer.runtime(body.model), x_request_timeout, body.timeout_s)
     check_count(state, len(body.items))
     items = to_items(body.items, state.settings.max_chars_per_item)
     dropped = dropped_parts(body.items, refuse=body.non_text_parts == "error")
-    deadline = deadline_of(state, request, x_request_timeout, body.timeout_s)
     result = await run_score(
         scorer,
         request,

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Request, Response
 
 from rmserve.api.schemas import (
     ClassifyRequest,
@@ -32,7 +32,14 @@ from rmserve.api.schemas import (
     error_responses,
     to_messages,
 )
-from rmserve.api.score import ENGINE_HEADERS, check_count, deadline_of, log_body, name_engine
+from rmserve.api.score import (
+    ENGINE_HEADERS,
+    DeadlineHeader,
+    check_count,
+    deadline_of,
+    log_body,
+    name_engine,
+)
 from rmserve.errors import BadRequest, TooLarge
 from rmserve.items import ChatItem, Item, PairItem, StepsItem, TextItem, split_steps
 from rmserve.markup import Outcome, detect, prompt_messages, reread, reread_pair
@@ -127,7 +134,7 @@ async def get_reward(
     body: RewardRequest,
     request: Request,
     response: Response,
-    x_request_timeout: float | None = Header(None, description="deadline in seconds"),
+    x_request_timeout: DeadlineHeader = None,
 ) -> RewardResponse:
     state: AppState = request.app.state.rmserve
     scorer = state.ready_scorer()
@@ -137,6 +144,7 @@ async def get_reward(
         if values is not None and len(values) != n:
             raise BadRequest(f"{name} has {len(values)} entries but query has {n}")
     rt = scorer.runtime(None)
+    deadline = deadline_of(state, request, rt, x_request_timeout, None, state.settings.get_reward_timeout_s)
     step_token = rt.kind.step_token
     if step_token is None:
         items, outcomes = query_items(
@@ -157,7 +165,6 @@ async def get_reward(
         )
     result = None
     if items:
-        deadline = deadline_of(state, request, x_request_timeout, None, state.settings.get_reward_timeout_s)
         result = await score_waiting(state, request, response, rt, items, deadline)
     # Several reward URLs and one sample: OpenRLHF sends the other servers empty lists.
     scores = result.scores if result is not None else []
@@ -209,12 +216,13 @@ async def slime_reward(
     body: SlimeRewardRequest,
     request: Request,
     response: Response,
-    x_request_timeout: float | None = Header(None, description="deadline in seconds"),
+    x_request_timeout: DeadlineHeader = None,
 ) -> float:
     state: AppState = request.app.state.rmserve
     scorer = state.ready_scorer()
     log_body(state, request, body)
     rt = scorer.runtime(None)
+    deadline = deadline_of(state, request, rt, x_request_timeout, None)
     chars = len(body.response) + (
         len(body.prompt) if isinstance(body.prompt, str) else sum(m.chars() for m in body.prompt)
     )
@@ -222,7 +230,6 @@ async def slime_reward(
         raise TooLarge(f"{chars} characters is over the limit of {state.settings.max_chars_per_item}")
     item, outcome = _slime_item(rt, body, state.settings.retemplate)
     response.headers["X-RMServe-Template"] = outcome
-    deadline = deadline_of(state, request, x_request_timeout, None)
     result = await score_waiting(state, request, response, rt, [item], deadline)
     return result.scores[0]
 
@@ -243,22 +250,21 @@ def _classify_items(rt: ModelRuntime, body: ClassifyRequest, retemplate: bool) -
     ]
 
 
-async def _classify(request: Request, response: Response, body: ClassifyRequest) -> dict[str, Any]:
+async def _classify(
+    request: Request, response: Response, body: ClassifyRequest, x_request_timeout: float | None
+) -> dict[str, Any]:
     state: AppState = request.app.state.rmserve
     scorer = state.ready_scorer()
     log_body(state, request, body)
     # vLLM clients name the checkpoint they think is served (veRL sends its model path).
     rt = scorer.runtime(body.model if body.model in scorer.models else None)
+    deadline = deadline_of(state, request, rt, x_request_timeout, None)
     items = _classify_items(rt, body, state.settings.retemplate)
     check_count(state, len(items))
     for i, item in enumerate(items):
         if isinstance(item, TextItem) and len(item.text) > state.settings.max_chars_per_item:
             raise TooLarge(f"input[{i}]: {len(item.text)} characters is over the limit")
-    result = (
-        await score_waiting(state, request, response, rt, items, deadline_of(state, request, None, None))
-        if items
-        else None
-    )
+    result = await score_waiting(state, request, response, rt, items, deadline) if items else None
     scores = result.scores if result is not None else []
     tokens = result.tokens if result is not None else 0
     # vLLM's default for one label is the sigmoid (its PoolerClassify); use_activation=false: raw.
@@ -291,10 +297,14 @@ _CLASSIFY_SUMMARY = "vLLM's classify API for a single-label reward model"
 
 
 @router.post("/classify", responses=_CLASSIFY_RESPONSES, summary=_CLASSIFY_SUMMARY)
-async def classify(body: ClassifyRequest, request: Request, response: Response) -> dict[str, Any]:
-    return await _classify(request, response, body)
+async def classify(
+    body: ClassifyRequest, request: Request, response: Response, x_request_timeout: DeadlineHeader = None
+) -> dict[str, Any]:
+    return await _classify(request, response, body, x_request_timeout)
 
 
 @router.post("/v1/classify", responses=_CLASSIFY_RESPONSES, summary=_CLASSIFY_SUMMARY)
-async def classify_v1(body: ClassifyRequest, request: Request, response: Response) -> dict[str, Any]:
-    return await _classify(request, response, body)
+async def classify_v1(
+    body: ClassifyRequest, request: Request, response: Response, x_request_timeout: DeadlineHeader = None
+) -> dict[str, Any]:
+    return await _classify(request, response, body, x_request_timeout)

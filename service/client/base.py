@@ -115,7 +115,7 @@ class BaseRewardClient:
         aggregate: str | None = None,
     ) -> list[Call]:
         if isinstance(items, (str, Mapping)):
-            raise TypeError("score() takes a list of items, not a single item")
+            raise BadRequestError("score() takes a list of items, not a single item", type="invalid_request")
         payload = [to_item(v, i) for i, v in enumerate(items)]
         for i, item in enumerate(payload):
             _check_texts(f"items[{i}]", item)
@@ -132,10 +132,14 @@ class BaseRewardClient:
         self, queries: Sequence[str], prompts: Sequence[str] | None, labels: Sequence[Any] | None
     ) -> list[Call]:
         if isinstance(queries, str):
-            raise TypeError("get_reward() takes a list of queries, not one string")
+            raise BadRequestError(
+                "get_reward() takes a list of queries, not one string", type="invalid_request"
+            )
         for name, values in (("prompts", prompts), ("labels", labels)):
             if values is not None and len(values) != len(queries):
-                raise ValueError(f"{name} has {len(values)} entries but queries has {len(queries)}")
+                raise BadRequestError(
+                    f"{name} has {len(values)} entries but queries has {len(queries)}", type="invalid_request"
+                )
         for name, texts in (("query", queries), ("prompts", prompts or ())):
             for i, text in enumerate(texts):
                 _check_texts(f"{name}[{i}]", text)

@@ -1,9 +1,13 @@
-"""Items in every shape a caller holds -> the API's JSON item.
+"""Items in the documented shapes a caller holds -> the API's JSON item.
 
-The server's own item types (``rmserve.items``: ``PairItem``, ``ChatItem``, ``TextItem``,
-``StepsItem``) are accepted as they are, so code that already holds them (``rmserve eval``) sends
-them unconverted. A process reward model's item is ``(prompt, [step, ...])``, a dict with ``prompt``
-(or ProcessBench's ``problem``) and ``steps``, a ``StepsItem``, or text carrying the step token.
+The shapes: ``(prompt, response)`` (a prompt is text or a message list; a response is text, or the
+assistant's messages of a conversational completion), the API's own dicts (``{"prompt",
+"response"}``, ``{"messages"}``, ``{"text"}``), a message list, and the server's item types
+(``rmserve.items``: ``PairItem``, ``ChatItem``, ``TextItem``, ``StepsItem``), so code that already
+holds them (``rmserve eval``) sends them unconverted. A process reward model's item is ``(prompt,
+[step, ...])``, a dict with ``prompt`` (or ProcessBench's ``problem``) and ``steps``, a ``StepsItem``,
+or ``{"text"}`` carrying the step token. Anything else is refused with ``BadRequestError`` naming the
+item, before any request: a bare string is not taken for formatted text.
 """
 
 from __future__ import annotations
@@ -11,14 +15,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from rmserve.client.errors import BadRequestError
 from rmserve.items import PART_SEPARATOR, ChatItem, Item, Message, PairItem, StepsItem, TextItem, message_dict
 
 MessageLike = Mapping[str, Any]
 # What ``score`` accepts per item: (prompt, response), (prompt, [step, ...]), an API-shaped dict, a
-# message list, text, or one of the server's item types.
-ItemLike = (
-    tuple[Any, str] | tuple[Any, Sequence[str]] | Mapping[str, Any] | Sequence[MessageLike] | str | Item
-)
+# message list, or one of the server's item types.
+ItemLike = tuple[Any, Any] | Mapping[str, Any] | Sequence[MessageLike] | Item
+
+
+def _refused(message: str) -> BadRequestError:
+    return BadRequestError(message, type="invalid_request")
 
 
 # Where a message's reasoning may be found: transformers reads all three names
@@ -34,7 +41,7 @@ def _listed(value: Any, where: str) -> list[Any]:
         tolist = getattr(value, "tolist", None)
         if callable(tolist):
             return list(tolist())
-    raise TypeError(f"{where}: expected a list, not {type(value).__name__}")
+    raise _refused(f"{where}: expected a list, not {type(value).__name__}")
 
 
 def message_text(content: Any) -> str:
@@ -52,7 +59,7 @@ def message_text(content: Any) -> str:
 
 def _part(part: Any, where: str) -> dict[str, Any]:
     if not isinstance(part, Mapping) or "type" not in part:
-        raise TypeError(f"{where}: a content part is a mapping with 'type'")
+        raise _refused(f"{where}: a content part is a mapping with 'type'")
     if part["type"] == "text":
         return {"type": "text", "text": part.get("text")}
     # What another part holds (an image, audio) is never scored: its type is enough for the server to
@@ -62,10 +69,10 @@ def _part(part: Any, where: str) -> dict[str, Any]:
 
 def _tool_call(call: Any, where: str) -> dict[str, Any]:
     if not isinstance(call, Mapping):
-        raise TypeError(f"{where}: a tool call is a mapping with 'function'")
+        raise _refused(f"{where}: a tool call is a mapping with 'function'")
     function = call.get("function", call)  # OpenAI's nesting, or the function's fields alone
     if not isinstance(function, Mapping) or "name" not in function:
-        raise TypeError(f"{where}: a tool call's function is a mapping with 'name' and 'arguments'")
+        raise _refused(f"{where}: a tool call's function is a mapping with 'name' and 'arguments'")
     arguments = function.get("arguments")
     out: dict[str, Any] = {} if call.get("id") is None else {"id": call["id"]}
     return out | {
@@ -83,7 +90,7 @@ def _message_dict(message: MessageLike | Message, where: str) -> dict[str, Any]:
     if isinstance(message, Message):
         return message_dict(message)
     if not isinstance(message, Mapping) or "role" not in message:
-        raise TypeError(f"{where}: a message is a mapping with 'role' and 'content'")
+        raise _refused(f"{where}: a message is a mapping with 'role' and 'content'")
     out: dict[str, Any] = {"role": str(message["role"])}
     for key, value in message.items():
         if value is None or key == "role":
@@ -126,10 +133,10 @@ def _server_item(item: Item, where: str) -> dict[str, Any]:
 def _steps(prompt: Any, steps: Any, where: str) -> dict[str, Any]:
     texts = _listed(steps, f"{where}: steps")
     if not all(isinstance(s, str) for s in texts):
-        raise TypeError(f"{where}: steps are a list of texts")
+        raise _refused(f"{where}: steps are a list of texts")
     shown = [_message_dict(m, where) for m in prompt] if _is_messages(prompt) else prompt
     if not isinstance(shown, str | list):
-        raise TypeError(f"{where}: a prompt is text or a message list, not {type(prompt).__name__}")
+        raise _refused(f"{where}: a prompt is text or a message list, not {type(prompt).__name__}")
     return {"prompt": shown, "steps": texts}
 
 
@@ -138,7 +145,10 @@ def to_item(value: ItemLike, index: int = 0) -> dict[str, Any]:
     where = f"items[{index}]"
     v: Any = value  # checked shape by shape below
     if isinstance(v, str):
-        return {"text": value}
+        raise _refused(
+            f"{where}: a bare string is not an item; send (prompt, response), or "
+            '{"text": ...} for text already formatted for the model'
+        )
     if isinstance(v, PairItem | ChatItem | TextItem | StepsItem):
         return _server_item(v, where)
     if isinstance(v, Mapping):
@@ -148,9 +158,12 @@ def to_item(value: ItemLike, index: int = 0) -> dict[str, Any]:
             return {"messages": [_message_dict(m, where) for m in v["messages"]]}
         if "text" in v:
             return {"text": v["text"]}
-        if "prompt" in v and ("response" in v or "completion" in v):
-            return to_item((v["prompt"], v.get("response", v.get("completion"))), index)
-        raise TypeError(
+        if "prompt" in v or "response" in v:  # the API's pair: the missing one named as the server does
+            missing = "response" if "prompt" in v else "prompt"
+            if missing not in v:
+                raise _refused(f"{where}.{missing}: Field required")
+            return to_item((v["prompt"], v["response"]), index)
+        raise _refused(
             f"{where}: a dict item has 'prompt' and 'response' (or 'steps'), 'messages', or 'text'"
         )
     if _is_messages(v):
@@ -164,11 +177,12 @@ def to_item(value: ItemLike, index: int = 0) -> dict[str, Any]:
             prompt_msgs = prompt if _is_messages(prompt) else [{"role": "user", "content": prompt}]
             return {"messages": [_message_dict(m, where) for m in [*prompt_msgs, *response]]}
         if not isinstance(response, str):
-            raise TypeError(f"{where}: a response is text, not {type(response).__name__}")
+            raise _refused(f"{where}: a response is text, not {type(response).__name__}")
         if _is_messages(prompt):
             return {"prompt": [_message_dict(m, where) for m in prompt], "response": response}
         if isinstance(prompt, str):
             return {"prompt": prompt, "response": response}
-    raise TypeError(
-        f"{where}: expected (prompt, response), a dict, a message list or text, not {type(value).__name__}"
+    raise _refused(
+        f"{where}: expected (prompt, response), a dict, a message list or one of rmserve.items' types, "
+        f"not {type(value).__name__}"
     )

@@ -98,8 +98,8 @@ class RewardClient(BaseRewardClient):
     ) -> ScoreResult:
         """A process reward model's answer: ``step_scores`` (one list per item, a score per step) and
         ``scores`` (each item's aggregate: ``aggregate`` = min, last, mean or prod; the server's default
-        is min). An item is ``(prompt, [step, ...])``, ``{"prompt", "steps"}`` or text carrying the
-        step token. ProtocolError when the model answers no step scores (an outcome model)."""
+        is min). An item is ``(prompt, [step, ...])``, ``{"prompt", "steps"}`` or ``{"text"}`` carrying
+        the step token. ProtocolError when the model answers no step scores (an outcome model)."""
         return self._run(self._score_steps(items, model, truncation, aggregate))
 
     def get_reward_result(
