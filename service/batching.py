@@ -35,7 +35,7 @@ from rmserve.errors import DeadlineExceeded, InferenceFailed, InvalidRequest, No
 from rmserve.formatting import Encoded
 from rmserve.kinds import NonFinite, read_score
 from rmserve.metrics import Metrics
-from rmserve.planning import PLAN_EXACT_ITEMS, greedy_batches, plan_batches
+from rmserve.planning import batch_holding
 
 log = logging.getLogger("rmserve.batching")
 
@@ -334,19 +334,9 @@ class Batcher:
         """Plan the waiting items and take out the batch that holds the oldest."""
         oldest = self._pending[0]
         jobs = sorted(self._pending, key=lambda j: len(j.encoded))
-        lengths = [len(j.encoded) for j in jobs]
-        budget = self.policy.max_batch_tokens
-        if len(jobs) <= PLAN_EXACT_ITEMS:
-            ends = plan_batches(lengths, budget, self.policy.call_overhead_tokens)
-        else:
-            ends = greedy_batches(lengths, budget)
-        at = jobs.index(oldest)
-        first = 0
-        for end in ends:
-            if at < end:
-                batch = jobs[first:end]
-                break
-            first = end
+        budget, overhead = self.policy.max_batch_tokens, self.policy.call_overhead_tokens
+        span = batch_holding([len(j.encoded) for j in jobs], jobs.index(oldest), budget, overhead)
+        batch = jobs[span.start : span.stop]
         taken = set(map(id, batch))
         for job in batch:
             job.taken = True
