@@ -23,10 +23,14 @@ from pathlib import Path
 _STARTED = "Ray runtime started"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_port(avoid: int) -> int:
+    """A port free now, other than ``avoid`` (the HTTP port, perhaps just freed by whoever chose it)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port != avoid:
+            return port
 
 
 def _ray_cli() -> list[str]:
@@ -35,9 +39,10 @@ def _ray_cli() -> list[str]:
 
 
 @contextmanager
-def local_head(timeout_s: float = 120.0) -> Iterator[str]:
-    """Start a one-node Ray cluster; yield its address; stop it on leaving."""
-    port = _free_port()
+def local_head(http_port: int, timeout_s: float = 120.0) -> Iterator[str]:
+    """Start a one-node Ray cluster (its port not ``http_port``, which Serve's proxy will take); yield
+    its address; stop it on leaving."""
+    port = _free_port(avoid=http_port)
     # Token authentication, Ray's default for a new cluster, said out loud: the head makes (or finds)
     # the token, and a driver joining it, this process, sends it only when the mode says so.
     os.environ.setdefault("RAY_AUTH_MODE", "token")

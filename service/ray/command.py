@@ -75,7 +75,7 @@ def run(settings: Settings, ray_settings: RaySettings) -> int:
     with contextlib.ExitStack() as stack:
         address = ray_settings.address or os.environ.get("RAY_ADDRESS")
         if not address:
-            address = stack.enter_context(local_head())
+            address = stack.enter_context(local_head(settings.port))
             print(f"rmserve: started a local Ray cluster at {address}", file=sys.stderr, flush=True)
         # Ray reads its authentication mode once, at import: after the local head set it.
         import ray
