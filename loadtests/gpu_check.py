@@ -344,7 +344,7 @@ def write_graphs(
         shutil.rmtree(fp32.parent)
         return out
     t = time.perf_counter()
-    weights, score = decoder_weights(model.hf_model, MAX_LENGTH), score_head(model.hf_model)
+    weights, score = decoder_weights(model.body, MAX_LENGTH), score_head(model.hf_model)
     lean_fields = {"opset": LEAN_OPSET, "attention": "fused:Attention", "graph": "lean", "padding": "right"}
     for precision in precisions:
         dest = root / f"bundle-{precision}" / "model.onnx"
@@ -710,7 +710,7 @@ def placement_probe(provider: str) -> dict[str, Any]:
     scratch.mkdir(parents=True, exist_ok=True)
     for name in ("tiny-llama", "tiny-qwen3"):
         hf = build_model(name, tokenizer, "cpu").hf_model
-        weights, score = decoder_weights(hf, 256), score_head(hf)
+        weights, score = decoder_weights(hf.base_model, 256), score_head(hf)
         for precision in ("fp16", "bf16"):
             label = f"{name}/{precision}"
             if provider != "cuda":

@@ -2,13 +2,18 @@
 
 The bundle is built in a staging directory next to the destination and moved into place only
 after parity holds (see models/parity.py), so a failed export leaves nothing behind. Steps:
-load the checkpoint as a ``ScoreModel`` -> the graph: for Llama, Qwen2, Qwen3 and Mistral decoders
-the lean graph, written from the weights (models/lean: no padding mask, so the bundle requires right
-padding), else torch.onnx (dynamo) of the model loaded with SDPA attention, so each layer's
-attention exports as one fused op (models/attention.py) -> tokenizer files -> parity through the
-server's own formatter and engine -> optional fusions (kept only if parity still holds) -> optional
-fp16 or bf16 (models/reduced.py: by measured headroom, measured against fp32 PyTorch, gated) -> the
-manifest with its digest, computed once over the final files -> publish.
+load the checkpoint as a ``ScoreModel`` (or, with ``step``, a process reward model's ``StepModel``:
+models/process_heads.py) -> the graph: for Llama, Qwen2, Qwen3 and Mistral decoders the lean graph,
+written from the weights (models/lean: no padding mask, so the bundle requires right padding), else
+torch.onnx (dynamo) of the model loaded with SDPA attention, so each layer's attention exports as
+one fused op (models/attention.py) -> tokenizer files -> parity through the server's own formatter
+and engine -> optional fusions (kept only if parity still holds) -> optional fp16 or bf16
+(models/reduced.py: by measured headroom, measured against fp32 PyTorch, gated) -> the manifest with
+its digest, computed once over the final files -> publish.
+
+A process bundle's graph emits a value per token, its manifest says ``kind: process`` with its step
+token and rule, and parity and the reduced-precision measurement compare the values at the step
+tokens.
 """
 
 from __future__ import annotations
@@ -22,16 +27,24 @@ from typing import Any
 
 import torch
 
-from rmserve.bundle import CALIBRATION_FILE, MODEL_FILE, Manifest, unsealed_bundle, write_manifest
+from rmserve.bundle import (
+    CALIBRATION_FILE,
+    MODEL_FILE,
+    Manifest,
+    ProcessSettings,
+    unsealed_bundle,
+    write_manifest,
+)
 from rmserve.models import attention, lean
 from rmserve.models import parity as parity_mod
 from rmserve.models.attention import AttentionPlan
 from rmserve.models.data import recorded_path
 from rmserve.models.formats import format_settings, save_tokenizer
 from rmserve.models.graph import EXTERNAL_DATA_BYTES, ExportError, export_onnx, fuse_encoder, input_names
-from rmserve.models.heads import ModelMeta, ScoreModel, checkpoint_family, load_score_model
+from rmserve.models.heads import ModelMeta, checkpoint_family, load_score_model
 from rmserve.models.lean.eligibility import graph_reason
-from rmserve.models.parity import Pair, ParityReport, check_parity
+from rmserve.models.parity import Pair, ParityReport, TorchModel, check_parity
+from rmserve.models.process_heads import StepExport, load_step_model
 from rmserve.models.reduced import REDUCED, reduce_precision
 
 DEFAULT_OPSET = 18
@@ -57,12 +70,14 @@ def export_bundle(
     tolerance: float = 1e-4,
     invariance_tolerance: float = 1e-5,
     external_data_bytes: int = EXTERNAL_DATA_BYTES,
+    step: StepExport | None = None,
 ) -> Manifest:
     """Export ``checkpoint_dir`` to a bundle at ``bundle_dir``; raises ExportError with the reason.
 
     ``opset`` defaults to 23 for a decoder with fused attention, else 18 (models/attention.py).
     ``graph``: ``auto`` writes the lean graph where the checkpoint takes it (models/lean), ``lean``
     fails where it does not, ``traced`` always traces.
+    ``step``: export a process reward model (a value per step token) instead of one score per item.
     """
     checkpoint, dest = Path(checkpoint_dir), Path(bundle_dir)
     if precision not in ("fp32", *REDUCED):
@@ -72,13 +87,18 @@ def export_bundle(
     try:
         family = checkpoint_family(checkpoint)
         chosen = attention.plan(family, fuse=fuse_attention, opset=opset, default_opset=DEFAULT_OPSET)
-        model, tokenizer, meta, chosen = _load(checkpoint, chosen)
+        model, tokenizer, meta, process, chosen = _load(checkpoint, chosen, step)
     except (OSError, ValueError) as exc:
-        raise ExportError(f"cannot load {checkpoint} as a reward model: {exc}") from exc
+        what = "a process reward model" if step else "a reward model"
+        raise ExportError(f"cannot load {checkpoint} as {what}: {exc}") from exc
     settings = format_settings(tokenizer, meta, max_length=max_length, input_format=input_format)
     try:
         why_traced = graph_reason(
-            graph, meta.family, model.hf_model.config, settings.max_length, chosen.reason
+            graph,
+            meta.family,
+            model.body.config,
+            settings.max_length,
+            chosen.reason,
         )
     except ValueError as exc:
         raise ExportError(str(exc)) from exc
@@ -91,7 +111,7 @@ def export_bundle(
         staging.mkdir()
         if why_traced is None:
             written = lean.write_lean_graph(
-                model.hf_model,
+                model,
                 settings.max_length,
                 staging,
                 precision="fp32",
@@ -101,7 +121,7 @@ def export_bundle(
             fused_ops = attention.fused_ops_summary(attention.op_counts(staging / MODEL_FILE))
         else:
             model, chosen, exporter, fused_ops = _export_graph(
-                checkpoint, model, meta, chosen, staging, external_data_bytes
+                checkpoint, model, meta, chosen, staging, external_data_bytes, step
             )
         save_tokenizer(tokenizer, staging)
         write_calibration(staging, calibration)
@@ -110,6 +130,8 @@ def export_bundle(
             "architecture": meta.architecture,
             "model_type": meta.model_type,
             "family": meta.family,
+            "kind": "process" if process else "outcome",
+            "process": process,
             "base_model": recorded_path(base_model) if base_model else meta.base_model,
             "format": settings,
             "opset": chosen.opset,
@@ -163,27 +185,43 @@ def export_bundle(
         shutil.rmtree(staging_root, ignore_errors=True)
 
 
-def _load(checkpoint: Path, chosen: AttentionPlan) -> tuple[ScoreModel, Any, ModelMeta, AttentionPlan]:
+def _load_model(
+    checkpoint: Path, attn: str | None, step: StepExport | None
+) -> tuple[TorchModel, Any, ModelMeta, ProcessSettings | None]:
+    """The torch model to export: one score per item, or (``step``) a value per token."""
+    if step is None:
+        return (*load_score_model(checkpoint, attn_implementation=attn), None)
+    return load_step_model(
+        checkpoint,
+        step_token=step.step_token,
+        rule=step.rule,
+        label_tokens=step.label_tokens,
+        attn_implementation=attn,
+    )
+
+
+def _load(
+    checkpoint: Path, chosen: AttentionPlan, step: StepExport | None
+) -> tuple[TorchModel, Any, ModelMeta, ProcessSettings | None, AttentionPlan]:
     """The model with the attention the plan asks for; without an SDPA path, unfused and why."""
     try:
-        model, tokenizer, meta = load_score_model(checkpoint, attn_implementation=chosen.implementation)
-        return model, tokenizer, meta, chosen
+        return (*_load_model(checkpoint, chosen.implementation, step), chosen)
     except ValueError as exc:
         if not chosen.fused or "scaled_dot_product_attention" not in str(exc):
             raise
     fallback = attention.unfused(DEFAULT_OPSET, "the model has no PyTorch SDPA attention path to fuse")
-    model, tokenizer, meta = load_score_model(checkpoint, attn_implementation=fallback.implementation)
-    return model, tokenizer, meta, fallback
+    return (*_load_model(checkpoint, fallback.implementation, step), fallback)
 
 
 def _export_graph(
     checkpoint: Path,
-    model: ScoreModel,
+    model: TorchModel,
     meta: ModelMeta,
     chosen: AttentionPlan,
     staging: Path,
     external_data_bytes: int,
-) -> tuple[ScoreModel, AttentionPlan, str, dict[str, int]]:
+    step: StepExport | None,
+) -> tuple[TorchModel, AttentionPlan, str, dict[str, int]]:
     """Write the graph as planned; a graph that did not come out fused is redone unfused.
 
     Returns the model it was traced from, the plan it follows, the exporter and its fused ops.
@@ -198,7 +236,7 @@ def _export_graph(
     for stale in staging.glob(MODEL_FILE + "*"):
         stale.unlink()
     fallback = attention.unfused(DEFAULT_OPSET, f"not fused: {problem}")
-    model, _, _ = load_score_model(checkpoint, attn_implementation=fallback.implementation)
+    model = _load_model(checkpoint, fallback.implementation, step)[0]
     exporter = export_onnx(
         model, meta, staging, opset=fallback.opset, external_data_bytes=external_data_bytes
     )
@@ -228,7 +266,7 @@ def write_calibration(directory: Path, pairs: Sequence[Pair]) -> None:
 def _parity(
     bundle_dir: Path,
     fields: dict[str, Any],
-    model: ScoreModel,
+    model: TorchModel,
     texts: Sequence[Pair],
     source: str,
     tolerance: float,
@@ -255,7 +293,7 @@ def _parity(
 def _try_optimize(
     staging: Path,
     candidate: Path,
-    model: ScoreModel,
+    model: TorchModel,
     meta: ModelMeta,
     fields: dict[str, Any],
     report: ParityReport,

@@ -10,12 +10,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import get_args
 
-from rmserve.bundle import InputFormat
+from rmserve.bundle import InputFormat, StepRule
 from rmserve.cli import DefaultsHelpFormatter
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path, help="a Hugging Face checkpoint directory (num_labels=1)")
+    parser.add_argument(
+        "checkpoint",
+        type=Path,
+        help="a Hugging Face checkpoint directory (num_labels=1; with --step-token, a process reward model)",
+    )
     parser.add_argument("bundle", type=Path, help="where to write the bundle (must be absent or empty)")
     parser.add_argument("--name", help="bundle name (default: the checkpoint directory's name)")
     parser.add_argument("--max-length", type=int, help="token limit (default: the model's, at most 512/4096)")
@@ -59,11 +63,37 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "records, else the checkpoint directory's name)",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
+    steps = parser.add_argument_group("process reward models (a reward per step: docs/process.md)")
+    steps.add_argument(
+        "--step-token",
+        help='export a process reward model whose steps each end with this token (e.g. "<extra_0>"); '
+        "it must be one token of the tokenizer (default: none, an outcome model)",
+    )
+    steps.add_argument(
+        "--step-rule",
+        choices=get_args(StepRule),
+        help="how a step's reward comes from the head (default: positive_prob for 2 labels or an LM head, "
+        "sigmoid for 1 label)",
+    )
+    steps.add_argument(
+        "--label-tokens",
+        nargs=2,
+        metavar=("POSITIVE", "NEGATIVE"),
+        default=("+", "-"),
+        help="a causal LM read at two tokens: the positive and negative one",
+    )
 
 
 def run_export(args: argparse.Namespace) -> int:
     from rmserve.models.export import ExportError, export_bundle
+    from rmserve.models.process_heads import StepExport
 
+    if args.step_token is None and args.step_rule is not None:
+        print("export failed: --step-rule applies to process reward models; give --step-token too")
+        return 2
+    step = None
+    if args.step_token is not None:
+        step = StepExport(args.step_token, args.step_rule, (args.label_tokens[0], args.label_tokens[1]))
     try:
         manifest = export_bundle(
             args.checkpoint,
@@ -79,6 +109,7 @@ def run_export(args: argparse.Namespace) -> int:
             calibration_pairs=args.calibration,
             base_model=args.base_model,
             overwrite=args.force,
+            step=step,
         )
     except ExportError as exc:
         print(f"export failed: {exc}")
@@ -86,10 +117,13 @@ def run_export(args: argparse.Namespace) -> int:
     p = manifest.parity
     why = f" ({manifest.attention_reason})" if manifest.attention_reason else ""
     traced = f" ({manifest.graph_reason})" if manifest.graph_reason else ""
+    process = manifest.process
+    kind = f", {manifest.kind}: step token {process.step_token!r}, rule {process.rule}" if process else ""
     print(
         f"exported {manifest.name} version {manifest.version} to {args.bundle}: "
         f"max|onnx-torch|={p['max_abs_diff']:.3g}, batch invariance {p['batch_invariance_max']:.3g}, "
         f"attention {manifest.attention}{why}, graph {manifest.graph}{traced}, padding {manifest.padding}"
+        f"{kind}"
     )
     return 0
 

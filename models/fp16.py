@@ -21,8 +21,8 @@ A float32 value stays float32 until a matrix product reads it, so casts sit only
 precision changes (never fp32 -> fp16 -> fp32 between two guarded nodes). Inputs stay int64
 and ``scores`` float32.
 
-``measure_fp16`` compares an engine's scores with fp32 PyTorch scores on padded batches;
-``check_fp16`` is that measurement as ``rmserve export --precision fp16`` gates on it.
+``measure_fp16`` compares an engine's scores (or a process bundle's step values) with fp32 PyTorch's
+on padded batches; ``rmserve export --precision fp16`` gates on it (models/reduced.py).
 """
 
 from __future__ import annotations
@@ -37,19 +37,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from rmserve.bundle import Bundle
-from rmserve.engines.base import available_cpus
-from rmserve.engines.batches import score_rows
+from rmserve.engines.batches import Read, score_rows
 from rmserve.engines.gate import MIN_AGREEMENT, MIN_SPEARMAN, pairwise_agreement, spearman
-from rmserve.engines.onnxruntime import OnnxRuntimeEngine
-from rmserve.formatting import Encoded, Formatter
+from rmserve.formatting import Encoded
 from rmserve.models.graph import save_onnx
-from rmserve.models.heads import ScoreModel
 from rmserve.models.parity import (
     BATCH_SIZES,
-    Pair,
     ParityReport,
     invariance_sides,
-    reference_scores,
     scaled_diff,
 )
 
@@ -301,8 +296,10 @@ def measure_fp16(
     min_agreement: float = MIN_AGREEMENT,
     min_spearman: float | None = MIN_SPEARMAN,
     precision: str = "fp16",
+    read: Read | None = None,
 ) -> ParityReport:
-    """Score ``encoded`` items through ``engine`` and compare with ``reference`` (fp32 scores, one per item).
+    """Score ``encoded`` items through ``engine`` and compare with ``reference`` (fp32 scores, one per
+    item; or with ``read``, a process bundle's step values, all steps of all items in turn).
 
     Records max |fp16 - fp32| (absolute and scaled as in parity.py), the ranking agreement of the
     fp16 scores with fp32 (pairwise and Spearman, over all items) and the batch drift (an item
@@ -324,7 +321,9 @@ def measure_fp16(
     served: list[np.ndarray] = []
     for side in sides:
         for size in sorted(batch_sizes):
-            scores = score_rows(encoded, engine.infer, pad_id, batch_items=size, side=side, sort=False)
+            scores = score_rows(
+                encoded, engine.infer, pad_id, batch_items=size, side=side, sort=False, read=read
+            )
             if not np.isfinite(scores).all():
                 report.problems.append(f"non-finite {precision} scores ({side} padding, batch size {size})")
                 scores = np.nan_to_num(scores)
@@ -351,29 +350,6 @@ def measure_fp16(
     if min_spearman is not None and rho < min_spearman:
         report.problems.append(f"{precision} Spearman vs fp32 {rho:.4f} < {min_spearman}")
     return report
-
-
-def check_fp16(bundle: Bundle, model: ScoreModel, pairs: Sequence[Pair], *, text_source: str) -> ParityReport:
-    """The export gate: the fp16 bundle, as served on the CPU, against fp32 ``model`` on ``pairs``.
-
-    Raises EngineError when onnxruntime cannot run the graph; the problems say what failed.
-    """
-    chat = bundle.manifest.format.input_format == "chat_template"
-    encoded = Formatter(bundle).encode([p.as_item(chat) for p in pairs])
-    reference = reference_scores(model, encoded, bundle.manifest.format.pad_token_id)
-    engine = OnnxRuntimeEngine(bundle.model_path, provider="cpu", threads=available_cpus(), precision="fp16")
-    try:
-        return measure_fp16(
-            bundle,
-            engine,
-            encoded,
-            reference,
-            text_source=text_source,
-            min_agreement=MIN_EXPORT_AGREEMENT,
-            min_spearman=None,
-        )
-    finally:
-        engine.close()
 
 
 def manifest_record(report: ParityReport, conversion: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The graph file of a bundle: a ``ScoreModel`` written by torch.onnx, optionally ORT-fused (encoders).
+"""The graph file of a bundle: a ``ScoreModel`` (or a process bundle's ``StepModel``) written by
+torch.onnx, optionally ORT-fused (encoders).
 
 ``export_onnx`` tries the dynamo exporter (dynamic batch and sequence axes) and falls back on the
 TorchScript one; weights over ``EXTERNAL_DATA_BYTES`` go to ``model.onnx.data``.
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 
 from rmserve.bundle import MODEL_FILE
-from rmserve.models.heads import ModelMeta, ScoreModel
+from rmserve.models.heads import ModelMeta
 
 DATA_FILE = MODEL_FILE + ".data"
 # Protobuf cannot hold a model over 2 GiB; above this the weights go to model.onnx.data.
@@ -29,7 +30,7 @@ def input_names(meta: ModelMeta) -> list[str]:
 
 
 def export_onnx(
-    model: ScoreModel, meta: ModelMeta, directory: Path, *, opset: int, external_data_bytes: int
+    model: torch.nn.Module, meta: ModelMeta, directory: Path, *, opset: int, external_data_bytes: int
 ) -> str:
     """Write ``model.onnx`` (+ ``model.onnx.data`` when large); returns which exporter worked."""
     names = input_names(meta)
@@ -71,7 +72,7 @@ def export_onnx(
 
 
 def export_legacy(
-    model: ScoreModel,
+    model: torch.nn.Module,
     args: tuple[torch.Tensor, ...],
     names: list[str],
     path: Path,
@@ -80,7 +81,10 @@ def export_legacy(
 ) -> None:
     import onnx
 
-    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"scores": {0: "batch"}}
+    # A StepModel's output has a sequence axis too (a value per token).
+    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {
+        "scores": getattr(model, "output_axes", {0: "batch"})
+    }
     torch.onnx.export(
         model,
         args,

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
+from rmserve.engines.batches import Read
 from rmserve.formatting import Encoded
-from rmserve.models.heads import ScoreModel
-from rmserve.models.parity import reference_scores
+from rmserve.models.parity import TorchModel, reference_scores
 
 FP16_MAX = 65504.0
 # 8x (three bits of exponent) between the largest value seen and float16's largest.
@@ -53,17 +53,20 @@ class Headroom:
         }
 
 
-def _stream_norms(model: ScoreModel) -> list[torch.nn.Module]:
+def _stream_norms(model: TorchModel) -> list[torch.nn.Module]:
     """The norm modules whose input is the residual stream (Qwen3's per-head q/k norms are not)."""
     return [
         module
-        for name, module in model.hf_model.named_modules()
+        for name, module in model.body.named_modules()
         if type(module).__name__.endswith(("RMSNorm", "LayerNorm")) and ".self_attn." not in f".{name}."
     ]
 
 
-def measure_headroom(model: ScoreModel, encoded: Sequence[Encoded], pad_id: int) -> Headroom:
-    """The largest |value| of the residual stream over ``encoded`` (padded batches, fp32)."""
+def measure_headroom(
+    model: TorchModel, encoded: Sequence[Encoded], pad_id: int, read: Read | None = None
+) -> Headroom:
+    """The largest |value| of the residual stream over ``encoded`` (padded batches, fp32); ``read``
+    takes an item's values from its row of output (``reference_items``: a process model's steps)."""
     largest = torch.zeros((), dtype=torch.float32)
 
     def record(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
@@ -72,9 +75,9 @@ def measure_headroom(model: ScoreModel, encoded: Sequence[Encoded], pad_id: int)
 
     hooks = [norm.register_forward_pre_hook(record) for norm in _stream_norms(model)]
     if not hooks:
-        raise ValueError(f"{type(model.hf_model).__name__} has no norm module reading its residual stream")
+        raise ValueError(f"{type(model.body).__name__} has no norm module reading its residual stream")
     try:
-        reference_scores(model, encoded, pad_id)
+        reference_scores(model, encoded, pad_id, read=read)
     finally:
         for hook in hooks:
             hook.remove()

@@ -92,6 +92,11 @@ class ScoreModel(nn.Module):
         self.pooling = pooling
         self.family = family
 
+    @property
+    def body(self) -> Any:
+        """The transformer under the head (``hf_model.base_model``), whose config is the model's."""
+        return self.hf_model.base_model
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -187,18 +192,14 @@ def load_score_model(
     A tokenizer without a pad token (most decoders) pads with EOS; pooling reads the attention
     mask, never the pad id, so that choice cannot change a score.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = Path(checkpoint_dir)
     config = AutoConfig.from_pretrained(path)
     if int(getattr(config, "num_labels", 1)) != 1:
         raise ValueError(f"{path} has num_labels={config.num_labels}; a reward model has exactly one")
     family = family_of(config)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"{path}: the tokenizer has neither a pad token nor an EOS token to pad with")
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(path)
     config.pad_token_id = tokenizer.pad_token_id
     attn = attn_implementation or (DECODER_ATTENTION if family == "decoder" else None)
     extra = {"attn_implementation": attn} if attn else {}
@@ -207,6 +208,19 @@ def load_score_model(
     )
     model = ScoreModel(hf_model, pooling_of(config), family).eval()
     return model, tokenizer, model_meta(model, base_model_of(path), int(tokenizer.pad_token_id))
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The checkpoint's tokenizer, padding with EOS when it has no pad token (most decoders); pooling
+    and step positions read the attention mask, never the pad id, so that choice changes no score."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"{path}: the tokenizer has neither a pad token nor an EOS token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def model_meta(model: ScoreModel, base_model: str, pad_token_id: int) -> ModelMeta:

@@ -10,6 +10,10 @@ parity covers the path a request takes. Three checks, on padded batches of real 
   on the same scale (left padding too for decoders that read the mask; an encoder's absolute
   positions move under left padding, so there it is compared against PyTorch only);
 * every score finite.
+
+A process bundle is held to the same checks at its step-token positions: the parity texts become
+solutions in steps (each response cut at its sentences), and every step value of every item, under
+every batch and padding, is compared (``reference_items``).
 """
 
 from __future__ import annotations
@@ -29,11 +33,16 @@ import torch
 
 from rmserve.bundle import Bundle, Manifest
 from rmserve.engines.base import TokenBatch, available_cpus
-from rmserve.engines.batches import Side, score_rows
+from rmserve.engines.batches import Read, Side, score_rows
 from rmserve.engines.onnxruntime import OnnxRuntimeEngine
 from rmserve.formatting import Encoded, Formatter
-from rmserve.items import Message, Messages, PairItem, split_hh
+from rmserve.items import Item, Message, Messages, PairItem, StepsItem, split_hh
+from rmserve.kinds import kind_of
 from rmserve.models.heads import ScoreModel
+from rmserve.models.process_heads import StepModel
+
+# The torch side of a bundle: one score per row, or (process bundles) one value per token.
+TorchModel = ScoreModel | StepModel
 
 BATCH_SIZES = (1, 7, 32)
 PADDING_SIDES: tuple[Side, ...] = ("right", "left")
@@ -52,6 +61,12 @@ class Pair:
         """A request item; for chat-template bundles the HH prompt becomes a message list."""
         turns = hh_messages(self.prompt) if chat else None
         return PairItem(prompt=turns or self.prompt, response=self.response)
+
+    def as_steps(self, chat: bool) -> StepsItem:
+        """A process bundle's item: the response cut into its sentences, each one step."""
+        pair = self.as_item(chat)
+        sentences = [s for s in re.split(r"(?<=[.!?;:])\s+", self.response.strip()) if s]
+        return StepsItem(pair.prompt, tuple(sentences) or (self.response,))
 
 
 def hh_messages(prompt: str) -> Messages | None:
@@ -199,8 +214,9 @@ def invariance_sides(manifest: Manifest) -> tuple[Side, ...]:
     return PADDING_SIDES if manifest.family == "decoder" and manifest.padding != "right" else ("right",)
 
 
-def torch_scores(model: ScoreModel, batch: TokenBatch) -> np.ndarray:
-    """The PyTorch reference on exactly the arrays the engine receives, on the model's own device."""
+def torch_scores(model: TorchModel, batch: TokenBatch) -> np.ndarray:
+    """The PyTorch reference on exactly the arrays the engine receives, on the model's own device:
+    ``[rows]`` scores, or a process model's ``[rows, width]`` values."""
     device = next(model.parameters()).device
     tt = batch.token_type_ids
     with torch.inference_mode():
@@ -209,14 +225,26 @@ def torch_scores(model: ScoreModel, batch: TokenBatch) -> np.ndarray:
             torch.from_numpy(batch.attention_mask).to(device),
             torch.from_numpy(tt).to(device) if tt is not None else None,
         )
-    return out.detach().to(torch.float32).cpu().numpy().reshape(-1)
+    values = out.detach().to(torch.float32).cpu().numpy()
+    return values if values.ndim == 2 else values.reshape(-1)
 
 
 def reference_scores(
-    model: ScoreModel, encoded: Sequence[Encoded], pad_id: int, batch: int = 32
+    model: TorchModel, encoded: Sequence[Encoded], pad_id: int, batch: int = 32, *, read: Read | None = None
 ) -> np.ndarray:
-    """fp32 PyTorch scores of ``encoded``, one per item (right padding leaves a score unchanged)."""
-    return score_rows(encoded, functools.partial(torch_scores, model), pad_id, batch_items=batch)
+    """fp32 PyTorch values of ``encoded``: one score per item, or what ``read`` takes from each row
+    (right padding leaves a value unchanged)."""
+    return score_rows(encoded, functools.partial(torch_scores, model), pad_id, batch_items=batch, read=read)
+
+
+def reference_items(bundle: Bundle, pairs: Sequence[Pair]) -> tuple[list[Encoded], Read]:
+    """``pairs`` as the bundle's kind takes them, encoded as served, and how to read a row of output:
+    one score per item, or a process bundle's values at its step tokens (sentences as steps)."""
+    formatter = Formatter(bundle)
+    kind = kind_of(bundle.manifest.name, bundle, formatter)
+    chat = bundle.manifest.format.input_format == "chat_template"
+    items: list[Item] = [p.as_item(chat) if kind.step_token is None else p.as_steps(chat) for p in pairs]
+    return kind.encode(items), kind.values
 
 
 def scaled_diff(a: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -262,7 +290,7 @@ class ParityReport:
 
 def check_parity(
     bundle: Bundle,
-    model: ScoreModel,
+    model: TorchModel,
     pairs: Sequence[Pair],
     *,
     text_source: str,
@@ -271,9 +299,7 @@ def check_parity(
     batch_sizes: Sequence[int] = BATCH_SIZES,
 ) -> ParityReport:
     """Score ``pairs`` through the bundle (as served) and through ``model``; see the module doc."""
-    formatter = Formatter(bundle)
-    chat = bundle.manifest.format.input_format == "chat_template"
-    encoded = formatter.encode([p.as_item(chat) for p in pairs])
+    encoded, read = reference_items(bundle, pairs)
     pad_id = bundle.manifest.format.pad_token_id
     engine = OnnxRuntimeEngine(bundle.model_path, provider="cpu", threads=available_cpus())
     report = ParityReport(
@@ -285,10 +311,11 @@ def check_parity(
         invariance_tolerance=invariance_tolerance,
         truncated_texts=sum(e.truncated for e in encoded),
     )
+    if bundle.manifest.kind == "process":
+        report.extra["values"] = f"step values at {sum(len(e.positions) for e in encoded)} step tokens"
     try:
-        served = _compare(
-            engine, model, encoded, pad_id, batch_sizes, compared_sides(bundle.manifest), report
-        )
+        sides = compared_sides(bundle.manifest)
+        served = _compare(engine, model, encoded, pad_id, batch_sizes, sides, report, read)
     finally:
         engine.close()
     _check_invariance(served, invariance_sides(bundle.manifest), report)
@@ -302,12 +329,13 @@ def check_parity(
 
 def _compare(
     engine: OnnxRuntimeEngine,
-    model: ScoreModel,
+    model: TorchModel,
     encoded: Sequence[Encoded],
     pad_id: int,
     batch_sizes: Sequence[int],
     sides: tuple[Side, ...],
     report: ParityReport,
+    read: Read,
 ) -> dict[tuple[str, int], np.ndarray]:
     """Run every (side, batch size); return the engine's score for each item under each.
 
@@ -322,11 +350,15 @@ def _compare(
     low, high = np.inf, -np.inf
     for side in sides:
         for size in sorted(batch_sizes, reverse=True):
-            onnx = score_rows(encoded, engine.infer, pad_id, batch_items=size, side=side, sort=False)
+            onnx = score_rows(
+                encoded, engine.infer, pad_id, batch_items=size, side=side, sort=False, read=read
+            )
             if size == 1 and alone_ref is not None:
                 ref = alone_ref
             else:
-                ref = score_rows(encoded, reference, pad_id, batch_items=size, side=side, sort=False)
+                ref = score_rows(
+                    encoded, reference, pad_id, batch_items=size, side=side, sort=False, read=read
+                )
             if not (np.isfinite(onnx).all() and np.isfinite(ref).all()):
                 report.problems.append(f"non-finite scores ({side} padding, batch size {size})")
                 onnx, ref = np.nan_to_num(onnx), np.nan_to_num(ref)

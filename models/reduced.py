@@ -25,24 +25,24 @@ from typing import Any
 
 from rmserve.bundle import MODEL_FILE, Bundle, unsealed_bundle
 from rmserve.engines.base import EngineError, available_cpus
-from rmserve.formatting import Formatter
 from rmserve.models import fp16
 from rmserve.models.graph import ExportError
 from rmserve.models.headroom import FP16_MAX, MARGIN, Headroom, measure_headroom
-from rmserve.models.heads import ScoreModel
 from rmserve.models.lean import write_lean_graph
-from rmserve.models.parity import Pair, ParityReport, reference_scores
+from rmserve.models.parity import Pair, ParityReport, TorchModel, reference_items, reference_scores
 
 REDUCED = ("fp16", "bf16")
 # Ops the bf16 lean graph computes bfloat16 with, each registered for BFloat16 by ONNX Runtime's CUDA
 # provider in its source (microsoft/onnxruntime, read 2026-12): MatMul-13, Add-14, Mul-14, Sigmoid-13
 # in onnxruntime/core/providers/cuda/cuda_execution_provider.cc; RMSNormalization-23 in
 # .../cuda/nn/rms_norm.cc; RotaryEmbedding-23 in .../cuda/llm/rotary_embedding.cc; Attention-23 in
-# .../cuda/llm/attention.cc (bf16 tested since microsoft/onnxruntime#27892). Gather, Split, Reshape
-# and Cast move data of any type (their registrations were not re-read). The rest see int64 shapes,
-# positions and lengths only. loadtests/gpu_check.py counts what ONNX Runtime leaves off the GPU.
+# .../cuda/llm/attention.cc (bf16 tested since microsoft/onnxruntime#27892); Relu-14 (the
+# Qwen2.5-Math-PRM step head) in .../cuda/activation/activations.cc. Gather, Split, Reshape and Cast
+# move data of any type (their registrations were not re-read). The rest see int64 shapes, positions
+# and lengths only, or (a step head's rule: Sub, Sigmoid) float32 after the head's Cast.
+# loadtests/gpu_check.py counts what ONNX Runtime leaves off the GPU.
 BF16_CUDA_OPS = frozenset(
-    {"MatMul", "Add", "Mul", "Sigmoid", "RMSNormalization", "RotaryEmbedding", "Attention"}
+    {"MatMul", "Add", "Mul", "Sigmoid", "Relu", "RMSNormalization", "RotaryEmbedding", "Attention"}
     | {"Gather", "Split", "Reshape", "Cast"}
     | {"Shape", "Range", "Expand", "ReduceSum", "Sub", "Max"}
 )
@@ -50,7 +50,7 @@ BF16_CUDA_OPS = frozenset(
 
 def reduce_precision(
     staging: Path,
-    model: ScoreModel,
+    model: TorchModel,
     fields: dict[str, Any],
     report: ParityReport,
     texts: Sequence[Pair],
@@ -67,12 +67,12 @@ def reduce_precision(
         why = fields.get("graph_reason")
         raise ExportError(f"bf16 bundles are written by the lean graph builder; this one is traced: {why}")
     bundle = unsealed_bundle(staging, **fields)
-    room = measure_headroom(model, _encode(bundle, calibration), bundle.manifest.format.pad_token_id)
+    room = measure_headroom(model, *_calibration(bundle, calibration))
     max_length = bundle.manifest.format.max_length
     try:
         if precision == "bf16" or (lean and room.fits_fp16):
             graph = write_lean_graph(
-                model.hf_model,
+                model,
                 max_length,
                 staging,
                 precision=precision,
@@ -128,17 +128,19 @@ def _guard_reason(precision: str, lean: bool, room: Headroom, guard: bool) -> st
     )
 
 
-def _encode(bundle: Bundle, pairs: Sequence[Pair]) -> list[Any]:
-    chat = bundle.manifest.format.input_format == "chat_template"
-    return Formatter(bundle).encode([p.as_item(chat) for p in pairs])
+def _calibration(bundle: Bundle, pairs: Sequence[Pair]) -> tuple[Any, int, Any]:
+    """The calibration pairs as the bundle's kind encodes them, its pad id, and how a row is read."""
+    encoded, read = reference_items(bundle, pairs)
+    return encoded, bundle.manifest.format.pad_token_id, read
 
 
 def _measure(
-    bundle: Bundle, model: ScoreModel, pairs: Sequence[Pair], source: str, precision: str
+    bundle: Bundle, model: TorchModel, pairs: Sequence[Pair], source: str, precision: str
 ) -> ParityReport:
-    """The reduced graph as an engine here runs it, against the fp32 ``model`` on ``pairs``."""
-    encoded = _encode(bundle, pairs)
-    reference = reference_scores(model, encoded, bundle.manifest.format.pad_token_id)
+    """The reduced graph as an engine here runs it, against the fp32 ``model`` on ``pairs`` (a
+    process bundle's step values at its step tokens)."""
+    encoded, read = reference_items(bundle, pairs)
+    reference = reference_scores(model, encoded, bundle.manifest.format.pad_token_id, read=read)
     engine = _engine(bundle, precision)
     try:
         return fp16.measure_fp16(
@@ -150,6 +152,7 @@ def _measure(
             min_agreement=fp16.MIN_EXPORT_AGREEMENT,
             min_spearman=None,
             precision=precision,
+            read=read,
         )
     finally:
         engine.close()

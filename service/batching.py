@@ -6,8 +6,9 @@ tokens plus a fixed price per forward pass, each within the token budget), and t
 the oldest item runs on the engine's worker threads, off the event loop. The rest wait and are
 planned again with whatever arrives meanwhile, so under load batches group items of like length
 by themselves; ``max_wait_ms`` can add a short wait to fill them further. Every accepted item's
-future is resolved: with its score, or with the error that stopped it (deadline passed, inference
-failed, shutting down).
+future is resolved: with its value (what the bundle kind's ``read`` takes from the item's row of
+output: a score, or a process model's step values), or with the error that stopped it (deadline
+passed, inference failed, shutting down).
 
 Admission keeps the deadline a promise: a deadline shorter than the fastest forward pass measured
 on the engine is refused before any work (422: no idle server could meet it); a request is refused
@@ -21,18 +22,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from rmserve.engines.base import Engine, EngineCrashed, pad_batch
+from rmserve.engines.batches import Read
 from rmserve.errors import DeadlineExceeded, InferenceFailed, InvalidRequest, NotReady, Overloaded
 from rmserve.formatting import Encoded
+from rmserve.kinds import NonFinite, read_score
 from rmserve.metrics import Metrics
-from rmserve.planning import PLAN_EXACT_ITEMS, greedy_batches, plan_batches
+from rmserve.planning import batch_holding
 
 log = logging.getLogger("rmserve.batching")
 
@@ -46,7 +49,7 @@ class Job:
 
     encoded: Encoded
     deadline: float  # time.monotonic() by which it must be in a forward pass
-    future: asyncio.Future[float]
+    future: asyncio.Future[Any]  # the item's value, as ``read`` takes it from the output
     enqueued: float = field(default_factory=time.monotonic)
     taken: bool = False  # out of the queue (in a forward pass, or failed): its timer leaves it alone
 
@@ -73,8 +76,10 @@ class Batcher:
         with_type_ids: bool,
         metrics: Metrics,
         rebuild: Callable[[], Engine] | None = None,
+        read: Read = read_score,
     ) -> None:
         self.model = model
+        self._read = read
         self._rebuild = rebuild
         self._failures = 0
         self.engine = engine
@@ -128,7 +133,7 @@ class Batcher:
                 f"{self.model!r} takes (at least {self.fastest_pass_s * 1000:.1f} ms); give it more time"
             )
 
-    def submit(self, items: list[Encoded], deadline: float) -> list[asyncio.Future[float]]:
+    def submit(self, items: list[Encoded], deadline: float) -> list[asyncio.Future[Any]]:
         """Queue items for scoring, all or none. Raises Overloaded when the queue is full, or when the
         work ahead cannot end before ``deadline`` (a ``time.monotonic()``)."""
         self._check_room(len(items), deadline)
@@ -143,7 +148,7 @@ class Batcher:
 
     async def admit(
         self, items: list[Encoded], deadline: float, *, wait_until: float | None = None
-    ) -> list[asyncio.Future[float]]:
+    ) -> list[asyncio.Future[Any]]:
         """``submit``, or with ``wait_until`` (a ``time.monotonic()``), wait until then for room in the
         queue before giving up with the same Overloaded that ``submit`` raises."""
         while True:
@@ -329,19 +334,9 @@ class Batcher:
         """Plan the waiting items and take out the batch that holds the oldest."""
         oldest = self._pending[0]
         jobs = sorted(self._pending, key=lambda j: len(j.encoded))
-        lengths = [len(j.encoded) for j in jobs]
-        budget = self.policy.max_batch_tokens
-        if len(jobs) <= PLAN_EXACT_ITEMS:
-            ends = plan_batches(lengths, budget, self.policy.call_overhead_tokens)
-        else:
-            ends = greedy_batches(lengths, budget)
-        at = jobs.index(oldest)
-        first = 0
-        for end in ends:
-            if at < end:
-                batch = jobs[first:end]
-                break
-            first = end
+        budget, overhead = self.policy.max_batch_tokens, self.policy.call_overhead_tokens
+        span = batch_holding([len(j.encoded) for j in jobs], jobs.index(oldest), budget, overhead)
+        batch = jobs[span.start : span.stop]
         taken = set(map(id, batch))
         for job in batch:
             job.taken = True
@@ -392,10 +387,10 @@ class Batcher:
         self._metrics.items_scored.labels(model=self.model).inc(rows)
         rate = rows * self._streams / max(elapsed, 1e-6)  # every stream busy under load
         self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
-        for job, score in zip(live, scores.tolist(), strict=True):
+        for job, row in zip(live, scores, strict=True):
             if job.future.done():
                 continue
-            if math.isfinite(score):
-                job.future.set_result(score)
-            else:
-                job.future.set_exception(InferenceFailed("the model returned a non-finite score"))
+            try:
+                job.future.set_result(self._read(row, job.encoded, 0))
+            except NonFinite as exc:
+                job.future.set_exception(InferenceFailed(str(exc)))

@@ -25,7 +25,7 @@ FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 
 InputFormat = Literal["text_pair", "chat_template", "plain"]
-Pooling = Literal["cls", "mean", "mean_response", "last_token"]
+Pooling = Literal["cls", "mean", "mean_response", "last_token", "step"]
 # What an encoder may pool (a decoder pools its last token). cls: the checkpoint's own head on the
 # first token; mean: the mean of the last hidden states over every real token; mean_response: the
 # mean over the response's tokens only (segment B of the text pair, its closing [SEP] included), so
@@ -40,6 +40,13 @@ Graph = Literal["traced", "lean"]
 # any: the graph reads the attention mask, so rows may be padded on either side; right: it reads no
 # padding mask and is right only when every row's real tokens come first.
 Padding = Literal["any", "right"]
+# How a process head's label logits become a step's reward (applied in the graph): the positive
+# label's probability (softmax over the two labels), p(+) - p(-), the sigmoid of a single logit, or
+# the positive label's raw logit.
+StepRule = Literal["positive_prob", "prob_diff", "sigmoid", "raw"]
+# Where a process bundle's label logits come from: a token-classification head (1 or 2 labels), the
+# Qwen2.5-Math-PRM head (two linear layers, 2 labels), or a causal LM's head read at two label tokens.
+HeadForm = Literal["token_classification", "qwen2_prm", "lm_head"]
 
 
 class BundleError(Exception):
@@ -73,6 +80,23 @@ class FormatSettings(BaseModel):
     score_scale: float = 1.0
 
 
+class ProcessSettings(BaseModel):
+    """How a process bundle marks and reads steps; part of the digest (a different step token, head or
+    rule is a different bundle)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    step_token: str = Field(min_length=1)
+    step_token_id: int = Field(ge=0)
+    head: HeadForm
+    rule: StepRule
+    # The positive and negative labels: label indices of a classification head, or the token ids an
+    # LM head is read at (``label_tokens`` names them). A 1-label head has no negative label.
+    positive_label: int = Field(ge=0)
+    negative_label: int | None = Field(None, ge=0)
+    label_tokens: tuple[str, str] | None = None
+
+
 class Manifest(BaseModel):
     """``manifest.json``: what the server needs to load, verify and describe a bundle."""
 
@@ -86,6 +110,8 @@ class Manifest(BaseModel):
     model_type: str
     family: Family
     kind: Kind = "outcome"
+    # Only for process bundles: the step token and how a step's reward is read.
+    process: ProcessSettings | None = None
     base_model: str
     format: FormatSettings
     precision: Precision = "fp32"
@@ -116,6 +142,12 @@ class Manifest(BaseModel):
             data = {**data, "family": data.get("kind"), "kind": "outcome"}
         return data
 
+    @model_validator(mode="after")
+    def _process_settings(self) -> Manifest:
+        if (self.kind == "process") != (self.process is not None):
+            raise ValueError("a process bundle, and only a process bundle, has process settings")
+        return self
+
 
 @dataclass(frozen=True)
 class Bundle:
@@ -133,8 +165,15 @@ class Bundle:
         return self.path / "tokenizer.json"
 
 
-def compute_digest(directory: Path, files: list[str], settings: FormatSettings, precision: str) -> str:
-    """sha256 over each file (name, length, bytes, in sorted order) and the format settings."""
+def compute_digest(
+    directory: Path,
+    files: list[str],
+    settings: FormatSettings,
+    precision: str,
+    process: ProcessSettings | None = None,
+) -> str:
+    """sha256 over each file (name, length, bytes, in sorted order), the format settings and, for a
+    process bundle, its process settings."""
     h = hashlib.sha256()
     for name in sorted(files):
         path = directory / name
@@ -144,7 +183,9 @@ def compute_digest(directory: Path, files: list[str], settings: FormatSettings, 
         with path.open("rb") as fh:
             while chunk := fh.read(1 << 20):
                 h.update(chunk)
-    meta = {"format": settings.model_dump(mode="json"), "precision": precision}
+    meta: dict[str, Any] = {"format": settings.model_dump(mode="json"), "precision": precision}
+    if process is not None:  # absent for outcome bundles, so their digests are what they always were
+        meta["process"] = process.model_dump(mode="json")
     h.update(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
     return "sha256:" + h.hexdigest()
 
@@ -169,10 +210,20 @@ def write_manifest(directory: Path, **fields: Any) -> Manifest:
     if not isinstance(settings, FormatSettings):
         settings = FormatSettings.model_validate(settings)
     precision = fields.get("precision", "fp32")
+    process = fields.get("process")
+    if isinstance(process, dict):
+        process = ProcessSettings.model_validate(process)
     files = bundle_files(directory)
-    digest = compute_digest(directory, files, settings, precision)
+    digest = compute_digest(directory, files, settings, precision, process)
     manifest = Manifest.model_validate(
-        {**fields, "format": settings, "files": files, "digest": digest, "version": version_of(digest)}
+        {
+            **fields,
+            "format": settings,
+            "process": process,
+            "files": files,
+            "digest": digest,
+            "version": version_of(digest),
+        }
     )
     (directory / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     return manifest
@@ -215,7 +266,7 @@ def peek_bundle(directory: str | Path) -> tuple[Path, Manifest]:
 def load_bundle(directory: str | Path) -> Bundle:
     """Read and verify a bundle; raises BundleError when its content does not match its digest."""
     path, manifest = peek_bundle(directory)
-    actual = compute_digest(path, manifest.files, manifest.format, manifest.precision)
+    actual = compute_digest(path, manifest.files, manifest.format, manifest.precision, manifest.process)
     if actual != manifest.digest:
         raise BundleError(
             f"{path}: content digest {actual} does not match the manifest's {manifest.digest}; "

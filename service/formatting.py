@@ -9,7 +9,7 @@ whole turns first (``shorter_conversations``), so what is left still reads as th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from tokenizers import Encoding, Tokenizer
@@ -22,6 +22,7 @@ from rmserve.items import (
     Item,
     Message,
     Messages,
+    StepsItem,
     TextItem,
     as_messages,
     as_pair,
@@ -39,9 +40,16 @@ class Encoded:
     ids: tuple[int, ...]
     type_ids: tuple[int, ...] | None
     truncated: bool
+    # Process bundles: where each step's token is, in order, and how many trailing steps truncation dropped.
+    positions: tuple[int, ...] = ()
+    dropped: int = 0
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def _length(enc: Encoding) -> int:
+    return len(enc.ids)
 
 
 def load_tokenizer(bundle: Bundle) -> Tokenizer:
@@ -114,7 +122,17 @@ class Formatter:
                 raise exc.at(positions[exc.index]) from None
             raise
 
+    def text_of(self, index: int, item: Item) -> str:
+        """The text the model reads for ``item`` (``index`` names it in an InvalidItem), untokenized."""
+        return self._render(index, item)
+
+    def leading_special(self, enc: Encoding) -> int:
+        """1 when ``enc`` starts with a BOS/CLS that truncation must keep, else 0."""
+        return int(bool(enc.ids) and (enc.special_tokens_mask[0] == 1 or enc.ids[0] == self._bos_id))
+
     def _render(self, index: int, item: Item) -> str:
+        if isinstance(item, StepsItem):  # the process kind renders steps (rmserve.steps)
+            raise InvalidItem(index, "steps are scored by process reward models")
         if isinstance(item, TextItem):
             return item.text
         if self.template is None:
@@ -132,19 +150,29 @@ class Formatter:
 
     def _fit_rendered(self, index: int, item: Item, enc: Encoding, strict: bool) -> Encoded:
         """A rendered item cut to max_length: a conversation loses its oldest turns, then tokens."""
-        fits = len(enc.ids) <= self.settings.max_length
-        if strict or fits or self.template is None or isinstance(item, TextItem):
+        if strict:
             return self._fit_single(index, enc, strict)
+        shorter = self.fewer_turns(item, enc)
+        fitted = self._fit_single(index, shorter, strict)
+        return Encoded(fitted.ids, fitted.type_ids, truncated=fitted.truncated or shorter is not enc)
+
+    def fewer_turns(self, item: Item, enc: Encoding, length: Callable[[Encoding], int] = _length) -> Encoding:
+        """``item`` rendered again with its conversation's oldest turns dropped (``shorter_conversations``),
+        one more each time, until the ``length`` of its encoding fits max_length; the last rendering
+        tried when none fits. ``enc`` (the item's full rendering) itself when that fits already, or when
+        the item is no conversation rendered by a chat template."""
+        limit = self.settings.max_length
+        if length(enc) <= limit or self.template is None or isinstance(item, TextItem | StepsItem):
+            return enc
         for shorter in shorter_conversations(as_messages(item)):
             try:
                 text = self.template.render(shorter)
             except Exception:  # e.g. a template that needs a user turn: try dropping more, or cut tokens
                 continue
             enc = self.tokenizer.encode(text, add_special_tokens=self.settings.add_special_tokens)
-            if len(enc.ids) <= self.settings.max_length:
+            if length(enc) <= limit:
                 break
-        fitted = self._fit_single(index, enc, strict)
-        return Encoded(fitted.ids, fitted.type_ids, truncated=True)
+        return enc
 
     def _encode_pairs(self, items: list[Item], strict: bool) -> list[Encoded]:
         pairs: list[tuple[str, str] | None] = []
@@ -196,8 +224,7 @@ class Formatter:
             if strict:
                 raise ItemTooLong(index, len(ids), limit)
             # Keep a leading BOS/CLS, then the final tokens: a decoder scores the last one.
-            lead_special = enc.special_tokens_mask[0] == 1 or ids[0] == self._bos_id
-            head = ids[:1] if lead_special else []
+            head = ids[: self.leading_special(enc)]
             ids = head + ids[len(ids) - (limit - len(head)) :]
         type_ids = tuple([0] * len(ids)) if self.uses_type_ids else None
         return Encoded(tuple(ids), type_ids, truncated)

@@ -135,7 +135,24 @@ class TextItem:
     text: str
 
 
-Item = PairItem | ChatItem | TextItem
+@dataclass(frozen=True)
+class StepsItem:
+    """A solution in steps, for a process reward model: each step gets a reward of its own."""
+
+    prompt: str | Messages
+    steps: tuple[str, ...]
+
+
+Item = PairItem | ChatItem | TextItem | StepsItem
+# A blank line between steps, as the Qwen PRM model cards split a solution.
+STEP_SEPARATOR = "\n\n"
+
+
+def split_steps(text: str, separator: str = STEP_SEPARATOR) -> tuple[str, ...]:
+    """A solution's steps: ``text`` cut at ``separator``, each step stripped, empty ones left out.
+    Text with no step in it is one (possibly empty) step, so every solution gets a reward."""
+    steps = tuple(s.strip() for s in text.split(separator) if s.strip()) if separator else ()
+    return steps or (text.strip(),)
 
 
 def render_hh(messages: Messages) -> str:
@@ -159,6 +176,8 @@ def split_hh(text: str) -> tuple[str, str] | None:
 
 def as_pair(item: Item) -> tuple[str, str] | None:
     """The (prompt, response) of an item for a text_pair model; None when the item is one text."""
+    if isinstance(item, StepsItem):
+        raise ValueError("steps are scored by process reward models, not as a (prompt, response) pair")
     if isinstance(item, PairItem):
         prompt = item.prompt if isinstance(item.prompt, str) else render_hh(item.prompt) + ASSISTANT
         return prompt, item.response
@@ -209,6 +228,9 @@ def item_texts(item: Item) -> Iterator[tuple[str, str]]:
             yield from message_texts(f"{field}[{i}]", m)
     if isinstance(item, PairItem):
         yield "response", item.response
+    if isinstance(item, StepsItem):
+        for i, step in enumerate(item.steps):
+            yield f"steps[{i}]", step
 
 
 def message_texts(where: str, message: Message) -> Iterator[tuple[str, str]]:

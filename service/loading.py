@@ -16,6 +16,7 @@ from rmserve.config import Settings
 from rmserve.engines.base import Engine
 from rmserve.engines.select import call_overhead_tokens, create_engine, default_batch_tokens
 from rmserve.formatting import Formatter
+from rmserve.kinds import kind_of
 from rmserve.metrics import Metrics
 from rmserve.scoring import ModelRuntime
 
@@ -43,6 +44,7 @@ async def load_runtime(
 ) -> ModelRuntime:
     bundle = await asyncio.to_thread(load_bundle, path)
     formatter = await asyncio.to_thread(Formatter, bundle)
+    kind = kind_of(name, bundle, formatter)
     engine, selection = await asyncio.to_thread(engine_factory, bundle, settings)
     fmt = bundle.manifest.format
     budget = settings.max_batch_tokens or default_batch_tokens(engine.info.provider)
@@ -61,6 +63,7 @@ async def load_runtime(
         metrics=metrics,
         # A rebuilt engine is the one chosen now, not a new measurement.
         rebuild=lambda: engine_factory(bundle, settings.model_copy(update=_pinned(selection)))[0],
+        read=kind.read,
     )
     await batcher.warmup(fmt.max_length)
     batcher.start()
@@ -72,6 +75,7 @@ async def load_runtime(
         name=name,
         bundle=bundle,
         formatter=formatter,
+        kind=kind,
         batcher=batcher,
         namespace=namespace(bundle.manifest, info.provider, info.precision),
         selection=selection,

@@ -51,3 +51,16 @@ def greedy_batches(lengths: Sequence[int], budget: int) -> list[int]:
     if lengths:
         ends.append(len(lengths))
     return ends
+
+
+def batch_holding(lengths: Sequence[int], index: int, budget: int, overhead: int) -> range:
+    """The positions of the planned batch that holds ``index`` in ascending ``lengths``: planned
+    exactly up to ``PLAN_EXACT_ITEMS`` items, greedily past that."""
+    exact = len(lengths) <= PLAN_EXACT_ITEMS
+    ends = plan_batches(lengths, budget, overhead) if exact else greedy_batches(lengths, budget)
+    first = 0
+    for end in ends:
+        if index < end:
+            return range(first, end)
+        first = end
+    raise IndexError(f"position {index} is past the {len(lengths)} planned items")

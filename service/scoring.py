@@ -1,8 +1,9 @@
 """The data plane, independent of HTTP: cache lookup, tokenization, single-flight, batching.
 
-A request walks: resolve the model -> one cache lookup for all items -> tokenize the misses (off
-the event loop) -> join identical items already in flight, submit the rest to the batcher ->
-await -> write new scores back to the cache off the request path.
+A request walks: resolve the model -> its kind checks the items -> one cache lookup for all items ->
+tokenize the misses (off the event loop) -> join identical items already in flight, submit the rest
+to the batcher -> await -> write new values back to the cache off the request path -> the kind turns
+the values into the answer (scores; a process model's step scores and their aggregates).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from rmserve.engines.base import Engine
 from rmserve.errors import DeadlineExceeded, ItemTooLong, ModelNotFound, NotReady, TooLarge
 from rmserve.formatting import Encoded, Formatter
 from rmserve.items import Item
+from rmserve.kinds import Aggregate, BundleKind
 from rmserve.metrics import Metrics
 
 log = logging.getLogger("rmserve.scoring")
@@ -37,6 +39,7 @@ class ModelRuntime:
     name: str
     bundle: Bundle
     formatter: Formatter
+    kind: BundleKind  # outcome or process: which items it takes, how they are read and answered
     batcher: Batcher  # owns the engine, which a rebuild replaces
     namespace: bytes
     # Why this backend/precision was chosen, and the quality gate's numbers for a reduced one.
@@ -66,6 +69,7 @@ class ModelRuntime:
             "max_batch_tokens": self.batcher.policy.max_batch_tokens,
             # How messages reach the model: what its chat template renders, and the fallbacks taken.
             "messages": self.formatter.rendering.describe(),
+            **self.kind.describe(),
             "manifest": self.bundle.manifest.model_dump(mode="json"),
         }
 
@@ -76,10 +80,12 @@ class ScoreResult:
     version: str
     backend: str  # the engine's provider: cpu, openvino, cuda
     precision: str
-    scores: list[float]
+    scores: list[float]  # a process model's: each item's aggregate of its step scores
     item_tokens: list[int]
     item_truncated: list[bool]
     cache_hits: int
+    step_scores: list[list[float]] | None = None  # process models only
+    item_dropped: list[int] = field(default_factory=list)  # trailing steps truncation left out
 
     @property
     def tokens(self) -> int:
@@ -88,6 +94,10 @@ class ScoreResult:
     @property
     def truncated(self) -> int:
         return sum(self.item_truncated)
+
+    @property
+    def steps_dropped(self) -> int | None:
+        return sum(self.item_dropped) if self.step_scores is not None else None
 
 
 class _Abandoned(Exception):
@@ -105,7 +115,7 @@ class _Flight:
 
     future: asyncio.Future[Scored]
     waiters: int = 0
-    job: asyncio.Future[float] | None = None  # the batcher's future, once submitted
+    job: asyncio.Future[Any] | None = None  # the batcher's future, once submitted
 
     def release(self) -> None:
         self.waiters -= 1
@@ -151,10 +161,13 @@ class Scorer:
         strict: bool,
         deadline: float,
         wait_until: float | None = None,
+        aggregate: Aggregate | None = None,
     ) -> ScoreResult:
         """Scores of ``items``, ended by ``deadline`` (a ``time.monotonic()``). A full queue is a 429 at
-        once, or with ``wait_until`` a wait for room until then (Batcher.admit)."""
+        once, or with ``wait_until`` a wait for room until then (Batcher.admit). ``aggregate``: how a
+        process model's step scores become an item's score (its default when None)."""
         rt = self.runtime(model)
+        rt.kind.check(items, aggregate)
         keys = [item_key(rt.namespace, item) for item in items]
         results: list[Scored | None] = await self._lookup(keys)
         hits = sum(r is not None for r in results)
@@ -175,15 +188,18 @@ class Scorer:
         final = [r for r in results if r is not None]
         assert len(final) == len(items)
         info = rt.engine.info  # cached scores are keyed by provider and precision too: the same engine
+        answer = rt.kind.answer([r.value for r in final], aggregate)
         return ScoreResult(
             model=rt.name,
             version=rt.version,
             backend=info.provider,
             precision=info.precision,
-            scores=[r.score for r in final],
+            scores=answer.scores,
             item_tokens=[r.tokens for r in final],
             item_truncated=[r.truncated for r in final],
             cache_hits=hits,
+            step_scores=answer.step_scores,
+            item_dropped=[r.dropped for r in final],
         )
 
     @staticmethod
@@ -273,9 +289,7 @@ class Scorer:
             loop = asyncio.get_running_loop()
             encoded = await loop.run_in_executor(
                 self._pool,
-                lambda: rt.formatter.encode(
-                    [items[i] for i in positions], strict=strict, positions=positions
-                ),
+                lambda: rt.kind.encode([items[i] for i in positions], strict=strict, positions=positions),
             )
             self._metrics.tokenize_duration.observe(time.perf_counter() - started)
             total = sum(len(e) for e in encoded)
@@ -299,7 +313,7 @@ class Scorer:
             if flight.waiters <= 0:  # everyone left while this request was being tokenized
                 fut.cancel()
 
-    def _land(self, key: str, flight: _Flight, enc: Encoded, done: asyncio.Future[float]) -> None:
+    def _land(self, key: str, flight: _Flight, enc: Encoded, done: asyncio.Future[Any]) -> None:
         if done.cancelled():
             self._settle(key, flight, _Abandoned())
             return
@@ -307,7 +321,7 @@ class Scorer:
         if error is not None:
             self._settle(key, flight, error)
             return
-        scored = Scored(done.result(), len(enc), enc.truncated)
+        scored = Scored(done.result(), len(enc), enc.truncated, enc.dropped)
         if self.cache is not None:
             # Before the flight ends, so a lookup that misses the flight finds the cache entry.
             self.cache.put_many({key: scored.pack()})

@@ -316,7 +316,10 @@ REFUSED_ITEMS = [
     ([("p", "r"), ("p", "r"), ("p", "r"), {"prompt": "p"}], r"^items\[3\]\.response: Field required$"),
     ([{"response": "r"}], r"^items\[0\]\.prompt: Field required$"),
     ([{"prompt": "p", "completion": "r"}], r"^items\[0\]\.response: Field required$"),
-    ([{"answer": "r"}], r"^items\[0\]: a dict item has 'prompt' and 'response', 'messages', or 'text'"),
+    (
+        [{"answer": "r"}],
+        r"^items\[0\]: a dict item has 'prompt' and 'response' \(or 'steps'\), 'messages', or 'text'",
+    ),
     ([("p", 5)], r"^items\[0\]: a response is text, not int"),
     ([[{"content": "hi"}]], r"^items\[0\]: a message is a mapping with 'role'"),
 ]

@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rmserve eval",
         formatter_class=DefaultsHelpFormatter,
-        description="Score preference eval sets: accuracy per subset, RewardBench weighting, plots, report. "
+        description="Score preference eval sets: accuracy per subset, RewardBench weighting, plots, report; "
+        "with a process reward model, ProcessBench F1 and best-of-N accuracy. "
         "Resumable: rerun the same command to continue a killed run.",
     )
     p.add_argument(
@@ -80,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --bundle: inference threads "
         "(default: $RMSERVE_THREADS, else the CPUs this process may use)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="ProcessBench rows: a step scored under this is predicted wrong",
+    )
+    p.add_argument(
+        "--step-aggregate",
+        default="min",
+        choices=["min", "last", "mean", "prod"],
+        help="best-of-N rows in steps: how a candidate's step scores become one",
     )
     p.add_argument(
         "--split", help="the split of a saved HF DatasetDict (default: its only split, if it has one)"
@@ -181,7 +194,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "items_per_s": round(scorer.items_sent / seconds, 2) if seconds > 0 and scorer.items_sent else None,
         "pairs_per_s": _pairs_per_s(todo, seconds),
     }
-    summary = summarize(records, bad, files, scorer.model, run_info, limit=args.limit)
+    summary = summarize(
+        records,
+        bad,
+        files,
+        scorer.model,
+        run_info,
+        limit=args.limit,
+        threshold=args.threshold,
+        aggregate=args.step_aggregate,
+    )
     with (out / BAD_ROWS_FILE).open("w", encoding="utf-8") as fh:
         for entry in bad_rows(bad, records):
             fh.write(json.dumps(entry, ensure_ascii=False) + "\n")

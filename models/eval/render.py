@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from rmserve.models.eval.summary import PLOTS, outcome, worst_ranked
+from rmserve.models.eval import steps
+from rmserve.models.eval.summary import PLOTS, PREFERENCE_KINDS, outcome, worst_ranked
 
 
 def write_plots(out: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
@@ -20,7 +21,7 @@ def write_plots(out: Path, summary: dict[str, Any], records: list[dict[str, Any]
     from matplotlib.ticker import MaxNLocator
 
     scored = [r for r in records if "error" not in r]
-    prefs = [r for r in scored if r["kind"] != "score"]
+    prefs = [r for r in scored if r["kind"] in PREFERENCE_KINDS]
     chosen = [s for r in prefs for s in r["scores"][: r["n_chosen"]]]
     rejected = [s for r in prefs for s in r["scores"][r["n_chosen"] :]]
     plain = [r["scores"][0] for r in scored if r["kind"] == "score"]
@@ -74,6 +75,11 @@ def write_plots(out: Path, summary: dict[str, Any], records: list[dict[str, Any]
         # Beside the axes, where no bar or its label can be under it.
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         written.append(_save(fig, out / PLOTS["accuracy"], plt))
+    pb = summary.get("processbench")
+    if pb:
+        process_plot = steps.write_plot(out, records, pb["threshold"], plt)
+        if process_plot:
+            written.append(process_plot)
     return written
 
 
@@ -123,7 +129,14 @@ def markdown(summary: dict[str, Any], plots: list[str]) -> str:
     lines += [
         "",
         f"{c['rows_scored']} rows scored: {c['pairs']} pairs, {c['best_of_n']} best-of-N rows, "
-        f"{c['plain']} plain rows; {c['bad_rows']} bad rows skipped.",
+        f"{c['plain']} plain rows"
+        + (
+            f", {c.get('processbench', 0)} ProcessBench rows, {c.get('process_best_of_n', 0)} best-of-N rows "
+            "in steps"
+            if c.get("processbench") or c.get("process_best_of_n")
+            else ""
+        )
+        + f"; {c['bad_rows']} bad rows skipped.",
         "",
     ]
     if summary["accuracy"] is not None:
@@ -145,6 +158,7 @@ def markdown(summary: dict[str, Any], plots: list[str]) -> str:
             "as RewardBench-2 does.",
             "",
         ]
+    lines += _process_markdown(summary)
     for key, title in (("rewardbench", "RewardBench"), ("rewardbench2", "RewardBench 2")):
         rb = summary.get(key)
         if rb:
@@ -184,6 +198,7 @@ def markdown(summary: dict[str, Any], plots: list[str]) -> str:
             PLOTS["scores"]: "Score distributions",
             PLOTS["margins"]: "Margins",
             PLOTS["accuracy"]: "Accuracy per subset",
+            steps.PLOT: "Step scores before and after the first error",
         }
         lines += [f"![{captions[p]}]({p})\n" for p in plots]
     bad = summary["bad_rows"]
@@ -206,6 +221,39 @@ def markdown(summary: dict[str, Any], plots: list[str]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _process_markdown(summary: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    pb = summary.get("processbench")
+    if pb:
+        lines += [
+            "## ProcessBench",
+            "",
+            f"Mean F1 over subsets **{_fmt(pb['f1_mean'])}** (threshold {pb['threshold']}).",
+            "",
+            "| subset | rows | erroneous | acc. erroneous | correct | acc. correct | F1 |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name, g in [*pb["subsets"].items(), ("**overall**", pb["overall"])]:
+            lines.append(
+                f"| {name} | {g['rows']} | {g['erroneous']} | {_fmt(g['acc_erroneous'])} | {g['correct']} | "
+                f"{_fmt(g['acc_correct'])} | {_fmt(g['f1'])} |"
+            )
+        lines += ["", pb["method"] + ".", ""]
+    bon = summary.get("process_best_of_n")
+    if bon:
+        lines += [
+            f"## Best-of-N by the {bon['aggregate']} step score",
+            "",
+            "| subset | rows | accuracy | oracle | random |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for name, g in [*bon["subsets"].items(), ("**overall**", bon["overall"])]:
+            shares = " | ".join(_fmt(g[k]) for k in ("accuracy", "oracle", "random"))
+            lines.append(f"| {name} | {g['rows']} | {shares} |")
+        lines += ["", bon["method"] + ".", ""]
+    return lines
 
 
 def write_report(out: Path, summary: dict[str, Any], records: list[dict[str, Any]]) -> None:
@@ -243,6 +291,21 @@ def console_lines(summary: dict[str, Any], out: Path) -> list[str]:
         lines.append(f"  RewardBench score {summary['rewardbench']['score']:.4f}")
     if summary.get("rewardbench2"):
         lines.append(f"  RewardBench 2 score {summary['rewardbench2']['score']:.4f}")
+    pb = summary.get("processbench")
+    if pb:
+        for name, g in [*pb["subsets"].items(), ("overall", pb["overall"])]:
+            lines.append(
+                f"  ProcessBench {name}: acc. erroneous {_fmt(g['acc_erroneous'])}, "
+                f"acc. correct {_fmt(g['acc_correct'])}, F1 {_fmt(g['f1'])}"
+            )
+        lines.append(f"  ProcessBench mean F1 {_fmt(pb['f1_mean'])} (threshold {pb['threshold']})")
+    bon = summary.get("process_best_of_n")
+    if bon:
+        g = bon["overall"]
+        lines.append(
+            f"  best-of-N by {bon['aggregate']}: accuracy {_fmt(g['accuracy'])} "
+            f"(oracle {_fmt(g['oracle'])}, random {_fmt(g['random'])}) over {g['rows']} rows"
+        )
     rate = f", {r['pairs_per_s']} pairs/s" if r.get("pairs_per_s") else ""
     lines.append(
         f"{r['rows_scored']} rows scored now, {r['rows_resumed']} resumed, in {r['seconds']} s{rate}"

@@ -1,9 +1,12 @@
 """``rmserve eval``, first stage: data files -> rows to score, and the bad rows with file and line.
 
-Rows come in three shapes: preference pairs in the shapes of ``rmserve.models.data``, best-of-N rows in
-RewardBench-2's shape (one prompt, ``chosen`` and ``rejected`` as lists of responses), and plain
-prompt/response, ``messages`` or ``text`` rows that are only scored. Files are JSONL (also ``.gz``)
-and CSV here; JSON, Parquet and saved HF datasets through ``rmserve.models.data.read_rows``.
+Rows come in these shapes: preference pairs in the shapes of ``rmserve.models.data``, best-of-N rows in
+RewardBench-2's shape (one prompt, ``chosen`` and ``rejected`` as lists of responses), plain
+prompt/response, ``messages`` or ``text`` rows that are only scored, and for process reward models
+ProcessBench rows (``problem``, ``steps``, ``label``: the index of the first wrong step, or -1) and
+best-of-N solutions in steps (``candidates``, each a list of steps, and ``correct``, one bool each).
+Files are JSONL (also ``.gz``) and CSV here; JSON, Parquet and saved HF datasets through
+``rmserve.models.data.read_rows``.
 
 Every row has a key: the first 16 hex digits of its data file's sha256 and its row number.
 """
@@ -19,7 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from rmserve.items import ChatItem, Item, Messages, PairItem, TextItem, item_problem, render_hh
+from rmserve.items import (
+    ChatItem,
+    Item,
+    Messages,
+    PairItem,
+    StepsItem,
+    TextItem,
+    item_problem,
+    render_hh,
+    split_steps,
+)
 from rmserve.models.data import (
     DataError,
     data_digest,
@@ -30,7 +43,8 @@ from rmserve.models.data import (
     read_rows,
 )
 
-Kind = Literal["pair", "best_of_n", "score"]
+Kind = Literal["pair", "best_of_n", "score", "process", "process_best_of_n"]
+PROCESS_KINDS = ("process", "process_best_of_n")
 
 
 class EvalError(Exception):
@@ -40,7 +54,8 @@ class EvalError(Exception):
 @dataclass(frozen=True)
 class EvalRow:
     """One row to score. ``items`` hold the chosen responses first (``n_chosen`` of them), then the
-    rejected ones; a plain row has one item and ``n_chosen == 0``."""
+    rejected ones; a plain row has one item and ``n_chosen == 0``. A ProcessBench row has one steps
+    item and ``label``; a process best-of-N row one steps item per candidate and ``correct``."""
 
     key: str
     file: str
@@ -50,6 +65,8 @@ class EvalRow:
     n_chosen: int
     subset: str | None = None
     row_id: str | None = None
+    label: int | None = None
+    correct: tuple[bool, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,6 +140,8 @@ def _parse_row(row: Any, *, key: str, file: str, line: int) -> EvalRow:
         raise ValueError(f"a row must be an object, not {type(row).__name__}")
     subset = _text_field(row, "subset")
     row_id = None if row.get("id") is None else str(row["id"])
+    if "steps" in row or "candidates" in row:
+        return _process_row(row, key=key, file=file, line=line, subset=subset, row_id=row_id)
     if "chosen" in row or "rejected" in row:
         for name in ("chosen", "rejected"):
             value = row.get(name)
@@ -161,6 +180,42 @@ def _parse_row(row: Any, *, key: str, file: str, line: int) -> EvalRow:
         "not a row this command reads: expected chosen/rejected (a pair or best-of-N), "
         "prompt/response, messages, or text; got keys " + ", ".join(sorted(map(str, row)))
     )
+
+
+def _steps(value: Any, what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return split_steps(value)
+    if not _str_list(value):
+        raise ValueError(f"'{what}' must be a non-empty list of steps (strings), or text with blank lines")
+    return tuple(value)
+
+
+def _process_row(
+    row: dict[str, Any], *, key: str, file: str, line: int, subset: str | None, row_id: str | None
+) -> EvalRow:
+    """A ProcessBench row, or a best-of-N row of solutions in steps."""
+    question = row.get("problem", row.get("prompt"))
+    if question is None:
+        raise ValueError("a row of steps needs its 'problem' (or 'prompt')")
+    prompt = _prompt(question) if not isinstance(question, str) else question
+    if "candidates" in row:
+        candidates = row["candidates"]
+        correct = row.get("correct")
+        if not isinstance(candidates, list) or not candidates:
+            raise ValueError("'candidates' must be a non-empty list of solutions")
+        if not isinstance(correct, list) or len(correct) != len(candidates):
+            raise ValueError("'correct' must be a list of one bool per candidate")
+        if not all(isinstance(c, bool) for c in correct):
+            raise ValueError("'correct' must hold true or false for each candidate")
+        items = tuple(StepsItem(prompt, _steps(c, f"candidates[{i}]")) for i, c in enumerate(candidates))
+        return EvalRow(key, file, line, "process_best_of_n", items, 0, subset, row_id, correct=tuple(correct))
+    steps = _steps(row["steps"], "steps")
+    label = row.get("label")
+    if isinstance(label, bool) or not isinstance(label, int) or not -1 <= label < len(steps):
+        raise ValueError(
+            f"'label' must be the index of the first wrong step (0 to {len(steps) - 1}) or -1, not {label!r}"
+        )
+    return EvalRow(key, file, line, "process", (StepsItem(prompt, steps),), 0, subset, row_id, label=label)
 
 
 # ------------------------------------------------------------------ files -> raw rows

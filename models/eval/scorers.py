@@ -2,7 +2,8 @@
 
 ``LocalScorer`` runs the server's own Formatter and ONNX Runtime engine in this process;
 ``RemoteScorer`` sends the items with ``rmserve.client.RewardClient``. Either way a row the model
-side refuses becomes an ``error`` record and the other rows of its chunk are scored as usual.
+side refuses becomes an ``error`` record and the other rows of its chunk are scored as usual. A
+process reward model's value for an item is its list of step scores.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from rmserve.items import Item
+from rmserve.items import Item, StepsItem
 from rmserve.models.eval.rows import EvalError, EvalRow
+
+# An item's score, or a process reward model's step scores.
+Scored = float | list[float]
 
 
 class Scorer(Protocol):
@@ -21,7 +25,7 @@ class Scorer(Protocol):
     items_sent: int
     model: dict[str, Any]
 
-    def score(self, items: list[Item]) -> list[float]: ...
+    def score(self, items: list[Item]) -> list[Scored]: ...
 
     def close(self) -> None: ...
 
@@ -47,6 +51,7 @@ class LocalScorer:
         from rmserve.config import Settings
         from rmserve.engines.select import create_engine, default_batch_tokens
         from rmserve.formatting import Formatter
+        from rmserve.kinds import kind_of
 
         self.bundle = load_bundle(bundle_dir)
         chosen: dict[str, Any] = {"provider": provider, "precision": precision}
@@ -55,6 +60,7 @@ class LocalScorer:
         settings = Settings(**chosen)
         self.engine, selection = create_engine(self.bundle, settings)
         self.formatter = Formatter(self.bundle)
+        self.kind = kind_of(self.bundle.manifest.name, self.bundle, self.formatter)
         self.batch_tokens = batch_tokens or default_batch_tokens(self.engine.info.provider)
         self.batch_size = batch_size
         self.items_sent = 0
@@ -68,39 +74,36 @@ class LocalScorer:
             "precision": self.engine.info.precision,
             "threads": self.engine.info.threads,
             "selection": selection.get("reason"),
+            "kind": self.bundle.manifest.kind,
         }
 
-    def score(self, items: list[Item]) -> list[float]:
-        from rmserve.engines.base import pad_batch
-        from rmserve.errors import InvalidItem
+    def score(self, items: list[Item]) -> list[Scored]:
+        from rmserve.engines.batches import infer_rows
+        from rmserve.errors import InvalidItem, InvalidRequest
+        from rmserve.kinds import NonFinite
 
         try:
-            encoded = self.formatter.encode(items)
+            self.kind.check(items, None)
+            encoded = self.kind.encode(items)
         except InvalidItem as exc:
             raise RejectedItem(exc.reason) from None
-        except ValueError as exc:
+        except (InvalidRequest, ValueError) as exc:
             raise RejectedItem(str(exc)) from None
-        pad_id = self.formatter.settings.pad_token_id
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        scores = [0.0] * len(encoded)
-        start = 0
-        while start < len(order):
-            end = start + 1  # batch rows are sorted by length, so the last one sets the padded width
-            while (
-                end < len(order)
-                and end - start < self.batch_size
-                and (end - start + 1) * len(encoded[order[end]]) <= self.batch_tokens
-            ):
-                end += 1
-            idx = order[start:end]
-            types = [encoded[i].type_ids for i in idx] if self.formatter.uses_type_ids else None
-            batch = pad_batch([encoded[i].ids for i in idx], pad_id, types)
-            out = self.engine.infer(batch)
-            self.items_sent += len(idx)
-            for i, s in zip(idx, out.tolist(), strict=True):
-                scores[i] = float(s)
-            start = end
-        return scores
+        try:
+            # The shared loop: sorted by length, batches of at most batch_size items and batch_tokens.
+            values = infer_rows(
+                encoded,
+                self.engine.infer,
+                self.formatter.settings.pad_token_id,
+                self.kind.read,
+                batch_items=self.batch_size,
+                batch_tokens=self.batch_tokens,
+            )
+        except NonFinite as exc:
+            raise RejectedItem(str(exc)) from None
+        finally:
+            self.items_sent += len(encoded)
+        return [list(v) if isinstance(v, tuple) else float(v) for v in values]
 
     def close(self) -> None:
         self.engine.close()
@@ -131,7 +134,7 @@ class RemoteScorer:
         self.items_sent = 0
         self.model = {**chosen, "source": url, "mode": "server", "concurrency": concurrency}
 
-    def score(self, items: list[Item]) -> list[float]:
+    def score(self, items: list[Item]) -> list[Scored]:
         from rmserve.client import BadRequestError, RequestTooLargeError
 
         try:
@@ -150,7 +153,9 @@ class RemoteScorer:
                 f"the server now serves model version {sorted(versions)}, not "
                 f"{self.model['version']}: scores of two models would mix; rerun with a new --out"
             )
-        return result.scores
+        if result.step_scores is not None:  # a process reward model: each item's step scores
+            return list(result.step_scores)
+        return list(result.scores)
 
     def close(self) -> None:
         self.client.close()
@@ -191,10 +196,16 @@ def _where(row: EvalRow) -> dict[str, Any]:
     return {"key": row.key, "file": row.file, "line": row.line, "kind": row.kind, "subset": row.subset}
 
 
-def _record(row: EvalRow, scores: list[float]) -> dict[str, Any]:
+def _record(row: EvalRow, scores: list[Scored]) -> dict[str, Any]:
     record = {**_where(row), "n_chosen": row.n_chosen, "scores": scores}
     if row.row_id is not None:
         record["id"] = row.row_id
+    if row.kind == "process":
+        record["label"] = row.label
+    if row.kind == "process_best_of_n":
+        record["correct"] = list(row.correct)
+    if row.kind in ("process", "process_best_of_n"):  # steps kept may be fewer (truncation)
+        record["n_steps"] = [len(i.steps) for i in row.items if isinstance(i, StepsItem)]
     return record
 
 

@@ -11,6 +11,8 @@ How a row counts (``outcome``):
   chosen response outscores every rejected one. RewardBench-2's weighted Ties score (accuracy plus
   margin terms over paired ref/tied prompts) is not computed.
 
+Process reward rows (ProcessBench, best-of-N in steps) are summarized by ``rmserve.models.eval.steps``.
+
 The plots, ``report.md`` and the console lines that show a summary are in ``rmserve.models.eval.render``.
 """
 
@@ -24,10 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rmserve.kinds import DEFAULT_AGGREGATE, Aggregate
+from rmserve.models.eval.steps import DEFAULT_THRESHOLD, best_of_n, processbench
+
 if TYPE_CHECKING:
     from rmserve.models.eval.rows import BadRow, DataFile
 
 NO_SUBSET = "(no subset)"
+PREFERENCE_KINDS = ("pair", "best_of_n")
 PLOTS = {"scores": "scores.png", "margins": "margins.png", "accuracy": "accuracy_by_subset.png"}
 
 # RewardBench v1 (allenai/reward-bench, rewardbench/constants.py and the leaderboard's average):
@@ -211,9 +217,11 @@ def summarize(
     run: dict[str, Any],
     *,
     limit: int | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    aggregate: Aggregate = DEFAULT_AGGREGATE,
 ) -> dict[str, Any]:
     scored = [r for r in records if "error" not in r]
-    prefs = [r for r in scored if r["kind"] != "score"]
+    prefs = [r for r in scored if r["kind"] in PREFERENCE_KINDS]
     outcomes = [outcome(r) for r in prefs]
     by_subset: dict[str, list[tuple[float, float, bool]]] = defaultdict(list)
     by_file: dict[str, list[tuple[float, float, bool]]] = defaultdict(list)
@@ -273,13 +281,20 @@ def summarize(
         summary["rewardbench"] = rb1
     if rb2:
         summary["rewardbench2"] = rb2
+    pb, bon = processbench(records, threshold), best_of_n(records, aggregate)
+    if pb:
+        summary["processbench"] = pb
+        summary["counts"]["processbench"] = pb["overall"]["rows"]
+    if bon:
+        summary["process_best_of_n"] = bon
+        summary["counts"]["process_best_of_n"] = bon["overall"]["rows"]
     return summary
 
 
 def worst_ranked(records: Iterable[dict[str, Any]], n: int = 10) -> list[dict[str, Any]]:
     """The ``n`` scored preference rows with the lowest margins (the model's worst rankings first):
     where each is, its margin, and the two scores it compares (the worst chosen, the best rejected)."""
-    prefs = [r for r in records if "error" not in r and r["kind"] != "score"]
+    prefs = [r for r in records if "error" not in r and r["kind"] in PREFERENCE_KINDS]
     rows = []
     for r in sorted(prefs, key=lambda r: outcome(r)[1])[:n]:
         k = r["n_chosen"]

@@ -8,7 +8,8 @@ says so (``padding: right``) and the engine refuses anything else (rmserve.engin
 
 Pieces: ``eligibility`` (which checkpoints), ``weights`` (the checkpoint as packed arrays),
 ``builder`` (named nodes, one float type), ``body`` (ids -> residual stream), ``heads`` (residual
-stream -> scores). The same builder writes the graph in float32, float16 or bfloat16.
+stream -> an outcome model's score per row, or a process model's step value per token). The same
+builder writes the graph in float32, float16 or bfloat16.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from onnx import TensorProto, helper
 
 from rmserve.bundle import MODEL_FILE
 from rmserve.models.graph import save_onnx
+from rmserve.models.heads import ScoreModel
 from rmserve.models.lean.body import decoder_body, decoder_inputs, layer_node_counts
 from rmserve.models.lean.builder import GraphBuilder
 from rmserve.models.lean.eligibility import LAYER_NODE_BUDGET, why_not_lean
-from rmserve.models.lean.heads import last_token_score
-from rmserve.models.lean.weights import DecoderWeights, Linear, decoder_weights, score_head
+from rmserve.models.lean.heads import head_output
+from rmserve.models.lean.weights import DecoderWeights, Linear, StepHeadWeights, decoder_weights, head_weights
+from rmserve.models.process_heads import StepModel
 
 LEAN_OPSET = 23
 EXPORTER = "rmserve lean graph builder (models/lean)"
@@ -61,22 +64,29 @@ class LeanGraph:
         }
 
 
-def build_lean_graph(w: DecoderWeights, score: Linear, precision: str) -> Any:
-    """The ONNX model: ``input_ids``, ``attention_mask`` (int64 ``[batch, seq]``) -> ``scores``."""
+def build_lean_graph(w: DecoderWeights, head: Linear | StepHeadWeights, precision: str) -> Any:
+    """The ONNX model: ``input_ids``, ``attention_mask`` (int64 ``[batch, seq]``) -> ``scores``, float32
+    ``[batch]`` for a score layer, ``[batch, sequence]`` for a step head."""
     g = GraphBuilder(precision)
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
     mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])
     inputs = decoder_inputs(g, ids.name, mask.name)
-    scores = last_token_score(g, decoder_body(g, w, inputs), inputs, w, score)
+    scores, dims = head_output(g, decoder_body(g, w, inputs), inputs, w, head)
     g.rename(scores, "scores")
-    out = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch"])
+    out = helper.make_tensor_value_info("scores", TensorProto.FLOAT, dims)
     return g.model([ids, mask], [out], LEAN_OPSET)
 
 
 def write_lean_graph(
-    hf_model: Any, max_length: int, directory: Path, *, precision: str, external_data_bytes: int
+    source: ScoreModel | StepModel,
+    max_length: int,
+    directory: Path,
+    *,
+    precision: str,
+    external_data_bytes: int,
 ) -> LeanGraph:
-    """Write ``model.onnx`` (+ ``model.onnx.data`` when large) for ``hf_model`` at ``precision``."""
-    model = build_lean_graph(decoder_weights(hf_model, max_length), score_head(hf_model), precision)
+    """Write ``model.onnx`` (+ ``model.onnx.data`` when large) for ``source`` (an outcome or a process
+    model) at ``precision``."""
+    model = build_lean_graph(decoder_weights(source.body, max_length), head_weights(source), precision)
     save_onnx(model, directory / MODEL_FILE, external_data_bytes)
     return LeanGraph(precision, layer_node_counts(model))

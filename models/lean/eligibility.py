@@ -7,6 +7,9 @@ cannot change. Not for: a sliding window shorter than the bundle's ``max_length`
 causality alone, would decide what a token sees), rotary embeddings that depend on the sequence
 length (dynamic NTK, LongRoPE), Gemma-style models (logit soft-capping, scaled embeddings, other
 norms) or any other family whose layer is not Llama's.
+
+Both kinds of bundle take it: an outcome model scores each row's last real token, a process model each
+step token (models/lean/heads.py), and under right padding every real token sees only real tokens.
 """
 
 from __future__ import annotations
@@ -60,7 +63,11 @@ def why_not_lean(config: Any, max_length: int) -> str | None:
 
 
 def graph_reason(
-    option: str, family: str, config: Any, max_length: int, attention_reason: str | None
+    option: str,
+    family: str,
+    config: Any,
+    max_length: int,
+    attention_reason: str | None,
 ) -> str | None:
     """None when the export writes the lean graph; else why it writes the traced one.
 

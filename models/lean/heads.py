@@ -2,8 +2,12 @@
 
 ``last_token_score`` is the outcome reward: each row's last real token (``sum(mask) - 1`` under right
 padding) is gathered first, so only ``batch`` rows go through the final norm and the score head.
-A head is a function of the body's output and its inputs; another head (a value at each step
-token, for process rewards) reads the same ``DecoderInputs`` and the same body.
+``step_values`` is a process model's: the final norm and the step head at every position, then the
+head's rule, ``[batch, seq]`` (the server reads the step tokens' positions; right padding puts them
+where the item has them). A token's value depends only on the tokens before it (causal attention), so
+a padding position's value, never read, changes no real one. The rule runs in float32 after the
+label logits are cast, as ``StepHead`` computes it, and in the same ops: positive_prob
+sigmoid(l+ - l-), prob_diff p(+) - p(-) = sigmoid(l+ - l-) - sigmoid(l- - l+), sigmoid, raw.
 """
 
 from __future__ import annotations
@@ -12,9 +16,18 @@ from onnx import TensorProto
 
 from rmserve.models.lean.body import DecoderInputs, linear, rms_norm
 from rmserve.models.lean.builder import GraphBuilder
-from rmserve.models.lean.weights import DecoderWeights, Linear
+from rmserve.models.lean.weights import DecoderWeights, Linear, StepHeadWeights
 
 HEAD = "head"
+
+
+def head_output(
+    g: GraphBuilder, hidden: str, inputs: DecoderInputs, w: DecoderWeights, head: Linear | StepHeadWeights
+) -> tuple[str, list[str]]:
+    """The graph's output and its dimensions: ``[batch]`` scores, or ``[batch, sequence]`` step values."""
+    if isinstance(head, StepHeadWeights):
+        return step_values(g, hidden, w, head), ["batch", "sequence"]
+    return last_token_score(g, hidden, inputs, w, head), ["batch"]
 
 
 def last_token_score(
@@ -35,3 +48,31 @@ def last_token_score(
         if g.float_type != TensorProto.FLOAT:
             scores = g.one("Cast", [scores], to=TensorProto.FLOAT)
     return scores
+
+
+def step_values(g: GraphBuilder, hidden: str, w: DecoderWeights, head: StepHeadWeights) -> str:
+    """float32 ``[batch, seq]``: the step head's rule on its label logits at every position."""
+    with g.scope(HEAD):
+        x = rms_norm(g, hidden, g.weight("final_norm", w.final_norm), w.eps)
+        for k, layer in enumerate(head.layers):
+            if k:
+                x = g.one("Relu", [x])
+            x = linear(g, x, layer, f"labels{k}")
+        if g.float_type != TensorProto.FLOAT:
+            x = g.one("Cast", [x], to=TensorProto.FLOAT)
+        n = int(head.layers[-1].weight.shape[1])
+        # Each label's logit as [batch, seq, 1]; the value is reshaped to [batch, seq] at the end.
+        labels = g.op("Split", [x, g.ints("label_sizes", [1] * n)], outputs=n, axis=2) if n > 1 else [x]
+        positive = labels[head.positive]
+        if head.rule == "raw":
+            value = positive
+        elif head.rule == "sigmoid":
+            value = g.one("Sigmoid", [positive])
+        else:
+            assert head.negative is not None, "StepHead refuses a two-label rule on one label"
+            negative = labels[head.negative]
+            value = g.one("Sigmoid", [g.one("Sub", [positive, negative])])
+            if head.rule == "prob_diff":
+                p_negative = g.one("Sigmoid", [g.one("Sub", [negative, positive])])
+                value = g.one("Sub", [value, p_negative])
+        return g.one("Reshape", [value, g.ints("steps_shape", [0, 0])])

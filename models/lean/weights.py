@@ -5,6 +5,10 @@ packed into one matrix and its gate/up projections into another, so a layer runs
 the checkpoint has five; a packed bias is zero where the checkpoint has none. Rotary cos/sin come
 from the model's own rotary module at positions ``0 .. max_length - 1``, so every rope type it
 supports with static frequencies (models/lean/eligibility.py) gives PyTorch's values exactly.
+
+The head is an outcome model's ``score`` layer (one reward per row), or a process model's
+``StepHead`` (models/process_heads.py) as ``StepHeadWeights``: the linear layers that give its label
+logits, and the rule that makes a step's reward of them.
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from rmserve.bundle import StepRule
+from rmserve.models.heads import ScoreModel
+from rmserve.models.process_heads import StepHead, StepModel
 
 
 @dataclass(frozen=True)
@@ -99,10 +107,10 @@ def rotary_tables(base: Any, max_length: int, head_dim: int) -> tuple[np.ndarray
     return _array(cos[0, :, :half]), _array(sin[0, :, :half])
 
 
-def decoder_weights(hf_model: Any, max_length: int) -> DecoderWeights:
-    """The body of a Llama-layout ``*ForSequenceClassification`` model (its ``model``)."""
-    base = hf_model.model
-    config = hf_model.config
+def decoder_weights(base: Any, max_length: int) -> DecoderWeights:
+    """A Llama-layout decoder body (transformers' ``LlamaModel``, ``Qwen2Model``, ...: the ``body`` of a
+    ``ScoreModel`` or of a process ``StepModel``)."""
+    config = base.config
     first = base.layers[0].self_attn
     head_dim = int(first.head_dim)
     cos, sin = rotary_tables(base, max_length, head_dim)
@@ -123,3 +131,42 @@ def decoder_weights(hf_model: Any, max_length: int) -> DecoderWeights:
 def score_head(hf_model: Any) -> Linear:
     """The sequence-classification head (``score``): hidden -> one reward."""
     return _linears(hf_model.score)
+
+
+@dataclass(frozen=True)
+class StepHeadWeights:
+    """A process head: label logits through ``layers`` (a ReLU between two: the Qwen2.5-Math-PRM head),
+    then ``rule`` on the ``positive`` label's logit (and the ``negative`` one's, for two labels)."""
+
+    layers: tuple[Linear, ...]
+    rule: StepRule
+    positive: int
+    negative: int | None
+
+
+def step_head(head: StepHead) -> StepHeadWeights:
+    """A ``StepHead`` as the lean graph writes it: one linear layer (a token classifier's ``score``, an
+    LM head's two label rows) or the Qwen2.5-Math-PRM's Linear, ReLU, Linear."""
+    if head.softcap:
+        raise ValueError("a soft-capped LM head has no lean graph")
+    projection = head.projection
+    if isinstance(projection, nn.Linear):
+        layers: tuple[nn.Linear, ...] = (projection,)
+    elif isinstance(projection, nn.Sequential) and [type(m) for m in projection] == [
+        nn.Linear,
+        nn.ReLU,
+        nn.Linear,
+    ]:
+        layers = (projection[0], projection[2])
+    else:
+        raise ValueError(f"a {type(projection).__name__} step head has no lean graph")
+    return StepHeadWeights(
+        tuple(_linears(layer) for layer in layers), head.rule, head.positive, head.negative
+    )
+
+
+def head_weights(model: ScoreModel | StepModel) -> Linear | StepHeadWeights:
+    """The head the lean graph writes on the body: a process model's step head, else the score layer."""
+    if isinstance(model, StepModel):
+        return step_head(model.head)
+    return score_head(model.hf_model)

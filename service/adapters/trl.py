@@ -22,6 +22,11 @@ of ``__call__``; a coroutine function passes all three (an object with ``async _
 the last). TRL awaits it on its own event loop, concurrently with other async reward functions.
 TRL names a reward function by its ``__name__`` in its logs (``rewards/<name>/mean``): ``rmserve``
 or ``rmserve_<model>``.
+
+With ``steps=True`` (or ``steps=StepScoring(...)``) the served model is a process reward model: each
+completion is cut into steps at ``separator`` (default a blank line, as the Qwen PRM model cards split
+solutions) and scored as ``{"prompt", "steps"}``; the trainer gets each completion's aggregate of its
+step scores (``aggregate``: the server's default ``min``, or ``last``, ``mean``, ``prod``).
 """
 
 from __future__ import annotations
@@ -29,18 +34,22 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
-from rmserve.client import DEFAULT_URL, AsyncRewardClient, ItemLike, RewardClient, ScoreResult
+from rmserve.client import DEFAULT_URL, AsyncRewardClient, ItemLike, RewardClient, ScoreResult, message_text
+from rmserve.items import STEP_SEPARATOR, Message, ToolCall, split_steps, written_text
 
 AsyncRewardFunc = Callable[..., Coroutine[Any, Any, list[float]]]
 
 __all__ = [
     "AsyncTRLRewardFunction",
+    "StepScoring",
     "TRLRewardFunction",
     "async_trl_reward_func",
     "trl_items",
     "trl_reward_func",
+    "trl_step_items",
 ]
 
 
@@ -60,6 +69,53 @@ def trl_items(prompts: list[Any], completions: list[Any]) -> list[ItemLike]:
     return items
 
 
+@dataclass(frozen=True)
+class StepScoring:
+    """How completions are scored by a process reward model: cut at ``separator``, each completion's
+    step scores reduced by ``aggregate`` (None: the server's default, ``min``)."""
+
+    separator: str = STEP_SEPARATOR
+    aggregate: str | None = None
+
+
+def trl_step_items(
+    prompts: list[Any], completions: list[Any], separator: str = STEP_SEPARATOR
+) -> list[ItemLike]:
+    """TRL's columns -> process items ``(prompt, [step, ...])``: each completion's text (a conversational
+    completion's last message; its earlier messages, structure kept, join the prompt) cut into steps
+    at ``separator``."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
+    items: list[ItemLike] = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        context: Any = list(prompt) if isinstance(prompt, list) else str(prompt)
+        if isinstance(completion, list):  # conversational: the last message is the solution
+            *before, last = completion
+            if before:
+                context = [
+                    *(context if isinstance(context, list) else [{"role": "user", "content": context}]),
+                    *before,
+                ]
+            text = _solution_text(last)
+        else:
+            text = message_text(completion)
+        items.append((context, list(split_steps(text, separator))))
+    return items
+
+
+def _solution_text(message: dict[str, Any]) -> str:
+    """A solution message's text, any tool calls written after it as ``<tool_call>`` blocks (the form
+    the server writes where a template has no tool markup): a step's text holds no structure, and
+    nothing the policy wrote is left out of what is scored."""
+    calls = [c.get("function", c) for c in message.get("tool_calls") or []]
+    written = Message(
+        "assistant",
+        message_text(message.get("content")),
+        tuple(ToolCall(str(c["name"]), c.get("arguments") or {}) for c in calls),
+    )
+    return written_text(written)
+
+
 class _Base:
     def __init__(
         self,
@@ -68,6 +124,7 @@ class _Base:
         model: str | None = None,
         api_key: str | None = None,
         name: str | None = None,
+        steps: bool | StepScoring = False,
         **client_options: Any,
     ) -> None:
         if isinstance(url_or_client, (RewardClient, AsyncRewardClient)):
@@ -79,6 +136,11 @@ class _Base:
             self.url = url_or_client or os.environ.get("RMSERVE_URL", DEFAULT_URL)
         self.model = model
         self.api_key = api_key if api_key is not None else os.environ.get("RMSERVE_API_KEY")
+        self.steps: StepScoring | None = None
+        if isinstance(steps, StepScoring):
+            self.steps = steps
+        elif steps:
+            self.steps = StepScoring()
         self.client_options = client_options
         self.__name__ = name or ("rmserve" if not model else f"rmserve_{model}")
 
@@ -94,10 +156,17 @@ class _Base:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r}, model={self.model!r}, name={self.__name__!r})"
 
+    def _items(self, prompts: list[Any], completions: list[Any]) -> list[ItemLike]:
+        if self.steps:
+            return trl_step_items(prompts, completions, self.steps.separator)
+        return trl_items(prompts, completions)
+
     def _report(self, result: ScoreResult, kwargs: dict[str, Any]) -> list[float]:
         log_metric = kwargs.get("log_metric")
         if callable(log_metric) and result.scores:
             log_metric(f"{self.__name__}/truncated", result.usage.truncated / len(result.scores))
+            if self.steps:
+                log_metric(f"{self.__name__}/steps_dropped", result.usage.steps_dropped / len(result.scores))
         return result.scores
 
 
@@ -114,7 +183,11 @@ class TRLRewardFunction(_Base):
         return self._client
 
     def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
-        return self._report(self.client().score_result(trl_items(prompts, completions)), kwargs)
+        items = self._items(prompts, completions)
+        client = self.client()
+        if self.steps:
+            return self._report(client.score_steps(items, aggregate=self.steps.aggregate), kwargs)
+        return self._report(client.score_result(items), kwargs)
 
 
 class AsyncTRLRewardFunction(_Base):
@@ -133,8 +206,11 @@ class AsyncTRLRewardFunction(_Base):
         return self._client
 
     async def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+        items = self._items(prompts, completions)
         client = await self.client()
-        return self._report(await client.score_result(trl_items(prompts, completions)), kwargs)
+        if self.steps:
+            return self._report(await client.score_steps(items, aggregate=self.steps.aggregate), kwargs)
+        return self._report(await client.score_result(items), kwargs)
 
 
 def trl_reward_func(
@@ -143,14 +219,18 @@ def trl_reward_func(
     model: str | None = None,
     api_key: str | None = None,
     name: str | None = None,
+    steps: bool | StepScoring = False,
     **client_options: Any,
 ) -> TRLRewardFunction:
     """A TRL ``reward_funcs`` entry scoring with rmserve at ``url`` (default: $RMSERVE_URL or local).
 
     ``api_key`` defaults to $RMSERVE_API_KEY; ``client_options`` go to ``RewardClient`` (chunk_size,
-    max_concurrency, max_retries, timeout, ...).
+    max_concurrency, max_retries, timeout, ...). ``steps``: a process reward model scores each
+    completion's steps (see the module docstring).
     """
-    return TRLRewardFunction(url_or_client, model=model, api_key=api_key, name=name, **client_options)
+    return TRLRewardFunction(
+        url_or_client, model=model, api_key=api_key, name=name, steps=steps, **client_options
+    )
 
 
 def async_trl_reward_func(
@@ -159,13 +239,16 @@ def async_trl_reward_func(
     model: str | None = None,
     api_key: str | None = None,
     name: str | None = None,
+    steps: bool | StepScoring = False,
     **client_options: Any,
 ) -> AsyncRewardFunc:
     """Like ``trl_reward_func``, as an ``async def`` reward function (``AsyncRewardClient`` underneath).
 
     The function's ``rmserve`` attribute is the ``AsyncTRLRewardFunction`` it calls.
     """
-    scorer = AsyncTRLRewardFunction(url_or_client, model=model, api_key=api_key, name=name, **client_options)
+    scorer = AsyncTRLRewardFunction(
+        url_or_client, model=model, api_key=api_key, name=name, steps=steps, **client_options
+    )
 
     async def reward(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
         return await scorer(prompts, completions, **kwargs)

@@ -17,6 +17,10 @@ reward_kwargs key          environment variable            meaning
 ``rmserve_ray_app``        ``RMSERVE_RAY_APP``             score through a Ray Serve handle to
                                                            this rmserve application instead of
                                                            HTTP (same Ray cluster, docs/ray.md)
+``rmserve_steps``          ``RMSERVE_STEPS``               score a process reward model's steps
+``rmserve_step_separator`` (reward_kwargs only)            where a solution is cut into steps
+                                                           (default a blank line)
+``rmserve_step_aggregate`` ``RMSERVE_STEP_AGGREGATE``      min (default), last, mean or prod
 =========================  ==============================  =====================================
 
 veRL hands ``solution_str`` already decoded (special tokens skipped) and never the prompt. The prompt
@@ -31,6 +35,11 @@ same keys each time: veRL logs the extra keys as metrics (a bare float it
 would log as ``acc``). ``compute_score`` is ``async`` (veRL's reward loop awaits coroutine
 functions); ``compute_score_sync`` is for releases whose ``naive`` manager calls it without awaiting;
 ``compute_score_batch`` takes the lists of releases that still have the ``batch`` manager.
+
+With ``rmserve_steps`` the served model is a process reward model: each response is cut into steps
+(``rmserve_step_separator``, a blank line by default, as the Qwen PRM model cards split solutions) and
+``score`` is the aggregate of its step scores; ``rmserve_steps`` (the number of steps scored) joins
+the keys returned. A prompt-blind sample is scored with an empty prompt.
 """
 
 from __future__ import annotations
@@ -43,7 +52,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rmserve.adapters.clients import async_reward_client, reward_client
-from rmserve.client import DEFAULT_URL, AsyncRewardClient, ItemLike, RewardClient
+from rmserve.client import DEFAULT_URL, AsyncRewardClient, ItemLike, RewardClient, ScoreResult, message_text
+from rmserve.items import STEP_SEPARATOR, split_steps
 
 __all__ = [
     "PROMPT_KEYS",
@@ -51,6 +61,7 @@ __all__ = [
     "compute_score_batch",
     "compute_score_sync",
     "scoring_settings",
+    "step_item",
     "verl_item",
 ]
 
@@ -80,7 +91,14 @@ def scoring_settings(kwargs: Mapping[str, Any]) -> dict[str, Any]:
         "max_retries": int(get("max_retries", "RMSERVE_CLIENT_MAX_RETRIES", 5)),
         "require_prompt": str(get("require_prompt", "RMSERVE_REQUIRE_PROMPT", "")).lower() in _TRUE,
         "ray_app": get("ray_app", "RMSERVE_RAY_APP", None),
+        "steps": str(get("steps", "RMSERVE_STEPS", "")).lower() in _TRUE,
+        "step_separator": str(kwargs.get("rmserve_step_separator") or STEP_SEPARATOR),
+        "step_aggregate": get("step_aggregate", "RMSERVE_STEP_AGGREGATE", None),
     }
+
+
+# Settings of the adapter itself; the rest are the client's.
+_ADAPTER_KEYS = frozenset({"require_prompt", "steps", "step_separator", "step_aggregate"})
 
 
 def verl_item(solution_str: str, extra_info: Mapping[str, Any] | None) -> ItemLike | None:
@@ -113,13 +131,53 @@ def blind_item(solution_str: str, require_prompt: bool) -> ItemLike:
     return {"text": solution_str}
 
 
-def result_dict(score: float, blind: bool) -> dict[str, float]:
+def step_item(item: Any, separator: str) -> ItemLike:
+    """An item of this adapter, as a process reward model's ``(prompt, [step, ...])``: the reply cut
+    into steps at ``separator``; a prompt-blind response gets an empty prompt."""
+    if isinstance(item, tuple):
+        prompt, reply = item
+    elif "messages" in item:
+        *context, last = item["messages"]
+        prompt, reply = context, message_text(last.get("content"))
+    else:
+        prompt, reply = "", item["text"]
+    return (prompt, list(split_steps(reply, separator)))
+
+
+def result_dict(score: float, blind: bool, steps: int | None = None) -> dict[str, float]:
     """What veRL gets per sample: the score, and the same extra keys every time (logged as metrics)."""
-    return {"score": score, "rmserve_prompt_blind": float(blind)}
+    out = {"score": score, "rmserve_prompt_blind": float(blind)}
+    if steps is not None:
+        out["rmserve_steps"] = float(steps)
+    return out
+
+
+def results(result: ScoreResult, blinds: Sequence[bool]) -> list[dict[str, float]]:
+    """``result_dict`` of each sample of ``result``, in order."""
+    steps: Sequence[int | None] = [len(s) for s in result.step_scores or []] or [None] * len(blinds)
+    return [result_dict(*entry) for entry in zip(result.scores, blinds, steps, strict=True)]
 
 
 def _client_options(settings: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-    return tuple(sorted((k, v) for k, v in settings.items() if k != "require_prompt"))
+    return tuple(sorted((k, v) for k, v in settings.items() if k not in _ADAPTER_KEYS))
+
+
+def _prepared(items: list[Any], settings: dict[str, Any]) -> list[ItemLike]:
+    return [step_item(i, settings["step_separator"]) for i in items] if settings["steps"] else items
+
+
+def score_items(client: RewardClient, items: list[Any], settings: dict[str, Any]) -> ScoreResult:
+    """The items scored: their steps when ``rmserve_steps`` is set."""
+    if settings["steps"]:
+        return client.score_steps(_prepared(items, settings), aggregate=settings["step_aggregate"])
+    return client.score_result(items)
+
+
+async def ascore_items(client: AsyncRewardClient, items: list[Any], settings: dict[str, Any]) -> ScoreResult:
+    """The async mirror of ``score_items``."""
+    if settings["steps"]:
+        return await client.score_steps(_prepared(items, settings), aggregate=settings["step_aggregate"])
+    return await client.score_result(items)
 
 
 @functools.lru_cache(maxsize=8)
@@ -164,8 +222,7 @@ async def compute_score(
 ) -> dict[str, float]:
     """veRL's ``compute_score`` (reward loop, awaited): the reward model's raw score for one rollout."""
     settings, item, blind = _rollout(solution_str, extra_info, kwargs)
-    result = await async_client(settings).score_result([item])
-    return result_dict(result.scores[0], blind)
+    return results(await ascore_items(async_client(settings), [item], settings), [blind])[0]
 
 
 def compute_score_sync(
@@ -177,8 +234,8 @@ def compute_score_sync(
 ) -> dict[str, float]:
     """``compute_score`` for veRL releases that call it without awaiting (the legacy ``naive``)."""
     settings, item, blind = _rollout(solution_str, extra_info, kwargs)
-    result = _sync_client(os.getpid(), _client_options(settings)).score_result([item])
-    return result_dict(result.scores[0], blind)
+    client = _sync_client(os.getpid(), _client_options(settings))
+    return results(score_items(client, [item], settings), [blind])[0]
 
 
 def compute_score_batch(
@@ -192,5 +249,5 @@ def compute_score_batch(
     settings = scoring_settings(kwargs)
     pairs = [_one(s, e, settings) for s, e in zip(solution_strs, extra_infos, strict=True)]
     client = _sync_client(os.getpid(), _client_options(settings))
-    result = client.score_result([item for item, _ in pairs])
-    return [result_dict(s, blind) for s, (_, blind) in zip(result.scores, pairs, strict=True)]
+    result = score_items(client, [item for item, _ in pairs], settings)
+    return results(result, [blind for _, blind in pairs])

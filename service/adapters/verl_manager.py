@@ -10,7 +10,7 @@ Settings are the ``rmserve_*`` keys of ``reward.reward_kwargs`` (passed to the m
 ``reward.custom_reward_function.reward_kwargs``, then the environment (see ``rmserve.adapters.verl``).
 A row without ``raw_prompt`` falls back to the prompt keys of ``extra_info``, then to the response
 alone under the same rules as ``compute_score`` (warning once, ``rmserve_prompt_blind``, error when
-``rmserve_require_prompt``).
+``rmserve_require_prompt``). ``rmserve_steps`` scores a process reward model's steps, as there.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from rmserve.adapters.verl import (
+    ascore_items,
     async_client,
     blind_item,
-    result_dict,
+    results,
     scoring_settings,
     verl_item,
 )
@@ -69,8 +70,8 @@ class RMServeRewardManager(_Base):  # type: ignore[misc,valid-type]
             None, lambda: self.tokenizer.decode(response_ids[:valid], skip_special_tokens=True)
         )
         item, blind = self.item(row.non_tensor_batch, response)
-        result = await async_client(self.settings).score_result([item])
-        extra = result_dict(result.scores[0], blind)
+        result = await ascore_items(async_client(self.settings), [item], self.settings)
+        extra = results(result, [blind])[0]
         return {"reward_score": extra["score"], "reward_extra_info": extra}
 
     def item(self, columns: Mapping[str, Any], response: str) -> tuple[Any, bool]:

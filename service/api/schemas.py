@@ -1,13 +1,12 @@
-"""The HTTP edge: pydantic models for requests and responses, and their conversion to items."""
+"""The HTTP edge: pydantic models for requests and responses, and their conversion to items (the
+messages inside them: ``rmserve.api.messages``)."""
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -19,25 +18,10 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails
 
+from rmserve.api.messages import MessageIn, Text, to_messages
 from rmserve.errors import BadRequest, InvalidItem, TooLarge
-from rmserve.items import (
-    ChatItem,
-    Item,
-    Message,
-    PairItem,
-    TextItem,
-    ToolCall,
-    message_texts,
-    text_problem,
-)
-
-
-def _tokenizable(text: str) -> str:
-    problem = text_problem(text)
-    if problem is not None:
-        raise ValueError(problem)
-    return text
-
+from rmserve.items import ChatItem, Item, PairItem, StepsItem, TextItem
+from rmserve.kinds import Aggregate
 
 # The shortest deadline a request may ask for (X-Request-Timeout, timeout_s). A request's own way
 # through rmserve (HTTP, validation, tokenizing, the queue, one forward pass of a small model) takes
@@ -55,125 +39,6 @@ def timeout_problem(value: float) -> str | None:
     return f"{value} is not a deadline rmserve can meet; give a number of seconds of at least {MIN_TIMEOUT_S}"
 
 
-# Every text a tokenizer reads is checked where it enters: a lone surrogate is a 422 naming its field.
-Text = Annotated[str, AfterValidator(_tokenizable)]
-
-
-class TextPartIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["text"]
-    text: Text
-
-
-class OtherPartIn(BaseModel):
-    """A content part of another type (``image_url``, ``input_audio``, ...): never scored; its fields
-    are not read."""
-
-    model_config = ConfigDict(extra="allow")
-
-    type: str
-
-
-def _part_kind(value: Any) -> str:
-    return "text" if isinstance(value, dict) and value.get("type") == "text" else "other"
-
-
-Part = Annotated[
-    Annotated[TextPartIn, Tag("text")] | Annotated[OtherPartIn, Tag("other")], Discriminator(_part_kind)
-]
-
-
-# One branch is tried, chosen by the value's JSON type, so an error names one problem, not two.
-def _list_or_text(value: Any) -> str:
-    return "list" if isinstance(value, list) else "text"
-
-
-def _dict_or_text(value: Any) -> str:
-    return "dict" if isinstance(value, dict) else "text"
-
-
-Content = Annotated[
-    Annotated[Text, Tag("text")] | Annotated[list[Part], Tag("list")], Discriminator(_list_or_text)
-]
-
-
-class FunctionIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: Annotated[Text, Field(min_length=1, examples=["get_weather"])]
-    arguments: Annotated[
-        Annotated[Text, Tag("text")] | Annotated[dict[str, Any], Tag("dict")], Discriminator(_dict_or_text)
-    ] = Field(description="a JSON string (OpenAI) or an object (transformers, TRL); rendered as given")
-
-    @field_validator("arguments")
-    @classmethod
-    def _tokenizable_arguments(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:
-        if isinstance(value, dict):
-            problem = text_problem(json.dumps(value, ensure_ascii=False))
-            if problem is not None:
-                raise ValueError(problem)
-        return value
-
-
-class ToolCallIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    id: Text | None = None
-    type: Literal["function"] = "function"
-    function: FunctionIn
-
-
-class MessageIn(BaseModel):
-    """A message in OpenAI's shape: a tool-calling assistant turn, a tool's result, parts content."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    role: Annotated[Text, Field(min_length=1, max_length=64, examples=["user"])]
-    content: Content | None = Field(
-        None, description="text, a list of content parts (text parts are scored), or null beside tool_calls"
-    )
-    tool_calls: list[ToolCallIn] | None = Field(None, description="an assistant's function calls")
-    tool_call_id: Text | None = Field(None, description="a tool result: the call it answers")
-    name: Text | None = Field(None, description="a tool result: the tool's name")
-    reasoning_content: Text | None = Field(
-        None, description="an assistant's reasoning, where its template shows it"
-    )
-
-    @model_validator(mode="after")
-    def _said_something(self) -> MessageIn:
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError(f"tool_calls belong to an assistant turn, not to a {self.role!r} one")
-        if self.content is None and not self.tool_calls:
-            raise ValueError(
-                "content is null or missing; only an assistant turn that makes tool_calls may omit it"
-            )
-        return self
-
-    def to_message(self) -> Message:
-        if isinstance(self.content, list):
-            content: str | tuple[str, ...] | None = tuple(
-                p.text for p in self.content if isinstance(p, TextPartIn)
-            )
-        else:
-            content = self.content
-        calls = tuple(ToolCall(c.function.name, c.function.arguments, c.id) for c in self.tool_calls or [])
-        return Message(self.role, content, calls, self.tool_call_id, self.name, self.reasoning_content)
-
-    def other_parts(self) -> list[tuple[int, str]]:
-        """(index, type) of each content part that is not text: dropped from what is scored."""
-        if not isinstance(self.content, list):
-            return []
-        return [(i, p.type) for i, p in enumerate(self.content) if isinstance(p, OtherPartIn)]
-
-    def chars(self) -> int:
-        return sum(len(text) for _, text in message_texts("", self.to_message()))
-
-
-def to_messages(messages: list[MessageIn]) -> tuple[Message, ...]:
-    return tuple(m.to_message() for m in messages)
-
-
 def _prompt_shape(value: Any) -> str:
     return "messages" if isinstance(value, list) else "text"
 
@@ -185,7 +50,8 @@ Prompt = Annotated[
 
 
 class ScoreItemIn(BaseModel):
-    """One item, in one of three shapes: prompt + response, messages, or text."""
+    """One item, in one of four shapes: prompt + response, messages, text, or (for a process reward
+    model) prompt + steps."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -194,6 +60,7 @@ class ScoreItemIn(BaseModel):
                 {"prompt": "What is 2+2?", "response": "4"},
                 {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
                 {"text": "\n\nHuman: Hi\n\nAssistant: Hello!"},
+                {"prompt": "What is 2+3*4?", "steps": ["3*4 = 12.", "2 + 12 = 14."]},
             ]
         },
     )
@@ -204,12 +71,19 @@ class ScoreItemIn(BaseModel):
         None, min_length=1, description="ends with the assistant's reply"
     )
     text: Text | None = Field(None, description="already formatted text")
+    steps: list[Text] | None = Field(
+        None, min_length=1, description="a solution's steps, for a process reward model (with prompt)"
+    )
 
     @model_validator(mode="after")
     def _one_shape(self) -> ScoreItemIn:
-        for name in ("prompt", "response", "messages", "text"):
+        for name in ("prompt", "response", "messages", "text", "steps"):
             if name in self.model_fields_set and getattr(self, name) is None:
                 raise ValueError(f"{name} is null; give its value or leave the field out")
+        if self.steps is not None:
+            if self.prompt is None or self.response is not None or self.messages or self.text is not None:
+                raise ValueError("steps go with a prompt, and with no response, messages or text")
+            return self
         pair = self.prompt is not None or self.response is not None
         shapes = sum([pair, self.messages is not None, self.text is not None])
         if shapes != 1:
@@ -224,6 +98,10 @@ class ScoreItemIn(BaseModel):
         return self
 
     def to_item(self) -> Item:
+        if self.steps is not None:
+            assert self.prompt is not None
+            prompt = self.prompt if isinstance(self.prompt, str) else to_messages(self.prompt)
+            return StepsItem(prompt, tuple(self.steps))
         if self.messages is not None:
             return ChatItem(to_messages(self.messages))
         if self.text is not None:
@@ -241,6 +119,7 @@ class ScoreItemIn(BaseModel):
 
     def chars(self) -> int:
         texts = [self.response, self.text, self.prompt if isinstance(self.prompt, str) else None]
+        texts += self.steps or []
         return sum(len(t) for t in texts if t) + sum(m.chars() for _, m in self.message_fields())
 
 
@@ -264,6 +143,9 @@ class ScoreRequest(BaseModel):
         description='content parts that are not text (images, audio): "drop" scores the text without them '
         '(counted in usage.dropped_parts); "error" refuses the item with 422',
     )
+    step_aggregate: Aggregate | None = Field(
+        None, description="process reward models: how an item's step scores become its score (default min)"
+    )
 
     @field_validator("timeout_s")
     @classmethod
@@ -280,12 +162,18 @@ class Usage(BaseModel):
     cache_hits: int
     truncated: int
     dropped_parts: int = Field(0, description="content parts that are not text, left out of what was scored")
+    steps_dropped: int | None = Field(
+        None, description="process reward models: trailing steps left out by truncation, in all items"
+    )
 
 
 class ScoreResponse(BaseModel):
     model: str
     model_version: str
     scores: list[float]
+    step_scores: list[list[float]] | None = Field(
+        None, description="process reward models: one list per item, one score per step kept, in order"
+    )
     usage: Usage
 
 
@@ -303,6 +191,9 @@ class RewardResponse(BaseModel):
     rewards: list[float]
     scores: list[float]
     extra_logs: dict[str, list[float]]
+    step_scores: list[list[float]] | None = Field(
+        None, description="process reward models: each query's step scores (rewards are their minimum)"
+    )
 
 
 class ErrorBody(BaseModel):

@@ -21,6 +21,7 @@ from rmserve.api.schemas import (
 )
 from rmserve.errors import InvalidRequest, TooLarge
 from rmserve.items import Item
+from rmserve.kinds import Aggregate
 from rmserve.scoring import ModelRuntime, Scorer, ScoreResult
 from rmserve.state import AppState
 
@@ -106,9 +107,10 @@ async def run_score(
     *,
     strict: bool,
     deadline: float,
+    aggregate: Aggregate | None = None,
 ) -> ScoreResult:
     request.state.items = len(items)  # for the access log
-    result = await scorer.score(model, items, strict=strict, deadline=deadline)
+    result = await scorer.score(model, items, strict=strict, deadline=deadline, aggregate=aggregate)
     request.state.cache_hits = result.cache_hits
     name_engine(response, result)
     return result
@@ -117,6 +119,7 @@ async def run_score(
 @router.post(
     "/v1/score",
     response_model=ScoreResponse,
+    response_model_exclude_none=True,  # step_scores and steps_dropped: process models only
     responses={**ENGINE_HEADERS, **error_responses(400, 401, 404, 408, 413, 422, 429, 500, 503, 504)},
     summary="Score (prompt, response) items with a reward model",
 )
@@ -134,17 +137,26 @@ async def score(
     items = to_items(body.items, state.settings.max_chars_per_item)
     dropped = dropped_parts(body.items, refuse=body.non_text_parts == "error")
     result = await run_score(
-        scorer, request, response, body.model, items, strict=body.truncation == "error", deadline=deadline
+        scorer,
+        request,
+        response,
+        body.model,
+        items,
+        strict=body.truncation == "error",
+        deadline=deadline,
+        aggregate=body.step_aggregate,
     )
     return ScoreResponse(
         model=result.model,
         model_version=result.version,
         scores=result.scores,
+        step_scores=result.step_scores,
         usage=Usage(
             items=len(items),
             tokens=result.tokens,
             cache_hits=result.cache_hits,
             truncated=result.truncated,
             dropped_parts=dropped,
+            steps_dropped=result.steps_dropped,
         ),
     )

@@ -5,6 +5,10 @@
 - ``POST /classify``, ``/v1/classify``: vLLM's classify API for a single-label reward model (veRL's
   own reward-model path and AReaL post here).
 
+On a process reward model ``/get_reward`` and ``/v1/reward`` split each response into steps at blank
+lines and answer each item's aggregate (the minimum step score) as its reward; ``/get_reward`` adds
+``step_scores`` and per-sample step summaries in ``extra_logs``.
+
 OpenRLHF and slime retry blindly (OpenRLHF 5 times, 1 s apart), so these routes wait for room in a
 full queue up to their deadline instead of answering 429 at once.
 """
@@ -37,9 +41,9 @@ from rmserve.api.score import (
     name_engine,
 )
 from rmserve.errors import BadRequest, TooLarge
-from rmserve.items import ChatItem, Item, PairItem, TextItem
-from rmserve.markup import Outcome, reread, reread_pair
-from rmserve.openrlhf import query_items
+from rmserve.items import ChatItem, Item, PairItem, StepsItem, TextItem, split_steps
+from rmserve.markup import Outcome, detect, prompt_messages, reread, reread_pair
+from rmserve.openrlhf import query_items, step_query_items
 from rmserve.scoring import ModelRuntime, Scorer, ScoreResult
 from rmserve.state import AppState
 
@@ -77,6 +81,7 @@ async def score_waiting(
             task.cancel()
         raise
     request.state.cache_hits = sum(p.cache_hits for p in parts)
+    steps = [p.step_scores for p in parts]
     result = ScoreResult(
         model=rt.name,
         version=rt.version,
@@ -86,6 +91,8 @@ async def score_waiting(
         item_tokens=[t for p in parts for t in p.item_tokens],
         item_truncated=[t for p in parts for t in p.item_truncated],
         cache_hits=sum(p.cache_hits for p in parts),
+        step_scores=[s for part in steps for s in part or []] if steps[0] is not None else None,
+        item_dropped=[d for p in parts for d in p.item_dropped],
     )
     name_engine(response, result)
     return result
@@ -101,9 +108,25 @@ def _flags(outcomes: Sequence[Outcome], which: Outcome) -> list[float]:
     return [float(o == which) for o in outcomes]
 
 
+def _step_logs(result: ScoreResult | None) -> dict[str, list[float]]:
+    """Per-sample step summaries: OpenRLHF logs each ``extra_logs`` entry as one number per sample
+    (``openrlhf/trainer/ppo_utils/sample_maker.py``, ``info[key] = torch.tensor([value])``), so the
+    step scores themselves, of a different length per sample, go in ``step_scores`` beside it."""
+    steps = result.step_scores if result is not None else []
+    dropped = result.item_dropped if result is not None else []
+    return {
+        "rm_steps": [float(len(s)) for s in steps or []],
+        "rm_steps_dropped": [float(d) for d in dropped],
+        "rm_step_min": [min(s) for s in steps or []],
+        "rm_step_mean": [sum(s) / len(s) for s in steps or []],
+        "rm_step_last": [s[-1] for s in steps or []],
+    }
+
+
 @router.post(
     "/get_reward",
     response_model=RewardResponse,
+    response_model_exclude_none=True,  # step_scores: process models only
     responses={**ENGINE_HEADERS, **error_responses(400, 401, 408, 413, 422, 429, 500, 503, 504)},
     summary="OpenRLHF remote reward model protocol",
 )
@@ -122,31 +145,57 @@ async def get_reward(
             raise BadRequest(f"{name} has {len(values)} entries but query has {n}")
     rt = scorer.runtime(None)
     deadline = deadline_of(state, request, rt, x_request_timeout, None, state.settings.get_reward_timeout_s)
-    items, outcomes = query_items(
-        body.query,
-        body.prompts,
-        rt.formatter,
-        state.settings.max_chars_per_item,
-        retemplate=state.settings.retemplate,
-    )
+    step_token = rt.kind.step_token
+    if step_token is None:
+        items, outcomes = query_items(
+            body.query,
+            body.prompts,
+            rt.formatter,
+            state.settings.max_chars_per_item,
+            retemplate=state.settings.retemplate,
+        )
+    else:
+        items, outcomes = step_query_items(
+            body.query,
+            body.prompts,
+            rt.formatter,
+            step_token,
+            state.settings.max_chars_per_item,
+            retemplate=state.settings.retemplate,
+        )
+    result = None
     if items:
         result = await score_waiting(state, request, response, rt, items, deadline)
-        scores, tokens, truncated = result.scores, result.item_tokens, result.item_truncated
-    else:  # several reward URLs and one sample: OpenRLHF sends the other servers empty lists
-        scores, tokens, truncated = [], [], []
+    # Several reward URLs and one sample: OpenRLHF sends the other servers empty lists.
+    scores = result.scores if result is not None else []
+    logs = {
+        "rm_tokens": [float(t) for t in (result.item_tokens if result is not None else [])],
+        "rm_truncated": [float(t) for t in (result.item_truncated if result is not None else [])],
+        "rm_retemplated": _flags(outcomes, "retemplated"),
+        "rm_unrecognised": _flags(outcomes, "unrecognised"),
+    }
+    if step_token is None:
+        return RewardResponse(rewards=scores, scores=scores, extra_logs=logs)
+    step_scores = result.step_scores if result is not None else []
     return RewardResponse(
-        rewards=scores,
-        scores=scores,
-        extra_logs={
-            "rm_tokens": [float(t) for t in tokens],
-            "rm_truncated": [float(t) for t in truncated],
-            "rm_retemplated": _flags(outcomes, "retemplated"),
-            "rm_unrecognised": _flags(outcomes, "unrecognised"),
-        },
+        rewards=scores, scores=scores, extra_logs=logs | _step_logs(result), step_scores=step_scores
     )
+
+
+def _slime_steps(rt: ModelRuntime, body: SlimeRewardRequest) -> tuple[Item, Outcome]:
+    """A process model's item: the response in steps (blank lines), the prompt's messages if it has any."""
+    steps = split_steps(body.response)
+    if not isinstance(body.prompt, str):
+        return StepsItem(to_messages(body.prompt), steps), "as_is"
+    markup = detect(body.prompt)
+    context = prompt_messages(body.prompt, markup) if markup is not None else None
+    outcome: Outcome = "retemplated" if context and markup != rt.formatter.markup else "as_is"
+    return StepsItem(context or body.prompt, steps), outcome
 
 
 def _slime_item(rt: ModelRuntime, body: SlimeRewardRequest, retemplate: bool) -> tuple[Item, Outcome]:
+    if rt.kind.step_token is not None:
+        return _slime_steps(rt, body)
     if not isinstance(body.prompt, str):
         return PairItem(to_messages(body.prompt), body.response), "as_is"
     if rt.formatter.settings.input_format == "plain":

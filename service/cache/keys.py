@@ -6,6 +6,10 @@ encoding of the item, so two different items can never share a key. A message is
 (``canonical_message``): its content (text, parts or none), tool calls and tool fields, so two
 conversations that differ only in a tool call never share a key, and single-flight (which joins
 items by key) never joins them.
+
+A process model's value is an item's step rewards (the prompt, encoded as any item's prompt is, and
+every step are in the key); the aggregate a request asks for is computed from them per response, so
+one entry serves every aggregate.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ import struct
 from dataclasses import dataclass
 
 from rmserve.bundle import Manifest
-from rmserve.items import ChatItem, Item, Message, PairItem, TextItem, arguments_value
+from rmserve.items import ChatItem, Item, Message, PairItem, StepsItem, TextItem, arguments_value
 
 _LEN = struct.Struct(">Q")
 # The layout of the item encoding below, part of the namespace: a new layout never reads old entries.
 _KEY_LAYOUT = 2
 _VALUE = struct.Struct(">dIB")  # score (float64 holds the float32 exactly), tokens, truncated
+# A step value: b"S", tokens, truncated, steps dropped, then one float64 per step kept.
+_STEPS = struct.Struct(">cIBI")
 
 
 def namespace(manifest: Manifest, provider: str, precision: str) -> bytes:
@@ -58,16 +64,21 @@ def _messages(out: list[bytes], messages: tuple[Message, ...]) -> None:
         _field(out, canonical_message(m))
 
 
+def _prompt(out: list[bytes], prompt: str | tuple[Message, ...], tags: tuple[bytes, bytes]) -> None:
+    """A prompt under the item's tag for text (``tags[0]``) or for messages (``tags[1]``)."""
+    if isinstance(prompt, str):
+        out.append(tags[0])
+        _field(out, prompt)
+    else:
+        out.append(tags[1])
+        _messages(out, prompt)
+
+
 def encode_item(item: Item) -> bytes:
     """A length-delimited, type-tagged encoding: injective over items."""
     out: list[bytes] = []
     if isinstance(item, PairItem):
-        if isinstance(item.prompt, str):
-            out.append(b"P")
-            _field(out, item.prompt)
-        else:
-            out.append(b"M")
-            _messages(out, item.prompt)
+        _prompt(out, item.prompt, (b"P", b"M"))
         _field(out, item.response)
     elif isinstance(item, ChatItem):
         out.append(b"C")
@@ -75,6 +86,11 @@ def encode_item(item: Item) -> bytes:
     elif isinstance(item, TextItem):
         out.append(b"T")
         _field(out, item.text)
+    elif isinstance(item, StepsItem):
+        _prompt(out, item.prompt, (b"S", b"N"))
+        out.append(_LEN.pack(len(item.steps)))
+        for step in item.steps:
+            _field(out, step)
     else:  # pragma: no cover - the Item union is closed
         raise TypeError(f"not an item: {item!r}")
     return b"".join(out)
@@ -86,18 +102,31 @@ def item_key(ns: bytes, item: Item) -> str:
 
 @dataclass(frozen=True)
 class Scored:
-    """What the cache keeps for an item: enough to answer without tokenizing again."""
+    """What the cache keeps for an item: enough to answer without tokenizing again.
 
-    score: float
+    ``value`` is an outcome model's score, or a process model's step rewards (``rmserve.kinds``);
+    ``dropped`` counts the trailing steps truncation left out.
+    """
+
+    value: float | tuple[float, ...]
     tokens: int
     truncated: bool
+    dropped: int = 0
 
     def pack(self) -> bytes:
-        return _VALUE.pack(self.score, self.tokens, int(self.truncated))
+        if isinstance(self.value, tuple):
+            head = _STEPS.pack(b"S", self.tokens, int(self.truncated), self.dropped)
+            return head + struct.pack(f">{len(self.value)}d", *self.value)
+        return _VALUE.pack(self.value, self.tokens, int(self.truncated))
 
     @classmethod
     def unpack(cls, raw: bytes) -> Scored | None:
-        if len(raw) != _VALUE.size:
-            return None  # not ours, or an older layout: treat as a miss
-        score, tokens, truncated = _VALUE.unpack(raw)
-        return cls(score, tokens, bool(truncated))
+        if len(raw) == _VALUE.size:
+            score, tokens, truncated = _VALUE.unpack(raw)
+            return cls(score, tokens, bool(truncated))
+        n, rest = divmod(len(raw) - _STEPS.size, 8)
+        if raw[:1] == b"S" and n > 0 and rest == 0:
+            _, tokens, truncated, dropped = _STEPS.unpack(raw[: _STEPS.size])
+            steps = struct.unpack(f">{n}d", raw[_STEPS.size :])
+            return cls(tuple(steps), tokens, bool(truncated), dropped)
+        return None  # not ours, or an older layout: treat as a miss

@@ -93,6 +93,17 @@ class AsyncRewardClient(BaseRewardClient):
     ) -> list[float]:
         return (await self.score_result(items, model=model, truncation=truncation)).scores
 
+    async def score_steps(
+        self,
+        items: Iterable[ItemLike],
+        *,
+        model: str | None = None,
+        truncation: str | None = None,
+        aggregate: str | None = None,
+    ) -> ScoreResult:
+        """The async mirror of ``RewardClient.score_steps``."""
+        return await self._run(self._score_steps(items, model, truncation, aggregate))
+
     async def get_reward_result(
         self,
         queries: Sequence[str],

@@ -40,6 +40,7 @@ from rmserve.client.responses import (
     parse_health,
     parse_reward,
     parse_score,
+    parse_steps,
     raise_for,
     transport_error,
 )
@@ -107,7 +108,11 @@ class BaseRewardClient:
         return [slice(i, min(i + self.chunk_size, n)) for i in range(0, n, self.chunk_size)]
 
     def _score_calls(
-        self, items: Iterable[ItemLike], model: str | None, truncation: str | None
+        self,
+        items: Iterable[ItemLike],
+        model: str | None,
+        truncation: str | None,
+        aggregate: str | None = None,
     ) -> list[Call]:
         if isinstance(items, (str, Mapping)):
             raise BadRequestError("score() takes a list of items, not a single item", type="invalid_request")
@@ -119,6 +124,8 @@ class BaseRewardClient:
             extra["model"] = model or self.model
         if truncation or self.truncation:
             extra["truncation"] = truncation or self.truncation
+        if aggregate:
+            extra["step_aggregate"] = aggregate
         return [Call("POST", "/v1/score", {"items": payload[s], **extra}) for s in self._chunks(len(payload))]
 
     def _reward_calls(
@@ -189,6 +196,12 @@ class BaseRewardClient:
         self, items: Iterable[ItemLike], model: str | None, truncation: str | None
     ) -> Operation[ScoreResult]:
         parts = yield Gather(self._score_calls(items, model, truncation), parse_score)
+        return merge_scores(parts)
+
+    def _score_steps(
+        self, items: Iterable[ItemLike], model: str | None, truncation: str | None, aggregate: str | None
+    ) -> Operation[ScoreResult]:
+        parts = yield Gather(self._score_calls(items, model, truncation, aggregate), parse_steps)
         return merge_scores(parts)
 
     def _get_reward(

@@ -3,9 +3,11 @@
 The shapes: ``(prompt, response)`` (a prompt is text or a message list; a response is text, or the
 assistant's messages of a conversational completion), the API's own dicts (``{"prompt",
 "response"}``, ``{"messages"}``, ``{"text"}``), a message list, and the server's item types
-(``rmserve.items``: ``PairItem``, ``ChatItem``, ``TextItem``), so code that already holds them
-(``rmserve eval``) sends them unconverted. Anything else is refused with ``BadRequestError`` naming
-the item, before any request: a bare string is not taken for formatted text.
+(``rmserve.items``: ``PairItem``, ``ChatItem``, ``TextItem``, ``StepsItem``), so code that already
+holds them (``rmserve eval``) sends them unconverted. A process reward model's item is ``(prompt,
+[step, ...])``, a dict with ``prompt`` (or ProcessBench's ``problem``) and ``steps``, a ``StepsItem``,
+or ``{"text"}`` carrying the step token. Anything else is refused with ``BadRequestError`` naming the
+item, before any request: a bare string is not taken for formatted text.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rmserve.client.errors import BadRequestError
-from rmserve.items import PART_SEPARATOR, ChatItem, Item, Message, PairItem, TextItem, message_dict
+from rmserve.items import PART_SEPARATOR, ChatItem, Item, Message, PairItem, StepsItem, TextItem, message_dict
 
 MessageLike = Mapping[str, Any]
-# What ``score`` accepts per item: (prompt, response), an API-shaped dict, a message list, or one of
-# the server's item types.
+# What ``score`` accepts per item: (prompt, response), (prompt, [step, ...]), an API-shaped dict, a
+# message list, or one of the server's item types.
 ItemLike = tuple[Any, Any] | Mapping[str, Any] | Sequence[MessageLike] | Item
 
 
@@ -123,7 +125,19 @@ def _server_item(item: Item, where: str) -> dict[str, Any]:
     if isinstance(item, ChatItem):
         return {"messages": [_message_dict(m, where) for m in item.messages]}
     prompt = item.prompt if isinstance(item.prompt, str) else [_message_dict(m, where) for m in item.prompt]
+    if isinstance(item, StepsItem):
+        return {"prompt": prompt, "steps": list(item.steps)}
     return {"prompt": prompt, "response": item.response}
+
+
+def _steps(prompt: Any, steps: Any, where: str) -> dict[str, Any]:
+    texts = _listed(steps, f"{where}: steps")
+    if not all(isinstance(s, str) for s in texts):
+        raise _refused(f"{where}: steps are a list of texts")
+    shown = [_message_dict(m, where) for m in prompt] if _is_messages(prompt) else prompt
+    if not isinstance(shown, str | list):
+        raise _refused(f"{where}: a prompt is text or a message list, not {type(prompt).__name__}")
+    return {"prompt": shown, "steps": texts}
 
 
 def to_item(value: ItemLike, index: int = 0) -> dict[str, Any]:
@@ -135,9 +149,11 @@ def to_item(value: ItemLike, index: int = 0) -> dict[str, Any]:
             f"{where}: a bare string is not an item; send (prompt, response), or "
             '{"text": ...} for text already formatted for the model'
         )
-    if isinstance(v, PairItem | ChatItem | TextItem):
+    if isinstance(v, PairItem | ChatItem | TextItem | StepsItem):
         return _server_item(v, where)
     if isinstance(v, Mapping):
+        if "steps" in v and ("prompt" in v or "problem" in v):
+            return _steps(v.get("prompt", v.get("problem")), v["steps"], where)
         if "messages" in v:
             return {"messages": [_message_dict(m, where) for m in v["messages"]]}
         if "text" in v:
@@ -147,11 +163,16 @@ def to_item(value: ItemLike, index: int = 0) -> dict[str, Any]:
             if missing not in v:
                 raise _refused(f"{where}.{missing}: Field required")
             return to_item((v["prompt"], v["response"]), index)
-        raise _refused(f"{where}: a dict item has 'prompt' and 'response', 'messages', or 'text'")
+        raise _refused(
+            f"{where}: a dict item has 'prompt' and 'response' (or 'steps'), 'messages', or 'text'"
+        )
     if _is_messages(v):
         return {"messages": [_message_dict(m, where) for m in v]}
     if isinstance(v, Sequence) and len(v) == 2:
         prompt, response = v
+        steps = not isinstance(response, str) and isinstance(response, Sequence) and bool(response)
+        if steps and all(isinstance(s, str) for s in response):  # (prompt, [step, ...]): a solution in steps
+            return _steps(prompt, response, where)
         if _is_messages(response):  # a conversational completion: [{"role": "assistant", ...}]
             prompt_msgs = prompt if _is_messages(prompt) else [{"role": "user", "content": prompt}]
             return {"messages": [_message_dict(m, where) for m in [*prompt_msgs, *response]]}

@@ -84,9 +84,19 @@ def _floats(body: Any, key: str, n: int) -> list[float]:
     return [float(v) for v in values]
 
 
+def _step_lists(body: Any, n: int) -> list[list[float]] | None:
+    values = body.get("step_scores") if isinstance(body, dict) else None
+    if values is None:
+        return None
+    if not isinstance(values, list) or len(values) != n or not all(isinstance(v, list) for v in values):
+        raise ProtocolError(f"the answer's 'step_scores' is not {n} lists of numbers")
+    return [[float(x) for x in v] for v in values]
+
+
 def parse_score(call: Call, body: Any) -> ScoreResult:
     assert call.body is not None
-    scores = _floats(body, "scores", len(call.body["items"]))
+    n = len(call.body["items"])
+    scores = _floats(body, "scores", n)
     u = body.get("usage") or {}
     usage = Usage(
         int(u.get("items", len(scores))),
@@ -94,9 +104,21 @@ def parse_score(call: Call, body: Any) -> ScoreResult:
         int(u.get("cache_hits", 0)),
         int(u.get("truncated", 0)),
         int(u.get("dropped_parts", 0)),
+        int(u.get("steps_dropped") or 0),
     )
     version = body.get("model_version")
-    return ScoreResult(scores, body.get("model"), (version,) if version else (), usage, 1)
+    return ScoreResult(
+        scores, body.get("model"), (version,) if version else (), usage, 1, _step_lists(body, n)
+    )
+
+
+def parse_steps(call: Call, body: Any) -> ScoreResult:
+    """A score answer that must carry step scores (``score_steps``: a process reward model)."""
+    result = parse_score(call, body)
+    if result.step_scores is None:
+        model = body.get("model") if isinstance(body, dict) else None
+        raise ProtocolError(f"model {model!r} answered without step_scores: it is not a process reward model")
+    return result
 
 
 def parse_reward(call: Call, body: Any) -> RewardResult:
@@ -104,7 +126,7 @@ def parse_reward(call: Call, body: Any) -> RewardResult:
     n = len(call.body["query"])
     extra = body.get("extra_logs") if isinstance(body, dict) else None
     logs = {k: [float(x) for x in v] for k, v in (extra or {}).items() if isinstance(v, list) and len(v) == n}
-    return RewardResult(_floats(body, "rewards", n), _floats(body, "scores", n), logs)
+    return RewardResult(_floats(body, "rewards", n), _floats(body, "scores", n), logs, _step_lists(body, n))
 
 
 def merge_scores(parts: list[ScoreResult]) -> ScoreResult:
@@ -113,15 +135,20 @@ def merge_scores(parts: list[ScoreResult]) -> ScoreResult:
         versions += [v for v in p.model_versions if v not in versions]
     usage = sum((p.usage for p in parts), Usage())
     model = parts[0].model if parts else None
-    return ScoreResult([s for p in parts for s in p.scores], model, tuple(versions), usage, len(parts))
+    scores = [s for p in parts for s in p.scores]
+    steps = [p.step_scores for p in parts]
+    merged = [s for part in steps for s in part or []] if parts and None not in steps else None
+    return ScoreResult(scores, model, tuple(versions), usage, len(parts), merged)
 
 
 def merge_rewards(parts: list[RewardResult]) -> RewardResult:
     keys = set.intersection(*(set(p.extra_logs) for p in parts)) if parts else set()
+    steps = [p.step_scores for p in parts]
     return RewardResult(
         [r for p in parts for r in p.rewards],
         [s for p in parts for s in p.scores],
         {k: [x for p in parts for x in p.extra_logs[k]] for k in sorted(keys)},
+        [s for part in steps for s in part or []] if parts and None not in steps else None,
     )
 
 

@@ -13,6 +13,7 @@ class Usage:
     cache_hits: int = 0
     truncated: int = 0
     dropped_parts: int = 0  # content parts that are not text, left out of what was scored
+    steps_dropped: int = 0  # process reward models: trailing steps truncation left out
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -21,18 +22,23 @@ class Usage:
             self.cache_hits + other.cache_hits,
             self.truncated + other.truncated,
             self.dropped_parts + other.dropped_parts,
+            self.steps_dropped + other.steps_dropped,
         )
 
 
 @dataclass(frozen=True)
 class ScoreResult:
-    """Scores in request order, summed usage, and every model version that answered (one, normally)."""
+    """Scores in request order, summed usage, and every model version that answered (one, normally).
+
+    From a process reward model, ``step_scores`` holds each item's step scores (one per step kept, in
+    order) and ``scores`` each item's aggregate of them."""
 
     scores: list[float]
     model: str | None
     model_versions: tuple[str, ...]
     usage: Usage
     requests: int
+    step_scores: list[list[float]] | None = None
 
     @property
     def model_version(self) -> str | None:
@@ -46,6 +52,7 @@ class RewardResult:
     rewards: list[float]
     scores: list[float]
     extra_logs: dict[str, list[float]]
+    step_scores: list[list[float]] | None = None  # a process reward model's, per query
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,20 @@ class RewardClient(BaseRewardClient):
         """One raw reward per item, in order."""
         return self.score_result(items, model=model, truncation=truncation).scores
 
+    def score_steps(
+        self,
+        items: Iterable[ItemLike],
+        *,
+        model: str | None = None,
+        truncation: str | None = None,
+        aggregate: str | None = None,
+    ) -> ScoreResult:
+        """A process reward model's answer: ``step_scores`` (one list per item, a score per step) and
+        ``scores`` (each item's aggregate: ``aggregate`` = min, last, mean or prod; the server's default
+        is min). An item is ``(prompt, [step, ...])``, ``{"prompt", "steps"}`` or ``{"text"}`` carrying
+        the step token. ProtocolError when the model answers no step scores (an outcome model)."""
+        return self._run(self._score_steps(items, model, truncation, aggregate))
+
     def get_reward_result(
         self,
         queries: Sequence[str],

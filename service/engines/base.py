@@ -1,4 +1,5 @@
-"""The engine protocol: a padded batch of token ids in, one float32 score per row out."""
+"""The engine protocol: a padded batch of token ids in, float32 out: one score per row (an outcome
+graph), or one value per token of each row (a process graph, read at its step tokens)."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ class Engine(Protocol):
     info: EngineInfo
 
     def infer(self, batch: TokenBatch) -> np.ndarray:
-        """float32 scores, one per row of the batch."""
+        """float32 ``[rows]`` scores, or ``[rows, width]`` values for a process graph."""
         ...
 
     def close(self) -> None: ...

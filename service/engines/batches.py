@@ -3,15 +3,17 @@
 Every caller that scores a list of encoded items outside the request path goes through
 ``score_rows``: the quality gate and the engine choice (service/engines), parity and the fp16
 measurement (against ONNX Runtime and against PyTorch alike: ``infer`` is any function from a
-padded batch to scores), and pairwise evaluation. The server's own batcher plans its batches by
-cost instead (service/batching.py) and pads with the same ``pad_batch``.
+padded batch to scores), and evaluation. ``read`` takes an item's value out of its row of output
+(``rmserve.kinds``: a process model's step values, wherever padding put the item's tokens). The
+server's own batcher plans its batches by cost instead (service/batching.py) and pads with the same
+``pad_batch``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -20,6 +22,8 @@ from rmserve.formatting import Encoded
 
 Infer = Callable[[TokenBatch], np.ndarray]
 Side = Literal["right", "left"]
+# (a row of output, its item, where the item's tokens start in the row) -> the item's value(s)
+Read = Callable[[np.ndarray, Encoded, int], Any]
 
 
 def pad_rows(rows: Sequence[Encoded], pad_id: int, side: Side = "right") -> TokenBatch:
@@ -68,6 +72,39 @@ def plan_batches(
     return batches
 
 
+def infer_rows(
+    rows: Sequence[Encoded],
+    infer: Infer,
+    pad_id: int,
+    read: Read,
+    *,
+    batch_items: int | None = None,
+    batch_tokens: int | None = None,
+    side: Side = "right",
+    sort: bool = True,
+    streams: int = 1,
+) -> list[Any]:
+    """Each row's value as ``read`` takes it from its row of output, in the rows' order (see
+    ``plan_batches``), ``streams`` batches in flight."""
+    plan = plan_batches([len(r) for r in rows], items=batch_items, tokens=batch_tokens, sort=sort)
+    batches = [pad_rows([rows[i] for i in idx], pad_id, side) for idx in plan]
+    if streams > 1 and len(batches) > 1:
+        with ThreadPoolExecutor(max_workers=streams) as pool:
+            results = list(pool.map(infer, batches))
+    else:
+        results = [infer(b) for b in batches]
+    out: list[Any] = [None] * len(rows)
+    for idx, batch, output in zip(plan, batches, results, strict=True):
+        width = batch.shape[1]
+        for i, line in zip(idx, output, strict=True):
+            out[i] = read(line, rows[i], width - len(rows[i]) if side == "left" else 0)
+    return out
+
+
+def _score(line: np.ndarray, row: Encoded, start: int) -> float:
+    return float(line)
+
+
 def score_rows(
     rows: Sequence[Encoded],
     infer: Infer,
@@ -78,16 +115,20 @@ def score_rows(
     side: Side = "right",
     sort: bool = True,
     streams: int = 1,
+    read: Read | None = None,
 ) -> np.ndarray:
-    """float64 scores in the rows' order (see ``plan_batches``), ``streams`` batches in flight."""
-    plan = plan_batches([len(r) for r in rows], items=batch_items, tokens=batch_tokens, sort=sort)
-    batches = [pad_rows([rows[i] for i in idx], pad_id, side) for idx in plan]
-    if streams > 1 and len(batches) > 1:
-        with ThreadPoolExecutor(max_workers=streams) as pool:
-            results = list(pool.map(infer, batches))
-    else:
-        results = [infer(b) for b in batches]
-    out = np.empty(len(rows), dtype=np.float64)
-    for idx, scores in zip(plan, results, strict=True):
-        out[idx] = scores
-    return out
+    """float64 values in the rows' order: one score per row, or with ``read`` whatever it takes from
+    each row (a process model's step values), one row's after another in one flat array."""
+    values = infer_rows(
+        rows,
+        infer,
+        pad_id,
+        read or _score,
+        batch_items=batch_items,
+        batch_tokens=batch_tokens,
+        side=side,
+        sort=sort,
+        streams=streams,
+    )
+    flat = [np.asarray(v, dtype=np.float64).reshape(-1) for v in values]
+    return np.concatenate(flat) if flat else np.empty(0, dtype=np.float64)

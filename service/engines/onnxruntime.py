@@ -6,7 +6,9 @@ is the path that runs on a GPU:
 * inputs are copied to the provider's device once per batch (``bind_cpu_input`` on the CPU;
   an ``OrtValue`` made on the GPU, bound as is, on CUDA), never again inside the graph;
 * the output is bound to a preallocated host buffer, so the scores (a few bytes) come back in
-  one copy and no per-batch output allocation happens.
+  one copy and no per-batch output allocation happens. An outcome graph's output is ``[batch]``, a
+  process graph's ``[batch, length]`` (a value per token, read at the step tokens: rmserve.kinds);
+  the buffer takes the shape the graph declares.
 
 On CUDA the memory arena grows by what is requested (``kSameAsRequested``), not by doubling,
 and never past ``gpu_mem_limit`` when one is set: a long-running server that once saw a large
@@ -89,7 +91,7 @@ class _Lane:
     def __init__(self, session: ort.InferenceSession, dtype: Any) -> None:
         self.session = session
         self.binding = session.io_binding()
-        self.scores = np.empty(64, dtype=dtype)  # grown on demand; bound as the output buffer
+        self.scores = np.empty(64, dtype=dtype)  # grown on demand; bound as the output buffer (flat)
 
 
 class OnnxRuntimeEngine:
@@ -140,6 +142,7 @@ class OnnxRuntimeEngine:
         self._inputs = [i.name for i in first.get_inputs()]
         out = first.get_outputs()[0]
         self._output = out.name
+        self._per_token = len(out.shape) == 2  # [batch, length]: a process graph
         dtype = _OUTPUT_DTYPES.get(out.type)
         if dtype is None:
             raise EngineError(f"{model_path}: output {out.name!r} is {out.type}, not a float tensor")
@@ -179,9 +182,11 @@ class OnnxRuntimeEngine:
             self._lanes.put(lane)
 
     def _run(self, lane: _Lane, batch: TokenBatch) -> np.ndarray:
-        rows = batch.shape[0]
-        if lane.scores.shape[0] < rows:
-            lane.scores = np.empty(max(rows, 2 * lane.scores.shape[0]), dtype=lane.scores.dtype)
+        rows, width = batch.shape
+        shape = [rows, width] if self._per_token else [rows]
+        size = rows * width if self._per_token else rows
+        if lane.scores.shape[0] < size:
+            lane.scores = np.empty(max(size, 2 * lane.scores.shape[0]), dtype=lane.scores.dtype)
         binding = lane.binding
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
@@ -194,10 +199,10 @@ class OnnxRuntimeEngine:
                 value = ort.OrtValue.ortvalue_from_numpy(array, "cuda", self._device_id)
                 binding.bind_ortvalue_input(name, value)
                 on_device.append(value)
-        out = lane.scores[:rows]
-        binding.bind_output(self._output, "cpu", 0, out.dtype, [rows], out.ctypes.data)
+        out = lane.scores[:size]
+        binding.bind_output(self._output, "cpu", 0, out.dtype, shape, out.ctypes.data)
         lane.session.run_with_iobinding(binding)
-        return out.astype(np.float32, copy=True)
+        return out.reshape(shape).astype(np.float32, copy=True)
 
     def close(self) -> None:
         # Idempotent: the batcher and its owner may both close the engine.

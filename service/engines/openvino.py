@@ -74,6 +74,8 @@ class OpenVinoEngine:
         except Exception as exc:  # openvino raises RuntimeError subclasses with long texts
             raise EngineError(f"openvino could not compile {model_path}: {exc}") from exc
         self._inputs = [p.get_any_name() for p in self._compiled.inputs]
+        # [batch]: an outcome graph's scores; [batch, length]: a process graph's value per token.
+        self._per_token = self._compiled.outputs[0].get_partial_shape().rank.get_length() == 2
         # One infer request per stream, handed to whichever worker thread runs a batch next.
         self._api = threading.Lock()
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -103,7 +105,8 @@ class OpenVinoEngine:
                 request.start_async(batch.feeds(self._inputs), share_inputs=True)
             request.wait()
             with self._api:
-                return np.array(request.get_output_tensor(0).data, dtype=np.float32).reshape(-1)
+                out = np.array(request.get_output_tensor(0).data, dtype=np.float32)
+            return out.reshape(batch.shape) if self._per_token else out.reshape(-1)
         finally:
             self._requests.put(request)
 

@@ -91,12 +91,18 @@ def candidates(bundle: Bundle, settings: Settings) -> list[Candidate]:
     if native != "fp32":
         raise EngineError(f"this bundle is {native}, made for the GPU; export an fp32 bundle for the CPU")
     found = [Candidate(b.name, p) for b in pool for p in b.precisions()]
+    why = ""
+    if bundle.manifest.kind == "process":
+        # The quality gate ranks calibration pairs by score; it does not measure step rewards yet, so
+        # a process bundle runs at its own precision only.
+        found = [c for c in found if c.precision == native]
+        why = "; a process bundle runs at its own precision (the quality gate does not measure steps)"
     allowed = [c for c in found if wanted == "auto" or c.precision == wanted]
     if not allowed:
         have = ", ".join(c.label for c in found) or "none"
         raise EngineError(
             f"precision {wanted!r} is not available with provider {settings.provider!r} on this machine "
-            f"(available: {have})"
+            f"(available: {have}){why}"
         )
     return allowed
 

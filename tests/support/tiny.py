@@ -191,3 +191,71 @@ def tiny_bundle(arch: str, directory: str | Path, *, seed: int = 0, **export_opt
     bundle = root / "bundle"
     export_bundle(checkpoint, bundle, name=f"tiny-{arch}", **export_options)
     return bundle
+
+
+# Process reward checkpoints: (architecture, head) -> what the tests build.
+#   qwen2-tc2: Qwen2ForTokenClassification, 2 labels, step token <extra_0> (PURE-PRM's form)
+#   llama-tc1: LlamaForTokenClassification, 1 label (exported with the sigmoid rule)
+#   llama-lm:  LlamaForCausalLM read at "+" / "-", step token "ки" (Math-Shepherd's form)
+#   qwen2-prm: Qwen2ForProcessRewardModel weights (Qwen2.5-Math-PRM's form: model.*, score.0/score.2)
+PROCESS_FORMS = ("qwen2-tc2", "llama-tc1", "llama-lm", "qwen2-prm")
+STEP_TOKENS = {"qwen2-tc2": "<extra_0>", "llama-tc1": "<extra_0>", "llama-lm": "ки", "qwen2-prm": "<extra_0>"}
+
+
+def tiny_process_checkpoint(form: str, directory: str | Path, *, seed: int = 0) -> Path:
+    """Write a tiny random-init process reward checkpoint of ``form`` (``PROCESS_FORMS``)."""
+    import torch
+    from tokenizers import AddedToken
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    if form not in PROCESS_FORMS:
+        raise ValueError(f"unknown process form {form!r}; choose one of {PROCESS_FORMS}")
+    arch = form.split("-")[0]
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _decoder_tokenizer(out, with_pad=arch not in NO_PAD)
+    step = STEP_TOKENS[form]
+    tokenizer.add_tokens([AddedToken(step, special=step.startswith("<"), normalized=False)])
+    config = _config(arch, len(tokenizer), tokenizer)
+    config.num_labels = 1 if form == "llama-tc1" else 2
+    torch.manual_seed(seed)
+    if form == "qwen2-prm":
+        _save_qwen2_prm(config, out)
+    else:
+        auto = AutoModelForCausalLM if form == "llama-lm" else AutoModelForTokenClassification
+        model = auto.from_config(config)
+        model.config.architectures = [type(model).__name__]
+        model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _save_qwen2_prm(config: Any, out: Path) -> None:
+    """Qwen2.5-Math-PRM's checkpoint layout, written without its remote code: a Qwen2 body under
+    ``model.`` and the head's two linear layers as ``score.0`` and ``score.2``."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen2Model
+
+    body = Qwen2Model(config)
+    hidden = config.hidden_size
+    head = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 2))
+    torch.nn.init.normal_(head[2].weight, std=0.5)
+    weights = {f"model.{k}": v.contiguous() for k, v in body.state_dict().items()}
+    weights |= {f"score.{k}": v.contiguous() for k, v in head.state_dict().items()}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.architectures = ["Qwen2ForProcessRewardModel"]
+    config.save_pretrained(out)
+
+
+def tiny_process_bundle(form: str, directory: str | Path, *, seed: int = 0, **export_options: Any) -> Path:
+    """A tiny process checkpoint of ``form`` in ``directory/checkpoint`` exported to ``directory/bundle``."""
+    from rmserve.models.export import export_bundle
+    from rmserve.models.process_heads import StepExport
+
+    root = Path(directory)
+    checkpoint = tiny_process_checkpoint(form, root / "checkpoint", seed=seed)
+    rule = export_options.pop("rule", "sigmoid" if form == "llama-tc1" else None)
+    step = StepExport(STEP_TOKENS[form], rule)
+    export_bundle(checkpoint, root / "bundle", name=f"tiny-{form}", step=step, **export_options)
+    return root / "bundle"

@@ -1,0 +1,264 @@
+"""Process reward heads: a decoder checkpoint as ``step values = f(ids, mask)``, one value per token.
+
+A process reward model (PRM) scores each step of a solution at the token that ends it (the step
+token). ``StepModel`` is the torch-side definition of those values: a decoder body's last hidden
+states through a ``StepHead``, which projects them to the head's label logits and applies the rule
+that makes a step's reward of them, so the exported graph emits ``[batch, length]`` floats (never a
+``[batch, length, vocab]`` tensor) and the server reads the step-token positions.
+
+Head forms (``ProcessSettings.head``), each with a default rule:
+
+* ``token_classification``: transformers' ``*ForTokenClassification`` decoders (Qwen2, Llama,
+  Qwen3, ...), 2 labels (label 1 positive; default ``positive_prob``) or 1 label (default ``sigmoid``);
+* ``qwen2_prm``: the Qwen2.5-Math-PRM head, two linear layers around a ReLU over a Qwen2 body, 2 labels
+  (default ``positive_prob``). transformers has no ``Qwen2ForProcessRewardModel``: the checkpoints ship
+  it as remote code (their ``modeling_qwen2_rm.py``), which rmserve does not run. Their weights are
+  plain (``model.*``, ``score.0.*``, ``score.2.*``), so the body loads as transformers' ``Qwen2Model``
+  and this module builds the head itself;
+* ``lm_head``: a causal LM read at two label tokens (Math-Shepherd: ``+`` and ``-``); only those two
+  rows of the LM head are kept (default ``positive_prob``: softmax over the two).
+
+The head is its own module, fed by any decoder body's hidden states, so another body (a lean graph
+builder's) can feed it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from rmserve.bundle import HeadForm, ProcessSettings, StepRule
+from rmserve.models.heads import (
+    DECODER_ATTENTION,
+    ModelMeta,
+    base_model_of,
+    family_of,
+    load_tokenizer,
+    position_ids_of,
+)
+
+DEFAULT_STEP_TOKEN = "<extra_0>"
+DEFAULT_LABEL_TOKENS = ("+", "-")
+QWEN2_PRM = "Qwen2ForProcessRewardModel"
+
+
+@dataclass(frozen=True)
+class StepExport:
+    """What ``rmserve export --step-token`` asks for: the step token, the rule (None: the head form's
+    default) and, for an LM head, its two label tokens (positive, negative)."""
+
+    step_token: str = DEFAULT_STEP_TOKEN
+    rule: StepRule | None = None
+    label_tokens: tuple[str, str] = DEFAULT_LABEL_TOKENS
+
+
+class StepHead(nn.Module):
+    """Hidden states ``[batch, length, hidden]`` -> step values ``[batch, length]`` in float32.
+
+    ``projection`` maps a hidden state to the head's label logits; ``positive`` and ``negative`` index
+    them. Rules: ``positive_prob`` p(+) = softmax over (+, -), written as sigmoid(l+ - l-) so the graph
+    has no Softmax; ``prob_diff`` p(+) - p(-) = tanh((l+ - l-) / 2); ``sigmoid`` sigmoid(l+); ``raw`` l+.
+    """
+
+    def __init__(
+        self,
+        projection: nn.Module,
+        rule: StepRule,
+        positive: int,
+        negative: int | None,
+        softcap: float | None = None,
+    ) -> None:
+        super().__init__()
+        if rule in ("positive_prob", "prob_diff") and negative is None:
+            raise ValueError(f"rule {rule!r} needs two labels; a 1-label head takes sigmoid or raw")
+        self.projection = projection
+        self.rule = rule
+        self.positive = positive
+        self.negative = negative
+        self.softcap = softcap  # Gemma-style LM heads squash their logits before anything reads them
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.projection(hidden).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        pos = logits[..., self.positive]
+        if self.rule == "sigmoid":
+            return torch.sigmoid(pos)
+        if self.rule == "raw":
+            return pos
+        assert self.negative is not None
+        margin = pos - logits[..., self.negative]
+        return torch.sigmoid(margin) if self.rule == "positive_prob" else torch.tanh(margin / 2)
+
+
+class StepModel(nn.Module):
+    """A decoder body and a ``StepHead``: one float32 value per token of a padded batch."""
+
+    # The graph's output has a batch and a sequence axis (models/graph.py names them).
+    output_axes = {0: "batch", 1: "sequence"}
+
+    def __init__(self, body: nn.Module, head: StepHead) -> None:
+        super().__init__()
+        self.body: Any = body  # the transformer under the head, whose config is the model's
+        self.head = head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,  # taken as a ScoreModel takes it; decoders have none
+    ) -> torch.Tensor:
+        hidden = self.body(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_of(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+        return self.head(hidden)
+
+
+def single_token(tokenizer: Any, text: str, what: str) -> int:
+    """The id of ``text`` when the tokenizer reads it as exactly one token; ValueError naming it if not."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(
+            f"the {what} {text!r} is not one token of the tokenizer (it reads as {len(ids)} tokens: {ids}); "
+            "choose a token the tokenizer has, or add it to the tokenizer before export"
+        )
+    return int(ids[0])
+
+
+def head_form(config: Any) -> HeadForm:
+    """Which process head a checkpoint has, from its config's architecture."""
+    archs = getattr(config, "architectures", None) or []
+    arch = archs[0] if archs else ""
+    if arch == QWEN2_PRM:
+        return "qwen2_prm"
+    if arch.endswith("ForTokenClassification"):
+        return "token_classification"
+    if arch.endswith("ForCausalLM"):
+        return "lm_head"
+    raise ValueError(
+        f"architecture {arch or '(none)'!r} is not a process reward model rmserve exports: it takes "
+        f"*ForTokenClassification decoders (1 or 2 labels), {QWEN2_PRM}, and *ForCausalLM models read "
+        "at two label tokens"
+    )
+
+
+def default_rule(head: HeadForm, labels: int) -> StepRule:
+    return "sigmoid" if head == "token_classification" and labels == 1 else "positive_prob"
+
+
+def load_step_model(
+    checkpoint_dir: str | Path,
+    *,
+    step_token: str = DEFAULT_STEP_TOKEN,
+    rule: StepRule | None = None,
+    label_tokens: Sequence[str] = DEFAULT_LABEL_TOKENS,
+    attn_implementation: str | None = None,
+) -> tuple[StepModel, Any, ModelMeta, ProcessSettings]:
+    """Load a process reward checkpoint as an fp32 ``StepModel`` in eval mode, with its tokenizer,
+    meta and the process settings its bundle records. ValueError says what does not fit."""
+    from transformers import AutoConfig
+
+    path = Path(checkpoint_dir)
+    config = AutoConfig.from_pretrained(path)
+    if family_of(config) != "decoder":
+        raise ValueError("a process reward model must be a decoder (its step values are read causally)")
+    head = head_form(config)
+    tokenizer = load_tokenizer(path)
+    config.pad_token_id = tokenizer.pad_token_id
+    token_id = single_token(tokenizer, step_token, "step token")
+    label_ids: tuple[int, int] | None = None
+    if head == "lm_head":
+        if len(label_tokens) != 2:
+            raise ValueError(f"an LM-head PRM is read at two label tokens (+, -), not {list(label_tokens)}")
+        pos_id, neg_id = (single_token(tokenizer, t, "label token") for t in label_tokens)
+        label_ids = (pos_id, neg_id)
+    attn = {"attn_implementation": attn_implementation or DECODER_ATTENTION}
+    body, projection, labels = _body_and_projection(path, config, head, attn, label_ids)
+    chosen = rule or default_rule(head, labels)
+    # The projection's outputs: (negative, positive) for 2 labels, as transformers' label order is.
+    positive, negative = (1, 0) if labels == 2 else (0, None)
+    softcap = getattr(config, "final_logit_softcapping", None) if head == "lm_head" else None
+    model = StepModel(body, StepHead(projection, chosen, positive, negative, softcap)).eval()
+    settings = ProcessSettings(
+        step_token=step_token,
+        step_token_id=token_id,
+        head=head,
+        rule=chosen,
+        # An LM head's labels are the token ids it is read at; a classifier's, label indices.
+        positive_label=label_ids[0] if label_ids else positive,
+        negative_label=label_ids[1] if label_ids else negative,
+        label_tokens=(label_tokens[0], label_tokens[1]) if label_ids else None,
+    )
+    archs = getattr(config, "architectures", None) or [type(body).__name__]
+    meta = ModelMeta(
+        family="decoder",
+        pooling="step",
+        model_type=config.model_type,
+        architecture=archs[0],
+        base_model=base_model_of(path),
+        pad_token_id=int(tokenizer.pad_token_id),
+        uses_token_type_ids=False,
+        max_position_embeddings=getattr(config, "max_position_embeddings", None),
+        num_layers=getattr(config, "num_hidden_layers", None),
+    )
+    return model, tokenizer, meta, settings
+
+
+def _body_and_projection(
+    path: Path,
+    config: Any,
+    head: HeadForm,
+    attn: dict[str, str],
+    label_ids: tuple[int, int] | None,
+) -> tuple[nn.Module, nn.Module, int]:
+    """(body, projection to the label logits, number of labels); an LM head's two label rows are
+    ordered (negative, positive) like a classifier's labels."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForTokenClassification
+
+    if head == "token_classification":
+        labels = int(getattr(config, "num_labels", 2))
+        if labels not in (1, 2):
+            raise ValueError(f"{path} has num_labels={labels}; a token-classification PRM has 1 or 2")
+        hf = AutoModelForTokenClassification.from_pretrained(path, config=config, dtype=torch.float32, **attn)
+        projection = getattr(hf, "score", None) or hf.classifier
+        return hf.base_model, projection, labels
+    if head == "qwen2_prm":
+        body = AutoModel.from_pretrained(path, config=config, dtype=torch.float32, **attn)
+        return body, _qwen2_prm_projection(path, config), 2
+    assert label_ids is not None
+    lm = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32, **attn)
+    full = lm.get_output_embeddings()
+    rows = nn.Linear(full.in_features, 2, bias=full.bias is not None)
+    order = [label_ids[1], label_ids[0]]
+    with torch.no_grad():  # only the two label rows: the graph never holds a [.., vocab] tensor
+        rows.weight.copy_(full.weight[order])
+        if full.bias is not None:
+            rows.bias.copy_(full.bias[order])
+    return lm.base_model, rows, 2
+
+
+def _qwen2_prm_projection(path: Path, config: Any) -> nn.Module:
+    """The Qwen2.5-Math-PRM head (Linear, ReLU, Linear), from the checkpoint's ``score.0``/``score.2``."""
+    from safetensors import safe_open
+
+    hidden = int(config.hidden_size)
+    mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+    wanted = {f"score.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    found: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            for name in wanted & set(fh.keys()):
+                found[name] = fh.get_tensor(name).to(torch.float32)
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(missing)}: not a {QWEN2_PRM} checkpoint in safetensors")
+    mlp.load_state_dict({k.removeprefix("score."): v for k, v in found.items()})
+    return cast(nn.Module, mlp)
