@@ -138,3 +138,15 @@ def test_eval_scores_a_processbench_file_in_process_and_through_the_server_alike
     for r in recs:
         for mine, theirs in zip(r["scores"], served[r["key"]], strict=True):
             assert mine == pytest.approx(theirs, abs=1e-5)
+
+
+def test_the_docs_sample_file_reads_whole_as_processbench_and_best_of_n_rows(
+    process_bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """docs/process.md's worked example evaluates examples/processbench-sample.jsonl: every row must read."""
+    sample = Path(__file__).resolve().parents[1] / "examples" / "processbench-sample.jsonl"
+    out = tmp_path / "out"
+    bundle = process_bundles["qwen2-tc2"]
+    assert main([str(sample), "--bundle", str(bundle), "--out", str(out), "--no-progress"]) == 0
+    counts = json.loads((out / "summary.json").read_text())["counts"]
+    assert (counts["processbench"], counts["process_best_of_n"], counts["bad_rows"]) == (8, 2, 0)
