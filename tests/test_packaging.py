@@ -155,10 +155,27 @@ def test_the_installed_package_serves_the_bundled_default_model_with_nothing_set
     assert where.returncode == 0, where.stderr
     assert Path(where.stdout.strip()).parts[-3:] == ("rmserve", "models", "default")
     assert not Path(where.stdout.strip()).is_relative_to(REPO), "the clone's bundle, not the installed one"
+    request, documented = _readme_score_example()
     with serve({}, tmp_path, timeout=300, python=server_env) as srv:
         models = httpx.get(srv.url + "/v1/models").json()
-        item = {"prompt": "How do I boil an egg?", "response": "Put it in boiling water for 8 minutes."}
-        reply = httpx.post(srv.url + "/v1/score", json={"items": [item]})
+        reply = httpx.post(srv.url + "/v1/score", json=request)
     assert reply.status_code == 200, reply.text
-    assert reply.json()["model"] == "default" and len(reply.json()["scores"]) == 1
     assert [m["id"] for m in models["data"]] == ["default"]
+    # The README's "Score a pair" answer, field by field. Its scores are OpenVINO bf16's, which `auto`
+    # picks on a CPU with AVX512-BF16 (this machine's, CI's); elsewhere they are within bf16's rounding.
+    answer = reply.json()
+    assert {k: v for k, v in answer.items() if k != "scores"} == {
+        k: v for k, v in documented.items() if k != "scores"
+    }
+    engine = (reply.headers["x-backend"], reply.headers["x-precision"])
+    tolerance = 0.0 if engine == ("openvino", "bf16") else 0.05
+    assert answer["scores"] == pytest.approx(documented["scores"], abs=tolerance), engine
+
+
+def _readme_score_example() -> tuple[dict[str, object], dict[str, object]]:
+    """The request body and the answer the README shows under "Score a pair"."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("Score a pair:") :]
+    body = section[section.index("-d '") + 4 : section.index("'", section.index("-d '") + 4)]
+    fence = section.index("```json") + len("```json")
+    return json.loads(body), json.loads(section[fence : section.index("```", fence)])
