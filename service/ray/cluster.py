@@ -43,9 +43,11 @@ def local_head(http_port: int, timeout_s: float = 120.0) -> Iterator[str]:
     """Start a one-node Ray cluster (its port not ``http_port``, which Serve's proxy will take); yield
     its address; stop it on leaving."""
     port = _free_port(avoid=http_port)
-    # Token authentication, Ray's default for a new cluster, said out loud: the head makes (or finds)
-    # the token, and a driver joining it, this process, sends it only when the mode says so.
+    # Token authentication, Ray's default for a new local cluster, said out loud: a driver joining
+    # the head, this process, sends the token only when the mode says so.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ["RAY_AUTH_MODE"].lower() == "token":
+        _ensure_token()
     with tempfile.NamedTemporaryFile("w+b", prefix="rmserve-ray-head-", suffix=".log") as log:
         head = subprocess.Popen(
             [*_ray_cli(), "start", "--head", f"--port={port}", "--block", "--disable-usage-stats"],
@@ -61,6 +63,26 @@ def local_head(http_port: int, timeout_s: float = 120.0) -> Iterator[str]:
             yield f"127.0.0.1:{port}"
         finally:
             _stop(head)
+
+
+def _ensure_token() -> None:
+    """Make the cluster's token where Ray looks for it (``~/.ray/auth_token``), unless there is one.
+
+    A first ``ray.init()`` makes it; ``ray start --head`` in token mode does not, and on a machine that
+    never ran Ray it stops with "no authentication token was found". Ray's own ``get-auth-token
+    --generate`` makes it (or finds it, in ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or the file) and
+    prints it: its output goes nowhere, so no log holds the token.
+    """
+    made = subprocess.run(
+        [*_ray_cli(), "get-auth-token", "--generate"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
+    if made.returncode != 0:
+        tail = made.stderr.strip().splitlines()[-5:]
+        raise RuntimeError("no Ray authentication token could be made:\n" + "\n".join(tail))
 
 
 def _wait_started(head: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
