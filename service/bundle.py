@@ -12,7 +12,7 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -57,6 +57,9 @@ class FormatSettings(BaseModel):
     """Everything about turning an item into token ids; all of it is part of the digest."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    # Fields added after bundles were already published: in the digest only when not at their
+    # default, so a bundle exported before the field existed keeps its version (``digest_json``).
+    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = ()
 
     input_format: InputFormat
     max_length: int = Field(gt=1)
@@ -85,6 +88,8 @@ class ProcessSettings(BaseModel):
     rule is a different bundle)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    # As for FormatSettings: later fields enter the digest only when set.
+    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = ()
 
     step_token: str = Field(min_length=1)
     step_token_id: int = Field(ge=0)
@@ -165,6 +170,16 @@ class Bundle:
         return self.path / "tokenizer.json"
 
 
+def digest_json(settings: FormatSettings | ProcessSettings) -> dict[str, Any]:
+    """The settings as the digest reads them: every field, less the ``DIGEST_WHEN_SET`` ones that
+    still hold their defaults."""
+    data = settings.model_dump(mode="json")
+    for name in settings.DIGEST_WHEN_SET:
+        if getattr(settings, name) == type(settings).model_fields[name].default:
+            data.pop(name, None)
+    return data
+
+
 def compute_digest(
     directory: Path,
     files: list[str],
@@ -183,9 +198,9 @@ def compute_digest(
         with path.open("rb") as fh:
             while chunk := fh.read(1 << 20):
                 h.update(chunk)
-    meta: dict[str, Any] = {"format": settings.model_dump(mode="json"), "precision": precision}
+    meta: dict[str, Any] = {"format": digest_json(settings), "precision": precision}
     if process is not None:  # absent for outcome bundles, so their digests are what they always were
-        meta["process"] = process.model_dump(mode="json")
+        meta["process"] = digest_json(process)
     h.update(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
     return "sha256:" + h.hexdigest()
 
