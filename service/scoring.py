@@ -12,9 +12,10 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from rmserve.batching import Batcher
 from rmserve.bundle import Bundle
@@ -54,6 +55,29 @@ class ModelRuntime:
         """The engine serving now (the batcher's: a rebuilt engine replaces the old one there)."""
         return self.batcher.engine
 
+    @property
+    def max_queue_items(self) -> int:
+        return self.batcher.policy.max_queue_items
+
+    def check_timeout(self, timeout_s: float) -> None:
+        self.batcher.check_timeout(timeout_s)
+
+    async def score(
+        self,
+        scorer: Scorer,
+        items: list[Item],
+        *,
+        labels: Sequence[Any] | None,
+        strict: bool,
+        deadline: float,
+        wait_until: float | None,
+        aggregate: Aggregate | None,
+    ) -> ScoreResult:
+        # A bundle scores the items alone: labels never enter its scores or its cache keys.
+        return await scorer.score_bundle(
+            self, items, strict=strict, deadline=deadline, wait_until=wait_until, aggregate=aggregate
+        )
+
     def describe(self) -> dict[str, Any]:
         info = self.engine.info
         return {
@@ -86,6 +110,10 @@ class ScoreResult:
     cache_hits: int
     step_scores: list[list[float]] | None = None  # process models only
     item_dropped: list[int] = field(default_factory=list)  # trailing steps truncation left out
+    # Models with several outputs (composites): each component's raw values, and as normalised.
+    components: dict[str, list[float]] | None = None
+    normalized: dict[str, list[float]] | None = None
+    skipped: tuple[str, ...] = ()  # components left out of this answer (on_error: skip)
 
     @property
     def tokens(self) -> int:
@@ -98,6 +126,72 @@ class ScoreResult:
     @property
     def steps_dropped(self) -> int | None:
         return sum(self.item_dropped) if self.step_scores is not None else None
+
+    @classmethod
+    def joined(cls, parts: Sequence[ScoreResult]) -> ScoreResult:
+        """The answers of consecutive parts of one request's items, as one answer."""
+        first = parts[0]
+
+        def per_item(name: str) -> dict[str, list[float]] | None:
+            found = [getattr(p, name) for p in parts]
+            if any(f is None for f in found):
+                return None
+            keys = [k for k in found[0] if all(k in f for f in found)]
+            return {k: [v for f in found for v in f[k]] for k in keys}
+
+        steps = [p.step_scores for p in parts]
+        return cls(
+            model=first.model,
+            version=first.version,
+            backend=first.backend,
+            precision=first.precision,
+            scores=[s for p in parts for s in p.scores],
+            item_tokens=[t for p in parts for t in p.item_tokens],
+            item_truncated=[t for p in parts for t in p.item_truncated],
+            cache_hits=sum(p.cache_hits for p in parts),
+            step_scores=[s for part in steps for s in part or []] if steps[0] is not None else None,
+            item_dropped=[d for p in parts for d in p.item_dropped],
+            components=per_item("components"),
+            normalized=per_item("normalized"),
+            skipped=tuple(dict.fromkeys(s for p in parts for s in p.skipped)),
+        )
+
+
+class Served(Protocol):
+    """What the registry of served models answers a name with: a bundle (``ModelRuntime``) or a model
+    made of others (a composite, ``rmserve.composites``). Trainer routes read their inputs with its
+    ``formatter`` and ``kind``."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def formatter(self) -> Formatter: ...
+
+    @property
+    def kind(self) -> BundleKind: ...
+
+    @property
+    def max_queue_items(self) -> int: ...
+
+    def check_timeout(self, timeout_s: float) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    async def score(
+        self,
+        scorer: Scorer,
+        items: list[Item],
+        *,
+        labels: Sequence[Any] | None,
+        strict: bool,
+        deadline: float,
+        wait_until: float | None,
+        aggregate: Aggregate | None,
+    ) -> ScoreResult: ...
 
 
 class _Abandoned(Exception):
@@ -132,26 +226,38 @@ class Scorer:
         metrics: Metrics,
         tokenize_pool: Executor,
         max_tokens_per_request: int,
+        composites: Mapping[str, Served] | None = None,
+        default_model: str | None = None,
     ) -> None:
         self.models = models
+        self.composites = dict(composites or {})
+        self.default_model = default_model
         self.cache = cache
         self._metrics = metrics
         self._pool = tokenize_pool
         self._max_tokens = max_tokens_per_request
         self._inflight: dict[str, _Flight] = {}
 
-    def runtime(self, model: str | None) -> ModelRuntime:
+    def served(self) -> dict[str, Served]:
+        """Every name a request may give: the bundles, then the composites."""
+        return {**self.models, **self.composites}
+
+    def runtime(self, model: str | None) -> Served:
+        """The served model ``model`` names; without a name, the default model (``default_model``, else
+        the bundle named ``default``, else the only bundle)."""
         if model is None:
+            if self.default_model is not None:
+                return self.runtime(self.default_model)
             if "default" in self.models:
                 return self.models["default"]
             if len(self.models) == 1:
                 return next(iter(self.models.values()))
             raise ModelNotFound(f"several models are served ({', '.join(self.models)}); name one")
-        rt = self.models.get(model)
-        if rt is None:
+        served = self.models.get(model) or self.composites.get(model)
+        if served is None:
             shown = model if len(model) <= 64 else model[:64] + "..."
-            raise ModelNotFound(f"model {shown!r} is not served; served: {', '.join(sorted(self.models))}")
-        return rt
+            raise ModelNotFound(f"model {shown!r} is not served; served: {', '.join(sorted(self.served()))}")
+        return served
 
     async def score(
         self,
@@ -162,11 +268,33 @@ class Scorer:
         deadline: float,
         wait_until: float | None = None,
         aggregate: Aggregate | None = None,
+        labels: Sequence[Any] | None = None,
     ) -> ScoreResult:
         """Scores of ``items``, ended by ``deadline`` (a ``time.monotonic()``). A full queue is a 429 at
         once, or with ``wait_until`` a wait for room until then (Batcher.admit). ``aggregate``: how a
-        process model's step scores become an item's score (its default when None)."""
-        rt = self.runtime(model)
+        process model's step scores become an item's score (its default when None). ``labels``: each
+        item's label (rules of a composite read them; a bundle never does)."""
+        return await self.runtime(model).score(
+            self,
+            items,
+            labels=labels,
+            strict=strict,
+            deadline=deadline,
+            wait_until=wait_until,
+            aggregate=aggregate,
+        )
+
+    async def score_bundle(
+        self,
+        rt: ModelRuntime,
+        items: list[Item],
+        *,
+        strict: bool,
+        deadline: float,
+        wait_until: float | None,
+        aggregate: Aggregate | None,
+    ) -> ScoreResult:
+        """A bundle's scores of ``items``: its cache, single-flight and batcher."""
         rt.kind.check(items, aggregate)
         keys = [item_key(rt.namespace, item) for item in items]
         results: list[Scored | None] = await self._lookup(keys)

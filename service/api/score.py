@@ -16,13 +16,14 @@ from rmserve.api.schemas import (
     Usage,
     dropped_parts,
     error_responses,
+    labels_of,
     timeout_problem,
     to_items,
 )
 from rmserve.errors import InvalidRequest, TooLarge
 from rmserve.items import Item
 from rmserve.kinds import Aggregate
-from rmserve.scoring import ModelRuntime, Scorer, ScoreResult
+from rmserve.scoring import Scorer, ScoreResult, Served
 from rmserve.state import AppState
 
 router = APIRouter()
@@ -68,7 +69,7 @@ def log_body(state: AppState, request: Request, body: BaseModel) -> None:
 def deadline_of(
     state: AppState,
     request: Request,
-    rt: ModelRuntime,
+    rt: Served,
     header: float | None,
     field: float | None,
     limit: float | None = None,
@@ -82,7 +83,7 @@ def deadline_of(
         raise InvalidRequest(f"X-Request-Timeout: {problem}")
     limit = limit if limit is not None else state.settings.request_timeout_s
     timeout_s = min([limit, *(t for t in (header, field) if t is not None)])
-    rt.batcher.check_timeout(timeout_s)
+    rt.check_timeout(timeout_s)
     arrived = getattr(request.state, "arrived", None)
     return (arrived if arrived is not None else time.monotonic()) + timeout_s
 
@@ -108,9 +109,12 @@ async def run_score(
     strict: bool,
     deadline: float,
     aggregate: Aggregate | None = None,
+    labels: list[Any] | None = None,
 ) -> ScoreResult:
     request.state.items = len(items)  # for the access log
-    result = await scorer.score(model, items, strict=strict, deadline=deadline, aggregate=aggregate)
+    result = await scorer.score(
+        model, items, strict=strict, deadline=deadline, aggregate=aggregate, labels=labels
+    )
     request.state.cache_hits = result.cache_hits
     name_engine(response, result)
     return result
@@ -145,12 +149,15 @@ async def score(
         strict=body.truncation == "error",
         deadline=deadline,
         aggregate=body.step_aggregate,
+        labels=labels_of(body.items),
     )
     return ScoreResponse(
         model=result.model,
         model_version=result.version,
         scores=result.scores,
         step_scores=result.step_scores,
+        components=result.components,
+        normalized=result.normalized,
         usage=Usage(
             items=len(items),
             tokens=result.tokens,
@@ -158,5 +165,6 @@ async def score(
             truncated=result.truncated,
             dropped_parts=dropped,
             steps_dropped=result.steps_dropped,
+            skipped=list(result.skipped) or None,
         ),
     )
