@@ -94,10 +94,8 @@ def _combined(norm: dict[str, list[float]], n: int) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.support.tiny import tiny_bundle
-
-    return tiny_bundle("llama", tmp_path_factory.mktemp("llama"))
+def llama(tiny_bundles: dict[str, Path]) -> Path:
+    return tiny_bundles["llama"]
 
 
 @pytest.fixture(scope="module")

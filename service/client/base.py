@@ -21,6 +21,7 @@ import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 
@@ -143,6 +144,8 @@ class BaseRewardClient:
         for name, texts in (("query", queries), ("prompts", prompts or ())):
             for i, text in enumerate(texts):
                 _check_texts(f"{name}[{i}]", text)
+        # The route names its model in the query string (OpenRLHF posts a URL it was given).
+        path = "/get_reward" + (f"?{urlencode({'model': self.model})}" if self.model else "")
         calls = []
         for s in self._chunks(len(queries)):
             body: dict[str, Any] = {"query": list(queries[s])}
@@ -150,7 +153,7 @@ class BaseRewardClient:
                 body["prompts"] = list(prompts[s])
             if labels is not None:
                 body["labels"] = list(labels[s])
-            calls.append(Call("POST", "/get_reward", body))
+            calls.append(Call("POST", path, body))
         return calls
 
     # -- retries
