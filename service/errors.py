@@ -122,6 +122,9 @@ class ComponentFailed(RMServeError):
     """A component of a composite failed: the error it met, named by composite and component, with that
     error's status and headers (a full queue stays a 429, a passed deadline a 504, a fault a 500)."""
 
+    status = 500
+    type = "component_failed"
+
     def __init__(self, composite: str, component: str, cause: BaseException) -> None:
         if isinstance(cause, RMServeError):
             what, self.status, self.type, self._headers = (
