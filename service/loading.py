@@ -22,6 +22,10 @@ from rmserve.kinds import kind_of
 from rmserve.metrics import Metrics
 from rmserve.scoring import ModelRuntime
 
+# How long one update of a running normaliser's window in Redis may take; slower fails the component
+# (a composite's reward is never computed against a window it could not read).
+_WINDOW_TIMEOUT_S = 1.0
+
 EngineFactory = Callable[[Bundle, Settings], tuple[Engine, dict[str, Any]]]
 
 
@@ -50,7 +54,7 @@ def make_windows(settings: Settings) -> Windows:
         return MemoryWindows()
     from rmserve.cache.redis import connect  # redis is only imported when asked for
 
-    client = connect(settings.redis_url.get_secret_value(), settings.cache_timeout_ms / 1000 * 20)
+    client = connect(settings.redis_url.get_secret_value(), _WINDOW_TIMEOUT_S)
     return RedisWindows(client, settings.cache_prefix, settings.cache_ttl_s)
 
 

@@ -253,6 +253,19 @@ def test_a_default_model_chosen_at_start_up_answers_routes_that_name_none(
         assert unnamed["model"] == "helpful-safe"
 
 
+def test_without_redis_a_replica_normalises_by_the_window_it_holds_itself(server: ServerProcess) -> None:
+    listed = {m["id"]: m for m in httpx.get(server.url + "/v1/models").json()["data"]}
+    assert listed["running"]["normalize_state"] == "memory"
+    raw: list[float] = []
+    for b in range(3):
+        batch = [{"prompt": f"Memory {b}.{i}?", "response": f"Reply {b * 10 + i}."} for i in range(4)]
+        body = _post(server, "/v1/score", {"model": "running", "items": batch})
+        raw += body["components"]["safety"]
+        window = raw[-6:]
+        mean, std = statistics.fmean(window), statistics.pstdev(window)
+        assert body["scores"] == pytest.approx([(x - mean) / std for x in raw[-4:]], rel=1e-9)
+
+
 def test_two_replicas_normalise_with_one_running_window_held_in_redis(
     llama: Path, composites_file: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
