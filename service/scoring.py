@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from rmserve.batching import Batcher
 from rmserve.bundle import Bundle
@@ -27,6 +27,7 @@ from rmserve.formatting import Encoded, Formatter
 from rmserve.items import Item
 from rmserve.kinds import Aggregate, BundleKind
 from rmserve.metrics import Metrics
+from rmserve.served import Ask, ScoreResult, Served
 
 log = logging.getLogger("rmserve.scoring")
 
@@ -62,21 +63,9 @@ class ModelRuntime:
     def check_timeout(self, timeout_s: float) -> None:
         self.batcher.check_timeout(timeout_s)
 
-    async def score(
-        self,
-        scorer: Scorer,
-        items: list[Item],
-        *,
-        labels: Sequence[Any] | None,
-        strict: bool,
-        deadline: float,
-        wait_until: float | None,
-        aggregate: Aggregate | None,
-    ) -> ScoreResult:
+    async def score(self, scorer: Scorer, items: list[Item], ask: Ask) -> ScoreResult:
         # A bundle scores the items alone: labels never enter its scores or its cache keys.
-        return await scorer.score_bundle(
-            self, items, strict=strict, deadline=deadline, wait_until=wait_until, aggregate=aggregate
-        )
+        return await scorer.score_bundle(self, items, ask)
 
     def describe(self) -> dict[str, Any]:
         info = self.engine.info
@@ -96,102 +85,6 @@ class ModelRuntime:
             **self.kind.describe(),
             "manifest": self.bundle.manifest.model_dump(mode="json"),
         }
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    model: str
-    version: str
-    backend: str  # the engine's provider: cpu, openvino, cuda
-    precision: str
-    scores: list[float]  # a process model's: each item's aggregate of its step scores
-    item_tokens: list[int]
-    item_truncated: list[bool]
-    cache_hits: int
-    step_scores: list[list[float]] | None = None  # process models only
-    item_dropped: list[int] = field(default_factory=list)  # trailing steps truncation left out
-    # Models with several outputs (composites): each component's raw values, and as normalised.
-    components: dict[str, list[float]] | None = None
-    normalized: dict[str, list[float]] | None = None
-    skipped: tuple[str, ...] = ()  # components left out of this answer (on_error: skip)
-
-    @property
-    def tokens(self) -> int:
-        return sum(self.item_tokens)
-
-    @property
-    def truncated(self) -> int:
-        return sum(self.item_truncated)
-
-    @property
-    def steps_dropped(self) -> int | None:
-        return sum(self.item_dropped) if self.step_scores is not None else None
-
-    @classmethod
-    def joined(cls, parts: Sequence[ScoreResult]) -> ScoreResult:
-        """The answers of consecutive parts of one request's items, as one answer."""
-        first = parts[0]
-
-        def per_item(name: str) -> dict[str, list[float]] | None:
-            found = [getattr(p, name) for p in parts]
-            if any(f is None for f in found):
-                return None
-            keys = [k for k in found[0] if all(k in f for f in found)]
-            return {k: [v for f in found for v in f[k]] for k in keys}
-
-        steps = [p.step_scores for p in parts]
-        return cls(
-            model=first.model,
-            version=first.version,
-            backend=first.backend,
-            precision=first.precision,
-            scores=[s for p in parts for s in p.scores],
-            item_tokens=[t for p in parts for t in p.item_tokens],
-            item_truncated=[t for p in parts for t in p.item_truncated],
-            cache_hits=sum(p.cache_hits for p in parts),
-            step_scores=[s for part in steps for s in part or []] if steps[0] is not None else None,
-            item_dropped=[d for p in parts for d in p.item_dropped],
-            components=per_item("components"),
-            normalized=per_item("normalized"),
-            skipped=tuple(dict.fromkeys(s for p in parts for s in p.skipped)),
-        )
-
-
-class Served(Protocol):
-    """What the registry of served models answers a name with: a bundle (``ModelRuntime``) or a model
-    made of others (a composite, ``rmserve.composites``). Trainer routes read their inputs with its
-    ``formatter`` and ``kind``."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def version(self) -> str: ...
-
-    @property
-    def formatter(self) -> Formatter: ...
-
-    @property
-    def kind(self) -> BundleKind: ...
-
-    @property
-    def max_queue_items(self) -> int: ...
-
-    def check_timeout(self, timeout_s: float) -> None: ...
-
-    def describe(self) -> dict[str, Any]: ...
-
-    async def score(
-        self,
-        scorer: Scorer,
-        items: list[Item],
-        *,
-        labels: Sequence[Any] | None,
-        strict: bool,
-        deadline: float,
-        wait_until: float | None,
-        aggregate: Aggregate | None,
-    ) -> ScoreResult: ...
 
 
 class _Abandoned(Exception):
@@ -274,27 +167,12 @@ class Scorer:
         once, or with ``wait_until`` a wait for room until then (Batcher.admit). ``aggregate``: how a
         process model's step scores become an item's score (its default when None). ``labels``: each
         item's label (rules of a composite read them; a bundle never does)."""
-        return await self.runtime(model).score(
-            self,
-            items,
-            labels=labels,
-            strict=strict,
-            deadline=deadline,
-            wait_until=wait_until,
-            aggregate=aggregate,
-        )
+        ask = Ask(strict, deadline, wait_until, aggregate, labels)
+        return await self.runtime(model).score(self, items, ask)
 
-    async def score_bundle(
-        self,
-        rt: ModelRuntime,
-        items: list[Item],
-        *,
-        strict: bool,
-        deadline: float,
-        wait_until: float | None,
-        aggregate: Aggregate | None,
-    ) -> ScoreResult:
+    async def score_bundle(self, rt: ModelRuntime, items: list[Item], ask: Ask) -> ScoreResult:
         """A bundle's scores of ``items``: its cache, single-flight and batcher."""
+        strict, deadline, wait_until, aggregate = ask.strict, ask.deadline, ask.wait_until, ask.aggregate
         rt.kind.check(items, aggregate)
         keys = [item_key(rt.namespace, item) for item in items]
         results: list[Scored | None] = await self._lookup(keys)

@@ -23,7 +23,8 @@ from rmserve.api.schemas import (
 from rmserve.errors import InvalidRequest, TooLarge
 from rmserve.items import Item
 from rmserve.kinds import Aggregate
-from rmserve.scoring import Scorer, ScoreResult, Served
+from rmserve.scoring import Scorer
+from rmserve.served import ScoreResult, Served
 from rmserve.state import AppState
 
 router = APIRouter()

@@ -44,7 +44,8 @@ from rmserve.errors import BadRequest, TooLarge
 from rmserve.items import ChatItem, Item, PairItem, StepsItem, TextItem, split_steps
 from rmserve.markup import Outcome, detect, prompt_messages, reread, reread_pair
 from rmserve.openrlhf import query_items, step_query_items
-from rmserve.scoring import Scorer, ScoreResult, Served
+from rmserve.scoring import Scorer
+from rmserve.served import ScoreResult, Served
 from rmserve.state import AppState
 
 router = APIRouter()

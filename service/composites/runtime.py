@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,8 +31,9 @@ from rmserve.composites.spec import Component, Composite, CompositeError
 from rmserve.errors import ComponentFailed, InvalidItem, InvalidRequest
 from rmserve.formatting import Formatter
 from rmserve.items import Item, StepsItem
-from rmserve.kinds import Aggregate, BundleKind
-from rmserve.scoring import ModelRuntime, Scorer, ScoreResult, Served
+from rmserve.kinds import BundleKind
+from rmserve.scoring import ModelRuntime, Scorer
+from rmserve.served import Ask, ScoreResult, Served
 
 
 @dataclass(frozen=True)
@@ -91,18 +91,8 @@ class CompositeRuntime:
             "reads_input_as": self.reader.name,
         }
 
-    async def score(
-        self,
-        scorer: Scorer,
-        items: list[Item],
-        *,
-        labels: Sequence[Any] | None,
-        strict: bool,
-        deadline: float,
-        wait_until: float | None,
-        aggregate: Aggregate | None,
-    ) -> ScoreResult:
-        if aggregate is not None:
+    async def score(self, scorer: Scorer, items: list[Item], ask: Ask) -> ScoreResult:
+        if ask.aggregate is not None:
             raise InvalidRequest(
                 f"step_aggregate: model {self.name!r} is a composite; it takes no step_aggregate"
             )
@@ -114,10 +104,8 @@ class CompositeRuntime:
 
         async def run(c: Component) -> _Raw:
             part = self.parts.get(c.name)
-            if part is not None:
-                result = await scorer.score(
-                    part.name, items, strict=strict, deadline=deadline, wait_until=wait_until, labels=labels
-                )
+            if part is not None:  # through the served model's own score: its cache and batcher
+                result = await part.score(scorer, items, ask)
                 return _Raw(result.scores, result)
             if c.rule == "length":
                 assert c.target is not None
@@ -126,7 +114,7 @@ class CompositeRuntime:
             if c.rule == "regex":
                 assert c.pattern is not None
                 return _Raw(regex_values(items, c.pattern, c.match))
-            return _Raw(label_values(items, labels, c.extract))
+            return _Raw(label_values(items, ask.labels, c.extract))
 
         outcomes = await asyncio.gather(*(run(c) for c in self.spec.components), return_exceptions=True)
         raws: dict[str, _Raw] = {}
