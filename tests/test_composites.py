@@ -20,7 +20,7 @@ from rmserve.bundle import default_bundle_path
 from rmserve.composites.rules import extract_answer, last_boxed, same_answer
 from rmserve.composites.spec import CompositeError, check_references, read_composites
 from tests.support.redis import delete_prefix, shared_redis_url, unique_prefix
-from tests.support.server import ServerProcess, serve
+from tests.support.server import ServerProcess, free_port, serve
 
 COMPOSITES = """
 composites:
@@ -293,6 +293,20 @@ def test_two_replicas_normalise_with_one_running_window_held_in_redis(
                 assert body["scores"] == pytest.approx([(x - mean) / std for x in raw[-3:]], rel=1e-9)
     finally:
         delete_prefix(url, prefix)
+
+
+def test_a_running_window_redis_cannot_hold_fails_the_request_naming_the_component(
+    llama: Path, composites_file: Path, tmp_path: Path
+) -> None:
+    nothing = f"redis://127.0.0.1:{free_port()}/0"  # a port nothing listens on: a real refused connection
+    with serve(_env(llama, composites_file, RMSERVE_REDIS_URL=nothing), tmp_path) as srv:
+        reply = httpx.post(srv.url + "/v1/score", json={"model": "running", "items": ITEMS[:1]}, timeout=60)
+        assert reply.status_code == 500
+        error = reply.json()["error"]
+        assert error["type"] == "component_failed"
+        assert error["message"].startswith("composite 'running', component 'safety': failed (")
+        assert "composite running, component safety failed" in srv.log()  # with its trace, for the operator
+        assert _post(srv, "/v1/score", {"model": "helpful-safe", "items": ITEMS[:1]})["scores"]
 
 
 def test_start_up_fails_naming_an_unknown_component_a_cycle_or_a_weight_that_is_not_finite(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,12 +29,14 @@ from tokenizers import Tokenizer
 from rmserve.composites.normalise import Windows, normalised
 from rmserve.composites.rules import label_values, length_values, regex_values
 from rmserve.composites.spec import Component, Composite, CompositeError
-from rmserve.errors import ComponentFailed, InvalidItem, InvalidRequest
+from rmserve.errors import ComponentFailed, InvalidItem, InvalidRequest, RMServeError
 from rmserve.formatting import Formatter
 from rmserve.items import Item, StepsItem
 from rmserve.kinds import BundleKind
 from rmserve.scoring import ModelRuntime, Scorer
 from rmserve.served import Ask, ScoreResult, Served
+
+log = logging.getLogger("rmserve.composites")
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ class CompositeRuntime:
             elif c.on_error == "skip" and isinstance(outcome, Exception):
                 skipped.append(c.name)
             else:
-                raise ComponentFailed(self.name, c.name, outcome) from outcome
+                raise _failed(self.name, c.name, outcome)
         if not raws:
             raise ComponentFailed(self.name, skipped[0], outcomes[0])  # type: ignore[arg-type]
         norms: dict[str, list[float]] = {}
@@ -138,7 +141,7 @@ class CompositeRuntime:
                         c.normalize, f"{self.name}/{c.name}", raws[c.name].values, self.windows
                     )
                 except Exception as exc:
-                    raise ComponentFailed(self.name, c.name, exc) from exc
+                    raise _failed(self.name, c.name, exc) from exc
         return self._result(items, raws, norms, skipped)
 
     def combine(self, norms: dict[str, list[float]], n: int) -> list[float]:
@@ -174,6 +177,16 @@ class CompositeRuntime:
             normalized=norms,
             skipped=tuple(skipped),
         )
+
+
+def _failed(composite: str, component: str, error: BaseException) -> ComponentFailed:
+    """The request's error for a component's failure; one that is not the service's own is logged with
+    its trace (the caller sees only its type)."""
+    if not isinstance(error, RMServeError):
+        log.error("composite %s, component %s failed", composite, component, exc_info=error)
+    failed = ComponentFailed(composite, component, error)
+    failed.__cause__ = error
+    return failed
 
 
 def build_composites(
