@@ -179,6 +179,22 @@ def test_truncation_is_reported_and_keeps_the_response(tiny_bundles: dict[str, P
         assert same["scores"][0] == pytest.approx(body["scores"][0], abs=1e-6)
 
 
+def test_a_strict_413_states_the_items_own_length_after_the_item_was_scored_truncated(
+    tiny_bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    long_item = [("a very long prompt " * 400, "short answer")]
+    with serve({"RMSERVE_MODELS": str(tiny_bundles["bert"]), "RMSERVE_CACHE": "memory"}, tmp_path) as server:
+        fresh = post_score(server.url, long_item, truncation="error")
+        assert fresh.status_code == 413
+        auto = post_score(server.url, long_item, truncation="auto").json()
+        assert auto["usage"]["truncated"] == 1
+        # The cache now holds the item's truncated encoding; the 413 still counts the item itself.
+        again = post_score(server.url, long_item, truncation="error")
+        assert again.status_code == 413
+        assert again.json()["error"]["message"] == fresh.json()["error"]["message"]
+        assert f"{auto['usage']['tokens']} tokens" not in again.json()["error"]["message"]
+
+
 def test_every_documented_metric_is_exported_and_ops_routes_answer(
     tiny_bundles: dict[str, Path], tmp_path: Path
 ) -> None:
