@@ -184,7 +184,8 @@ class Scorer:
                     )
         except TimeoutError:
             raise DeadlineExceeded("the request's deadline passed before its items were scored") from None
-        await self._check_strict(rt, items, results, strict)  # a joined flight may have been led without strict
+        # Again: a joined flight may have been led without strict.
+        await self._check_strict(rt, items, results, strict)
         final = [r for r in results if r is not None]
         assert len(final) == len(items)
         info = rt.engine.info  # cached scores are keyed by provider and precision too: the same engine

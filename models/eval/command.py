@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src.add_argument("--url", help="score through a running rmserve at this URL (default: none, in process)")
     p.add_argument(
-        "--out", required=True, help="output directory (scores.jsonl, summary.json, plots, report.md)"
+        "--out",
+        required=True,
+        help="output directory (scores.jsonl, summary.json, plots, report.md)",
     )
     p.add_argument(
         "--api-key",
