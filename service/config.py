@@ -131,6 +131,10 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_bodies: bool = Field(False, description="log request texts (debug only: they may be private)")
+    log_probes: bool = Field(
+        False,
+        description="access lines for /health/live and /health/ready too (probes poll every few seconds)",
+    )
     get_reward_timeout_s: float = Field(
         170.0,
         gt=0,
