@@ -127,6 +127,7 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_bundles: dict[str, Path]
         assert 200 in codes
 
 
+USER, ASSISTANT = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
 BAD_INPUTS = [
     ({"items": [{"prompt": "p"}]}, 422, "items[0]"),
     (
@@ -138,7 +139,28 @@ BAD_INPUTS = [
     ({"items": [{"messages": []}]}, 422, "items[0]"),
     ({"items": [{"messages": [{"role": "user", "content": "hi"}]}]}, 422, "items[0]"),
     ({"items": [{"prompt": "p", "response": "r", "extra": 1}]}, 422, "items[0]"),
-    ({"items": [{"prompt": [{"role": "wizard", "content": "x"}], "response": "r"}]}, 422, "items[0]"),
+    (
+        {"items": [{"prompt": [{"role": "wizard", "content": "x"}], "response": "r"}]},
+        422,
+        "items[0].prompt[0].role: unknown role 'wizard'; allowed roles: user, human, system, assistant, "
+        "tool, ipython",
+    ),
+    (
+        {
+            "items": [
+                {"prompt": "p", "response": "r"},
+                {"messages": [USER, ASSISTANT, {"role": "robot", "content": "x"}, ASSISTANT]},
+            ]
+        },
+        422,
+        "items[1].messages[2].role: unknown role 'robot'; allowed roles: user,",
+    ),
+    (
+        {"items": [{"messages": [USER, {"role": "robot", "content": "x"}]}]},
+        422,
+        "items[0].messages[1].role: the last message must be the assistant's response "
+        "(role 'assistant'), not 'robot'",
+    ),
     ({"items": "nope"}, 422, "items"),
     ({"model": "nope", "items": [{"prompt": "p", "response": "r"}]}, 404, "nope"),
     ({"items": [{"prompt": "p", "response": "r"}], "truncation": "sometimes"}, 422, "truncation"),
