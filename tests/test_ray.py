@@ -8,11 +8,14 @@ test skips, saying why, where Ray is not installed or its cluster does not start
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -197,12 +200,17 @@ def test_docs_ray_lists_every_ray_setting_with_its_flag_and_default() -> None:
 def test_ray_serve_alone_starts_its_own_cluster_and_on_sigterm_drains_accepted_work_and_exits_0(
     tmp_path: Path,
 ) -> None:
-    # A home that never ran Ray, as on a fresh machine: no ~/.ray/auth_token for the token mode.
+    # A home that never ran Ray, as on a fresh machine: no ~/.ray/auth_token for the token mode. Ray's
+    # temp dir of its own (short: Ray's socket paths must fit 107 bytes), so its ray_current_cluster
+    # is this test's, whatever else runs Ray on this machine.
     home = tmp_path / "home"
     home.mkdir()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    pointer = ray_tmp / "ray" / "ray_current_cluster"
+    env = {"HOME": str(home), "RAY_TMPDIR": str(ray_tmp)}
     server, proc = ray_serve_process(
         [*REPLICA, "--replicas", "1"],
-        {**FP32, "RMSERVE_CACHE": "off", "HOME": str(home)},
+        {**FP32, "RMSERVE_CACHE": "off", **env},
         tmp_path,
         port=free_port(),
         address=None,
@@ -215,8 +223,9 @@ def test_ray_serve_alone_starts_its_own_cluster_and_on_sigterm_drains_accepted_w
         except Exception as exc:
             _skip_unless_ray_starts(tmp_path, exc)
             raise AssertionError(server.log()[-4000:]) from exc
-        found = re.search(r"started a local Ray cluster at (\S+)", server.log())
+        found = re.search(r"started a local Ray cluster at (\S+);", server.log())
         assert found, server.log()
+        assert pointer.is_file(), "Ray's pointer to the cluster, which the test then sees removed"
         answers: list[httpx.Response] = []
         senders = [
             threading.Thread(
@@ -240,8 +249,25 @@ def test_ray_serve_alone_starts_its_own_cluster_and_on_sigterm_drains_accepted_w
         stop(proc)
     assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
     assert all(len(a.json()["scores"]) == 24 for a in answers)
-    assert "rmserve: draining" in server.log()
+    log = server.log()
+    assert "rmserve: draining" in log
+    assert "rmserve: stopped: the application drained; the local Ray cluster stopped" in log
+    # Ray's lines about joining "an existing cluster" and options "not applied" are not its words.
+    assert "existing" not in log and "will not be applied" not in log, log
+    assert re.search(r"replica logs: .*on this one \S+/logs/serve/", log), log
     assert _closed(found.group(1)), "the cluster it started outlived it"
+    assert not pointer.exists(), "Ray's pointer to the stopped cluster was left behind"
+    # How veRL and OpenRLHF start Ray: a cluster of their own, not the stopped one.
+    code = "import ray; ray.init(num_cpus=1); print(ray.cluster_resources()['CPU']); ray.shutdown()"
+    after = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert after.returncode == 0 and after.stdout.strip().splitlines()[-1] == "1.0", after.stderr[-3000:]
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _skip_unless_ray_starts(tmp_path: Path, failure: Exception) -> None:
