@@ -5,8 +5,8 @@ sent to the command's whole process group (a terminal, ``timeout``, a supervisor
 process) reaches the command, which drains, and not the cluster under it, which would die before
 the drain. The head stops when the command is done with it, without a trace: Ray's pointer to "the
 cluster on this machine" (``ray_current_cluster`` in Ray's temp dir), which ``ray start`` wrote, is
-removed when it still names this head, so a later ``ray.init(num_cpus=...)`` (veRL's and OpenRLHF's
-way) starts a cluster of its own instead of failing to join the stopped one.
+removed when it still names this head, so a later ``ray.init()`` without an address (how veRL and
+OpenRLHF start Ray, docs/ray.md) starts a cluster of its own instead of failing to join the stopped one.
 """
 
 from __future__ import annotations
