@@ -104,10 +104,12 @@ def run(settings: Settings, ray_settings: RaySettings) -> int:
             print(f"rmserve: start-up failed: {_why(ray_settings.app_name) or exc}", file=sys.stderr)
             serve.delete(ray_settings.app_name)
             return 1
+        # A driver's context is a RayContext (a client's is not: it has no address_info).
+        session = getattr(context, "address_info", {}).get("session_dir", "Ray's session directory")
         say(
             f"application {ray_settings.app_name!r} ready on Ray Serve "
             f"(http://{settings.host}:{settings.port}/); replica logs: Ray's files on each node, "
-            f"on this one {context.address_info['session_dir']}/logs/serve/"
+            f"on this one {session}/logs/serve/"
         )
         while not stop.wait(1.0):
             pass
