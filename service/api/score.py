@@ -6,7 +6,7 @@ import logging
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from pydantic import BaseModel
 
 from rmserve.api.schemas import (
@@ -45,14 +45,24 @@ ENGINE_HEADERS: dict[int | str, dict[str, Any]] = {
 }
 
 
-# Every scoring route takes a deadline header; values below the floor are refused in ``deadline_of``.
-DeadlineHeader = Annotated[
-    float | None,
-    Header(
-        description=f"deadline in seconds, counted from arrival (at least {MIN_TIMEOUT_S})",
-        json_schema_extra={"minimum": MIN_TIMEOUT_S},
-    ),
-]
+def _deadline_header(
+    x_request_timeout: Annotated[
+        float | None,
+        Header(
+            description=f"deadline in seconds, counted from arrival (at least {MIN_TIMEOUT_S})",
+            json_schema_extra={"minimum": MIN_TIMEOUT_S},
+        ),
+    ] = None,
+) -> float | None:
+    problem = None if x_request_timeout is None else timeout_problem(x_request_timeout)
+    if problem is not None:
+        raise InvalidRequest(f"X-Request-Timeout: {problem}")
+    return x_request_timeout
+
+
+# Every scoring route takes a deadline header, checked with the request (a value below the floor is a
+# 422 before any model is looked up or any work is done).
+DeadlineHeader = Annotated[float | None, Depends(_deadline_header)]
 
 
 def log_body(state: AppState, request: Request, body: BaseModel) -> None:
@@ -78,10 +88,8 @@ def deadline_of(
     """The monotonic time by which the request must be answered, counted from its arrival at the
     edge (reading and validating the body is part of the time it asked for). ``limit`` is the
     route's default deadline (the server's request_timeout_s unless given). A deadline under the
-    floor, or shorter than ``rt``'s fastest forward pass, is a 422 before any work."""
-    problem = None if header is None else timeout_problem(header)
-    if problem is not None:
-        raise InvalidRequest(f"X-Request-Timeout: {problem}")
+    floor (``DeadlineHeader``, ``timeout_s``'s schema), or shorter than ``rt``'s fastest forward pass,
+    is a 422 before any work."""
     limit = limit if limit is not None else state.settings.request_timeout_s
     timeout_s = min([limit, *(t for t in (header, field) if t is not None)])
     rt.check_timeout(timeout_s)
