@@ -79,14 +79,12 @@ def run_reference(
     """The family's reference on the fixed conversations, and the BOS policy it implies."""
     if family.reference is None:
         raise ExportError(f"{family.title} has no reference usage to check an export against")
-    settings = ReferenceSettings(trust_remote_code, date or today(), max_length)
-    reference = family.reference(checkpoint, CONVERSATIONS, settings)
     bos_id = tokenizer.bos_token_id
+    if bos_override is not None and (bos_id is None or family.input_format != "chat_template"):
+        raise ExportError(f"--bos-tokens {bos_override}: only a decoder whose tokenizer has BOS takes it")
+    settings = ReferenceSettings(trust_remote_code, date or today(), max_length, bos_override)
+    reference = family.reference(checkpoint, CONVERSATIONS, settings)
     if bos_override is not None:
-        if bos_override and bos_id is None:
-            raise ExportError(f"--bos-tokens {bos_override}: the tokenizer has no BOS token")
-        ids = tuple((bos_id,) * bos_override + _strip(x, bos_id) for x in reference.ids)
-        reference = _with_ids(reference, ids)
         return AuthorsReference(family, reference, bos_override, "--bos-tokens")
     if family.input_format != "chat_template" or bos_id is None:
         return AuthorsReference(family, reference, None, "no BOS policy (as the text tokenizes)")
@@ -111,12 +109,6 @@ def _strip(ids: tuple[int, ...], bos: int | None) -> tuple[int, ...]:
     while k < len(ids) and ids[k] == bos:
         k += 1
     return ids[k:]
-
-
-def _with_ids(reference: Reference, ids: tuple[tuple[int, ...], ...]) -> Reference:
-    from dataclasses import replace
-
-    return replace(reference, ids=ids)
 
 
 def message(data: Mapping[str, Any]) -> Message:

@@ -75,6 +75,20 @@ def _types(model: Any) -> bool:
     return int(getattr(model.config, "type_vocab_size", 0) or 0) > 0
 
 
+def with_bos(inputs: Any, bos: int | None, count: int | None) -> Any:
+    """``inputs`` (one row) with its leading BOS ids replaced by ``count`` of them (None: unchanged)."""
+    import torch
+
+    if count is None or bos is None:
+        return inputs
+    ids = inputs["input_ids"][0]
+    lead = 0
+    while lead < len(ids) and int(ids[lead]) == bos:
+        lead += 1
+    new = torch.cat([torch.full((count,), bos, dtype=ids.dtype), ids[lead:]]).unsqueeze(0)
+    return {"input_ids": new, "attention_mask": torch.ones_like(new)}
+
+
 def chat_usage(recipe: Recipe) -> ReferenceUsage:
     """The reference of a chat-template family tokenized by ``recipe``."""
 
@@ -96,7 +110,7 @@ def chat_usage(recipe: Recipe) -> ReferenceUsage:
         def tokenized(text: str) -> Any:
             if recipe == "template-bos+tokenizer" and tokenizer.bos_token:
                 text = text.removeprefix(tokenizer.bos_token)
-            return tokenizer(text, return_tensors="pt")
+            return with_bos(tokenizer(text, return_tensors="pt"), tokenizer.bos_token_id, settings.bos_tokens)
 
         def length(conv: Conversation) -> int:
             return int(tokenized(rendered(conv))["input_ids"].shape[1])
