@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from rmserve.app import create_app
 from rmserve.config import Settings
 from rmserve.models.export import export_bundle
-from rmserve.models.families.conversations import CONVERSATIONS
+from rmserve.models.families.conversations import CONVERSATIONS, WEATHER_TOOL
 from tests.replicas.build import replica
 from tests.support.inproc import serve_app
 from tests.support.server import wait_ready
@@ -36,11 +36,12 @@ EXPECTED = {
 }
 
 
-def skywork_v2_card(checkpoint: Path, conv: list[dict[str, Any]]) -> float:
-    """The Skywork-Reward-V2 card: render, strip a leading BOS, tokenize with the defaults."""
+def skywork_v2_card(checkpoint: Path, conv: list[dict[str, Any]], tools: Any = None) -> float:
+    """The Skywork-Reward-V2 card: render, strip a leading BOS, tokenize with the defaults (``tools``
+    passed to the template as transformers takes them)."""
     rm = AutoModelForSequenceClassification.from_pretrained(checkpoint, dtype=torch.float32, num_labels=1)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    formatted = tokenizer.apply_chat_template(conv, tokenize=False)
+    formatted = tokenizer.apply_chat_template(conv, tools=tools, tokenize=False)
     if tokenizer.bos_token is not None and formatted.startswith(tokenizer.bos_token):
         formatted = formatted[len(tokenizer.bos_token) :]
     tokenized = tokenizer(formatted, return_tensors="pt")
@@ -137,3 +138,10 @@ def test_the_server_answers_each_familys_card_score_and_shows_the_family_in_v1_m
             assert abs(served - card) <= 1e-4 * max(1.0, abs(card)), name
             assert listed[name]["family"]["name"] == EXPECTED[name][0]
             assert listed[name]["reference"]["token_ids"] == "identical"
+        # Tools reach the template from the request, as they reach it in transformers.
+        checkpoint = exported["skywork-v2-llama"][0]
+        body = {"model": "skywork-v2-llama", "items": [{"messages": CONV, "tools": [WEATHER_TOOL]}]}
+        with_tools = httpx.post(f"{url}/v1/score", json=body, timeout=60).json()["scores"][0]
+        card = skywork_v2_card(checkpoint, CONV, [WEATHER_TOOL])
+        assert abs(with_tools - card) <= 1e-4 * max(1.0, abs(card))
+        assert abs(with_tools - skywork_v2_card(checkpoint, CONV)) > 1e-3

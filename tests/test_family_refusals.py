@@ -196,3 +196,11 @@ def test_the_default_max_length_is_the_models_trained_context() -> None:
     assert default_max_length(SimpleNamespace(model_max_length=16384), meta) == 16384  # type: ignore[arg-type]
     none = SimpleNamespace(family="decoder", max_position_embeddings=None)
     assert default_max_length(SimpleNamespace(model_max_length=1e30), none) == 4096  # type: ignore[arg-type]
+
+
+def test_docs_models_md_has_a_row_for_every_registered_family() -> None:
+    from rmserve.models.families import families
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`") for line in text.splitlines() if line.startswith("| `")}
+    assert {f.name for f in families()} <= rows
