@@ -88,15 +88,16 @@ def run_reference(
         return AuthorsReference(family, reference, bos_override, "--bos-tokens")
     if family.input_format != "chat_template" or bos_id is None:
         return AuthorsReference(family, reference, None, "no BOS policy (as the text tokenizes)")
-    counts = {_lead(x, bos_id) for x in reference.ids}
-    if len(counts) != 1:
-        raise ExportError(f"the reference starts its conversations with {sorted(counts)} BOS tokens")
-    wanted = counts.pop()
-    rendered = tokenizer(reference.rendered[0], add_special_tokens=False)["input_ids"]
-    template_bos = _lead(tuple(rendered), bos_id)
-    if wanted == template_bos:
-        return AuthorsReference(family, reference, None, f"the template's BOS ({wanted})")
-    how = "the tokenizer's" if template_bos == 0 else "the template's and the tokenizer's"
+    # Per conversation: the BOS ids the reference starts with, and those the template's text alone gives.
+    counts = [_lead(x, bos_id) for x in reference.ids]
+    plain = [tuple(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in reference.rendered]
+    own = [_lead(ids, bos_id) for ids in plain]
+    if counts == own:
+        return AuthorsReference(family, reference, None, f"the template's BOS ({max(own, default=0)})")
+    if len(set(counts)) != 1:
+        raise ExportError(f"the reference starts its conversations with {sorted(set(counts))} BOS tokens")
+    wanted = counts[0]
+    how = "the tokenizer's" if max(own, default=0) == 0 else "the template's and the tokenizer's"
     return AuthorsReference(family, reference, wanted, f"{how} BOS ({wanted})")
 
 
