@@ -46,6 +46,15 @@ def edit_config(checkpoint: Path, **fields: Any) -> None:
     path.write_text(json.dumps(json.loads(path.read_text()) | fields))
 
 
+def with_weights(checkpoint: Path, tmp: Path, edit: Any) -> Path:
+    """A copy of ``checkpoint`` whose safetensors weights ``edit`` (a dict -> None) changed."""
+    out = copy_of(checkpoint, tmp)
+    weights = load_file(out / "model.safetensors")
+    edit(weights)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
 def refused(checkpoint: Path, tmp: Path, **options: Any) -> str:
     """The export's error message; checks that neither the bundle nor a staging directory is left."""
     dest = tmp / "out" / "bundle"
@@ -59,10 +68,7 @@ def refused(checkpoint: Path, tmp: Path, **options: Any) -> str:
 def test_a_checkpoint_without_its_score_weight_fails_the_export_instead_of_serving_a_random_head(
     llama: Path, tmp_path: Path
 ) -> None:
-    ck = copy_of(llama, tmp_path)
-    weights = load_file(ck / "model.safetensors")
-    del weights["score.weight"]
-    save_file(weights, str(ck / "model.safetensors"), metadata={"format": "pt"})
+    ck = with_weights(llama, tmp_path, lambda w: w.pop("score.weight"))
     message = refused(ck, tmp_path)
     assert "score.weight" in message and "missing" in message
 
@@ -70,10 +76,7 @@ def test_a_checkpoint_without_its_score_weight_fails_the_export_instead_of_servi
 def test_a_head_the_stock_class_cannot_express_fails_the_export_naming_its_weights(
     llama: Path, tmp_path: Path
 ) -> None:
-    ck = copy_of(llama, tmp_path)
-    weights = load_file(ck / "model.safetensors")
-    weights["value_head.weight"] = weights["score.weight"].clone()
-    save_file(weights, str(ck / "model.safetensors"), metadata={"format": "pt"})
+    ck = with_weights(llama, tmp_path, lambda w: w.update({"value_head.weight": w["score.weight"].clone()}))
     message = refused(ck, tmp_path)
     assert "value_head.weight" in message and "not used" in message
 
@@ -128,10 +131,7 @@ def test_a_damaged_checkpoint_fails_the_export_naming_what_is_wrong(
 
 
 def test_the_command_exits_non_zero_and_names_the_missing_weight(llama: Path, tmp_path: Path) -> None:
-    ck = copy_of(llama, tmp_path)
-    weights = load_file(ck / "model.safetensors")
-    del weights["score.weight"]
-    save_file(weights, str(ck / "model.safetensors"), metadata={"format": "pt"})
+    ck = with_weights(llama, tmp_path, lambda w: w.pop("score.weight"))
     assert export_main([str(ck), str(tmp_path / "b")]) == 1
     assert not (tmp_path / "b").exists()
 
