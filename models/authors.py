@@ -27,6 +27,9 @@ from rmserve.models.families.conversations import CONVERSATIONS
 from rmserve.models.families.reference import question_answer
 from rmserve.models.graph import ExportError
 
+# The longest conversation the reference runs: its eager forward pass is quadratic in length, so a model
+# trained for 128k tokens is checked near 8,192 of them, not near its max_length.
+LONGEST_REFERENCE = 8192
 # A template that reads the date: its rendering changes with the day unless the date is pinned.
 _READS_DATE = re.compile(r"strftime_now")
 
@@ -82,7 +85,8 @@ def run_reference(
     bos_id = tokenizer.bos_token_id
     if bos_override is not None and (bos_id is None or family.input_format != "chat_template"):
         raise ExportError(f"--bos-tokens {bos_override}: only a decoder whose tokenizer has BOS takes it")
-    settings = ReferenceSettings(trust_remote_code, date or today(), max_length, bos_override)
+    longest = min(max_length, LONGEST_REFERENCE)
+    settings = ReferenceSettings(trust_remote_code, date or today(), longest, bos_override)
     reference = family.reference(checkpoint, CONVERSATIONS, settings)
     if bos_override is not None:
         return AuthorsReference(family, reference, bos_override, "--bos-tokens")
