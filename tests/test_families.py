@@ -13,7 +13,10 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rmserve.app import create_app
+from rmserve.bundle import load_bundle
 from rmserve.config import Settings
+from rmserve.formatting import Formatter
+from rmserve.items import ChatItem, Message
 from rmserve.models.export import export_bundle
 from rmserve.models.families.conversations import CONVERSATIONS, WEATHER_TOOL
 from tests.replicas.build import replica
@@ -119,6 +122,28 @@ def test_each_stock_head_family_exports_with_the_reference_tokens_and_scores_of_
     # Every fixed conversation was compared, the tool call and the near-limit one included.
     assert ref["conversations"] == [c.name for c in CONVERSATIONS] and ref["not_compared"] == {}
     assert max(ref["tokens"]) > manifest.format.max_length - 32
+    # Only the Llama-3.2 template reads the date, so only its bundles pin one (the export's day).
+    assert (manifest.format.template_date is not None) == (name != "skywork-v2-qwen3" and "llama" in name)
+
+
+def test_a_pinned_template_date_is_what_the_reference_and_the_server_both_render(
+    exported: dict[str, tuple[Path, Path, Any]], tmp_path: Path
+) -> None:
+    checkpoint = exported["skywork-v2-llama"][0]
+    manifest = export_bundle(checkpoint, tmp_path / "b", max_length=512, template_date="2025-01-31")
+    assert manifest.format.template_date == "2025-01-31"
+    assert manifest.parity["reference"]["token_ids"] == "identical"
+    formatter = Formatter(load_bundle(tmp_path / "b"))
+    assert "Today Date: 31 Jan 2025" in formatter.text_of(0, ChatItem((Message("user", "hi"),)))
+
+
+def test_a_plain_text_bundle_is_held_to_the_same_reference(
+    exported: dict[str, tuple[Path, Path, Any]], tmp_path: Path
+) -> None:
+    checkpoint = exported["skywork-v02-llama"][0]
+    manifest = export_bundle(checkpoint, tmp_path / "b", max_length=512, input_format="plain")
+    assert manifest.format.bos_tokens == 1
+    assert manifest.parity["reference"]["token_ids"] == "identical"
 
 
 def test_the_server_answers_each_familys_card_score_and_shows_the_family_in_v1_models(
