@@ -19,10 +19,11 @@ import numpy as np
 from rmserve.bundle import Bundle
 from rmserve.engines.batches import score_rows
 from rmserve.engines.onnxruntime import OnnxRuntimeEngine
+from rmserve.errors import InvalidItem
 from rmserve.formatting import Encoded
 from rmserve.items import ChatItem, Item, Message, PairItem, TextItem, ToolCall
 from rmserve.kinds import kind_of
-from rmserve.models.families import ModelFamily, Reference, ReferenceSettings
+from rmserve.models.families import Conversation, ModelFamily, Reference, ReferenceSettings
 from rmserve.models.families.conversations import CONVERSATIONS
 from rmserve.models.families.reference import question_answer
 from rmserve.models.graph import ExportError
@@ -161,6 +162,18 @@ def _only(reference: Reference, keep: list[int]) -> Reference:
     )
 
 
+def _served_accepts(kind: Any, bundle: Bundle, conv: Conversation) -> bool:
+    """Whether the server encodes ``conv`` rather than refusing it (a 422)."""
+    item = ChatItem(tuple(message(m) for m in conv.messages), conv.tools)
+    if bundle.manifest.format.input_format != "chat_template":
+        return False  # plain text is the caller's rendering; nothing to refuse
+    try:
+        kind.encode([item])
+    except InvalidItem:
+        return False
+    return True
+
+
 def served_items(bundle: Bundle, authors: AuthorsReference) -> list[Item]:
     """The reference's conversations as requests to the bundle: messages for a chat template, the
     rendered text for plain input, the (question, answer) pair for a text pair."""
@@ -187,6 +200,11 @@ def compare(
     items = served_items(bundle, authors)
     encoded: list[Encoded] = kind.encode([items[k] for k in keep])
     problems = [] if keep else ["no reference conversation fits max_length to compare on"]
+    for conv in CONVERSATIONS:
+        if conv.name in authors.reference.refused:
+            skipped[conv.name] = authors.reference.refused[conv.name]
+            if _served_accepts(kind, bundle, conv):
+                problems.append(f"the authors' template refuses {conv.name!r}, but the server scores it")
     for conv, enc, ids in zip(ref.conversations, encoded, ref.ids, strict=True):
         if enc.ids != ids:
             pairs = enumerate(zip(enc.ids, ids, strict=False))

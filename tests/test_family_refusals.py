@@ -204,3 +204,22 @@ def test_docs_models_md_has_a_row_for_every_registered_family() -> None:
     text = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
     rows = {line.split("|")[1].strip().strip("`") for line in text.splitlines() if line.startswith("| `")}
     assert {f.name for f in families()} <= rows
+
+
+def test_a_conversation_the_authors_template_refuses_is_refused_by_the_server_too(
+    llama: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    ck = copy_of(llama, tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(ck)
+    # Gemma-2's rule (its template raises on a system turn), on the tiny template.
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}" + tokenizer.chat_template
+    )
+    tokenizer.save_pretrained(ck)
+    manifest = export_bundle(ck, tmp_path / "b")
+    ref = manifest.parity["reference"]
+    assert "System role not supported" in ref["not_compared"]["system turn"]
+    assert ref["token_ids"] == "identical" and "system turn" not in ref["conversations"]

@@ -52,6 +52,8 @@ class Reference:
     token ids the model read and its fp32 score."""
 
     recipe: str
+    # The conversations the authors' template refuses (name -> why): the server must refuse them too.
+    refused: Mapping[str, str]
     conversations: tuple[Conversation, ...]
     rendered: tuple[str, ...]
     ids: tuple[tuple[int, ...], ...]

@@ -115,12 +115,20 @@ def chat_usage(recipe: Recipe) -> ReferenceUsage:
         def length(conv: Conversation) -> int:
             return int(tokenized(rendered(conv))["input_ids"].shape[1])
 
+        refused = {}
         with pinned_now(settings.template_date):
-            convs = tuple(near_limit(c, length, settings.max_length) for c in conversations)
+            for conv in conversations:
+                try:
+                    rendered(conv)
+                except Exception as exc:  # the template's own raise_exception (e.g. no system role)
+                    refused[conv.name] = f"the authors' template refuses it: {exc}"
+            kept = [c for c in conversations if c.name not in refused]
+            convs = tuple(near_limit(c, length, settings.max_length) for c in kept)
             texts = tuple(rendered(c) for c in convs)
         inputs = [tokenized(t) for t in texts]
         return Reference(
             recipe=recipe,
+            refused=refused,
             conversations=convs,
             rendered=texts,
             ids=tuple(tuple(int(i) for i in x["input_ids"][0]) for x in inputs),
@@ -155,6 +163,7 @@ def pair_reference(
     inputs = [tokenized(c) for c in convs]
     return Reference(
         recipe="text_pair",
+        refused={},
         conversations=convs,
         rendered=tuple("\n".join(question_answer(c)) for c in convs),
         ids=tuple(tuple(int(i) for i in x["input_ids"][0]) for x in inputs),
