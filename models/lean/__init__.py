@@ -115,5 +115,7 @@ def write_lean_graph(
     model = build_lean_graph(weights, head, precision)
     save_onnx(model, directory / MODEL_FILE, external_data_bytes)
     if past:
-        save_onnx(build_lean_graph(weights, head, precision, past=True), directory / PAST_FILE, external_data_bytes)
+        save_onnx(
+            build_lean_graph(weights, head, precision, past=True), directory / PAST_FILE, external_data_bytes
+        )
     return LeanGraph(precision, layer_node_counts(model), PAST_FILE if past else None)

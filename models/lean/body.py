@@ -66,7 +66,9 @@ class DecoderInputs:
     past_attention: str | None = None
 
 
-def decoder_inputs(g: GraphBuilder, input_ids: str, attention_mask: str, *, past: bool = False) -> DecoderInputs:
+def decoder_inputs(
+    g: GraphBuilder, input_ids: str, attention_mask: str, *, past: bool = False
+) -> DecoderInputs:
     """The graph's common values; ``past``: the rows continue a past (``past_mask`` and each layer's
     ``past_key.i`` / ``past_value.i`` are graph inputs), masked explicitly (see the module docstring)."""
     with g.scope(INPUTS):
