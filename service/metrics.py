@@ -99,6 +99,10 @@ class Metrics:
         """The prefix cache's counter for ``model`` (rmserve.engines.prefixes: ``Counter``)."""
         for result in ("hit", "miss"):
             self.prefix_lookups.labels(model=model, result=result)
+        for reason in ("budget", "ttl", "superseded"):
+            self.prefix_evictions.labels(model=model, reason=reason)
+        self.prefix_tokens_reused.labels(model=model)
+        self.prefix_cache_bytes.labels(model=model).set(0)
 
         def count(event: str, amount: int) -> None:
             if event == "reused":
