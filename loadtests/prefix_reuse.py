@@ -9,7 +9,7 @@ HH-RLHF text. Three workloads:
 
 * GRPO: groups of 8 responses (50-300 tokens) to multi-turn HH prompts of 200-600 tokens, one request
   per member, 16 callers taking the members group after group;
-* PRM search: problems whose solution grows from 1 to 12 steps, each scored as it grows (4 problems
+* PRM search: problems whose solution grows from 1 to 12 steps, each scored as it grows (2 problems
   at once, each waiting for its score before its next step);
 * nothing shared: one response to each of as many distinct prompts, 16 callers.
 
@@ -239,30 +239,32 @@ async def main_async(args: argparse.Namespace) -> None:
     outcome, process = load_bundle(outcome_dir), load_bundle(process_dir)
     texts = Texts(Formatter(outcome), args.data, args.seed)
     params = sum(int(np.prod(a.dims)) for a in _initializers(outcome_dir / "model.onnx"))
-    print(f"model: random-init Qwen2, {params / 1e6:.1f}M parameters, fp32, ONNX Runtime CPU")
-    batchers = {}
+    print(f"model: random-init Qwen2, {params / 1e6:.1f}M parameters, fp32, ONNX Runtime CPU", flush=True)
+    results = []
     for label, bundle in (("outcome", outcome), ("process", process)):
         plain, reusing = engines(bundle)
-        batchers[label] = (
-            await batcher_for(bundle, plain, label + "-off"),
-            await batcher_for(bundle, reusing, label),
-        )
-        print(f"{label}: {plain.info.threads} threads, {plain.info.streams} streams")
-    results = []
-    for r in range(args.rounds):
-        off, on = batchers["outcome"]
-        groups = [[item] for item in grpo(texts, args.groups)]
-        results.append(await compare("GRPO", outcome, off, on, groups, CALLERS) | {"round": r + 1})
-        off, on = batchers["process"]
-        results.append(await compare("PRM search", process, off, on, prm(texts, 4), 4) | {"round": r + 1})
-        off, on = batchers["outcome"]
-        alone = [[item] for item in distinct(texts, args.groups * 4)]
-        results.append(await compare("nothing shared", outcome, off, on, alone, CALLERS) | {"round": r + 1})
-        for row in results[-3:]:
-            print(
-                json.dumps({k: round(v, 7) if isinstance(v, float) else v for k, v in row.items()}),
-                flush=True,
-            )
+        off, on = await batcher_for(bundle, plain, label + "-off"), await batcher_for(bundle, reusing, label)
+        print(f"{label}: {plain.info.threads} threads, {plain.info.streams} streams", flush=True)
+        for r in range(args.rounds):
+            if label == "outcome":
+                groups = [[item] for item in grpo(texts, args.groups)]
+                alone = [[item] for item in distinct(texts, args.distinct)]
+                rows = [
+                    await compare("GRPO", bundle, off, on, groups, CALLERS),
+                    await compare("nothing shared", bundle, off, on, alone, CALLERS),
+                ]
+            else:
+                rows = [
+                    await compare("PRM search", bundle, off, on, prm(texts, args.problems), args.problems)
+                ]
+            for row in rows:
+                results.append(row | {"round": r + 1})
+                print(
+                    json.dumps({k: round(v, 7) if isinstance(v, float) else v for k, v in row.items()}),
+                    flush=True,
+                )
+        await off.stop()
+        await on.stop()
     print(
         "\n| round | workload | items | tokens | off items/s | on items/s | on / off | max abs diff (fp32) |"
     )
@@ -273,9 +275,6 @@ async def main_async(args: argparse.Namespace) -> None:
             f"| {row['off_items_s']:.2f} | {row['on_items_s']:.2f} | {row['ratio']:.2f}x "
             f"| {row['max_diff']:.1e} |"
         )
-    for off, on in batchers.values():
-        await off.stop()
-        await on.stop()
     print("\ncache under more distinct prompts than fit (16 MB budget):")
     print("\n".join(await budget_section(outcome, texts, args.budget_groups)))
 
@@ -290,7 +289,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/rmserve-prefix-bench"))
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--groups", type=int, default=3, help="GRPO groups per round")
+    parser.add_argument("--groups", type=int, default=2, help="GRPO groups per round")
+    parser.add_argument("--distinct", type=int, default=8, help="nothing-shared items per round")
+    parser.add_argument("--problems", type=int, default=2, help="PRM search problems per round")
     parser.add_argument("--budget-groups", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     data = next((d for d in DATA_CANDIDATES if (d / "hh-rlhf").is_dir()), DATA_CANDIDATES[-1])

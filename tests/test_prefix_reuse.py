@@ -166,3 +166,27 @@ def test_v1_models_says_whether_a_bundle_reuses_prefixes(
         if line.startswith('rmserve_prefix_tokens_reused_total{model="q"}')
     ]
     assert reused and float(reused[0].split()[-1]) > 0
+
+
+def test_the_ray_router_reads_the_key_from_http_and_handle_requests_and_moves_few_keys_on_scale_out() -> None:
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from rmserve.ray.routing import prefix_key, rank
+
+    http = SimpleNamespace(asgi_scope={"type": "http", "headers": [(b"x-prefix-key", b"abc")]})
+    assert prefix_key([http]) == "abc"
+    assert prefix_key(["POST", "/v1/score", [("X-Prefix-Key", "def")], b"{}"]) == "def"
+    assert prefix_key([SimpleNamespace(asgi_scope={"headers": []})]) is None
+    # Stand-ins for Ray's RunningReplica: ``rank`` reads only replica_id.unique_id.
+    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=f"r{i}")) for i in range(4)]
+    keys = [f"key{i}" for i in range(400)]
+    before = {k: rank(k, cast(Any, replicas))[0][0] for k in keys}
+    after = {
+        k: rank(k, cast(Any, replicas + [SimpleNamespace(replica_id=SimpleNamespace(unique_id="r4"))]))[0][0]
+        for k in keys
+    }
+    moved = [k for k in keys if before[k] is not after[k]]
+    assert all(after[k].replica_id.unique_id == "r4" for k in moved)  # only to the new replica
+    assert 40 < len(moved) < 120  # about a fifth of the keys
+    assert len({r.replica_id.unique_id for r in before.values()}) == 4
