@@ -177,10 +177,15 @@ async def drive(
     return time.perf_counter() - started, out
 
 
+def flat(values: Any) -> list[float]:
+    """Every number in nested lists and tuples (scores, and a process model's step values)."""
+    if isinstance(values, (list, tuple)):
+        return [x for v in values for x in flat(v)]
+    return [float(values)]
+
+
 def max_difference(a: list[Any], b: list[Any]) -> float:
-    flat_a = np.concatenate([np.ravel(np.asarray(v, dtype=np.float64)) for v in a])
-    flat_b = np.concatenate([np.ravel(np.asarray(v, dtype=np.float64)) for v in b])
-    return float(np.abs(flat_a - flat_b).max())
+    return float(np.abs(np.array(flat(a)) - np.array(flat(b))).max())
 
 
 def engines(bundle: Bundle, **reuse: Any) -> tuple[Engine, Engine]:

@@ -18,8 +18,11 @@ from rmserve.engines.base import Engine, pad_batch
 from rmserve.engines.prefixes import BLOCK
 from rmserve.engines.reuse import PrefixReusingEngine, why_not, with_prefix_reuse
 from rmserve.engines.select import create_engine
+from rmserve.formatting import Formatter
+from rmserve.items import StepsItem
+from rmserve.kinds import kind_of
 from tests.support.server import serve
-from tests.support.tiny import tiny_bundle
+from tests.support.tiny import tiny_bundle, tiny_process_bundle
 
 TOL = 1e-5
 
@@ -99,6 +102,36 @@ def test_a_growing_prefix_is_computed_once_per_step_and_scores_the_same(qwen2: P
         np.testing.assert_allclose(scores(reusing, [ids], pad), scores(plain, [ids], pad), atol=TOL, rtol=0)
     # From the third step on, each step starts from all but the last block or so of the step before.
     assert events.counts["reused"] > 7 * 100
+
+
+def test_a_process_bundles_step_scores_are_the_same_when_each_solution_extends_the_last(
+    tmp_path: Path,
+) -> None:
+    """PRM search: the prompt and earlier steps come from the cache, values at their step tokens too."""
+    bundle_dir = tiny_process_bundle(
+        "qwen2-tc2", tmp_path, sizes={"max_position_embeddings": 512}, max_length=512
+    )
+    bundle = load_bundle(bundle_dir)
+    plain, reusing, events = engines(bundle_dir)
+    kind = kind_of("prm", bundle, Formatter(bundle))
+    pad = bundle.manifest.format.pad_token_id
+    prompt = "A farmer has 17 sheep and buys 5 more, then sells 8. How many sheep are left? " * 2
+    steps = tuple(
+        f"Step {i}: the farmer now counts the sheep again and writes {i * 3} down." for i in range(8)
+    )
+    items = [StepsItem(prompt, steps[:k]) for k in range(1, len(steps) + 1)]
+    for item in items:
+        (encoded,) = kind.encode([item])
+        batch = pad_batch([encoded.ids], pad)
+        alone, reused = kind.read(plain.infer(batch)[0], encoded), kind.read(reusing.infer(batch)[0], encoded)
+        assert len(reused) == len(item.steps)
+        np.testing.assert_allclose(reused, alone, atol=TOL, rtol=0)
+    assert events.counts["reused"] > 0
+    # Two growing solutions in one batch, each past its cached prefix.
+    encoded = kind.encode([StepsItem(prompt, steps[:3] + ("Step x: done.",)), items[-1]])
+    batch = pad_batch([e.ids for e in encoded], pad)
+    for row_plain, row_reused, e in zip(plain.infer(batch), reusing.infer(batch), encoded, strict=True):
+        np.testing.assert_allclose(kind.read(row_reused, e), kind.read(row_plain, e), atol=TOL, rtol=0)
 
 
 def test_the_cache_stays_within_its_budget_and_evicts_the_least_recently_used(qwen2: Path) -> None:

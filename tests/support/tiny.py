@@ -258,13 +258,20 @@ def _save_qwen2_prm(config: Any, out: Path) -> None:
     config.save_pretrained(out)
 
 
-def tiny_process_bundle(form: str, directory: str | Path, *, seed: int = 0, **export_options: Any) -> Path:
+def tiny_process_bundle(
+    form: str,
+    directory: str | Path,
+    *,
+    seed: int = 0,
+    sizes: dict[str, Any] | None = None,
+    **export_options: Any,
+) -> Path:
     """A tiny process checkpoint of ``form`` in ``directory/checkpoint`` exported to ``directory/bundle``."""
     from rmserve.models.export import export_bundle
     from rmserve.models.process_heads import StepExport
 
     root = Path(directory)
-    checkpoint = tiny_process_checkpoint(form, root / "checkpoint", seed=seed)
+    checkpoint = tiny_process_checkpoint(form, root / "checkpoint", seed=seed, sizes=sizes)
     rule = export_options.pop("rule", "sigmoid" if form == "llama-tc1" else None)
     step = StepExport(STEP_TOKENS[form], rule)
     export_bundle(checkpoint, root / "bundle", name=f"tiny-{form}", step=step, **export_options)
