@@ -36,7 +36,8 @@ import numpy as np
 from rmserve.batching import Batcher, BatchPolicy
 from rmserve.bundle import Bundle, load_bundle
 from rmserve.config import Settings
-from rmserve.engines.base import Engine
+from rmserve.engines.base import Engine, pad_batch
+from rmserve.engines.past import PastPass
 from rmserve.engines.reuse import PrefixReusingEngine, with_prefix_reuse
 from rmserve.engines.select import call_overhead_tokens, create_engine, default_batch_tokens
 from rmserve.formatting import Encoded, Formatter
@@ -223,6 +224,36 @@ def rss_mb() -> float:
         return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def mask_cost(bundle: Bundle, texts: Texts, items: int = 4, repeats: int = 3) -> str:
+    """The same items whole through the bundle's graph (no mask) and the prefix-reuse graph with an
+    empty past (explicit mask, presents not fetched): what the mask costs an item that reuses nothing."""
+    plain, reusing = engines(bundle)
+    assert isinstance(reusing, PrefixReusingEngine)
+    kind = kind_of("mask", bundle, Formatter(bundle))
+    rows = [e.ids for e in kind.encode(distinct(texts, items))]
+    pad = bundle.manifest.format.pad_token_id
+    times = {"plain": 0.0, "past": 0.0}
+    for _ in range(repeats):
+        for ids in rows:
+            batch = pad_batch([ids], pad)
+            started = time.perf_counter()
+            plain.infer(batch)
+            times["plain"] += time.perf_counter() - started
+            keys, values = reusing.runner.empty(1)
+            step = PastPass(batch.input_ids, batch.attention_mask, np.zeros((1, 0), np.int64), keys, values)
+            started = time.perf_counter()
+            reusing.runner.run(step, presents=False)
+            times["past"] += time.perf_counter() - started
+    plain.close()
+    n = repeats * len(rows)
+    return (
+        f"attention with a past, {len(rows)} items of {min(map(len, rows))}-{max(map(len, rows))} tokens "
+        f"x {repeats}: "
+        f"lean graph {1000 * times['plain'] / n:.0f} ms/item, prefix-reuse graph (explicit mask, empty past) "
+        f"{1000 * times['past'] / n:.0f} ms/item: {times['past'] / times['plain']:.3f}x"
+    )
+
+
 async def budget_section(bundle: Bundle, texts: Texts, groups: int) -> list[str]:
     """A 16 MB cache fed more distinct prompts than it holds: its bytes and the process's memory."""
     _, reusing = engines(bundle, prefix_cache_mb=16)
@@ -280,6 +311,7 @@ async def main_async(args: argparse.Namespace) -> None:
             f"| {row['off_items_s']:.2f} | {row['on_items_s']:.2f} | {row['ratio']:.2f}x "
             f"| {row['max_diff']:.1e} |"
         )
+    print("\n" + mask_cost(outcome, texts), flush=True)
     print("\ncache under more distinct prompts than fit (16 MB budget):")
     print("\n".join(await budget_section(outcome, texts, args.budget_groups)))
 
