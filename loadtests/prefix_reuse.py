@@ -13,8 +13,9 @@ HH-RLHF text. Three workloads:
   at once, each waiting for its score before its next step);
 * nothing shared: one response to each of as many distinct prompts, 16 callers.
 
-Each round runs every workload off then on, on fresh items (a round's items are never seen before),
-so the ratio is measured under the same load on this shared machine. The fp32 scores of on and off
+Each round runs every workload on fresh items (never seen before), in chunks (two GRPO groups, one
+PRM problem, four unshared items), each chunk off then on, so the ratio is measured under the same
+load on this shared machine. The fp32 scores of on and off
 are compared item by item. A last section feeds a small cache more distinct prompts than it holds
 and prints its bytes and the process's resident memory as it goes. A benchmark: it prints numbers.
 """
@@ -200,22 +201,35 @@ def engines(bundle: Bundle, **reuse: Any) -> tuple[Engine, Engine]:
 
 
 async def compare(
-    label: str, bundle: Bundle, off: Batcher, on: Batcher, requests: list[list[Any]], callers: int
+    label: str,
+    bundle: Bundle,
+    off: Batcher,
+    on: Batcher,
+    requests: list[list[Any]],
+    callers: int,
+    chunk: int,
 ) -> dict[str, Any]:
+    """``requests`` in chunks of ``chunk``, each chunk off then on, so both see the same load."""
     kind = kind_of(label, bundle, Formatter(bundle))
     encoded = [kind.encode(chain) for chain in requests]
     items = sum(len(c) for c in encoded)
     tokens = sum(len(e) for c in encoded for e in c)
-    off_s, off_values = await drive(off, encoded, callers)
-    on_s, on_values = await drive(on, encoded, callers)
+    seconds = {"off": 0.0, "on": 0.0}
+    values: dict[str, list[Any]] = {"off": [], "on": []}
+    for start in range(0, len(encoded), chunk):
+        part = encoded[start : start + chunk]
+        for side, batcher in (("off", off), ("on", on)):
+            elapsed, got = await drive(batcher, part, callers)
+            seconds[side] += elapsed
+            values[side] += got
     return {
         "workload": label,
         "items": items,
         "tokens": tokens,
-        "off_items_s": items / off_s,
-        "on_items_s": items / on_s,
-        "ratio": off_s / on_s,
-        "max_diff": max_difference(off_values, on_values),
+        "off_items_s": items / seconds["off"],
+        "on_items_s": items / seconds["on"],
+        "ratio": seconds["off"] / seconds["on"],
+        "max_diff": max_difference(values["off"], values["on"]),
     }
 
 
@@ -286,13 +300,12 @@ async def main_async(args: argparse.Namespace) -> None:
                 groups = [[item] for item in grpo(texts, args.groups)]
                 alone = [[item] for item in distinct(texts, args.distinct)]
                 rows = [
-                    await compare("GRPO", bundle, off, on, groups, CALLERS),
-                    await compare("nothing shared", bundle, off, on, alone, CALLERS),
+                    await compare("GRPO", bundle, off, on, groups, CALLERS, 2 * GROUP),
+                    await compare("nothing shared", bundle, off, on, alone, CALLERS, 4),
                 ]
             else:
-                rows = [
-                    await compare("PRM search", bundle, off, on, prm(texts, args.problems), args.problems)
-                ]
+                chains = prm(texts, args.problems)
+                rows = [await compare("PRM search", bundle, off, on, chains, args.problems, 1)]
             for row in rows:
                 results.append(row | {"round": r + 1})
                 print(
@@ -329,7 +342,7 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=2, help="GRPO groups per round")
     parser.add_argument("--distinct", type=int, default=8, help="nothing-shared items per round")
     parser.add_argument("--problems", type=int, default=2, help="PRM search problems per round")
-    parser.add_argument("--budget-groups", type=int, default=12)
+    parser.add_argument("--budget-groups", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     data = next((d for d in DATA_CANDIDATES if (d / "hh-rlhf").is_dir()), DATA_CANDIDATES[-1])
     parser.add_argument("--data", type=Path, default=data / "hh-rlhf" / "train.jsonl.gz")

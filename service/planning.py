@@ -71,6 +71,39 @@ def batch_holding(lengths: Sequence[int], index: int, budget: int, overhead: int
     raise IndexError(f"position {index} is past the {len(lengths)} planned items")
 
 
+# A group of items sharing a prefix may take this many batch budgets in one forward pass: split across
+# streams it would compute its prefix once per stream, so it is cheaper whole.
+SHARED_GROUP_BUDGETS = 4
+
+
+def shared_group(
+    first: Sequence[int], others: Sequence[Sequence[int]], min_tokens: int, budget: int
+) -> list[int]:
+    """The positions of ``others`` that share at least ``min_tokens`` leading token ids with ``first``,
+    as many as fit ``SHARED_GROUP_BUDGETS * budget`` computed tokens (the shortest shared prefix
+    once, then each item's tokens after it), in order."""
+    head = tuple(first[:min_tokens])
+    if len(head) < min_tokens:
+        return []
+    chosen: list[int] = []
+    shared = len(first) - 1
+    cost = len(first)
+    for i, ids in enumerate(others):
+        if tuple(ids[:min_tokens]) != head:
+            continue
+        common = next(
+            (k for k, (a, b) in enumerate(zip(first, ids, strict=False)) if a != b), min(len(first), len(ids))
+        )
+        new_shared = min(shared, common)
+        # Every member's tokens after the (possibly shorter) shared prefix, plus the prefix once.
+        new_cost = cost + (len(ids) - new_shared) + (shared - new_shared) * (len(chosen) + 1)
+        if new_cost > SHARED_GROUP_BUDGETS * budget:
+            break
+        chosen.append(i)
+        shared, cost = new_shared, new_cost
+    return chosen
+
+
 # A prefix shorter than this many blocks is recomputed: a pass over a past costs an explicit mask and
 # a copy of the past, which a short prefix does not repay.
 MIN_SHARED_BLOCKS = 2

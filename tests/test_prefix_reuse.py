@@ -223,3 +223,39 @@ def test_the_ray_router_reads_the_key_from_http_and_handle_requests_and_moves_fe
     assert all(after[k].replica_id.unique_id == "r4" for k in moved)  # only to the new replica
     assert 40 < len(moved) < 120  # about a fifth of the keys
     assert len({r.replica_id.unique_id for r in before.values()}) == 4
+
+
+def test_the_batcher_takes_waiting_items_that_share_a_prompt_into_one_batch(qwen2: Path) -> None:
+    """One-item requests of a group, waiting together, are scored in one pass over their prompt."""
+    import asyncio
+    import time
+
+    from rmserve.batching import Batcher, BatchPolicy
+    from rmserve.formatting import Encoded
+    from rmserve.metrics import Metrics
+
+    plain, reusing, events = engines(qwen2)
+    pad = load_bundle(qwen2).manifest.format.pad_token_id
+    members = group(np.random.default_rng(4), 96, [12, 20, 7, 25, 16, 9])
+    others = group(np.random.default_rng(5), 40, [30])  # shares nothing with the group
+    expected = scores(plain, members + others, pad)
+
+    async def run() -> tuple[list[float], Metrics]:
+        metrics = Metrics()
+        policy = BatchPolicy(max_batch_tokens=128, max_wait_s=0.0, max_queue_items=64)
+        batcher = Batcher("q", reusing, policy, pad_id=pad, with_type_ids=False, metrics=metrics)
+        batcher.start()  # its loop first runs at the next await: by then every item waits
+        futures = [
+            batcher.submit([Encoded(tuple(ids), None, False)], time.monotonic() + 60)[0]
+            for ids in members + others
+        ]
+        values = await asyncio.gather(*futures)
+        await batcher.stop()
+        return list(values), metrics
+
+    values, metrics = asyncio.run(run())
+    np.testing.assert_allclose(values, expected, atol=TOL, rtol=0)
+    sizes = metrics.batch_size.collect()[0].samples
+    count = next(s.value for s in sizes if s.name.endswith("_count"))
+    assert count == 2  # the group in one batch (96 + 6 suffixes fit 4 budgets), the other item alone
+    assert events.counts["reused"] == 6 * (96 // BLOCK) * BLOCK

@@ -30,7 +30,8 @@ from rmserve.config import Settings
 from rmserve.engines.base import Engine, EngineInfo, TokenBatch, left_padded_rows, pad_batch
 from rmserve.engines.past import PastOutput, PastPass, PastRunner
 from rmserve.engines.prefixes import BLOCK, Counter, Prefix, PrefixCache, block_hashes, default_budget_bytes
-from rmserve.planning import RowPrefix, share_prefixes
+from rmserve.engines.select import call_overhead_tokens, default_batch_tokens
+from rmserve.planning import MIN_SHARED_BLOCKS, RowPrefix, plan_batches, share_prefixes
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,15 @@ class _Past:
 
 
 class PrefixReusingEngine:
-    def __init__(self, engine: Engine, runner: PastRunner, cache: PrefixCache, pad_id: int) -> None:
+    # The batcher takes waiting items that share at least this many leading tokens with the item it
+    # plans for into the same batch (rmserve.planning.shared_group), so one pass computes the prefix.
+    shared_prefix_tokens = MIN_SHARED_BLOCKS * BLOCK
+
+    def __init__(
+        self, engine: Engine, runner: PastRunner, cache: PrefixCache, pad_id: int, budget: int, overhead: int
+    ) -> None:
         self.engine = engine
+        self.budget, self.overhead = budget, overhead  # the batcher's: tokens per pass, price of a pass
         self.runner = runner
         self.cache = cache
         self.pad_id = pad_id
@@ -116,7 +124,21 @@ class PrefixReusingEngine:
         return _Past(found[0], found[1] * BLOCK) if found else _Past(None, 0)
 
     def _continue(self, rows: list[_Row], out: np.ndarray, where: list[int]) -> None:
+        """Rows with a past, in passes over their new tokens cut as the batcher cuts batches (by
+        length, by the budget and the price of a pass), so rows of like length share a pass."""
         pasts = [self._past_of(r.names[: r.plan.past]) for r in rows]
+        order = sorted(range(len(rows)), key=lambda j: len(rows[j].ids) - pasts[j].tokens)
+        lengths = [len(rows[j].ids) - pasts[j].tokens for j in order]
+        first = 0
+        for end in plan_batches(lengths, self.budget, self.overhead):
+            part = order[first:end]
+            self._continue_part(
+                [rows[j] for j in part], [pasts[j] for j in part], out, [where[j] for j in part]
+            )
+            first = end
+        self.cache.count("reused", sum(p.tokens for p in pasts))
+
+    def _continue_part(self, rows: list[_Row], pasts: list[_Past], out: np.ndarray, where: list[int]) -> None:
         # What each row keeps: a prefix seen before (not shared in this batch), and all of itself when
         # it extends an earlier item whole.
         keeps = [
@@ -128,9 +150,7 @@ class PrefixReusingEngine:
             for r in rows
         ]
         result = self._run([(r.ids, p) for r, p in zip(rows, pasts, strict=True)], presents=any(keeps))
-        reused = 0
         for j, (row, past, keep) in enumerate(zip(rows, pasts, keeps, strict=True)):
-            reused += past.tokens
             new = len(row.ids) - past.tokens
             if self.runner.per_token:
                 out[where[j], : past.tokens] = _token_values(past)
@@ -140,7 +160,6 @@ class PrefixReusingEngine:
             for blocks in sorted(set(keep)):
                 if blocks * BLOCK > past.tokens:
                     self._keep(result, j, past, row.ids[: blocks * BLOCK], row.names[:blocks])
-        self.cache.count("reused", reused)
 
     def _run(self, rows: list[tuple[np.ndarray, _Past]], *, presents: bool) -> _Result:
         """One pass of the prefix-reuse graph over each row's tokens after its past."""
@@ -241,4 +260,13 @@ def with_prefix_reuse(
         "ttl_s": settings.prefix_cache_ttl_s,
         "block_tokens": BLOCK,
     }
-    return PrefixReusingEngine(engine, runner, cache, bundle.manifest.format.pad_token_id), about
+    budget = settings.max_batch_tokens or default_batch_tokens(info.provider)
+    reusing = PrefixReusingEngine(
+        engine,
+        runner,
+        cache,
+        bundle.manifest.format.pad_token_id,
+        budget,
+        call_overhead_tokens(info.provider),
+    )
+    return reusing, about
