@@ -258,7 +258,7 @@ def mask_cost(bundle: Bundle, texts: Texts, items: int = 4, repeats: int = 3) ->
             started = time.perf_counter()
             reusing.runner.run(step, presents=False)
             times["past"] += time.perf_counter() - started
-    plain.close()
+    reusing.close()
     n = repeats * len(rows)
     return (
         f"attention with a past, {len(rows)} items of {min(map(len, rows))}-{max(map(len, rows))} tokens "
@@ -340,7 +340,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/rmserve-prefix-bench"))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--groups", type=int, default=2, help="GRPO groups per round")
-    parser.add_argument("--distinct", type=int, default=8, help="nothing-shared items per round")
+    parser.add_argument("--distinct", type=int, default=12, help="nothing-shared items per round")
     parser.add_argument("--problems", type=int, default=2, help="PRM search problems per round")
     parser.add_argument("--budget-groups", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)

@@ -69,6 +69,9 @@ class PastRunner:
         for s in sessions:
             self._lanes.put(s)
 
+    def close(self) -> None:
+        self.__dict__.pop("_lanes", None)  # the sessions go with the last reference to them
+
     def empty(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """Keys and values of no past for ``rows`` rows."""
         shape = (self.layers, rows, 0, self.kv_width)

@@ -67,6 +67,7 @@ class PrefixReusingEngine:
 
     def close(self) -> None:
         self.engine.close()
+        self.runner.close()
 
     def infer(self, batch: TokenBatch) -> np.ndarray:
         if left_padded_rows(batch.attention_mask):
