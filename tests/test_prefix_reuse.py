@@ -6,6 +6,7 @@ prefix cache; items are token ids made to share prompts the way a GRPO group and
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import httpx
@@ -209,6 +210,7 @@ def test_the_ray_router_reads_the_key_from_http_and_handle_requests_and_moves_fe
 
     http = SimpleNamespace(asgi_scope={"type": "http", "headers": [(b"x-prefix-key", b"abc")]})
     assert prefix_key([http]) == "abc"
+    assert prefix_key([pickle.dumps(http)]) == "abc"  # as Ray's HTTP proxy sends it
     assert prefix_key(["POST", "/v1/score", [("X-Prefix-Key", "def")], b"{}"]) == "def"
     assert prefix_key([SimpleNamespace(asgi_scope={"headers": []})]) is None
     # Stand-ins for Ray's RunningReplica: ``rank`` reads only replica_id.unique_id.

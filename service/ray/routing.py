@@ -20,6 +20,7 @@ every replica.
 from __future__ import annotations
 
 import hashlib
+import pickle
 import random
 from collections.abc import Iterable
 from typing import Any
@@ -44,9 +45,15 @@ def _from_headers(headers: Iterable[Any]) -> str | None:
 
 def prefix_key(args: Iterable[Any]) -> str | None:
     """The ``x-prefix-key`` of a request as Ray holds it: an HTTP request from Ray's proxy (an object
-    with its ASGI scope), or a handle call of ``RMServeReplica.handle_request`` (method, path, headers,
-    body)."""
+    with its ASGI scope, which the proxy sends pickled: ray/serve/_private/proxy_request_response.py,
+    ``serialized_replica_arg``), or a handle call of ``RMServeReplica.handle_request`` (method, path,
+    headers, body)."""
     for arg in args:
+        if isinstance(arg, bytes):
+            try:
+                arg = pickle.loads(arg)  # Ray's own proxy wrote it, inside the cluster
+            except Exception:  # not the proxy's request: no key
+                continue
         scope = getattr(arg, "asgi_scope", None)
         if isinstance(scope, dict):
             return _from_headers(scope.get("headers", ()))
