@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gzip
 import json
 import resource
 import time
@@ -34,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from loadtests.bench import load_pairs
 from rmserve.batching import Batcher, BatchPolicy
 from rmserve.bundle import Bundle, load_bundle
 from rmserve.config import Settings
@@ -42,7 +42,7 @@ from rmserve.engines.past import PastPass
 from rmserve.engines.reuse import PrefixReusingEngine, with_prefix_reuse
 from rmserve.engines.select import call_overhead_tokens, create_engine, default_batch_tokens
 from rmserve.formatting import Encoded, Formatter
-from rmserve.items import PairItem, StepsItem, split_hh
+from rmserve.items import PairItem, StepsItem
 from rmserve.kinds import kind_of
 from rmserve.metrics import Metrics
 
@@ -82,18 +82,10 @@ def build_bundles(work: Path) -> tuple[Path, Path]:
 
 
 def hh_texts(path: Path) -> tuple[list[str], list[str]]:
-    """Multi-turn HH prompts and the replies of every transcript."""
-    prompts, replies = [], []
-    with gzip.open(path, "rt") as fh:
-        for line in fh:
-            row = json.loads(line)
-            for side in ("chosen", "rejected"):
-                split = split_hh(row[side])
-                if split is not None:
-                    if side == "chosen" and split[0].count("Human:") >= 2:
-                        prompts.append(split[0])
-                    replies.append(split[1])
-    return prompts, replies
+    """Multi-turn HH prompts (once each) and the replies of every transcript."""
+    pairs = load_pairs(path, 1 << 30)
+    prompts = list(dict.fromkeys(prompt for prompt, _ in pairs if prompt.count("Human:") >= 2))
+    return prompts, [reply for _, reply in pairs]
 
 
 class Texts:
