@@ -201,16 +201,18 @@ async def compare(
     callers: int,
     chunk: int,
 ) -> dict[str, Any]:
-    """``requests`` in chunks of ``chunk``, each chunk off then on, so both see the same load."""
+    """``requests`` in chunks of ``chunk``, each chunk run off and on (which first alternates from
+    chunk to chunk), so both see the same load."""
     kind = kind_of(label, bundle, Formatter(bundle))
     encoded = [kind.encode(chain) for chain in requests]
     items = sum(len(c) for c in encoded)
     tokens = sum(len(e) for c in encoded for e in c)
     seconds = {"off": 0.0, "on": 0.0}
     values: dict[str, list[Any]] = {"off": [], "on": []}
-    for start in range(0, len(encoded), chunk):
+    for n, start in enumerate(range(0, len(encoded), chunk)):
         part = encoded[start : start + chunk]
-        for side, batcher in (("off", off), ("on", on)):
+        sides = [("off", off), ("on", on)]
+        for side, batcher in sides if n % 2 == 0 else sides[::-1]:
             elapsed, got = await drive(batcher, part, callers)
             seconds[side] += elapsed
             values[side] += got
@@ -288,6 +290,8 @@ async def main_async(args: argparse.Namespace) -> None:
         off, on = await batcher_for(bundle, plain, label + "-off"), await batcher_for(bundle, reusing, label)
         print(f"{label}: {plain.info.threads} threads, {plain.info.streams} streams", flush=True)
         for r in range(args.rounds):
+            if label not in args.bundles:
+                break
             if label == "outcome":
                 groups = [[item] for item in grpo(texts, args.groups)]
                 alone = [[item] for item in distinct(texts, args.distinct)]
@@ -336,6 +340,9 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=2, help="PRM search problems per round")
     parser.add_argument("--budget-groups", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--bundles", nargs="+", default=["outcome", "process"], help="outcome: GRPO and nothing shared"
+    )
     data = next((d for d in DATA_CANDIDATES if (d / "hh-rlhf").is_dir()), DATA_CANDIDATES[-1])
     parser.add_argument("--data", type=Path, default=data / "hh-rlhf" / "train.jsonl.gz")
     asyncio.run(main_async(parser.parse_args()))
