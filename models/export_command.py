@@ -50,6 +50,13 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "the traced one; lean: fail where it does not apply; traced: torch.onnx's graph",
     )
     parser.add_argument(
+        "--no-past-graph",
+        dest="past_graph",
+        action="store_false",
+        help="write no prefix-reuse graph beside a lean one (smaller bundle; every item is scored whole: "
+        "docs/prefix-reuse.md)",
+    )
+    parser.add_argument(
         "--opset", type=int, help="ONNX opset (default: 23 for fused decoder attention, else 18)"
     )
     parser.add_argument(
@@ -133,6 +140,7 @@ def run_export(args: argparse.Namespace) -> int:
             opset=args.opset,
             fuse_attention=args.fuse_attention,
             graph=args.graph,
+            past_graph=args.past_graph,
             calibration_pairs=args.calibration,
             base_model=args.base_model,
             overwrite=args.force,
