@@ -43,6 +43,7 @@ from rmserve.models.formats import format_settings, save_tokenizer
 from rmserve.models.graph import EXTERNAL_DATA_BYTES, ExportError, export_onnx, fuse_encoder, input_names
 from rmserve.models.heads import ModelMeta, checkpoint_family, load_score_model
 from rmserve.models.lean.eligibility import graph_reason
+from rmserve.models.named_heads import HeadRequest
 from rmserve.models.parity import Pair, ParityReport, TorchModel, check_parity
 from rmserve.models.process_heads import StepExport, load_step_model
 from rmserve.models.reduced import REDUCED, reduce_precision
@@ -71,6 +72,7 @@ def export_bundle(
     invariance_tolerance: float = 1e-5,
     external_data_bytes: int = EXTERNAL_DATA_BYTES,
     step: StepExport | None = None,
+    head: HeadRequest | None = None,
 ) -> Manifest:
     """Export ``checkpoint_dir`` to a bundle at ``bundle_dir``; raises ExportError with the reason.
 
@@ -78,16 +80,20 @@ def export_bundle(
     ``graph``: ``auto`` writes the lean graph where the checkpoint takes it (models/lean), ``lean``
     fails where it does not, ``traced`` always traces.
     ``step``: export a process reward model (a value per step token) instead of one score per item.
+    ``head``: a head other than ``score`` (a value head by name, a causal LM's logit) and OpenRLHF's
+    normalisation (models/named_heads.py).
     """
     checkpoint, dest = Path(checkpoint_dir), Path(bundle_dir)
     if precision not in ("fp32", *REDUCED):
         raise ExportError(f"precision {precision!r} is not exported; choose fp32, {' or '.join(REDUCED)}")
     if dest.exists() and any(dest.iterdir()) and not overwrite:
         raise ExportError(f"{dest} exists and is not empty (pass overwrite=True / --force to replace it)")
+    if step is not None and head is not None and head != HeadRequest():
+        raise ExportError("--value-head, --lm-logit and --normalize are for outcome models, not --step-token")
     try:
         family = checkpoint_family(checkpoint)
         chosen = attention.plan(family, fuse=fuse_attention, opset=opset, default_opset=DEFAULT_OPSET)
-        model, tokenizer, meta, process, chosen = _load(checkpoint, chosen, step)
+        model, tokenizer, meta, process, chosen = _load(checkpoint, chosen, step, head)
     except (OSError, ValueError) as exc:
         what = "a process reward model" if step else "a reward model"
         raise ExportError(f"cannot load {checkpoint} as {what}: {exc}") from exc
@@ -121,7 +127,7 @@ def export_bundle(
             fused_ops = attention.fused_ops_summary(attention.op_counts(staging / MODEL_FILE))
         else:
             model, chosen, exporter, fused_ops = _export_graph(
-                checkpoint, model, meta, chosen, staging, external_data_bytes, step
+                checkpoint, model, meta, chosen, staging, external_data_bytes, step, head
             )
         save_tokenizer(tokenizer, staging)
         write_calibration(staging, calibration)
@@ -132,6 +138,7 @@ def export_bundle(
             "family": meta.family,
             "kind": "process" if process else "outcome",
             "process": process,
+            "head": named.as_manifest() if (named := getattr(model, "named_head", None)) else None,
             "base_model": recorded_path(base_model) if base_model else meta.base_model,
             "format": settings,
             "opset": chosen.opset,
@@ -186,11 +193,11 @@ def export_bundle(
 
 
 def _load_model(
-    checkpoint: Path, attn: str | None, step: StepExport | None
+    checkpoint: Path, attn: str | None, step: StepExport | None, head: HeadRequest | None
 ) -> tuple[TorchModel, Any, ModelMeta, ProcessSettings | None]:
     """The torch model to export: one score per item, or (``step``) a value per token."""
     if step is None:
-        return (*load_score_model(checkpoint, attn_implementation=attn), None)
+        return (*load_score_model(checkpoint, attn_implementation=attn, head=head), None)
     return load_step_model(
         checkpoint,
         step_token=step.step_token,
@@ -201,16 +208,16 @@ def _load_model(
 
 
 def _load(
-    checkpoint: Path, chosen: AttentionPlan, step: StepExport | None
+    checkpoint: Path, chosen: AttentionPlan, step: StepExport | None, head: HeadRequest | None
 ) -> tuple[TorchModel, Any, ModelMeta, ProcessSettings | None, AttentionPlan]:
     """The model with the attention the plan asks for; without an SDPA path, unfused and why."""
     try:
-        return (*_load_model(checkpoint, chosen.implementation, step), chosen)
+        return (*_load_model(checkpoint, chosen.implementation, step, head), chosen)
     except ValueError as exc:
         if not chosen.fused or "scaled_dot_product_attention" not in str(exc):
             raise
     fallback = attention.unfused(DEFAULT_OPSET, "the model has no PyTorch SDPA attention path to fuse")
-    return (*_load_model(checkpoint, fallback.implementation, step), fallback)
+    return (*_load_model(checkpoint, fallback.implementation, step, head), fallback)
 
 
 def _export_graph(
@@ -221,6 +228,7 @@ def _export_graph(
     staging: Path,
     external_data_bytes: int,
     step: StepExport | None,
+    head: HeadRequest | None,
 ) -> tuple[TorchModel, AttentionPlan, str, dict[str, int]]:
     """Write the graph as planned; a graph that did not come out fused is redone unfused.
 
@@ -236,7 +244,7 @@ def _export_graph(
     for stale in staging.glob(MODEL_FILE + "*"):
         stale.unlink()
     fallback = attention.unfused(DEFAULT_OPSET, f"not fused: {problem}")
-    model = _load_model(checkpoint, fallback.implementation, step)[0]
+    model = _load_model(checkpoint, fallback.implementation, step, head)[0]
     exporter = export_onnx(
         model, meta, staging, opset=fallback.opset, external_data_bytes=external_data_bytes
     )

@@ -17,6 +17,14 @@ import torch
 from torch import nn
 
 from rmserve.bundle import ENCODER_POOLINGS, Pooling
+from rmserve.models.named_heads import (
+    BodyWithHead,
+    HeadRequest,
+    NamedHead,
+    head_module,
+    load_body,
+    named_head,
+)
 
 Family = Literal["encoder", "decoder"]
 
@@ -91,6 +99,8 @@ class ScoreModel(nn.Module):
             raise ValueError(f"an encoder pools {', '.join(ENCODER_POOLINGS)}, not {pooling!r}")
         self.pooling = pooling
         self.family = family
+        # A head other than transformers' ``score`` layer (models/named_heads.py), as the manifest says.
+        self.named_head: NamedHead | None = None
 
     @property
     def body(self) -> Any:
@@ -185,9 +195,10 @@ class ModelMeta:
 
 
 def load_score_model(
-    checkpoint_dir: str | Path, *, attn_implementation: str | None = None
+    checkpoint_dir: str | Path, *, attn_implementation: str | None = None, head: HeadRequest | None = None
 ) -> tuple[ScoreModel, Any, ModelMeta]:
-    """Load a num_labels=1 checkpoint as an fp32 ScoreModel in eval mode, with its tokenizer and meta.
+    """Load a num_labels=1 checkpoint (or one with a named head: models/named_heads.py) as an fp32
+    ScoreModel in eval mode, with its tokenizer and meta.
 
     A tokenizer without a pad token (most decoders) pads with EOS; pooling reads the attention
     mask, never the pad id, so that choice cannot change a score.
@@ -196,6 +207,9 @@ def load_score_model(
 
     path = Path(checkpoint_dir)
     config = AutoConfig.from_pretrained(path)
+    named = named_head(config, head)
+    if named is not None:
+        return _load_named(path, config, named, attn_implementation)
     if int(getattr(config, "num_labels", 1)) != 1:
         raise ValueError(f"{path} has num_labels={config.num_labels}; a reward model has exactly one")
     family = family_of(config)
@@ -207,6 +221,20 @@ def load_score_model(
         path, config=config, dtype=torch.float32, **extra
     )
     model = ScoreModel(hf_model, pooling_of(config), family).eval()
+    return model, tokenizer, model_meta(model, base_model_of(path), int(tokenizer.pad_token_id))
+
+
+def _load_named(
+    path: Path, config: Any, named: NamedHead, attn_implementation: str | None
+) -> tuple[ScoreModel, Any, ModelMeta]:
+    if family_of(config) != "decoder":
+        raise ValueError(f"a {named.form} head sits on a decoder; {config.model_type} is an encoder")
+    tokenizer = load_tokenizer(path)
+    config.pad_token_id = tokenizer.pad_token_id
+    body = load_body(path, config, named, attn_implementation or DECODER_ATTENTION)
+    hf_model = BodyWithHead(body, head_module(path, config, named, body))
+    model = ScoreModel(hf_model, "last_token", "decoder").eval()
+    model.named_head = named
     return model, tokenizer, model_meta(model, base_model_of(path), int(tokenizer.pad_token_id))
 
 

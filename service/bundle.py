@@ -117,6 +117,9 @@ class Manifest(BaseModel):
     kind: Kind = "outcome"
     # Only for process bundles: the step token and how a step's reward is read.
     process: ProcessSettings | None = None
+    # Only for an outcome head other than transformers' ``score`` layer: its form, the checkpoint
+    # weights it was read from, and what it adds (an LM head's token id, a normalisation's mean/std).
+    head: dict[str, Any] | None = None
     base_model: str
     format: FormatSettings
     precision: Precision = "fp32"

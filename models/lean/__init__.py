@@ -27,7 +27,13 @@ from rmserve.models.lean.body import decoder_body, decoder_inputs, layer_node_co
 from rmserve.models.lean.builder import GraphBuilder
 from rmserve.models.lean.eligibility import LAYER_NODE_BUDGET, why_not_lean
 from rmserve.models.lean.heads import head_output
-from rmserve.models.lean.weights import DecoderWeights, Linear, StepHeadWeights, decoder_weights, head_weights
+from rmserve.models.lean.weights import (
+    DecoderWeights,
+    ScoreHeadWeights,
+    StepHeadWeights,
+    decoder_weights,
+    head_weights,
+)
 from rmserve.models.process_heads import StepModel
 
 LEAN_OPSET = 23
@@ -64,7 +70,7 @@ class LeanGraph:
         }
 
 
-def build_lean_graph(w: DecoderWeights, head: Linear | StepHeadWeights, precision: str) -> Any:
+def build_lean_graph(w: DecoderWeights, head: ScoreHeadWeights | StepHeadWeights, precision: str) -> Any:
     """The ONNX model: ``input_ids``, ``attention_mask`` (int64 ``[batch, seq]``) -> ``scores``, float32
     ``[batch]`` for a score layer, ``[batch, sequence]`` for a step head."""
     g = GraphBuilder(precision)

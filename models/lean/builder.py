@@ -55,6 +55,12 @@ class GraphBuilder:
         self.initializers.append(_tensor(array, name, self.float_type))
         return name
 
+    def float32(self, label: str, value: float) -> str:
+        """A float32 scalar, whatever the graph's float type (for what runs after the cast to float32)."""
+        name = self._name(label)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
+        return name
+
     def ints(self, label: str, values: Sequence[int]) -> str:
         return self.weight(label, np.asarray(values, dtype=np.int64))
 

@@ -16,13 +16,17 @@ from onnx import TensorProto
 
 from rmserve.models.lean.body import DecoderInputs, linear, rms_norm
 from rmserve.models.lean.builder import GraphBuilder
-from rmserve.models.lean.weights import DecoderWeights, Linear, StepHeadWeights
+from rmserve.models.lean.weights import DecoderWeights, ScoreHeadWeights, StepHeadWeights
 
 HEAD = "head"
 
 
 def head_output(
-    g: GraphBuilder, hidden: str, inputs: DecoderInputs, w: DecoderWeights, head: Linear | StepHeadWeights
+    g: GraphBuilder,
+    hidden: str,
+    inputs: DecoderInputs,
+    w: DecoderWeights,
+    head: ScoreHeadWeights | StepHeadWeights,
 ) -> tuple[str, list[str]]:
     """The graph's output and its dimensions: ``[batch]`` scores, or ``[batch, sequence]`` step values."""
     if isinstance(head, StepHeadWeights):
@@ -31,9 +35,10 @@ def head_output(
 
 
 def last_token_score(
-    g: GraphBuilder, hidden: str, inputs: DecoderInputs, w: DecoderWeights, score: Linear
+    g: GraphBuilder, hidden: str, inputs: DecoderInputs, w: DecoderWeights, score: ScoreHeadWeights
 ) -> str:
-    """float32 ``[batch]``: the score head on the final norm of each row's last real token."""
+    """float32 ``[batch]``: the score head on the final norm of each row's last real token (then, for a
+    normalised head, ``(r - mean) / std`` in float32)."""
     with g.scope(HEAD):
         lengths = g.one("ReduceSum", [inputs.attention_mask, g.ints("axis", [1])], keepdims=0)
         # An all-padding row (never served) pools position 0, as models/heads.py does.
@@ -44,9 +49,18 @@ def last_token_score(
         flat = g.one("Reshape", [hidden, g.ints("rows_shape", [-1, w.hidden])])
         pooled = g.one("Gather", [flat, g.one("Add", [starts, last])], axis=0)
         normed = rms_norm(g, pooled, g.weight("final_norm", w.final_norm), w.eps)
-        scores = g.one("Reshape", [linear(g, normed, score, "score"), g.ints("flat", [-1])])
+        x = normed
+        for k, layer in enumerate(score.layers):
+            if k:
+                x = g.one("Relu", [x])
+            x = linear(g, x, layer, "score" if k == 0 else f"score{k}")
+        scores = g.one("Reshape", [x, g.ints("flat", [-1])])
         if g.float_type != TensorProto.FLOAT:
             scores = g.one("Cast", [scores], to=TensorProto.FLOAT)
+        if score.normalize is not None:
+            mean, std = score.normalize
+            scores = g.one("Sub", [scores, g.float32("mean", mean)])
+            scores = g.one("Div", [scores, g.float32("std", std)])
     return scores
 
 
