@@ -177,3 +177,60 @@ def test_a_value_head_prefix_naming_no_saved_weight_fails_the_export_instead_of_
     with pytest.raises(ExportError, match="value_head.weight"):
         export_bundle(checkpoint, tmp_path / "bundle")
     assert not (tmp_path / "bundle").exists()
+
+
+def test_value_head_names_the_head_of_a_checkpoint_whose_config_does_not_as_serve_rms_flag_does(
+    tmp_path: Path,
+) -> None:
+    # OpenRLHF checkpoints saved before train_rm wrote value_head_prefix into config.json are served
+    # with serve_rm's --ds.value_head_prefix; rmserve export takes --value-head.
+    from rmserve.models.export_command import main
+
+    checkpoint = openrlhf_checkpoint(tmp_path / "checkpoint", prefix="v_head", seed=1)
+    config = json.loads((checkpoint / "config.json").read_text())
+    del config["value_head_prefix"]
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ExportError, match="neither its LlamaModel body's nor its 'score' head's: v_head.weight"
+    ):
+        export_bundle(checkpoint, tmp_path / "refused")
+    assert (
+        main([str(checkpoint), str(tmp_path / "bundle"), "--value-head", "v_head", "--max-length", "256"])
+        == 0
+    )
+    assert read_manifest(tmp_path / "bundle").head == {"form": "value_head", "weights": "v_head"}
+
+    from transformers import AutoModel, LlamaConfig
+
+    config_obj = LlamaConfig.from_pretrained(checkpoint)
+    config_obj.normalize_reward = False
+    cls = _reward_model_class(
+        AutoModel._model_mapping[LlamaConfig].__base__, AutoModel._model_mapping[LlamaConfig], "v_head"
+    )
+    model = cls.from_pretrained(checkpoint, config=config_obj, torch_dtype=torch.float32).eval()
+    tokenizer = llama3_tokenizer()
+    texts = queries(tokenizer)
+    bundle = load_bundle(tmp_path / "bundle")
+    formatter = Formatter(bundle)
+    items, _ = query_items(texts, None, formatter, 100_000)
+    with serve({"RMSERVE_MODELS": str(tmp_path / "bundle"), "RMSERVE_CACHE": "off"}, tmp_path) as server:
+        body = httpx.post(server.url + "/get_reward", json={"query": texts}, timeout=120).json()
+    expected = []
+    for enc in formatter.encode(items):
+        ids = torch.tensor([enc.ids])
+        with torch.no_grad():
+            expected.append(model(ids, torch.ones_like(ids)).item())
+    assert body["rewards"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_rmserve_export_normalize_writes_the_configs_mean_and_std_into_the_manifest(
+    openrlhf: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rmserve.models.export_command import main
+
+    assert main([str(openrlhf["checkpoint"]), str(tmp_path / "b"), "--normalize", "--max-length", "256"]) == 0
+    assert "exported" in capsys.readouterr().out
+    manifest = read_manifest(tmp_path / "b")
+    assert manifest.head is not None and manifest.head["normalize"] == {"mean": MEAN, "std": STD}
+    # The same graph as the fixture's normalised export: one bundle version for one checkpoint and flag.
+    assert manifest.version == read_manifest(openrlhf["normalized"]).version
