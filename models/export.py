@@ -98,6 +98,9 @@ def export_bundle(
         what = "a process reward model" if step else "a reward model"
         raise ExportError(f"cannot load {checkpoint} as {what}: {exc}") from exc
     settings = format_settings(tokenizer, meta, max_length=max_length, input_format=input_format)
+    named = getattr(model, "named_head", None)
+    if named is not None and named.gate_pattern:
+        settings = settings.model_copy(update={"gate_pattern": named.gate_pattern})
     try:
         why_traced = graph_reason(
             graph,
@@ -138,7 +141,7 @@ def export_bundle(
             "family": meta.family,
             "kind": "process" if process else "outcome",
             "process": process,
-            "head": named.as_manifest() if (named := getattr(model, "named_head", None)) else None,
+            "head": named.as_manifest() if named is not None else None,
             "base_model": recorded_path(base_model) if base_model else meta.base_model,
             "format": settings,
             "opset": chosen.opset,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from rmserve.bundle import ENCODER_POOLINGS, Pooling
+from rmserve.models.gating_head import GatingHead
 from rmserve.models.named_heads import (
     BodyWithHead,
     HeadRequest,
@@ -159,9 +160,16 @@ class ScoreModel(nn.Module):
             position_ids=position_ids_of(mask),
             use_cache=False,
         ).last_hidden_state
-        index = last_token_index(mask)
-        last = hidden.gather(1, index.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])).squeeze(1)
-        return self.hf_model.score(last)[:, 0].float()
+        last = _rows(hidden, last_token_index(mask))
+        head = self.hf_model.score
+        if isinstance(head, GatingHead):  # also reads the prompt end (models/gating_head.py)
+            return head(last, _rows(hidden, head.prompt_end(input_ids).clamp(min=0))).float()
+        return head(last)[:, 0].float()
+
+
+def _rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``hidden[b, index[b]]`` for each row b: ``[batch, hidden]``."""
+    return hidden.gather(1, index.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])).squeeze(1)
 
 
 def base_model_of(checkpoint: Path) -> str:
@@ -232,8 +240,8 @@ def _load_named(
     tokenizer = load_tokenizer(path)
     config.pad_token_id = tokenizer.pad_token_id
     body = load_body(path, config, named, attn_implementation or DECODER_ATTENTION)
-    hf_model = BodyWithHead(body, head_module(path, config, named, body))
-    model = ScoreModel(hf_model, "last_token", "decoder").eval()
+    head, named = head_module(path, config, named, body, tokenizer)
+    model = ScoreModel(BodyWithHead(body, head), "last_token", "decoder").eval()
     model.named_head = named
     return model, tokenizer, model_meta(model, base_model_of(path), int(tokenizer.pad_token_id))
 

@@ -24,20 +24,19 @@ only when asked (``rmserve export --normalize``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-NamedHeadForm = Literal["value_head", "mlp_score", "lm_logit"]
+NamedHeadForm = Literal["value_head", "mlp_score", "lm_logit", "gating"]
 OPENRLHF_RM = "RewardModel"
 MLP_SCORE_ARCHITECTURES = frozenset({"INFORMForSequenceClassification"})
 # Heads seen in published checkpoints that rmserve does not compute: refused by name, never guessed.
+GATING_ARCHITECTURE = "LlamaForRewardModelWithGating"
 REFUSED_ARCHITECTURES = {
-    "LlamaForRewardModelWithGating": "ArmoRM's gating head (regression_layer, gating, "
-    "reward_transform_matrix) is not exported",
     "InternLM2ForRewardModel": "InternLM2's remote-code body (packed wqkv) is not exported",
     # vLLM's and sglang's ports give it an MLP score head, but its own modeling_qwen2_rm.py (how it reads
     # the score) has not been checked, so it is not guessed.
@@ -66,11 +65,25 @@ class NamedHead:
     prefix: str
     token_id: int | None = None
     normalize: tuple[float, float] | None = None
+    # A gating head's: the ids whose last occurrence marks the prompt end, and its objectives' names.
+    gate_pattern: tuple[int, ...] | None = None
+    components: tuple[str, ...] | None = None
+
+    @property
+    def unread(self) -> tuple[str, ...]:
+        """Prefixes of the checkpoint's weights that are not the body's: the head's, and what it leaves
+        unread (a causal LM's ``lm_head``)."""
+        extra = ("gating.", "reward_transform_matrix") if self.form == "gating" else ()
+        return (self.prefix + ".", UNREAD_LM_HEAD, *extra)
 
     def as_manifest(self) -> dict[str, Any]:
         out: dict[str, Any] = {"form": self.form, "weights": self.prefix}
         if self.token_id is not None:
             out["token_id"] = self.token_id
+        if self.gate_pattern is not None:
+            out["gate_pattern"] = list(self.gate_pattern)
+        if self.components is not None:
+            out["components"] = list(self.components)
         if self.normalize is not None:
             out["normalize"] = {"mean": self.normalize[0], "std": self.normalize[1]}
         return out
@@ -104,6 +117,10 @@ def named_head(config: Any, request: HeadRequest | None) -> NamedHead | None:
         return NamedHead("value_head", prefix, normalize=normalize)
     if arch in MLP_SCORE_ARCHITECTURES:
         return NamedHead("mlp_score", "score", normalize=normalize)
+    if arch == GATING_ARCHITECTURE:
+        if normalize is not None:
+            raise ValueError("--normalize applies OpenRLHF's mean/std, not a gating head's")
+        return NamedHead("gating", "regression_layer")
     if normalize is not None:
         raise ValueError(
             "--normalize applies OpenRLHF's mean/std; this checkpoint is not an OpenRLHF RewardModel"
@@ -175,8 +192,7 @@ def load_body(path: Path, config: Any, head: NamedHead, attn: str) -> nn.Module:
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise ValueError(f"{path} lacks body weights {', '.join(missing[:8])}: they would be random")
-    unread = (head.prefix + ".", UNREAD_LM_HEAD)
-    foreign = sorted(k for k in info.get("unexpected_keys") or [] if not k.startswith(unread))
+    foreign = sorted(k for k in info.get("unexpected_keys") or [] if not k.startswith(head.unread))
     if foreign:
         raise ValueError(
             f"{path} has weights that are neither its {type(body).__name__} body's nor its "
@@ -187,10 +203,19 @@ def load_body(path: Path, config: Any, head: NamedHead, attn: str) -> nn.Module:
     return body
 
 
-def head_module(path: Path, config: Any, head: NamedHead, body: nn.Module) -> nn.Module:
-    """The head as a torch module (hidden -> ``[rows, 1]``), from the checkpoint's tensors."""
+def head_module(
+    path: Path, config: Any, head: NamedHead, body: nn.Module, tokenizer: Any
+) -> tuple[nn.Module, NamedHead]:
+    """The head as a torch module (hidden -> ``[rows, 1]``; a gating head: models/gating_head.py), from
+    the checkpoint's tensors, and the head as the manifest records it."""
     hidden = int(config.hidden_size)
     tensors = checkpoint_tensors(path, head.prefix)
+    if head.form == "gating":
+        from rmserve.models.gating_head import gating_head, objective_names
+
+        gating = gating_head(path, config, tokenizer, tensors)
+        names = objective_names(config, gating.regression.out_features)
+        return gating, replace(head, gate_pattern=gating.pattern, components=names)
     if head.form == "lm_logit":
         module = _lm_row(config, tensors, body, head)
     elif head.form == "mlp_score":
@@ -202,8 +227,8 @@ def head_module(path: Path, config: Any, head: NamedHead, body: nn.Module) -> nn
         module = nn.Linear(hidden, 1, bias=has_bias)
         _load_exactly(module, tensors, path, head.prefix)
     if head.normalize is not None:
-        return Normalized(module, *head.normalize)
-    return module
+        return Normalized(module, *head.normalize), head
+    return module, head
 
 
 def _load_exactly(module: nn.Module, tensors: dict[str, torch.Tensor], path: Path, prefix: str) -> None:

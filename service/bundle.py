@@ -59,7 +59,7 @@ class FormatSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     # Fields added after bundles were already published: in the digest only when not at their
     # default, so a bundle exported before the field existed keeps its version (``digest_json``).
-    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = ()
+    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = ("gate_pattern",)
 
     input_format: InputFormat
     max_length: int = Field(gt=1)
@@ -81,6 +81,9 @@ class FormatSettings(BaseModel):
     # Raw scores are served as the model gives them unless the bundle states an affine map.
     score_shift: float = 0.0
     score_scale: float = 1.0
+    # Only for a gating head (ArmoRM): the token ids whose last occurrence marks the prompt end it reads;
+    # an item whose ids lack them cannot be scored.
+    gate_pattern: tuple[int, ...] | None = None
 
 
 class ProcessSettings(BaseModel):

@@ -144,7 +144,7 @@ def test_lm_logit_outside_the_vocabulary_fails_naming_the_range(tmp_path: Path) 
 @pytest.mark.parametrize(
     ("architecture", "named"),
     [
-        ("LlamaForRewardModelWithGating", "ArmoRM's gating head"),
+        ("InternLM2ForRewardModel", "remote-code body"),
         ("Qwen2ForRewardModel", "modeling_qwen2_rm.py"),
     ],
 )

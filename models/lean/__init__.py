@@ -29,6 +29,7 @@ from rmserve.models.lean.eligibility import LAYER_NODE_BUDGET, why_not_lean
 from rmserve.models.lean.heads import head_output
 from rmserve.models.lean.weights import (
     DecoderWeights,
+    GatingHeadWeights,
     ScoreHeadWeights,
     StepHeadWeights,
     decoder_weights,
@@ -70,17 +71,21 @@ class LeanGraph:
         }
 
 
-def build_lean_graph(w: DecoderWeights, head: ScoreHeadWeights | StepHeadWeights, precision: str) -> Any:
+def build_lean_graph(
+    w: DecoderWeights, head: ScoreHeadWeights | GatingHeadWeights | StepHeadWeights, precision: str
+) -> Any:
     """The ONNX model: ``input_ids``, ``attention_mask`` (int64 ``[batch, seq]``) -> ``scores``, float32
-    ``[batch]`` for a score layer, ``[batch, sequence]`` for a step head."""
+    ``[batch]`` for a score layer, ``[batch, sequence]`` for a step head (and a gating head's
+    ``components``, ``[batch, objectives]``)."""
     g = GraphBuilder(precision)
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
     mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])
     inputs = decoder_inputs(g, ids.name, mask.name)
-    scores, dims = head_output(g, decoder_body(g, w, inputs), inputs, w, head)
-    g.rename(scores, "scores")
-    out = helper.make_tensor_value_info("scores", TensorProto.FLOAT, dims)
-    return g.model([ids, mask], [out], LEAN_OPSET)
+    outputs = []
+    for value, name, dims in head_output(g, decoder_body(g, w, inputs), inputs, w, head):
+        g.rename(value, name)
+        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
+    return g.model([ids, mask], outputs, LEAN_OPSET)
 
 
 def write_lean_graph(

@@ -16,7 +16,8 @@ from onnx import TensorProto
 
 from rmserve.models.lean.body import DecoderInputs, linear, rms_norm
 from rmserve.models.lean.builder import GraphBuilder
-from rmserve.models.lean.weights import DecoderWeights, ScoreHeadWeights, StepHeadWeights
+from rmserve.models.lean.gating import gating_outputs
+from rmserve.models.lean.weights import DecoderWeights, GatingHeadWeights, ScoreHeadWeights, StepHeadWeights
 
 HEAD = "head"
 
@@ -26,12 +27,16 @@ def head_output(
     hidden: str,
     inputs: DecoderInputs,
     w: DecoderWeights,
-    head: ScoreHeadWeights | StepHeadWeights,
-) -> tuple[str, list[str]]:
-    """The graph's output and its dimensions: ``[batch]`` scores, or ``[batch, sequence]`` step values."""
+    head: ScoreHeadWeights | GatingHeadWeights | StepHeadWeights,
+) -> list[tuple[str, str, list[str]]]:
+    """The graph's outputs (value, name, dimensions), ``scores`` first: ``[batch]`` scores, or ``[batch,
+    sequence]`` step values; a gating head adds its ``components`` ``[batch, objectives]``."""
     if isinstance(head, StepHeadWeights):
-        return step_values(g, hidden, w, head), ["batch", "sequence"]
-    return last_token_score(g, hidden, inputs, w, head), ["batch"]
+        return [(step_values(g, hidden, w, head), "scores", ["batch", "sequence"])]
+    if isinstance(head, GatingHeadWeights):
+        scores, rewards = gating_outputs(g, hidden, inputs, w, head)
+        return [(scores, "scores", ["batch"]), (rewards, "components", ["batch", "objectives"])]
+    return [(last_token_score(g, hidden, inputs, w, head), "scores", ["batch"])]
 
 
 def last_token_score(

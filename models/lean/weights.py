@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from rmserve.bundle import StepRule
+from rmserve.models.gating_head import GatingHead
 from rmserve.models.heads import ScoreModel
 from rmserve.models.named_heads import Normalized
 from rmserve.models.process_heads import StepHead, StepModel
@@ -138,6 +139,31 @@ class ScoreHeadWeights:
     normalize: tuple[float, float] | None = None
 
 
+@dataclass(frozen=True)
+class GatingHeadWeights:
+    """ArmoRM's gating head (models/gating_head.py): the regression layer read at the last token, the
+    gating network's layers (ReLU between) read at the prompt end, and what combines them."""
+
+    regression: Linear
+    gate: tuple[Linear, ...]
+    temperature: float
+    logit_scale: float
+    transform: np.ndarray  # [objectives, objectives]
+    pattern: tuple[int, ...]
+
+
+def gating_weights(head: GatingHead) -> GatingHeadWeights:
+    layers = [m for m in head.gate if isinstance(m, nn.Linear)]
+    return GatingHeadWeights(
+        regression=_linears(head.regression),
+        gate=tuple(_linears(layer) for layer in layers),
+        temperature=head.temperature,
+        logit_scale=float(head.logit_scale[0]),
+        transform=_array(head.transform),
+        pattern=head.pattern,
+    )
+
+
 def _mlp_layers(module: nn.Module, what: str) -> tuple[nn.Linear, ...]:
     """One Linear, or Linear, ReLU, Linear: the head forms the lean graph writes."""
     if isinstance(module, nn.Linear):
@@ -147,9 +173,11 @@ def _mlp_layers(module: nn.Module, what: str) -> tuple[nn.Linear, ...]:
     raise ValueError(f"a {type(module).__name__} {what} has no lean graph")
 
 
-def score_head(hf_model: Any) -> ScoreHeadWeights:
+def score_head(hf_model: Any) -> ScoreHeadWeights | GatingHeadWeights:
     """The outcome head (``score``, or a named head: models/named_heads.py): hidden -> one reward."""
     head, normalize = hf_model.score, None
+    if isinstance(head, GatingHead):
+        return gating_weights(head)
     if isinstance(head, Normalized):
         normalize = (float(head.mean[0]), float(head.std[0]))
         head = head.head
@@ -178,7 +206,7 @@ def step_head(head: StepHead) -> StepHeadWeights:
     )
 
 
-def head_weights(model: ScoreModel | StepModel) -> ScoreHeadWeights | StepHeadWeights:
+def head_weights(model: ScoreModel | StepModel) -> ScoreHeadWeights | GatingHeadWeights | StepHeadWeights:
     """The head the lean graph writes on the body: a process model's step head, else the score layer."""
     if isinstance(model, StepModel):
         return step_head(model.head)
