@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -59,7 +60,7 @@ class FormatSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     # Fields added after bundles were already published: in the digest only when not at their
     # default, so a bundle exported before the field existed keeps its version (``digest_json``).
-    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = ("gate_pattern",)
+    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = ("bos_tokens", "template_date", "gate_pattern")
 
     input_format: InputFormat
     max_length: int = Field(gt=1)
@@ -81,9 +82,25 @@ class FormatSettings(BaseModel):
     # Raw scores are served as the model gives them unless the bundle states an affine map.
     score_shift: float = 0.0
     score_scale: float = 1.0
+    # Decoders: how many BOS ids every item starts with. None: as the text tokenizes (a chat template's
+    # own BOS, plain text's none). N: the leading BOS ids the text tokenized to are replaced by exactly
+    # N (``Formatter.tokenize``), as the model's authors tokenize it; decided at export from the reference.
+    bos_tokens: int | None = Field(None, ge=0, le=2)
+    # The date ``strftime_now`` renders in chat templates (ISO, e.g. "2026-12-07"), fixed at export so a
+    # score does not change from day to day; None leaves ``strftime_now`` undefined.
+    template_date: str | None = None
     # Only for a gating head (ArmoRM): the token ids whose last occurrence marks the prompt end it reads;
     # an item whose ids lack them cannot be scored.
     gate_pattern: tuple[int, ...] | None = None
+
+    @model_validator(mode="after")
+    def _iso_date(self) -> FormatSettings:
+        if self.template_date is not None:
+            try:
+                date.fromisoformat(self.template_date)
+            except ValueError:
+                raise ValueError(f"template_date {self.template_date!r} is not an ISO date") from None
+        return self
 
 
 class ProcessSettings(BaseModel):
@@ -124,6 +141,9 @@ class Manifest(BaseModel):
     # weights it was read from, and what it adds (an LM head's token id, a normalisation's mean/std).
     head: dict[str, Any] | None = None
     base_model: str
+    # The model family export recognised, its authors' tokenization recipe and the BOS policy it
+    # implied (rmserve.models.families); the reference's result is ``parity["reference"]``.
+    model_family: dict[str, Any] | None = None
     format: FormatSettings
     precision: Precision = "fp32"
     opset: int
