@@ -103,7 +103,8 @@ def export_bundle(
     try:
         entry = None if step else outcome_family(checkpoint, family, trust_remote_code)
         if entry is not None and entry.head == "lm_logit" and (head is None or head.lm_logit is None):
-            raise ValueError(f"{entry.title} is read at one token of its LM head: pass {' '.join(entry.flags)}")
+            flags = " ".join(entry.flags)
+            raise ValueError(f"{entry.title} is read at one token of its LM head: pass {flags}")
         layout = checkpoint_family(checkpoint)
         chosen = attention.plan(layout, fuse=fuse_attention, opset=opset, default_opset=DEFAULT_OPSET)
         model, tokenizer, meta, process, chosen = _load(checkpoint, chosen, step, trust_remote_code, head)

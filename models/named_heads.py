@@ -34,14 +34,7 @@ from torch import nn
 NamedHeadForm = Literal["value_head", "mlp_score", "lm_logit", "gating"]
 OPENRLHF_RM = "RewardModel"
 MLP_SCORE_ARCHITECTURES = frozenset({"INFORMForSequenceClassification"})
-# Heads seen in published checkpoints that rmserve does not compute: refused by name, never guessed.
 GATING_ARCHITECTURE = "LlamaForRewardModelWithGating"
-REFUSED_ARCHITECTURES = {
-    "InternLM2ForRewardModel": "InternLM2's remote-code body (packed wqkv) is not exported",
-    # vLLM's and sglang's ports give it an MLP score head, but its own modeling_qwen2_rm.py (how it reads
-    # the score) has not been checked, so it is not guessed.
-    "Qwen2ForRewardModel": "Qwen2.5-Math-RM's remote head (modeling_qwen2_rm.py) is not verified",
-}
 # A causal LM's own head, saved beside a value head and never read by the reward.
 UNREAD_LM_HEAD = "lm_head."
 
@@ -99,8 +92,6 @@ def named_head(config: Any, request: HeadRequest | None) -> NamedHead | None:
     ValueError names an architecture or a request rmserve does not serve."""
     request = request or HeadRequest()
     arch = architecture_of(config)
-    if arch in REFUSED_ARCHITECTURES:
-        raise ValueError(f"architecture {arch}: {REFUSED_ARCHITECTURES[arch]}")
     if request.value_head is not None and request.lm_logit is not None:
         raise ValueError("--value-head and --lm-logit name two different heads; give one")
     normalize = _normalization(config, arch) if request.normalize else None

@@ -118,7 +118,9 @@ def card_outputs(checkpoint: Path) -> tuple[list[list[int]], list[float], list[l
 def armorm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("armorm")
     checkpoint = armorm_checkpoint(root / "checkpoint")
-    export_bundle(checkpoint, root / "bundle", name="armorm", max_length=256)
+    # Its config.json names remote code (auto_map): export asks for the flag, though rmserve reads the head
+    # from the weights and runs none of it.
+    export_bundle(checkpoint, root / "bundle", name="armorm", max_length=256, trust_remote_code=True)
     return root
 
 
@@ -165,5 +167,5 @@ def test_a_gating_checkpoint_without_its_transform_matrix_fails_the_export_namin
     del weights["reward_transform_matrix"]
     save_file(weights, str(checkpoint / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ExportError, match="has no reward_transform_matrix"):
-        export_bundle(checkpoint, tmp_path / "bundle")
+        export_bundle(checkpoint, tmp_path / "bundle", trust_remote_code=True)
     assert not (tmp_path / "bundle").exists()

@@ -90,7 +90,10 @@ register(
     ModelFamily(
         name="inf-orm",
         title="INF-ORM (INFORMForSequenceClassification: MLP score head)",
-        recognition=Recognition(architectures=("INFORMForSequenceClassification",), model_types=("llama",)),
+        # Named: its class name also fits the stock "*ForSequenceClassification" entries.
+        recognition=Recognition(
+            architectures=("INFORMForSequenceClassification",), model_types=("llama",), names=("*INF-ORM*",)
+        ),
         head="mlp_score",
         recipe="template",
         reference=None,
