@@ -73,14 +73,15 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--value-head",
         metavar="NAME",
         help="score with the one-output linear layer saved as NAME (v_head, value_head, regression_layer) "
-        "on the decoder body, at the last token (OpenRLHF's RewardModel is recognised without it)",
+        "on the decoder body, at the last token (default: the head the family has; OpenRLHF's RewardModel: "
+        "config.json's value_head_prefix)",
     )
     heads.add_argument(
         "--lm-logit",
         type=int,
         metavar="TOKEN_ID",
         help="score a causal LM by the logit of TOKEN_ID at the next position (Llama-3.1-Nemotron-70B-"
-        "Reward-HF: 0); only that row of the LM head is kept",
+        "Reward-HF: 0); only that row of the LM head is kept (default: none, a head other than the LM's)",
     )
     heads.add_argument(
         "--normalize",
