@@ -12,6 +12,7 @@ from typing import get_args
 
 from rmserve.bundle import InputFormat, StepRule
 from rmserve.cli import DefaultsHelpFormatter
+from rmserve.models.data import HH_DEV_ENV, hh_dev_path
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +61,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calibration",
         help="JSONL of {prompt, response} calibration pairs, or 'builtin' (default: the HH-RLHF dev "
-        "pairs of the shared data when present, else 'builtin')",
+        f"pairs at {hh_dev_path()} when present, else 'builtin'; ${HH_DEV_ENV} moves it)",
     )
     parser.add_argument(
         "--base-model",
