@@ -27,6 +27,9 @@ from rmserve.models.families.conversations import CONVERSATIONS
 from rmserve.models.families.reference import question_answer
 from rmserve.models.graph import ExportError
 
+# The longest conversation the reference runs: its eager forward pass is quadratic in length, so a model
+# trained for 128k tokens is checked near 8,192 of them, not near its max_length.
+LONGEST_REFERENCE = 8192
 # A template that reads the date: its rendering changes with the day unless the date is pinned.
 _READS_DATE = re.compile(r"strftime_now")
 
@@ -79,26 +82,26 @@ def run_reference(
     """The family's reference on the fixed conversations, and the BOS policy it implies."""
     if family.reference is None:
         raise ExportError(f"{family.title} has no reference usage to check an export against")
-    settings = ReferenceSettings(trust_remote_code, date or today(), max_length)
-    reference = family.reference(checkpoint, CONVERSATIONS, settings)
     bos_id = tokenizer.bos_token_id
+    if bos_override is not None and (bos_id is None or family.input_format != "chat_template"):
+        raise ExportError(f"--bos-tokens {bos_override}: only a decoder whose tokenizer has BOS takes it")
+    longest = min(max_length, LONGEST_REFERENCE)
+    settings = ReferenceSettings(trust_remote_code, date or today(), longest, bos_override)
+    reference = family.reference(checkpoint, CONVERSATIONS, settings)
     if bos_override is not None:
-        if bos_override and bos_id is None:
-            raise ExportError(f"--bos-tokens {bos_override}: the tokenizer has no BOS token")
-        ids = tuple((bos_id,) * bos_override + _strip(x, bos_id) for x in reference.ids)
-        reference = _with_ids(reference, ids)
         return AuthorsReference(family, reference, bos_override, "--bos-tokens")
     if family.input_format != "chat_template" or bos_id is None:
         return AuthorsReference(family, reference, None, "no BOS policy (as the text tokenizes)")
-    counts = {_lead(x, bos_id) for x in reference.ids}
-    if len(counts) != 1:
-        raise ExportError(f"the reference starts its conversations with {sorted(counts)} BOS tokens")
-    wanted = counts.pop()
-    rendered = tokenizer(reference.rendered[0], add_special_tokens=False)["input_ids"]
-    template_bos = _lead(tuple(rendered), bos_id)
-    if wanted == template_bos:
-        return AuthorsReference(family, reference, None, f"the template's BOS ({wanted})")
-    how = "the tokenizer's" if template_bos == 0 else "the template's and the tokenizer's"
+    # Per conversation: the BOS ids the reference starts with, and those the template's text alone gives.
+    counts = [_lead(x, bos_id) for x in reference.ids]
+    plain = [tuple(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in reference.rendered]
+    own = [_lead(ids, bos_id) for ids in plain]
+    if counts == own:
+        return AuthorsReference(family, reference, None, f"the template's BOS ({max(own, default=0)})")
+    if len(set(counts)) != 1:
+        raise ExportError(f"the reference starts its conversations with {sorted(set(counts))} BOS tokens")
+    wanted = counts[0]
+    how = "the tokenizer's" if max(own, default=0) == 0 else "the template's and the tokenizer's"
     return AuthorsReference(family, reference, wanted, f"{how} BOS ({wanted})")
 
 
@@ -111,12 +114,6 @@ def _strip(ids: tuple[int, ...], bos: int | None) -> tuple[int, ...]:
     while k < len(ids) and ids[k] == bos:
         k += 1
     return ids[k:]
-
-
-def _with_ids(reference: Reference, ids: tuple[tuple[int, ...], ...]) -> Reference:
-    from dataclasses import replace
-
-    return replace(reference, ids=ids)
 
 
 def message(data: Mapping[str, Any]) -> Message:

@@ -44,6 +44,8 @@ class ReferenceSettings:
     trust_remote_code: bool
     template_date: str
     max_length: int
+    # ``--bos-tokens``: the recipe's token ids with their leading BOS replaced by exactly this many.
+    bos_tokens: int | None = None
 
 
 @dataclass(frozen=True)
