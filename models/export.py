@@ -45,6 +45,7 @@ from rmserve.models.formats import default_max_length, format_settings, save_tok
 from rmserve.models.graph import EXTERNAL_DATA_BYTES, ExportError, export_onnx, fuse_encoder, input_names
 from rmserve.models.heads import ModelMeta, checkpoint_family, load_score_model
 from rmserve.models.lean.eligibility import graph_reason
+from rmserve.models.named_heads import HeadRequest
 from rmserve.models.parity import Pair, ParityReport, TorchModel, check_parity
 from rmserve.models.process_heads import StepExport, load_step_model
 from rmserve.models.reduced import REDUCED, reduce_precision
@@ -74,6 +75,7 @@ def export_bundle(
     invariance_tolerance: float = 1e-5,
     external_data_bytes: int = EXTERNAL_DATA_BYTES,
     step: StepExport | None = None,
+    head: HeadRequest | None = None,
     family: str | None = None,
     trust_remote_code: bool = False,
     bos_tokens: int | None = None,
@@ -90,17 +92,24 @@ def export_bundle(
     config.json decides) and held to that family's reference usage (models/authors.py): ``bos_tokens``
     overrides the BOS count the reference implies, ``template_date`` (ISO) the date templates see
     (default: the day of the export), ``trust_remote_code`` lets a checkpoint's own code run.
+    ``head``: a head other than ``score`` (a value head by name, a causal LM's logit) and OpenRLHF's
+    normalisation (models/named_heads.py).
     """
     checkpoint, dest = Path(checkpoint_dir), Path(bundle_dir)
     if precision not in ("fp32", *REDUCED):
         raise ExportError(f"precision {precision!r} is not exported; choose fp32, {' or '.join(REDUCED)}")
     if dest.exists() and any(dest.iterdir()) and not overwrite:
         raise ExportError(f"{dest} exists and is not empty (pass overwrite=True / --force to replace it)")
+    if step is not None and head is not None and head != HeadRequest():
+        raise ExportError("--value-head, --lm-logit and --normalize are for outcome models, not --step-token")
     try:
         entry = None if step else outcome_family(checkpoint, family, trust_remote_code)
+        if entry is not None and entry.head == "lm_logit" and (head is None or head.lm_logit is None):
+            flags = " ".join(entry.flags)
+            raise ValueError(f"{entry.title} is read at one token of its LM head: pass {flags}")
         layout = checkpoint_family(checkpoint)
         chosen = attention.plan(layout, fuse=fuse_attention, opset=opset, default_opset=DEFAULT_OPSET)
-        model, tokenizer, meta, process, chosen = _load(checkpoint, chosen, step, trust_remote_code)
+        model, tokenizer, meta, process, chosen = _load(checkpoint, chosen, step, trust_remote_code, head)
     except (OSError, ValueError) as exc:
         what = "a process reward model" if step else "a reward model"
         raise ExportError(f"cannot load {checkpoint} as {what}: {exc}") from exc
@@ -110,7 +119,8 @@ def export_bundle(
     except ValueError as exc:
         raise ExportError(f"--template-date {template_date!r} is not an ISO date (YYYY-MM-DD)") from exc
     reference = None
-    if entry is not None:
+    # A family whose authors' code cannot run in an export (models/families/heads.py) has no reference.
+    if entry is not None and entry.reference is not None:
         reference = authors.run_reference(
             checkpoint,
             entry,
@@ -120,16 +130,19 @@ def export_bundle(
             date=date,
             bos_override=bos_tokens,
         )
-    elif bos_tokens is not None:
+    elif bos_tokens is not None and entry is None:
         raise ExportError("--bos-tokens applies to outcome reward models")
     settings = format_settings(
         tokenizer,
         meta,
         max_length=length,
         input_format=input_format,
-        bos_tokens=reference.bos_tokens if reference else None,
+        bos_tokens=reference.bos_tokens if reference else bos_tokens,
         template_date=date,
     )
+    named = getattr(model, "named_head", None)
+    if named is not None and named.gate_pattern:
+        settings = settings.model_copy(update={"gate_pattern": named.gate_pattern})
     try:
         why_traced = graph_reason(
             graph,
@@ -160,7 +173,7 @@ def export_bundle(
             fused_ops = attention.fused_ops_summary(attention.op_counts(staging / MODEL_FILE))
         else:
             model, chosen, exporter, fused_ops = _export_graph(
-                checkpoint, model, meta, chosen, staging, external_data_bytes, step
+                checkpoint, model, meta, chosen, staging, external_data_bytes, step, trust_remote_code, head
             )
         save_tokenizer(tokenizer, staging)
         write_calibration(staging, calibration)
@@ -171,6 +184,7 @@ def export_bundle(
             "family": meta.family,
             "kind": "process" if process else "outcome",
             "process": process,
+            "head": named.as_manifest() if named is not None else None,
             "base_model": recorded_path(base_model) if base_model else meta.base_model,
             "model_family": reference.as_manifest() if reference else None,
             "format": settings,
@@ -238,11 +252,17 @@ def outcome_family(checkpoint: Path, requested: str | None, trust_remote_code: b
 
 
 def _load_model(
-    checkpoint: Path, attn: str | None, step: StepExport | None, trust_remote_code: bool = False
+    checkpoint: Path,
+    attn: str | None,
+    step: StepExport | None,
+    trust_remote_code: bool = False,
+    head: HeadRequest | None = None,
 ) -> tuple[TorchModel, Any, ModelMeta, ProcessSettings | None]:
     """The torch model to export: one score per item, or (``step``) a value per token."""
     if step is None:
-        loaded = load_score_model(checkpoint, attn_implementation=attn, trust_remote_code=trust_remote_code)
+        loaded = load_score_model(
+            checkpoint, attn_implementation=attn, trust_remote_code=trust_remote_code, head=head
+        )
         return (*loaded, None)
     return load_step_model(
         checkpoint,
@@ -254,16 +274,20 @@ def _load_model(
 
 
 def _load(
-    checkpoint: Path, chosen: AttentionPlan, step: StepExport | None, trust_remote_code: bool
+    checkpoint: Path,
+    chosen: AttentionPlan,
+    step: StepExport | None,
+    trust_remote_code: bool,
+    head: HeadRequest | None = None,
 ) -> tuple[TorchModel, Any, ModelMeta, ProcessSettings | None, AttentionPlan]:
     """The model with the attention the plan asks for; without an SDPA path, unfused and why."""
     try:
-        return (*_load_model(checkpoint, chosen.implementation, step, trust_remote_code), chosen)
+        return (*_load_model(checkpoint, chosen.implementation, step, trust_remote_code, head), chosen)
     except ValueError as exc:
         if not chosen.fused or "scaled_dot_product_attention" not in str(exc):
             raise
     fallback = attention.unfused(DEFAULT_OPSET, "the model has no PyTorch SDPA attention path to fuse")
-    return (*_load_model(checkpoint, fallback.implementation, step, trust_remote_code), fallback)
+    return (*_load_model(checkpoint, fallback.implementation, step, trust_remote_code, head), fallback)
 
 
 def _export_graph(
@@ -274,6 +298,8 @@ def _export_graph(
     staging: Path,
     external_data_bytes: int,
     step: StepExport | None,
+    trust_remote_code: bool,
+    head: HeadRequest | None,
 ) -> tuple[TorchModel, AttentionPlan, str, dict[str, int]]:
     """Write the graph as planned; a graph that did not come out fused is redone unfused.
 
@@ -289,7 +315,7 @@ def _export_graph(
     for stale in staging.glob(MODEL_FILE + "*"):
         stale.unlink()
     fallback = attention.unfused(DEFAULT_OPSET, f"not fused: {problem}")
-    model = _load_model(checkpoint, fallback.implementation, step)[0]
+    model = _load_model(checkpoint, fallback.implementation, step, trust_remote_code, head)[0]
     exporter = export_onnx(
         model, meta, staging, opset=fallback.opset, external_data_bytes=external_data_bytes
     )

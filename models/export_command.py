@@ -76,6 +76,27 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "records, else the checkpoint directory's name)",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
+    heads = parser.add_argument_group("heads other than a score layer (docs/models.md)")
+    heads.add_argument(
+        "--value-head",
+        metavar="NAME",
+        help="score with the one-output linear layer saved as NAME (v_head, value_head, regression_layer) "
+        "on the decoder body, at the last token (default: the head the family has; OpenRLHF's RewardModel: "
+        "config.json's value_head_prefix)",
+    )
+    heads.add_argument(
+        "--lm-logit",
+        type=int,
+        metavar="TOKEN_ID",
+        help="score a causal LM by the logit of TOKEN_ID at the next position (Llama-3.1-Nemotron-70B-"
+        "Reward-HF: 0); only that row of the LM head is kept (default: none, a head other than the LM's)",
+    )
+    heads.add_argument(
+        "--normalize",
+        action="store_true",
+        help="serve (reward - mean) / std with config.json's mean and std, as OpenRLHF's "
+        "--reward.normalize_enable does (default: the raw reward)",
+    )
     family = parser.add_argument_group("model families and their authors' usage (docs/models.md)")
     family.add_argument(
         "--family",
@@ -120,6 +141,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from rmserve.models.export import ExportError, export_bundle
+    from rmserve.models.named_heads import HeadRequest
     from rmserve.models.process_heads import StepExport
 
     if args.step_token is None and args.step_rule is not None:
@@ -145,6 +167,7 @@ def run_export(args: argparse.Namespace) -> int:
             base_model=args.base_model,
             overwrite=args.force,
             step=step,
+            head=HeadRequest(args.value_head, args.lm_logit, args.normalize),
             family=args.family,
             trust_remote_code=args.trust_remote_code,
             bos_tokens=args.bos_tokens,

@@ -34,9 +34,10 @@ from rmserve.bundle import Bundle, Manifest
 from rmserve.engines.base import TokenBatch, available_cpus
 from rmserve.engines.batches import Read, Side, score_rows
 from rmserve.engines.onnxruntime import OnnxRuntimeEngine
+from rmserve.errors import InvalidItem
 from rmserve.formatting import Encoded, Formatter
 from rmserve.items import Item, Message, Messages, PairItem, StepsItem, split_hh
-from rmserve.kinds import kind_of
+from rmserve.kinds import BundleKind, kind_of
 from rmserve.models.authors import AuthorsReference
 from rmserve.models.authors import compare as compare_with_authors
 from rmserve.models.data import hh_dev_path
@@ -236,7 +237,18 @@ def reference_items(bundle: Bundle, pairs: Sequence[Pair]) -> tuple[list[Encoded
     kind = kind_of(bundle.manifest.name, bundle, formatter)
     chat = bundle.manifest.format.input_format == "chat_template"
     items: list[Item] = [p.as_item(chat) if kind.step_token is None else p.as_steps(chat) for p in pairs]
+    if bundle.manifest.format.gate_pattern:
+        # A gating head reads the prompt end; a text cut past it is refused as the server refuses it.
+        items = [item for item in items if _served(kind, item)]
     return kind.encode(items), kind.values
+
+
+def _served(kind: BundleKind, item: Item) -> bool:
+    try:
+        kind.encode([item])
+    except InvalidItem:
+        return False
+    return True
 
 
 def scaled_diff(a: np.ndarray, reference: np.ndarray) -> np.ndarray:

@@ -62,7 +62,7 @@ class FormatSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     # Fields added after bundles were already published: in the digest only when not at their
     # default, so a bundle exported before the field existed keeps its version (``digest_json``).
-    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = ("bos_tokens", "template_date")
+    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = ("bos_tokens", "template_date", "gate_pattern")
 
     input_format: InputFormat
     max_length: int = Field(gt=1)
@@ -91,6 +91,9 @@ class FormatSettings(BaseModel):
     # The date ``strftime_now`` renders in chat templates (ISO, e.g. "2026-12-07"), fixed at export so a
     # score does not change from day to day; None leaves ``strftime_now`` undefined.
     template_date: str | None = None
+    # Only for a gating head (ArmoRM): the token ids whose last occurrence marks the prompt end it reads;
+    # an item whose ids lack them cannot be scored.
+    gate_pattern: tuple[int, ...] | None = None
 
     @model_validator(mode="after")
     def _iso_date(self) -> FormatSettings:
@@ -136,6 +139,9 @@ class Manifest(BaseModel):
     kind: Kind = "outcome"
     # Only for process bundles: the step token and how a step's reward is read.
     process: ProcessSettings | None = None
+    # Only for an outcome head other than transformers' ``score`` layer: its form, the checkpoint
+    # weights it was read from, and what it adds (an LM head's token id, a normalisation's mean/std).
+    head: dict[str, Any] | None = None
     base_model: str
     # The model family export recognised, its authors' tokenization recipe and the BOS policy it
     # implied (rmserve.models.families); the reference's result is ``parity["reference"]``.

@@ -134,11 +134,26 @@ class Formatter:
             texts = [self._render(i, item) for i, item in enumerate(items)]
             encs = self.tokenize(texts)
             pairs = enumerate(zip(items, encs, strict=True))
-            return [self._fit_rendered(i, item, e, strict) for i, (item, e) in pairs]
+            return self._with_gate([self._fit_rendered(i, item, e, strict) for i, (item, e) in pairs])
         except (InvalidItem, ItemTooLong) as exc:
             if positions is not None:
                 raise exc.at(positions[exc.index]) from None
             raise
+
+    def _with_gate(self, encoded: list[Encoded]) -> list[Encoded]:
+        """``encoded``, when each item holds the gate pattern a gating head reads its prompt end at."""
+        pattern = self.settings.gate_pattern
+        if pattern:
+            n = len(pattern)
+            for i, enc in enumerate(encoded):
+                if not any(enc.ids[j : j + n] == pattern for j in range(len(enc.ids) - n + 1)):
+                    raise InvalidItem(
+                        i,
+                        "the model's gating head reads the prompt end (token ids "
+                        f"{list(pattern)}: the end of a user turn and the start of the assistant's), "
+                        "which this item does not have: send messages ending with an assistant turn",
+                    )
+        return encoded
 
     def text_of(self, index: int, item: Item) -> str:
         """The text the model reads for ``item`` (``index`` names it in an InvalidItem), untokenized."""

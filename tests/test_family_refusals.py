@@ -93,9 +93,10 @@ def test_remote_code_without_the_flag_is_refused_naming_the_classes_it_would_run
 
 def test_a_class_no_family_knows_is_refused_by_name_not_guessed(llama: Path, tmp_path: Path) -> None:
     ck = copy_of(llama, tmp_path)
-    edit_config(ck, architectures=["LlamaForRewardModelWithGating"])
+    # QRM-Llama3.1's class: no family reads its head (ArmoRM's LlamaForRewardModelWithGating is one).
+    edit_config(ck, architectures=["LlamaForRewardModelWithGating31"])
     message = refused(ck, tmp_path)
-    assert "LlamaForRewardModelWithGating" in message and "docs/models.md" in message
+    assert "LlamaForRewardModelWithGating31" in message and "docs/models.md" in message
 
 
 def test_a_declared_class_other_than_the_one_transformers_builds_fails_the_export(

@@ -19,8 +19,10 @@ from typing import Any, Literal
 #   template+tokenizer:  tokenizer(apply_chat_template(conv, tokenize=False)), the tokenizer's defaults
 #                        on the rendered text (the default);
 #   template-bos+tokenizer: the same after stripping the rendered text's leading BOS (Skywork-Reward-V2);
-#   text_pair:           tokenizer(question, answer), an encoder's sentence pair.
-Recipe = Literal["template+tokenizer", "template-bos+tokenizer", "text_pair"]
+#   text_pair:           tokenizer(question, answer), an encoder's sentence pair;
+#   template:            the rendered text as it tokenizes, no special tokens added (apply_chat_template's
+#                        own tokenize=True, OpenRLHF's serve_rm; models/families/heads.py).
+Recipe = Literal["template+tokenizer", "template-bos+tokenizer", "text_pair", "template"]
 Status = Literal["supported", "refused"]
 
 

@@ -34,7 +34,14 @@ from rmserve.models.lean.body import (
 from rmserve.models.lean.builder import GraphBuilder
 from rmserve.models.lean.eligibility import LAYER_NODE_BUDGET, why_not_lean
 from rmserve.models.lean.heads import head_output
-from rmserve.models.lean.weights import DecoderWeights, Linear, StepHeadWeights, decoder_weights, head_weights
+from rmserve.models.lean.weights import (
+    DecoderWeights,
+    GatingHeadWeights,
+    ScoreHeadWeights,
+    StepHeadWeights,
+    decoder_weights,
+    head_weights,
+)
 from rmserve.models.process_heads import StepModel
 
 LEAN_OPSET = 23
@@ -73,10 +80,15 @@ class LeanGraph:
 
 
 def build_lean_graph(
-    w: DecoderWeights, head: Linear | StepHeadWeights, precision: str, *, past: bool = False
+    w: DecoderWeights,
+    head: ScoreHeadWeights | GatingHeadWeights | StepHeadWeights,
+    precision: str,
+    *,
+    past: bool = False,
 ) -> Any:
     """The ONNX model: ``input_ids``, ``attention_mask`` (int64 ``[batch, seq]``) -> ``scores``, float32
-    ``[batch]`` for a score layer, ``[batch, sequence]`` for a step head (the new tokens' only).
+    ``[batch]`` for a score layer, ``[batch, sequence]`` for a step head (the new tokens' only), and a
+    gating head's ``components``, ``[batch, objectives]``.
 
     ``past``: the prefix-reuse variant (models/lean/body.py), which also takes ``past_mask`` (int64
     ``[batch, past]``) and each layer's ``past_key.i`` / ``past_value.i``, and emits each layer's
@@ -85,9 +97,10 @@ def build_lean_graph(
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
     mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])
     inputs = decoder_inputs(g, ids.name, mask.name, past=past)
-    scores, dims = head_output(g, decoder_body(g, w, inputs), inputs, w, head)
-    g.rename(scores, "scores")
-    outs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, dims)]
+    outs = []
+    for value, name, dims in head_output(g, decoder_body(g, w, inputs), inputs, w, head):
+        g.rename(value, name)
+        outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
     feeds = [ids, mask]
     if past:
         feeds.append(helper.make_tensor_value_info(PAST_MASK, TensorProto.INT64, ["batch", "past"]))
@@ -114,6 +127,8 @@ def write_lean_graph(
     weights, head = decoder_weights(source.body, max_length), head_weights(source)
     model = build_lean_graph(weights, head, precision)
     save_onnx(model, directory / MODEL_FILE, external_data_bytes)
+    # A gating head reads the prompt's end, which a suffix after a reused prefix may not hold.
+    past = past and not isinstance(head, GatingHeadWeights)
     if past:
         save_onnx(
             build_lean_graph(weights, head, precision, past=True), directory / PAST_FILE, external_data_bytes
