@@ -23,7 +23,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("bundle", type=Path, help="where to write the bundle (must be absent or empty)")
     parser.add_argument("--name", help="bundle name (default: the checkpoint directory's name)")
-    parser.add_argument("--max-length", type=int, help="token limit (default: the model's, at most 512/4096)")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        help="token limit (default: the model's trained context, max_position_embeddings or the "
+        "tokenizer's model_max_length where smaller)",
+    )
     parser.add_argument(
         "--input-format",
         choices=get_args(InputFormat),
@@ -45,6 +50,13 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "the traced one; lean: fail where it does not apply; traced: torch.onnx's graph",
     )
     parser.add_argument(
+        "--no-past-graph",
+        dest="past_graph",
+        action="store_false",
+        help="write no prefix-reuse graph beside a lean one (smaller bundle; every item is scored whole: "
+        "docs/prefix-reuse.md)",
+    )
+    parser.add_argument(
         "--opset", type=int, help="ONNX opset (default: 23 for fused decoder attention, else 18)"
     )
     parser.add_argument(
@@ -64,6 +76,48 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "records, else the checkpoint directory's name)",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
+    heads = parser.add_argument_group("heads other than a score layer (docs/models.md)")
+    heads.add_argument(
+        "--value-head",
+        metavar="NAME",
+        help="score with the one-output linear layer saved as NAME (v_head, value_head, regression_layer) "
+        "on the decoder body, at the last token (default: the head the family has; OpenRLHF's RewardModel: "
+        "config.json's value_head_prefix)",
+    )
+    heads.add_argument(
+        "--lm-logit",
+        type=int,
+        metavar="TOKEN_ID",
+        help="score a causal LM by the logit of TOKEN_ID at the next position (Llama-3.1-Nemotron-70B-"
+        "Reward-HF: 0); only that row of the LM head is kept (default: none, a head other than the LM's)",
+    )
+    heads.add_argument(
+        "--normalize",
+        action="store_true",
+        help="serve (reward - mean) / std with config.json's mean and std, as OpenRLHF's "
+        "--reward.normalize_enable does (default: the raw reward)",
+    )
+    family = parser.add_argument_group("model families and their authors' usage (docs/models.md)")
+    family.add_argument(
+        "--family",
+        help="the model family (docs/models.md); default: the one config.json and the checkpoint's name "
+        "identify",
+    )
+    family.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the modeling code a checkpoint ships (auto_map); refused without this flag",
+    )
+    family.add_argument(
+        "--bos-tokens",
+        type=int,
+        choices=[0, 1, 2],
+        help="start every item with exactly this many BOS tokens (default: as the authors' usage does)",
+    )
+    family.add_argument(
+        "--template-date",
+        help="the date (YYYY-MM-DD) a chat template's strftime_now renders (default: the export's day)",
+    )
     steps = parser.add_argument_group("process reward models (a reward per step: docs/process.md)")
     steps.add_argument(
         "--step-token",
@@ -87,6 +141,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from rmserve.models.export import ExportError, export_bundle
+    from rmserve.models.named_heads import HeadRequest
     from rmserve.models.process_heads import StepExport
 
     if args.step_token is None and args.step_rule is not None:
@@ -107,10 +162,16 @@ def run_export(args: argparse.Namespace) -> int:
             opset=args.opset,
             fuse_attention=args.fuse_attention,
             graph=args.graph,
+            past_graph=args.past_graph,
             calibration_pairs=args.calibration,
             base_model=args.base_model,
             overwrite=args.force,
             step=step,
+            head=HeadRequest(args.value_head, args.lm_logit, args.normalize),
+            family=args.family,
+            trust_remote_code=args.trust_remote_code,
+            bos_tokens=args.bos_tokens,
+            template_date=args.template_date,
         )
     except ExportError as exc:
         print(f"export failed: {exc}")
@@ -120,6 +181,13 @@ def run_export(args: argparse.Namespace) -> int:
     traced = f" ({manifest.graph_reason})" if manifest.graph_reason else ""
     process = manifest.process
     kind = f", {manifest.kind}: step token {process.step_token!r}, rule {process.rule}" if process else ""
+    ref = p.get("reference")
+    if ref:
+        kind += (
+            f"; family {ref['name']}: token ids {ref['token_ids']}, "
+            f"max|served-reference|={ref['max_diff']:.3g}"
+            f" on {len(ref['conversations'])} conversations ({ref['recipe']}, BOS: {ref['bos_decided_by']})"
+        )
     print(
         f"exported {manifest.name} version {manifest.version} to {args.bundle}: "
         f"max|onnx-torch|={p['max_abs_diff']:.3g}, batch invariance {p['batch_invariance_max']:.3g}, "

@@ -153,6 +153,18 @@ class Settings(BaseSettings):
         True,
         description="render policy chat markup (ChatML, Llama-3, [INST], Gemma, HH) in the bundle's template",
     )
+    prefix_reuse: bool = Field(
+        True,
+        description="compute a prefix shared by items (a GRPO group's prompt, a growing solution) once, "
+        "where the bundle and engine allow it (docs/prefix-reuse.md)",
+    )
+    prefix_cache_mb: int | None = Field(
+        None,
+        ge=1,
+        description="memory for cached prefixes' keys and values, per model (default: 1/16 of the "
+        "memory this process may use, 64 MB to 4096 MB)",
+    )
+    prefix_cache_ttl_s: float = Field(600.0, gt=0, description="a cached prefix unused this long is dropped")
 
     @field_validator("models")
     @classmethod

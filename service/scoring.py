@@ -46,6 +46,8 @@ class ModelRuntime:
     namespace: bytes
     # Why this backend/precision was chosen, and the quality gate's numbers for a reduced one.
     selection: dict[str, Any] = field(default_factory=dict)
+    # Whether this bundle computes shared prefixes once on this engine, and why not (rmserve.engines.reuse).
+    prefix_reuse: dict[str, Any] = field(default_factory=lambda: {"enabled": False, "reason": None})
 
     @property
     def version(self) -> str:
@@ -80,9 +82,13 @@ class ModelRuntime:
             "engine": info.detail,
             "selection": self.selection,
             "max_batch_tokens": self.batcher.policy.max_batch_tokens,
+            "prefix_reuse": self.prefix_reuse,
             # How messages reach the model: what its chat template renders, and the fallbacks taken.
             "messages": self.formatter.rendering.describe(),
             **self.kind.describe(),
+            # The model family export recognised and what its authors' reference showed (ids, scores).
+            "family": self.bundle.manifest.model_family,
+            "reference": self.bundle.manifest.parity.get("reference"),
             "manifest": self.bundle.manifest.model_dump(mode="json"),
         }
 

@@ -44,8 +44,7 @@ class StepEncoder:
         """
         try:
             rendered = [self._render(i, item) for i, item in enumerate(items)]
-            add = self.formatter.settings.add_special_tokens
-            encs = self.formatter.tokenizer.encode_batch([t for t, _ in rendered], add_special_tokens=add)
+            encs = self.formatter.tokenize([t for t, _ in rendered])
             fits = enumerate(zip(items, rendered, encs, strict=True))
             return [self._fit(i, item, pair, enc, strict) for i, (item, (_, pair), enc) in fits]
         except (InvalidItem, ItemTooLong) as exc:

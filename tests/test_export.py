@@ -99,6 +99,8 @@ def test_every_architecture_exports_with_parity(arch: str, bundle_of: Callable[[
     assert ("token_type_ids" in m.inputs) is (arch == "bert")
     assert m.format.max_length == 128  # the tiny configs' max_position_embeddings
     assert ("model.onnx.data" in m.files) is (arch == EXTERNAL_ARCH)
+    # A lean graph comes with its prefix-reuse variant (docs/prefix-reuse.md), in the digest's files.
+    assert (m.past_graph == "model_past.onnx" and "model_past.onnx" in m.files) is (arch in LEAN)
     # Decoders fuse their attention (one Attention op per layer, opset 23); Gemma2 cannot (soft-capping).
     assert m.attention == ("fused:Attention" if arch in FUSED else "unfused")
     assert m.opset == (23 if arch in FUSED else 18)

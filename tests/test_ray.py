@@ -356,6 +356,23 @@ class TestTwoReplicasOfTheDefaultBundle:
         assert "items[0].prompt" in bad.json()["error"]["message"]
         assert bad.headers.get_list("x-request-id") == [bad.json()["error"]["request_id"]]
 
+    def test_one_prefix_key_reaches_one_replica_and_many_keys_reach_both(
+        self, two_replicas: ServerProcess
+    ) -> None:
+        """rmserve.ray.routing ranks replicas by rendezvous hashing of x-prefix-key."""
+
+        def replica(key: str, i: int) -> str:
+            body = {"items": [{"prompt": f"shared prompt {key}", "response": f"reply {i}"}]}
+            answer = httpx.post(
+                two_replicas.url + "/v1/score", json=body, headers={"x-prefix-key": key}, timeout=60
+            )
+            assert answer.status_code == 200, answer.text
+            return answer.headers["x-replica"]
+
+        for key in ("group-a", "group-b", "group-c"):
+            assert len({replica(key, i) for i in range(6)}) == 1
+        assert len({replica(f"group-{n}", 0) for n in range(16)}) == 2
+
     def test_each_replica_exports_its_rmserve_metrics_tagged_with_it_to_rays_prometheus_endpoint(
         self, two_replicas: ServerProcess, cluster: RayCluster
     ) -> None:
