@@ -123,8 +123,8 @@ def processbench(
         "overall": _processbench_group(rows, threshold, len(long)),
         "method": "prediction = index of the first step scored at or under the threshold, -1 if none; "
         "accuracy on erroneous solutions (prediction == label) and on correct ones (prediction == -1), "
-        "F1 = their harmonic mean; f1_mean = mean F1 over subsets (ProcessBench, code/run_eval_prm_trl.py); rows over "
-        "max_length are counted apart (over_max_length), never scored cut",
+        "F1 = their harmonic mean; f1_mean = mean F1 over subsets (ProcessBench, code/run_eval_prm_trl.py); "
+        "rows over max_length are counted apart (over_max_length), never scored cut",
     }
 
 
