@@ -46,7 +46,13 @@ Padding = Literal["any", "right"]
 StepRule = Literal["positive_prob", "prob_diff", "sigmoid", "raw"]
 # Where a process bundle's label logits come from: a token-classification head (1 or 2 labels), the
 # Qwen2.5-Math-PRM head (two linear layers, 2 labels), or a causal LM's head read at two label tokens.
-HeadForm = Literal["token_classification", "qwen2_prm", "lm_head"]
+# value_head: a one-output linear layer saved beside a causal LM (Skywork-o1-Open-PRM's ``v_head.summary``).
+HeadForm = Literal["token_classification", "qwen2_prm", "lm_head", "value_head"]
+# How a process bundle's steps become token ids (``rmserve.layouts``): joint (the item rendered as one text,
+# the step token after each step), separate (the prompt and each step tokenized on their own, the
+# separator's ids after each step) or turns (each step a user turn, read where the model predicts its
+# assistant label).
+StepLayout = Literal["joint", "separate", "turns"]
 
 
 class BundleError(Exception):
@@ -59,7 +65,7 @@ class FormatSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     # Fields added after bundles were already published: in the digest only when not at their
     # default, so a bundle exported before the field existed keeps its version (``digest_json``).
-    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = ()
+    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = ("bos_tokens",)
 
     input_format: InputFormat
     max_length: int = Field(gt=1)
@@ -81,6 +87,9 @@ class FormatSettings(BaseModel):
     # Raw scores are served as the model gives them unless the bundle states an affine map.
     score_shift: float = 0.0
     score_scale: float = 1.0
+    # The BOS policy: None keeps what the tokenizer and template write; N strips the leading BOS ids a
+    # text tokenizes to and puts exactly N there (``Formatter.tokenize``).
+    bos_tokens: int | None = Field(None, ge=0, le=2)
 
 
 class ProcessSettings(BaseModel):
@@ -89,7 +98,7 @@ class ProcessSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     # As for FormatSettings: later fields enter the digest only when set.
-    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = ()
+    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = ("layout", "separator_ids", "prompt_suffix")
 
     step_token: str = Field(min_length=1)
     step_token_id: int = Field(ge=0)
@@ -100,6 +109,13 @@ class ProcessSettings(BaseModel):
     positive_label: int = Field(ge=0)
     negative_label: int | None = Field(None, ge=0)
     label_tokens: tuple[str, str] | None = None
+    # How steps become ids. Under ``separate`` the step token is the separator text and
+    # ``separator_ids`` its ids, appended to each step; under ``turns`` it is the assistant's reply
+    # after each step (the positive label token). ``prompt_suffix`` is written after the prompt, before
+    # the first step (separate: in the prompt's text; turns: in the first user turn, before step 1).
+    layout: StepLayout = "joint"
+    separator_ids: tuple[int, ...] | None = None
+    prompt_suffix: str = ""
 
 
 class Manifest(BaseModel):

@@ -92,6 +92,8 @@ class Formatter:
             self.template = ChatTemplate(fmt.chat_template, bos_token=fmt.bos_token, eos_token=fmt.eos_token)
         bos = self.settings.bos_token
         self._bos_id = self.tokenizer.token_to_id(bos) if bos else None
+        if fmt.bos_tokens and self._bos_id is None:
+            raise ValueError(f"bos_tokens={fmt.bos_tokens} needs a BOS token, and {bos!r} is not one")
         # The pad token's text, which policies also append: OpenRLHF's queries arrive padded with it.
         self.pad_token: str | None = self.tokenizer.id_to_token(self.settings.pad_token_id)
         # The markup this bundle reads: its template's for chat_template bundles, HH turns for pairs.
@@ -114,7 +116,7 @@ class Formatter:
             if self.settings.input_format == "text_pair":
                 return self._encode_pairs(items, strict)
             texts = [self._render(i, item) for i, item in enumerate(items)]
-            encs = self.tokenizer.encode_batch(texts, add_special_tokens=self.settings.add_special_tokens)
+            encs = self.tokenize(texts)
             pairs = enumerate(zip(items, encs, strict=True))
             return [self._fit_rendered(i, item, e, strict) for i, (item, e) in pairs]
         except (InvalidItem, ItemTooLong) as exc:
@@ -126,8 +128,30 @@ class Formatter:
         """The text the model reads for ``item`` (``index`` names it in an InvalidItem), untokenized."""
         return self._render(index, item)
 
+    def tokenize(self, texts: list[str]) -> list[Encoding]:
+        """Rendered texts (a template's, a steps layout's or plain text) as token ids, with the bundle's
+        BOS policy applied: under ``bos_tokens`` N, the leading BOS ids a text tokenized to are
+        replaced by exactly N. Every decoder item reaches the model through here."""
+        encs = self.tokenizer.encode_batch(texts, add_special_tokens=self.settings.add_special_tokens)
+        wanted = self.settings.bos_tokens
+        return encs if wanted is None else [self._with_bos(enc, wanted) for enc in encs]
+
+    def _with_bos(self, enc: Encoding, wanted: int) -> Encoding:
+        lead = 0
+        while lead < len(enc.ids) and enc.ids[lead] == self._bos_id:
+            lead += 1
+        if lead == len(enc.ids):  # nothing but BOS (an empty text): start from nothing
+            enc = self.tokenizer.encode("", add_special_tokens=False)
+        elif lead:
+            enc.truncate(len(enc.ids) - lead, direction="left")
+        bos = self.tokenizer.encode(self.settings.bos_token or "", add_special_tokens=False)
+        return Encoding.merge([bos] * wanted + [enc], growing_offsets=False)
+
     def leading_special(self, enc: Encoding) -> int:
-        """1 when ``enc`` starts with a BOS/CLS that truncation must keep, else 0."""
+        """How many leading special ids truncation must keep: the bundle's BOS count under a BOS policy,
+        else 1 when ``enc`` starts with a BOS/CLS, else 0."""
+        if self.settings.bos_tokens is not None:
+            return self.settings.bos_tokens
         return int(bool(enc.ids) and (enc.special_tokens_mask[0] == 1 or enc.ids[0] == self._bos_id))
 
     def _render(self, index: int, item: Item) -> str:
@@ -169,7 +193,7 @@ class Formatter:
                 text = self.template.render(shorter)
             except Exception:  # e.g. a template that needs a user turn: try dropping more, or cut tokens
                 continue
-            enc = self.tokenizer.encode(text, add_special_tokens=self.settings.add_special_tokens)
+            enc = self.tokenize([text])[0]
             if length(enc) <= limit:
                 break
         return enc
