@@ -44,7 +44,7 @@ from rmserve.models.graph import EXTERNAL_DATA_BYTES, ExportError, export_onnx, 
 from rmserve.models.heads import ModelMeta, checkpoint_family, load_score_model
 from rmserve.models.lean.eligibility import graph_reason
 from rmserve.models.parity import Pair, ParityReport, TorchModel, check_parity
-from rmserve.models.process_heads import StepExport, load_step_model
+from rmserve.models.process_heads import StepExport, load_step_model, process_format
 from rmserve.models.reduced import REDUCED, reduce_precision
 
 DEFAULT_OPSET = 18
@@ -71,6 +71,7 @@ def export_bundle(
     invariance_tolerance: float = 1e-5,
     external_data_bytes: int = EXTERNAL_DATA_BYTES,
     step: StepExport | None = None,
+    bos_tokens: int | None = None,
 ) -> Manifest:
     """Export ``checkpoint_dir`` to a bundle at ``bundle_dir``; raises ExportError with the reason.
 
@@ -78,6 +79,8 @@ def export_bundle(
     ``graph``: ``auto`` writes the lean graph where the checkpoint takes it (models/lean), ``lean``
     fails where it does not, ``traced`` always traces.
     ``step``: export a process reward model (a value per step token) instead of one score per item.
+    ``bos_tokens``: the BOS policy (FormatSettings); a process model in the ``separate`` step layout
+    gets one BOS before its prompt where the tokenizer has one, as TRL's ``tokenize_row`` does.
     """
     checkpoint, dest = Path(checkpoint_dir), Path(bundle_dir)
     if precision not in ("fp32", *REDUCED):
@@ -91,7 +94,13 @@ def export_bundle(
     except (OSError, ValueError) as exc:
         what = "a process reward model" if step else "a reward model"
         raise ExportError(f"cannot load {checkpoint} as {what}: {exc}") from exc
-    settings = format_settings(tokenizer, meta, max_length=max_length, input_format=input_format)
+    try:
+        input_format, bos_tokens = process_format(step, tokenizer, input_format, bos_tokens)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from exc
+    settings = format_settings(
+        tokenizer, meta, max_length=max_length, input_format=input_format, bos_tokens=bos_tokens
+    )
     try:
         why_traced = graph_reason(
             graph,
@@ -196,6 +205,10 @@ def _load_model(
         step_token=step.step_token,
         rule=step.rule,
         label_tokens=step.label_tokens,
+        layout=step.layout,
+        prompt_suffix=step.prompt_suffix,
+        before_token=step.before_token,
+        between_steps=step.between_steps,
         attn_implementation=attn,
     )
 

@@ -29,7 +29,12 @@ def default_max_length(tokenizer: Any, meta: ModelMeta) -> int:
 
 
 def format_settings(
-    tokenizer: Any, meta: ModelMeta, *, max_length: int | None, input_format: str | None
+    tokenizer: Any,
+    meta: ModelMeta,
+    *,
+    max_length: int | None,
+    input_format: str | None,
+    bos_tokens: int | None = None,
 ) -> FormatSettings:
     """How the server must turn items into token ids for this checkpoint."""
     fmt = input_format or ("text_pair" if meta.family == "encoder" else "chat_template")
@@ -50,6 +55,7 @@ def format_settings(
         chat_template=template,
         bos_token=tokenizer.bos_token,
         eos_token=tokenizer.eos_token,
+        bos_tokens=bos_tokens,
     )
 
 

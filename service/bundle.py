@@ -98,7 +98,13 @@ class ProcessSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     # As for FormatSettings: later fields enter the digest only when set.
-    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = ("layout", "separator_ids", "prompt_suffix")
+    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = (
+        "layout",
+        "separator_ids",
+        "prompt_suffix",
+        "before_token",
+        "between_steps",
+    )
 
     step_token: str = Field(min_length=1)
     step_token_id: int = Field(ge=0)
@@ -116,6 +122,10 @@ class ProcessSettings(BaseModel):
     layout: StepLayout = "joint"
     separator_ids: tuple[int, ...] | None = None
     prompt_suffix: str = ""
+    # Joint: what a steps item writes before each step token and between steps (Math-Shepherd's
+    # "Step 1: ... ки\nStep 2: ... ки" is " " and "\n"; the Qwen cards' "<extra_0>" joins, "" and "").
+    before_token: str = ""
+    between_steps: str = ""
 
 
 class Manifest(BaseModel):

@@ -4,7 +4,8 @@ One object per layout, chosen from the manifest (``ProcessSettings.layout``) at 
 
 * ``joint``: the item rendered as one text, as the bundle renders a (prompt, response) item, the
   response being the steps each followed by the step token (``"<extra_0>".join(steps) + "<extra_0>"``,
-  the Qwen PRM model cards' convention); read at each step token's id. A ``{"text"}`` item carries the
+  the Qwen PRM model cards' convention; ``before_token`` and ``between_steps`` write Math-Shepherd's
+  ``"Step 1: ... ки\nStep 2: ... ки"``); read at each step token's id. A ``{"text"}`` item carries the
   step token already. The tokenizer must read every step token as itself: where it merges a marker
   with the text beside it (Qwen2 reads ``".\\n"`` as one token) the counts differ and the item is a 422
   naming both.
@@ -34,7 +35,7 @@ from tokenizers import Encoding
 from rmserve.bundle import ProcessSettings
 from rmserve.errors import InvalidItem
 from rmserve.formatting import Formatter
-from rmserve.items import Item, Message, PairItem, StepsItem, TextItem
+from rmserve.items import Item, Message, Messages, PairItem, StepsItem, TextItem
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,10 @@ class JointLayout:
             return item.text, None
         if not isinstance(item, StepsItem):  # the kind refuses other items before they get here
             raise InvalidItem(index, "a process reward model scores steps")
-        pair = PairItem(item.prompt, "".join(s + self.settings.step_token for s in item.steps))
+        p = self.settings
+        pair = PairItem(
+            item.prompt, p.between_steps.join(s + p.before_token + p.step_token for s in item.steps)
+        )
         return self.formatter.text_of(index, pair), pair
 
     def _check(self, index: int, item: Item, text: str, marks: list[int]) -> None:
@@ -164,15 +168,18 @@ class TurnsLayout:
     def _render(self, index: int, item: Item) -> tuple[str, list[int]]:
         """The conversation's text and where each assistant label starts in it: the label is the last
         occurrence of the reply in the conversation rendered up to that reply (templates render a
-        conversation's prefix as a prefix of its text)."""
-        prompt = prompt_text(index, item, self.name)
+        conversation's prefix as a prefix of its text). A conversation prompt keeps its turns, its last
+        user turn taking the first step."""
+        if not isinstance(item, StepsItem):
+            prompt_text(index, item, self.name)  # raises: a text item
         assert isinstance(item, StepsItem)
+        history, opening = _opening(item.prompt)
         reply = self.settings.step_token
-        turns: list[Message] = []
+        turns: list[Message] = list(history)
         at = []
         for k, step in enumerate(item.steps):
-            turns += [Message("user", prompt + self.settings.prompt_suffix + step if k == 0 else step)]
-            turns += [Message("assistant", reply)]
+            first = opening + self.settings.prompt_suffix + step if opening else step
+            turns += [Message("user", first if k == 0 else step), Message("assistant", reply)]
             try:
                 text = self.template.render(tuple(turns))
             except Exception as exc:  # a template's own raise_exception, or a Jinja error
@@ -193,6 +200,15 @@ class TurnsLayout:
 
 
 StepLayoutObject = JointLayout | SeparateLayout | TurnsLayout
+
+
+def _opening(prompt: str | Messages) -> tuple[Messages, str]:
+    """(the turns before the first step's, the text the first step's user turn opens with)."""
+    if isinstance(prompt, str):
+        return (), prompt
+    if prompt and prompt[-1].role == "user":
+        return tuple(prompt[:-1]), prompt[-1].text
+    return tuple(prompt), ""
 
 
 def prompt_text(index: int, item: Item, layout: str) -> str:
