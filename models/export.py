@@ -35,11 +35,13 @@ from rmserve.bundle import (
     unsealed_bundle,
     write_manifest,
 )
-from rmserve.models import attention, lean
+from rmserve.models import attention, authors, lean
 from rmserve.models import parity as parity_mod
 from rmserve.models.attention import AttentionPlan
+from rmserve.models.authors import AuthorsReference
 from rmserve.models.data import recorded_path
-from rmserve.models.formats import format_settings, save_tokenizer
+from rmserve.models.families import FamilyError, ModelFamily, identify, read_config
+from rmserve.models.formats import default_max_length, format_settings, save_tokenizer
 from rmserve.models.graph import EXTERNAL_DATA_BYTES, ExportError, export_onnx, fuse_encoder, input_names
 from rmserve.models.heads import ModelMeta, checkpoint_family, load_score_model
 from rmserve.models.lean.eligibility import graph_reason
@@ -71,7 +73,10 @@ def export_bundle(
     invariance_tolerance: float = 1e-5,
     external_data_bytes: int = EXTERNAL_DATA_BYTES,
     step: StepExport | None = None,
+    family: str | None = None,
+    trust_remote_code: bool = False,
     bos_tokens: int | None = None,
+    template_date: str | None = None,
 ) -> Manifest:
     """Export ``checkpoint_dir`` to a bundle at ``bundle_dir``; raises ExportError with the reason.
 
@@ -79,8 +84,13 @@ def export_bundle(
     ``graph``: ``auto`` writes the lean graph where the checkpoint takes it (models/lean), ``lean``
     fails where it does not, ``traced`` always traces.
     ``step``: export a process reward model (a value per step token) instead of one score per item.
-    ``bos_tokens``: the BOS policy (FormatSettings); a process model in the ``separate`` step layout
-    gets one BOS before its prompt where the tokenizer has one, as TRL's ``tokenize_row`` does.
+    An outcome model is exported as its family (``rmserve.models.families``: ``family`` names one, else
+    config.json decides) and held to that family's reference usage (models/authors.py): ``bos_tokens``
+    overrides the BOS count the reference implies, ``template_date`` (ISO) the date templates see
+    (default: the day of the export), ``trust_remote_code`` lets a checkpoint's own code run.
+    A process model skips the registry: its step layout decides the input format and BOS policy
+    (``process_format``: under ``separate``, one BOS before the prompt where the tokenizer has one, as
+    TRL's ``tokenize_row`` does), ``bos_tokens`` overriding it.
     """
     checkpoint, dest = Path(checkpoint_dir), Path(bundle_dir)
     if precision not in ("fp32", *REDUCED):
@@ -88,18 +98,40 @@ def export_bundle(
     if dest.exists() and any(dest.iterdir()) and not overwrite:
         raise ExportError(f"{dest} exists and is not empty (pass overwrite=True / --force to replace it)")
     try:
-        family = checkpoint_family(checkpoint)
-        chosen = attention.plan(family, fuse=fuse_attention, opset=opset, default_opset=DEFAULT_OPSET)
-        model, tokenizer, meta, process, chosen = _load(checkpoint, chosen, step)
+        entry = None if step else outcome_family(checkpoint, family, trust_remote_code)
+        layout = checkpoint_family(checkpoint)
+        chosen = attention.plan(layout, fuse=fuse_attention, opset=opset, default_opset=DEFAULT_OPSET)
+        model, tokenizer, meta, process, chosen = _load(checkpoint, chosen, step, trust_remote_code)
     except (OSError, ValueError) as exc:
         what = "a process reward model" if step else "a reward model"
         raise ExportError(f"cannot load {checkpoint} as {what}: {exc}") from exc
+    length = max_length or default_max_length(tokenizer, meta)
+    try:
+        date = authors.template_date(tokenizer, template_date)
+    except ValueError as exc:
+        raise ExportError(f"--template-date {template_date!r} is not an ISO date (YYYY-MM-DD)") from exc
+    reference = None
+    if entry is not None:
+        reference = authors.run_reference(
+            checkpoint,
+            entry,
+            tokenizer,
+            max_length=length,
+            trust_remote_code=trust_remote_code,
+            date=date,
+            bos_override=bos_tokens,
+        )
     try:
         input_format, bos_tokens = process_format(step, tokenizer, input_format, bos_tokens)
     except ValueError as exc:
         raise ExportError(str(exc)) from exc
     settings = format_settings(
-        tokenizer, meta, max_length=max_length, input_format=input_format, bos_tokens=bos_tokens
+        tokenizer,
+        meta,
+        max_length=length,
+        input_format=input_format,
+        bos_tokens=reference.bos_tokens if reference else bos_tokens,
+        template_date=date,
     )
     try:
         why_traced = graph_reason(
@@ -142,6 +174,7 @@ def export_bundle(
             "kind": "process" if process else "outcome",
             "process": process,
             "base_model": recorded_path(base_model) if base_model else meta.base_model,
+            "model_family": reference.as_manifest() if reference else None,
             "format": settings,
             "opset": chosen.opset,
             "inputs": input_names(meta),
@@ -160,7 +193,7 @@ def export_bundle(
                 **({"lean": written.as_manifest()} if why_traced is None else {}),
             },
         }
-        report = _parity(staging, fields, model, texts, source, tolerance, invariance_tolerance)
+        report = _parity(staging, fields, model, texts, source, tolerance, invariance_tolerance, reference)
         if optimize:
             report = _try_optimize(
                 staging,
@@ -173,6 +206,7 @@ def export_bundle(
                 source,
                 tolerance,
                 invariance_tolerance,
+                reference,
             )
         if precision in REDUCED:
             report = reduce_precision(
@@ -194,12 +228,23 @@ def export_bundle(
         shutil.rmtree(staging_root, ignore_errors=True)
 
 
+def outcome_family(checkpoint: Path, requested: str | None, trust_remote_code: bool) -> ModelFamily:
+    """The checkpoint's family (``rmserve.models.families.identify``); a checkpoint shipping its own
+    code (``auto_map``) is refused without ``trust_remote_code``, naming the classes it would run."""
+    remote = read_config(checkpoint).get("auto_map")
+    if remote and not trust_remote_code:
+        named = ", ".join(f"{k} -> {v}" for k, v in dict(remote).items())
+        raise FamilyError(f"config.json names remote code ({named}); pass --trust-remote-code to run it")
+    return identify(checkpoint, requested)
+
+
 def _load_model(
-    checkpoint: Path, attn: str | None, step: StepExport | None
+    checkpoint: Path, attn: str | None, step: StepExport | None, trust_remote_code: bool = False
 ) -> tuple[TorchModel, Any, ModelMeta, ProcessSettings | None]:
     """The torch model to export: one score per item, or (``step``) a value per token."""
     if step is None:
-        return (*load_score_model(checkpoint, attn_implementation=attn), None)
+        loaded = load_score_model(checkpoint, attn_implementation=attn, trust_remote_code=trust_remote_code)
+        return (*loaded, None)
     return load_step_model(
         checkpoint,
         step_token=step.step_token,
@@ -214,16 +259,16 @@ def _load_model(
 
 
 def _load(
-    checkpoint: Path, chosen: AttentionPlan, step: StepExport | None
+    checkpoint: Path, chosen: AttentionPlan, step: StepExport | None, trust_remote_code: bool
 ) -> tuple[TorchModel, Any, ModelMeta, ProcessSettings | None, AttentionPlan]:
     """The model with the attention the plan asks for; without an SDPA path, unfused and why."""
     try:
-        return (*_load_model(checkpoint, chosen.implementation, step), chosen)
+        return (*_load_model(checkpoint, chosen.implementation, step, trust_remote_code), chosen)
     except ValueError as exc:
         if not chosen.fused or "scaled_dot_product_attention" not in str(exc):
             raise
     fallback = attention.unfused(DEFAULT_OPSET, "the model has no PyTorch SDPA attention path to fuse")
-    return (*_load_model(checkpoint, fallback.implementation, step), fallback)
+    return (*_load_model(checkpoint, fallback.implementation, step, trust_remote_code), fallback)
 
 
 def _export_graph(
@@ -284,6 +329,7 @@ def _parity(
     source: str,
     tolerance: float,
     invariance: float,
+    reference: AuthorsReference | None = None,
 ) -> ParityReport:
     report = check_parity(
         unsealed_bundle(bundle_dir, **fields),
@@ -292,6 +338,7 @@ def _parity(
         text_source=source,
         tolerance=tolerance,
         invariance_tolerance=invariance,
+        authors=reference,
     )
     if not report.ok:
         raise ExportError(
@@ -314,6 +361,7 @@ def _try_optimize(
     source: str,
     tolerance: float,
     invariance: float,
+    reference: AuthorsReference | None,
 ) -> ParityReport:
     """ORT transformer fusions on a copy of the bundle; adopted only if parity still holds."""
     if meta.family != "encoder":
@@ -325,7 +373,7 @@ def _try_optimize(
     shutil.copytree(staging, candidate)
     fusions = fuse_encoder(candidate / MODEL_FILE)
     try:
-        fused = _parity(candidate, fields, model, texts, source, tolerance, invariance)
+        fused = _parity(candidate, fields, model, texts, source, tolerance, invariance, reference)
     except ExportError as exc:
         report.extra |= {"optimized": False, "optimize_rejected": str(exc)}
         return report

@@ -22,7 +22,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("bundle", type=Path, help="where to write the bundle (must be absent or empty)")
     parser.add_argument("--name", help="bundle name (default: the checkpoint directory's name)")
-    parser.add_argument("--max-length", type=int, help="token limit (default: the model's, at most 512/4096)")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        help="token limit (default: the model's trained context, max_position_embeddings or the "
+        "tokenizer's model_max_length where smaller)",
+    )
     parser.add_argument(
         "--input-format",
         choices=get_args(InputFormat),
@@ -63,6 +68,29 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "records, else the checkpoint directory's name)",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
+    family = parser.add_argument_group("model families and their authors' usage (docs/models.md)")
+    family.add_argument(
+        "--family",
+        help="the model family (docs/models.md); default: the one config.json and the checkpoint's name "
+        "identify",
+    )
+    family.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the modeling code a checkpoint ships (auto_map); refused without this flag",
+    )
+    family.add_argument(
+        "--bos-tokens",
+        type=int,
+        choices=[0, 1, 2],
+        help="start every item with exactly this many BOS tokens (default: as the authors' usage does; a "
+        "process model: as its template writes, or under --step-layout separate 1 where the tokenizer has "
+        "one)",
+    )
+    family.add_argument(
+        "--template-date",
+        help="the date (YYYY-MM-DD) a chat template's strftime_now renders (default: the export's day)",
+    )
     steps = parser.add_argument_group("process reward models (a reward per step: docs/process.md)")
     steps.add_argument(
         "--step-token",
@@ -109,14 +137,6 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         help="joint layout: text a steps item writes between one step's token and the next step "
         "(Math-Shepherd: a newline)",
     )
-    steps.add_argument(
-        "--bos-tokens",
-        type=int,
-        choices=(0, 1, 2),
-        default=None,
-        help="BOS ids before every item: leading BOS ids are replaced by exactly this many (default: "
-        "what the tokenizer and template write; the separate layout: 1 where the tokenizer has a BOS)",
-    )
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -154,7 +174,10 @@ def run_export(args: argparse.Namespace) -> int:
             base_model=args.base_model,
             overwrite=args.force,
             step=step,
+            family=args.family,
+            trust_remote_code=args.trust_remote_code,
             bos_tokens=args.bos_tokens,
+            template_date=args.template_date,
         )
     except ExportError as exc:
         print(f"export failed: {exc}")
@@ -169,6 +192,13 @@ def run_export(args: argparse.Namespace) -> int:
         if process
         else ""
     )
+    ref = p.get("reference")
+    if ref:
+        kind += (
+            f"; family {ref['name']}: token ids {ref['token_ids']}, "
+            f"max|served-reference|={ref['max_diff']:.3g}"
+            f" on {len(ref['conversations'])} conversations ({ref['recipe']}, BOS: {ref['bos_decided_by']})"
+        )
     print(
         f"exported {manifest.name} version {manifest.version} to {args.bundle}: "
         f"max|onnx-torch|={p['max_abs_diff']:.3g}, batch invariance {p['batch_invariance_max']:.3g}, "

@@ -185,17 +185,20 @@ class ModelMeta:
 
 
 def load_score_model(
-    checkpoint_dir: str | Path, *, attn_implementation: str | None = None
+    checkpoint_dir: str | Path, *, attn_implementation: str | None = None, trust_remote_code: bool = False
 ) -> tuple[ScoreModel, Any, ModelMeta]:
     """Load a num_labels=1 checkpoint as an fp32 ScoreModel in eval mode, with its tokenizer and meta.
 
+    Every weight of the class built must come from the checkpoint and every checkpoint weight must be
+    used, and the class built must be the one config.json declares (``strict_load``): transformers
+    would otherwise build a missing head with random weights and only log a warning.
     A tokenizer without a pad token (most decoders) pads with EOS; pooling reads the attention
     mask, never the pad id, so that choice cannot change a score.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = Path(checkpoint_dir)
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if int(getattr(config, "num_labels", 1)) != 1:
         raise ValueError(f"{path} has num_labels={config.num_labels}; a reward model has exactly one")
     family = family_of(config)
@@ -203,11 +206,53 @@ def load_score_model(
     config.pad_token_id = tokenizer.pad_token_id
     attn = attn_implementation or (DECODER_ATTENTION if family == "decoder" else None)
     extra = {"attn_implementation": attn} if attn else {}
-    hf_model = AutoModelForSequenceClassification.from_pretrained(
-        path, config=config, dtype=torch.float32, **extra
+    hf_model = strict_load(
+        AutoModelForSequenceClassification,
+        path,
+        config=config,
+        dtype=torch.float32,
+        trust_remote_code=trust_remote_code,
+        **extra,
     )
     model = ScoreModel(hf_model, pooling_of(config), family).eval()
     return model, tokenizer, model_meta(model, base_model_of(path), int(tokenizer.pad_token_id))
+
+
+class LoadingError(ValueError):
+    """The checkpoint does not load as exactly what it declares: weights missing or unused, another
+    class built, or weights that cannot be read."""
+
+
+def strict_load(auto: Any, path: Path, **kwargs: Any) -> Any:
+    """``auto.from_pretrained(path)`` with its loading info checked: a weight the class needs and the
+    checkpoint lacks (it would be random), a checkpoint weight the class does not use (a head it cannot
+    express), a shape mismatch, or a class other than config.json's ``architectures[0]`` raises
+    LoadingError naming them."""
+    try:
+        model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise LoadingError(f"cannot read the weights of {path}: {exc}") from None
+    except Exception as exc:  # safetensors' own error type on a corrupt file
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise LoadingError(f"cannot read the weights of {path}: {exc}") from None
+    problems = []
+    for key, what in (
+        ("missing_keys", "missing from the checkpoint (transformers would initialise them randomly)"),
+        ("unexpected_keys", "in the checkpoint but not used by the class built"),
+        ("mismatched_keys", "of another shape than the class built"),
+    ):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or ())
+        if names:
+            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+            problems.append(f"weights {what}: {shown}")
+    declared = (getattr(model.config, "architectures", None) or [None])[0]
+    built = type(model).__name__
+    if declared and declared != built:
+        problems.append(f"config.json declares {declared}, but transformers built {built}")
+    if problems:
+        raise LoadingError(f"{path} does not load as it declares: " + "; ".join(problems))
+    return model
 
 
 def load_tokenizer(path: Path) -> Any:

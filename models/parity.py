@@ -38,6 +38,8 @@ from rmserve.engines.onnxruntime import OnnxRuntimeEngine
 from rmserve.formatting import Encoded, Formatter
 from rmserve.items import Item, Message, Messages, PairItem, StepsItem, split_hh
 from rmserve.kinds import kind_of
+from rmserve.models.authors import AuthorsReference
+from rmserve.models.authors import compare as compare_with_authors
 from rmserve.models.heads import ScoreModel
 from rmserve.models.process_heads import StepModel
 
@@ -297,8 +299,11 @@ def check_parity(
     tolerance: float = 1e-4,
     invariance_tolerance: float = 1e-5,
     batch_sizes: Sequence[int] = BATCH_SIZES,
+    authors: AuthorsReference | None = None,
 ) -> ParityReport:
-    """Score ``pairs`` through the bundle (as served) and through ``model``; see the module doc."""
+    """Score ``pairs`` through the bundle (as served) and through ``model``; see the module doc.
+    With ``authors``, the served token ids and scores are also held to the family's reference usage
+    (models/authors.py), recorded as ``reference``."""
     encoded, read = reference_items(bundle, pairs)
     pad_id = bundle.manifest.format.pad_token_id
     engine = OnnxRuntimeEngine(bundle.model_path, provider="cpu", threads=available_cpus())
@@ -316,6 +321,9 @@ def check_parity(
     try:
         sides = compared_sides(bundle.manifest)
         served = _compare(engine, model, encoded, pad_id, batch_sizes, sides, report, read)
+        if authors is not None:
+            report.extra["reference"], problems = compare_with_authors(bundle, engine, authors, tolerance)
+            report.problems += problems
     finally:
         engine.close()
     _check_invariance(served, invariance_sides(bundle.manifest), report)

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -65,7 +66,7 @@ class FormatSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     # Fields added after bundles were already published: in the digest only when not at their
     # default, so a bundle exported before the field existed keeps its version (``digest_json``).
-    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = ("bos_tokens",)
+    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = ("bos_tokens", "template_date")
 
     input_format: InputFormat
     max_length: int = Field(gt=1)
@@ -87,9 +88,22 @@ class FormatSettings(BaseModel):
     # Raw scores are served as the model gives them unless the bundle states an affine map.
     score_shift: float = 0.0
     score_scale: float = 1.0
-    # The BOS policy: None keeps what the tokenizer and template write; N strips the leading BOS ids a
-    # text tokenizes to and puts exactly N there (``Formatter.tokenize``).
+    # Decoders: how many BOS ids every item starts with. None: as the text tokenizes (a chat template's
+    # own BOS, plain text's none). N: the leading BOS ids the text tokenized to are replaced by exactly
+    # N (``Formatter.tokenize``), as the model's authors tokenize it; decided at export from the reference.
     bos_tokens: int | None = Field(None, ge=0, le=2)
+    # The date ``strftime_now`` renders in chat templates (ISO, e.g. "2026-12-07"), fixed at export so a
+    # score does not change from day to day; None leaves ``strftime_now`` undefined.
+    template_date: str | None = None
+
+    @model_validator(mode="after")
+    def _iso_date(self) -> FormatSettings:
+        if self.template_date is not None:
+            try:
+                date.fromisoformat(self.template_date)
+            except ValueError:
+                raise ValueError(f"template_date {self.template_date!r} is not an ISO date") from None
+        return self
 
 
 class ProcessSettings(BaseModel):
@@ -144,6 +158,9 @@ class Manifest(BaseModel):
     # Only for process bundles: the step token and how a step's reward is read.
     process: ProcessSettings | None = None
     base_model: str
+    # The model family export recognised, its authors' tokenization recipe and the BOS policy it
+    # implied (rmserve.models.families); the reference's result is ``parity["reference"]``.
+    model_family: dict[str, Any] | None = None
     format: FormatSettings
     precision: Precision = "fp32"
     opset: int

@@ -9,8 +9,9 @@ whole turns first (``shorter_conversations``), so what is left still reads as th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from tokenizers import Encoding, Tokenizer
 
@@ -19,6 +20,7 @@ from rmserve.chat import TRANSCRIPT, ChatTemplate, Rendering
 from rmserve.errors import InvalidItem, ItemTooLong
 from rmserve.items import (
     TOOL_ROLES,
+    ChatItem,
     Item,
     Message,
     Messages,
@@ -46,6 +48,14 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+Tools = tuple[Mapping[str, Any], ...] | None
+
+
+def tools_of(item: Item) -> Tools:
+    """The tool definitions an item carries for its template (chat items only)."""
+    return item.tools if isinstance(item, ChatItem) else None
 
 
 def _length(enc: Encoding) -> int:
@@ -89,7 +99,12 @@ class Formatter:
         if fmt.input_format == "chat_template":
             if not fmt.chat_template:
                 raise ValueError("a chat_template bundle needs a chat template in its manifest")
-            self.template = ChatTemplate(fmt.chat_template, bos_token=fmt.bos_token, eos_token=fmt.eos_token)
+            self.template = ChatTemplate(
+                fmt.chat_template,
+                bos_token=fmt.bos_token,
+                eos_token=fmt.eos_token,
+                template_date=fmt.template_date,
+            )
         bos = self.settings.bos_token
         self._bos_id = self.tokenizer.token_to_id(bos) if bos else None
         if fmt.bos_tokens and self._bos_id is None:
@@ -163,12 +178,12 @@ class Formatter:
             pair = as_pair(item)
             assert pair is not None
             return pair[0] + " " + pair[1]
-        return self._render_messages(index, as_messages(item))
+        return self._render_messages(index, as_messages(item), tools_of(item))
 
-    def _render_messages(self, index: int, messages: Messages) -> str:
+    def _render_messages(self, index: int, messages: Messages, tools: Tools = None) -> str:
         assert self.template is not None
         try:
-            return self.template.render(messages)
+            return self.template.render(messages, tools)
         except Exception as exc:  # a template's own raise_exception, or a Jinja error
             raise InvalidItem(index, f"chat template rejected the messages: {exc}") from None
 
@@ -190,7 +205,7 @@ class Formatter:
             return enc
         for shorter in shorter_conversations(as_messages(item)):
             try:
-                text = self.template.render(shorter)
+                text = self.template.render(shorter, tools_of(item))
             except Exception:  # e.g. a template that needs a user turn: try dropping more, or cut tokens
                 continue
             enc = self.tokenize([text])[0]
