@@ -40,7 +40,8 @@ from rmserve.models import parity as parity_mod
 from rmserve.models.attention import AttentionPlan
 from rmserve.models.authors import AuthorsReference
 from rmserve.models.data import recorded_path
-from rmserve.models.families import FamilyError, ModelFamily, identify, read_config
+from rmserve.models.families import FamilyError, ModelFamily, checkpoint_names, identify, read_config
+from rmserve.models.families.process import refused_process_family
 from rmserve.models.formats import default_max_length, format_settings, save_tokenizer
 from rmserve.models.graph import EXTERNAL_DATA_BYTES, ExportError, export_onnx, fuse_encoder, input_names
 from rmserve.models.heads import ModelMeta, checkpoint_family, load_score_model
@@ -98,6 +99,8 @@ def export_bundle(
     if dest.exists() and any(dest.iterdir()) and not overwrite:
         raise ExportError(f"{dest} exists and is not empty (pass overwrite=True / --force to replace it)")
     try:
+        if step is not None:
+            refuse_process_family(checkpoint)
         entry = None if step else outcome_family(checkpoint, family, trust_remote_code)
         layout = checkpoint_family(checkpoint)
         chosen = attention.plan(layout, fuse=fuse_attention, opset=opset, default_opset=DEFAULT_OPSET)
@@ -226,6 +229,13 @@ def export_bundle(
         return manifest
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
+
+
+def refuse_process_family(checkpoint: Path) -> None:
+    """FamilyError when the checkpoint's names match a process family rmserve refuses (an implicit PRM)."""
+    refused = refused_process_family(checkpoint_names(checkpoint, read_config(checkpoint)))
+    if refused is not None:
+        raise FamilyError(f"{refused.title} is not supported: {refused.refusal}")
 
 
 def outcome_family(checkpoint: Path, requested: str | None, trust_remote_code: bool) -> ModelFamily:

@@ -140,6 +140,58 @@ def _rlhflow_reference(checkpoint: Path) -> list[list[float]]:
     return [single_step_score]
 
 
+SKYWORK = {"problem": "What is 3 + 5?", "response": "We add 3 and 5 to get 8.\nSo the answer is 8!\nYes."}
+
+
+def _skywork(root: Path) -> Path:
+    """Skywork-o1-Open-PRM's checkpoint layout (what its ``PRM_MODEL.state_dict`` saves): a Qwen2 causal
+    LM's weights and ``v_head.summary.*``, config.json naming ``Qwen2ForPrmModel``; a BOS token set, as
+    its ``prepare_input`` writes ``tokenizer.bos_token`` before the problem (which one the real tokenizer
+    names is not verified here)."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(3)
+    tokenizer = rep.qwen2_tokenizer(bos="<|endoftext|>")
+    lm = Qwen2ForCausalLM(rep.tiny_config("qwen2", tokenizer))
+    head = torch.nn.Linear(lm.config.hidden_size, 1)
+    torch.nn.init.normal_(head.weight, std=0.5)
+    weights = {k: v.contiguous() for k, v in lm.state_dict().items()}
+    weights |= {f"v_head.summary.{k}": v.detach().contiguous() for k, v in head.state_dict().items()}
+    out = root / "skywork-checkpoint"
+    out.mkdir()
+    lm.config.architectures = ["Qwen2ForPrmModel"]
+    lm.config.save_pretrained(out)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _skywork_reference(checkpoint: Path) -> list[list[float]]:
+    """SkyworkAI/skywork-o1-prm-inference README's Hugging Face usage, with its published code
+    (tests/replicas/skywork_o1, verbatim): ``prepare_input`` with ``step_token="\\n"``, ``PRM_MODEL``
+    with ``return_probs=True``, ``derive_step_rewards``."""
+    from transformers import AutoTokenizer
+
+    from tests.replicas.skywork_o1.io_utils import (
+        derive_step_rewards,
+        prepare_batch_input_for_model,
+        prepare_input,
+    )
+    from tests.replicas.skywork_o1.prm_model import PRM_MODEL
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    processed = [prepare_input(SKYWORK["problem"], SKYWORK["response"], tokenizer=tokenizer, step_token="\n")]
+    input_ids, steps, reward_flags = zip(*processed, strict=True)
+    model = PRM_MODEL.from_pretrained(str(checkpoint)).eval()
+    input_ids, attention_mask, reward_flags = prepare_batch_input_for_model(
+        input_ids, reward_flags, tokenizer.pad_token_id
+    )
+    with torch.no_grad():
+        _, _, rewards = model(input_ids=input_ids, attention_mask=attention_mask, return_probs=True)
+    return [[float(r) for r in row] for row in derive_step_rewards(rewards, reward_flags)]
+
+
 # -- bundles and one server for all of them -------------------------------------------------------------
 
 
@@ -147,7 +199,14 @@ def _rlhflow_reference(checkpoint: Path) -> list[list[float]]:
 def replicas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("replicas")
     sep = StepExport("\n", layout="separate")
-    shepherd, rlhflow = _math_shepherd(root), _rlhflow(root)
+    shepherd, rlhflow, skywork = _math_shepherd(root), _rlhflow(root), _skywork(root)
+    # Skywork-o1: steps tokenized apart, "\n" after the problem and each step, BOS first, value head.
+    export_bundle(
+        skywork,
+        root / "skywork",
+        name="skywork",
+        step=StepExport("\n", layout="separate", prompt_suffix="\n"),
+    )
     export_bundle(TRL / "checkpoint", root / "trl", name="trl", step=sep)
     pure = StepExport("\n", "prob_diff", layout="separate")  # PURE's rule: p(+) - p(-)
     export_bundle(TRL / "checkpoint", root / "pure", name="pure", step=pure)
@@ -164,12 +223,14 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "rlhflow": root / "rlhflow-bundle",
         "math-shepherd-checkpoint": shepherd,
         "rlhflow-checkpoint": rlhflow,
+        "skywork": root / "skywork",
+        "skywork-checkpoint": skywork,
     }
 
 
 @pytest.fixture(scope="module")
 def server(replicas: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    names = ("trl", "pure", "math-shepherd", "rlhflow")
+    names = ("trl", "pure", "math-shepherd", "rlhflow", "skywork")
     env = {
         "RMSERVE_MODELS": ",".join(f"{n}={replicas[n]}" for n in names),
         "RMSERVE_PRECISION": "fp32",
@@ -254,3 +315,34 @@ def test_rlhflow_reads_each_step_as_a_user_turn_where_the_model_predicts_its_lab
     _close(served, _rlhflow_reference(replicas["rlhflow-checkpoint"]))
     manifest = load_bundle(replicas["rlhflow"]).manifest
     assert manifest.process is not None and manifest.process.layout == "turns"
+
+
+def test_skywork_o1_open_prm_scores_through_its_value_head_as_its_published_code_does(
+    replicas: dict[str, Path], server: ServerProcess
+) -> None:
+    manifest = load_bundle(replicas["skywork"]).manifest
+    assert manifest.process is not None
+    assert (manifest.process.head, manifest.process.rule, manifest.process.layout) == (
+        "value_head",
+        "sigmoid",
+        "separate",
+    )
+    assert manifest.format.bos_tokens == 1
+    steps = SKYWORK["response"].split("\n")
+    served = _served(server, "skywork", [{"prompt": SKYWORK["problem"], "steps": steps}])
+    _close(served, _skywork_reference(replicas["skywork-checkpoint"]))
+
+
+def test_an_implicit_prm_is_refused_by_name_at_export(tmp_path: Path) -> None:
+    """EurusPRM's checkpoint is a plain Qwen2 causal LM: read at "+"/"-" it would export and score
+    nonsense, so export refuses it by its name (models/families/process.py)."""
+    from transformers import Qwen2ForCausalLM
+
+    from rmserve.models.graph import ExportError
+
+    tokenizer = rep.qwen2_tokenizer()
+    checkpoint = rep.save(
+        Qwen2ForCausalLM(rep.tiny_config("qwen2", tokenizer)), tokenizer, tmp_path / "EurusPRM-Stage2"
+    )
+    with pytest.raises(ExportError, match="EurusPRM .* is not supported: an implicit PRM"):
+        export_bundle(checkpoint, tmp_path / "bundle", step=StepExport("+", label_tokens=("+", "-")))
