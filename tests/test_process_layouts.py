@@ -346,3 +346,16 @@ def test_an_implicit_prm_is_refused_by_name_at_export(tmp_path: Path) -> None:
     )
     with pytest.raises(ExportError, match="EurusPRM .* is not supported: an implicit PRM"):
         export_bundle(checkpoint, tmp_path / "bundle", step=StepExport("+", label_tokens=("+", "-")))
+
+
+def test_docs_list_every_process_family_with_its_status_and_flags() -> None:
+    from rmserve.models.families.process import PROCESS_FAMILIES
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "process.md").read_text()
+    table = docs[docs.index("## Published PRMs") : docs.index("## How a step is marked")]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == len(PROCESS_FAMILIES)
+    for family, row in zip(PROCESS_FAMILIES, rows, strict=True):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == family.layout
+        assert ("refused" in cells[3]) == (family.status == "refused")
