@@ -77,13 +77,7 @@ MATH_SHEPHERD = {
 
 
 def _math_shepherd(root: Path) -> Path:
-    from transformers import MistralForCausalLM
-
-    torch.manual_seed(1)
-    tokenizer = rep.mistral_tokenizer()
-    return rep.save(
-        MistralForCausalLM(rep.tiny_config("mistral", tokenizer)), tokenizer, root / "ms-checkpoint"
-    )
+    return rep.causal_lm("mistral", rep.mistral_tokenizer(), root / "ms-checkpoint", seed=1)
 
 
 def _math_shepherd_reference(checkpoint: Path) -> list[list[float]]:
@@ -108,13 +102,7 @@ RLHFLOW = {"prompt": "What is 3 + 5?", "steps": ["We add 3 and 5 to get 8.", "So
 
 
 def _rlhflow(root: Path) -> Path:
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(2)
-    tokenizer = rep.llama3_tokenizer()
-    return rep.save(
-        LlamaForCausalLM(rep.tiny_config("llama", tokenizer)), tokenizer, root / "rlhflow-checkpoint"
-    )
+    return rep.causal_lm("llama", rep.llama3_tokenizer(), root / "rlhflow-checkpoint", seed=2)
 
 
 def _rlhflow_reference(checkpoint: Path) -> list[list[float]]:
@@ -336,14 +324,9 @@ def test_skywork_o1_open_prm_scores_through_its_value_head_as_its_published_code
 def test_an_implicit_prm_is_refused_by_name_at_export(tmp_path: Path) -> None:
     """EurusPRM's checkpoint is a plain Qwen2 causal LM: read at "+"/"-" it would export and score
     nonsense, so export refuses it by its name (models/families/process.py)."""
-    from transformers import Qwen2ForCausalLM
-
     from rmserve.models.graph import ExportError
 
-    tokenizer = rep.qwen2_tokenizer()
-    checkpoint = rep.save(
-        Qwen2ForCausalLM(rep.tiny_config("qwen2", tokenizer)), tokenizer, tmp_path / "EurusPRM-Stage2"
-    )
+    checkpoint = rep.causal_lm("qwen2", rep.qwen2_tokenizer(), tmp_path / "EurusPRM-Stage2")
     with pytest.raises(ExportError, match="EurusPRM .* is not supported: an implicit PRM"):
         export_bundle(checkpoint, tmp_path / "bundle", step=StepExport("+", label_tokens=("+", "-")))
 

@@ -157,3 +157,12 @@ def save(model: Any, tokenizer: Any, out: Path) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def causal_lm(model_type: str, tokenizer: Any, out: Path, seed: int = 0) -> Path:
+    """A tiny random-init causal LM of ``model_type`` for ``tokenizer``, saved with it to ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return save(AutoModelForCausalLM.from_config(tiny_config(model_type, tokenizer)), tokenizer, out)
