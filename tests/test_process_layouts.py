@@ -342,3 +342,26 @@ def test_docs_list_every_process_family_with_its_status_and_flags() -> None:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1] == family.layout
         assert ("refused" in cells[3]) == (family.status == "refused")
+
+
+def test_a_long_prompt_in_the_separate_layout_loses_its_oldest_tokens_and_keeps_every_step(
+    replicas: dict[str, Path], server: ServerProcess
+) -> None:
+    from rmserve.errors import ItemTooLong
+
+    kind = _encoder(replicas["trl"])
+    limit = load_bundle(replicas["trl"]).manifest.format.max_length
+    steps = ("We add 3 and 5 to get 8.", "So the answer is 8!")
+    item = StepsItem("Then 7 * 12 = 84. " * 200, steps)
+    whole = kind.encode([StepsItem("Then 7 * 12 = 84.", steps)])[0]
+    cut = kind.encode([item])[0]
+    assert cut.truncated and len(cut.ids) == limit and len(cut.positions) == 2
+    # The steps' ids, separators included, are the short item's: only prompt tokens left.
+    prompt = Formatter(load_bundle(replicas["trl"])).tokenize(["Then 7 * 12 = 84."])[0]
+    tail = len(whole.ids) - len(prompt.ids)
+    assert cut.ids[-tail:] == whole.ids[-tail:] and cut.positions[-1] == limit - 1
+    with pytest.raises(ItemTooLong):
+        kind.encode([item], strict=True)
+    models = httpx.get(f"{server.url}/v1/models", timeout=30).json()
+    described = {m["id"]: m for m in models["data"]}
+    assert described["trl"]["step_layout"] == "separate" and described["rlhflow"]["step_layout"] == "turns"
