@@ -365,3 +365,16 @@ def test_a_long_prompt_in_the_separate_layout_loses_its_oldest_tokens_and_keeps_
     models = httpx.get(f"{server.url}/v1/models", timeout=30).json()
     described = {m["id"]: m for m in models["data"]}
     assert described["trl"]["step_layout"] == "separate" and described["rlhflow"]["step_layout"] == "turns"
+
+
+def test_processbench_eval_of_a_prob_diff_model_takes_the_threshold_0_by_default(
+    replicas: dict[str, Path], tmp_path: Path
+) -> None:
+    from rmserve.models.eval.command import main
+
+    rows = [{"problem": r["prompt"], "steps": r["completions"], "label": -1} for r in _trl_rows()]
+    data = tmp_path / "processbench.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert main([str(data), "--bundle", str(replicas["pure"]), "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "summary.json").read_text())["processbench"]["threshold"] == 0.0
