@@ -19,14 +19,18 @@ import numpy as np
 from rmserve.bundle import Bundle
 from rmserve.engines.batches import score_rows
 from rmserve.engines.onnxruntime import OnnxRuntimeEngine
+from rmserve.errors import InvalidItem
 from rmserve.formatting import Encoded
 from rmserve.items import ChatItem, Item, Message, PairItem, TextItem, ToolCall
 from rmserve.kinds import kind_of
-from rmserve.models.families import ModelFamily, Reference, ReferenceSettings
+from rmserve.models.families import Conversation, ModelFamily, Reference, ReferenceSettings
 from rmserve.models.families.conversations import CONVERSATIONS
 from rmserve.models.families.reference import question_answer
 from rmserve.models.graph import ExportError
 
+# The longest conversation the reference runs: its eager forward pass is quadratic in length, so a model
+# trained for 128k tokens is checked near 8,192 of them, not near its max_length.
+LONGEST_REFERENCE = 8192
 # A template that reads the date: its rendering changes with the day unless the date is pinned.
 _READS_DATE = re.compile(r"strftime_now")
 
@@ -79,26 +83,26 @@ def run_reference(
     """The family's reference on the fixed conversations, and the BOS policy it implies."""
     if family.reference is None:
         raise ExportError(f"{family.title} has no reference usage to check an export against")
-    settings = ReferenceSettings(trust_remote_code, date or today(), max_length)
-    reference = family.reference(checkpoint, CONVERSATIONS, settings)
     bos_id = tokenizer.bos_token_id
+    if bos_override is not None and (bos_id is None or family.input_format != "chat_template"):
+        raise ExportError(f"--bos-tokens {bos_override}: only a decoder whose tokenizer has BOS takes it")
+    longest = min(max_length, LONGEST_REFERENCE)
+    settings = ReferenceSettings(trust_remote_code, date or today(), longest, bos_override)
+    reference = family.reference(checkpoint, CONVERSATIONS, settings)
     if bos_override is not None:
-        if bos_override and bos_id is None:
-            raise ExportError(f"--bos-tokens {bos_override}: the tokenizer has no BOS token")
-        ids = tuple((bos_id,) * bos_override + _strip(x, bos_id) for x in reference.ids)
-        reference = _with_ids(reference, ids)
         return AuthorsReference(family, reference, bos_override, "--bos-tokens")
     if family.input_format != "chat_template" or bos_id is None:
         return AuthorsReference(family, reference, None, "no BOS policy (as the text tokenizes)")
-    counts = {_lead(x, bos_id) for x in reference.ids}
-    if len(counts) != 1:
-        raise ExportError(f"the reference starts its conversations with {sorted(counts)} BOS tokens")
-    wanted = counts.pop()
-    rendered = tokenizer(reference.rendered[0], add_special_tokens=False)["input_ids"]
-    template_bos = _lead(tuple(rendered), bos_id)
-    if wanted == template_bos:
-        return AuthorsReference(family, reference, None, f"the template's BOS ({wanted})")
-    how = "the tokenizer's" if template_bos == 0 else "the template's and the tokenizer's"
+    # Per conversation: the BOS ids the reference starts with, and those the template's text alone gives.
+    counts = [_lead(x, bos_id) for x in reference.ids]
+    plain = [tuple(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in reference.rendered]
+    own = [_lead(ids, bos_id) for ids in plain]
+    if counts == own:
+        return AuthorsReference(family, reference, None, f"the template's BOS ({max(own, default=0)})")
+    if len(set(counts)) != 1:
+        raise ExportError(f"the reference starts its conversations with {sorted(set(counts))} BOS tokens")
+    wanted = counts[0]
+    how = "the tokenizer's" if max(own, default=0) == 0 else "the template's and the tokenizer's"
     return AuthorsReference(family, reference, wanted, f"{how} BOS ({wanted})")
 
 
@@ -111,12 +115,6 @@ def _strip(ids: tuple[int, ...], bos: int | None) -> tuple[int, ...]:
     while k < len(ids) and ids[k] == bos:
         k += 1
     return ids[k:]
-
-
-def _with_ids(reference: Reference, ids: tuple[tuple[int, ...], ...]) -> Reference:
-    from dataclasses import replace
-
-    return replace(reference, ids=ids)
 
 
 def message(data: Mapping[str, Any]) -> Message:
@@ -164,6 +162,18 @@ def _only(reference: Reference, keep: list[int]) -> Reference:
     )
 
 
+def _served_accepts(kind: Any, bundle: Bundle, conv: Conversation) -> bool:
+    """Whether the server encodes ``conv`` rather than refusing it (a 422)."""
+    item = ChatItem(tuple(message(m) for m in conv.messages), conv.tools)
+    if bundle.manifest.format.input_format != "chat_template":
+        return False  # plain text is the caller's rendering; nothing to refuse
+    try:
+        kind.encode([item])
+    except InvalidItem:
+        return False
+    return True
+
+
 def served_items(bundle: Bundle, authors: AuthorsReference) -> list[Item]:
     """The reference's conversations as requests to the bundle: messages for a chat template, the
     rendered text for plain input, the (question, answer) pair for a text pair."""
@@ -190,6 +200,11 @@ def compare(
     items = served_items(bundle, authors)
     encoded: list[Encoded] = kind.encode([items[k] for k in keep])
     problems = [] if keep else ["no reference conversation fits max_length to compare on"]
+    for conv in CONVERSATIONS:
+        if conv.name in authors.reference.refused:
+            skipped[conv.name] = authors.reference.refused[conv.name]
+            if _served_accepts(kind, bundle, conv):
+                problems.append(f"the authors' template refuses {conv.name!r}, but the server scores it")
     for conv, enc, ids in zip(ref.conversations, encoded, ref.ids, strict=True):
         if enc.ids != ids:
             pairs = enumerate(zip(enc.ids, ids, strict=False))

@@ -46,6 +46,7 @@ from rmserve.models.formats import default_max_length, format_settings, save_tok
 from rmserve.models.graph import EXTERNAL_DATA_BYTES, ExportError, export_onnx, fuse_encoder, input_names
 from rmserve.models.heads import ModelMeta, checkpoint_family, load_score_model
 from rmserve.models.lean.eligibility import graph_reason
+from rmserve.models.named_heads import HeadRequest
 from rmserve.models.parity import Pair, ParityReport, TorchModel, check_parity
 from rmserve.models.process_heads import StepExport, load_step_model, process_format
 from rmserve.models.reduced import REDUCED, reduce_precision
@@ -68,12 +69,14 @@ def export_bundle(
     opset: int | None = None,
     fuse_attention: bool = True,
     graph: str = "auto",
+    past_graph: bool = True,
     base_model: str | None = None,
     overwrite: bool = False,
     tolerance: float = 1e-4,
     invariance_tolerance: float = 1e-5,
     external_data_bytes: int = EXTERNAL_DATA_BYTES,
     step: StepExport | None = None,
+    head: HeadRequest | None = None,
     family: str | None = None,
     trust_remote_code: bool = False,
     bos_tokens: int | None = None,
@@ -83,12 +86,15 @@ def export_bundle(
 
     ``opset`` defaults to 23 for a decoder with fused attention, else 18 (models/attention.py).
     ``graph``: ``auto`` writes the lean graph where the checkpoint takes it (models/lean), ``lean``
-    fails where it does not, ``traced`` always traces.
+    fails where it does not, ``traced`` always traces. ``past_graph``: a lean bundle also carries the
+    prefix-reuse variant (``model_past.onnx``: docs/prefix-reuse.md).
     ``step``: export a process reward model (a value per step token) instead of one score per item.
     An outcome model is exported as its family (``rmserve.models.families``: ``family`` names one, else
     config.json decides) and held to that family's reference usage (models/authors.py): ``bos_tokens``
     overrides the BOS count the reference implies, ``template_date`` (ISO) the date templates see
     (default: the day of the export), ``trust_remote_code`` lets a checkpoint's own code run.
+    ``head``: a head other than ``score`` (a value head by name, a causal LM's logit) and OpenRLHF's
+    normalisation (models/named_heads.py).
     A process model skips the registry: its step layout decides the input format and BOS policy
     (``process_format``: under ``separate``, one BOS before the prompt where the tokenizer has one, as
     TRL's ``tokenize_row`` does), ``bos_tokens`` overriding it.
@@ -98,13 +104,18 @@ def export_bundle(
         raise ExportError(f"precision {precision!r} is not exported; choose fp32, {' or '.join(REDUCED)}")
     if dest.exists() and any(dest.iterdir()) and not overwrite:
         raise ExportError(f"{dest} exists and is not empty (pass overwrite=True / --force to replace it)")
+    if step is not None and head is not None and head != HeadRequest():
+        raise ExportError("--value-head, --lm-logit and --normalize are for outcome models, not --step-token")
     try:
         if step is not None:
             refuse_process_family(checkpoint)
         entry = None if step else outcome_family(checkpoint, family, trust_remote_code)
+        if entry is not None and entry.head == "lm_logit" and (head is None or head.lm_logit is None):
+            flags = " ".join(entry.flags)
+            raise ValueError(f"{entry.title} is read at one token of its LM head: pass {flags}")
         layout = checkpoint_family(checkpoint)
         chosen = attention.plan(layout, fuse=fuse_attention, opset=opset, default_opset=DEFAULT_OPSET)
-        model, tokenizer, meta, process, chosen = _load(checkpoint, chosen, step, trust_remote_code)
+        model, tokenizer, meta, process, chosen = _load(checkpoint, chosen, step, trust_remote_code, head)
     except (OSError, ValueError) as exc:
         what = "a process reward model" if step else "a reward model"
         raise ExportError(f"cannot load {checkpoint} as {what}: {exc}") from exc
@@ -114,7 +125,8 @@ def export_bundle(
     except ValueError as exc:
         raise ExportError(f"--template-date {template_date!r} is not an ISO date (YYYY-MM-DD)") from exc
     reference = None
-    if entry is not None:
+    # A family whose authors' code cannot run in an export (models/families/heads.py) has no reference.
+    if entry is not None and entry.reference is not None:
         reference = authors.run_reference(
             checkpoint,
             entry,
@@ -136,6 +148,9 @@ def export_bundle(
         bos_tokens=reference.bos_tokens if reference else bos_tokens,
         template_date=date,
     )
+    named = getattr(model, "named_head", None)
+    if named is not None and named.gate_pattern:
+        settings = settings.model_copy(update={"gate_pattern": named.gate_pattern})
     try:
         why_traced = graph_reason(
             graph,
@@ -160,12 +175,13 @@ def export_bundle(
                 staging,
                 precision="fp32",
                 external_data_bytes=external_data_bytes,
+                past=past_graph,
             )
             chosen, exporter = AttentionPlan("sdpa", lean.LEAN_OPSET, True), lean.EXPORTER
             fused_ops = attention.fused_ops_summary(attention.op_counts(staging / MODEL_FILE))
         else:
             model, chosen, exporter, fused_ops = _export_graph(
-                checkpoint, model, meta, chosen, staging, external_data_bytes, step
+                checkpoint, model, meta, chosen, staging, external_data_bytes, step, trust_remote_code, head
             )
         save_tokenizer(tokenizer, staging)
         write_calibration(staging, calibration)
@@ -176,6 +192,7 @@ def export_bundle(
             "family": meta.family,
             "kind": "process" if process else "outcome",
             "process": process,
+            "head": named.as_manifest() if named is not None else None,
             "base_model": recorded_path(base_model) if base_model else meta.base_model,
             "model_family": reference.as_manifest() if reference else None,
             "format": settings,
@@ -188,6 +205,7 @@ def export_bundle(
             "graph": "lean" if why_traced is None else "traced",
             "graph_reason": why_traced if meta.family == "decoder" else None,
             "padding": "right" if why_traced is None else "any",
+            "past_graph": written.past_graph if why_traced is None else None,
             "exporter": {
                 "path": exporter,
                 "torch": torch.__version__,
@@ -249,11 +267,17 @@ def outcome_family(checkpoint: Path, requested: str | None, trust_remote_code: b
 
 
 def _load_model(
-    checkpoint: Path, attn: str | None, step: StepExport | None, trust_remote_code: bool = False
+    checkpoint: Path,
+    attn: str | None,
+    step: StepExport | None,
+    trust_remote_code: bool = False,
+    head: HeadRequest | None = None,
 ) -> tuple[TorchModel, Any, ModelMeta, ProcessSettings | None]:
     """The torch model to export: one score per item, or (``step``) a value per token."""
     if step is None:
-        loaded = load_score_model(checkpoint, attn_implementation=attn, trust_remote_code=trust_remote_code)
+        loaded = load_score_model(
+            checkpoint, attn_implementation=attn, trust_remote_code=trust_remote_code, head=head
+        )
         return (*loaded, None)
     return load_step_model(
         checkpoint,
@@ -269,16 +293,20 @@ def _load_model(
 
 
 def _load(
-    checkpoint: Path, chosen: AttentionPlan, step: StepExport | None, trust_remote_code: bool
+    checkpoint: Path,
+    chosen: AttentionPlan,
+    step: StepExport | None,
+    trust_remote_code: bool,
+    head: HeadRequest | None = None,
 ) -> tuple[TorchModel, Any, ModelMeta, ProcessSettings | None, AttentionPlan]:
     """The model with the attention the plan asks for; without an SDPA path, unfused and why."""
     try:
-        return (*_load_model(checkpoint, chosen.implementation, step, trust_remote_code), chosen)
+        return (*_load_model(checkpoint, chosen.implementation, step, trust_remote_code, head), chosen)
     except ValueError as exc:
         if not chosen.fused or "scaled_dot_product_attention" not in str(exc):
             raise
     fallback = attention.unfused(DEFAULT_OPSET, "the model has no PyTorch SDPA attention path to fuse")
-    return (*_load_model(checkpoint, fallback.implementation, step, trust_remote_code), fallback)
+    return (*_load_model(checkpoint, fallback.implementation, step, trust_remote_code, head), fallback)
 
 
 def _export_graph(
@@ -289,6 +317,8 @@ def _export_graph(
     staging: Path,
     external_data_bytes: int,
     step: StepExport | None,
+    trust_remote_code: bool,
+    head: HeadRequest | None,
 ) -> tuple[TorchModel, AttentionPlan, str, dict[str, int]]:
     """Write the graph as planned; a graph that did not come out fused is redone unfused.
 
@@ -304,7 +334,7 @@ def _export_graph(
     for stale in staging.glob(MODEL_FILE + "*"):
         stale.unlink()
     fallback = attention.unfused(DEFAULT_OPSET, f"not fused: {problem}")
-    model = _load_model(checkpoint, fallback.implementation, step)[0]
+    model = _load_model(checkpoint, fallback.implementation, step, trust_remote_code, head)[0]
     exporter = export_onnx(
         model, meta, staging, opset=fallback.opset, external_data_bytes=external_data_bytes
     )

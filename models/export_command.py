@@ -12,6 +12,7 @@ from typing import get_args
 
 from rmserve.bundle import InputFormat, StepLayout, StepRule
 from rmserve.cli import DefaultsHelpFormatter
+from rmserve.models.data import HH_DEV_ENV, hh_dev_path
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +50,13 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "the traced one; lean: fail where it does not apply; traced: torch.onnx's graph",
     )
     parser.add_argument(
+        "--no-past-graph",
+        dest="past_graph",
+        action="store_false",
+        help="write no prefix-reuse graph beside a lean one (smaller bundle; every item is scored whole: "
+        "docs/prefix-reuse.md)",
+    )
+    parser.add_argument(
         "--opset", type=int, help="ONNX opset (default: 23 for fused decoder attention, else 18)"
     )
     parser.add_argument(
@@ -60,7 +68,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calibration",
         help="JSONL of {prompt, response} calibration pairs, or 'builtin' (default: the HH-RLHF dev "
-        "pairs of the shared data when present, else 'builtin')",
+        f"pairs at {hh_dev_path()} when present, else 'builtin'; ${HH_DEV_ENV} moves it)",
     )
     parser.add_argument(
         "--base-model",
@@ -68,6 +76,27 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "records, else the checkpoint directory's name)",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
+    heads = parser.add_argument_group("heads other than a score layer (docs/models.md)")
+    heads.add_argument(
+        "--value-head",
+        metavar="NAME",
+        help="score with the one-output linear layer saved as NAME (v_head, value_head, regression_layer) "
+        "on the decoder body, at the last token (default: the head the family has; OpenRLHF's RewardModel: "
+        "config.json's value_head_prefix)",
+    )
+    heads.add_argument(
+        "--lm-logit",
+        type=int,
+        metavar="TOKEN_ID",
+        help="score a causal LM by the logit of TOKEN_ID at the next position (Llama-3.1-Nemotron-70B-"
+        "Reward-HF: 0); only that row of the LM head is kept (default: none, a head other than the LM's)",
+    )
+    heads.add_argument(
+        "--normalize",
+        action="store_true",
+        help="serve (reward - mean) / std with config.json's mean and std, as OpenRLHF's "
+        "--reward.normalize_enable does (default: the raw reward)",
+    )
     family = parser.add_argument_group("model families and their authors' usage (docs/models.md)")
     family.add_argument(
         "--family",
@@ -141,6 +170,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from rmserve.models.export import ExportError, export_bundle
+    from rmserve.models.named_heads import HeadRequest
     from rmserve.models.process_heads import StepExport
 
     if args.step_token is None and args.step_rule is not None:
@@ -170,10 +200,12 @@ def run_export(args: argparse.Namespace) -> int:
             opset=args.opset,
             fuse_attention=args.fuse_attention,
             graph=args.graph,
+            past_graph=args.past_graph,
             calibration_pairs=args.calibration,
             base_model=args.base_model,
             overwrite=args.force,
             step=step,
+            head=HeadRequest(args.value_head, args.lm_logit, args.normalize),
             family=args.family,
             trust_remote_code=args.trust_remote_code,
             bos_tokens=args.bos_tokens,

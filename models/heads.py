@@ -17,6 +17,15 @@ import torch
 from torch import nn
 
 from rmserve.bundle import ENCODER_POOLINGS, Pooling
+from rmserve.models.gating_head import GatingHead
+from rmserve.models.named_heads import (
+    BodyWithHead,
+    HeadRequest,
+    NamedHead,
+    head_module,
+    load_body,
+    named_head,
+)
 
 Family = Literal["encoder", "decoder"]
 
@@ -91,6 +100,8 @@ class ScoreModel(nn.Module):
             raise ValueError(f"an encoder pools {', '.join(ENCODER_POOLINGS)}, not {pooling!r}")
         self.pooling = pooling
         self.family = family
+        # A head other than transformers' ``score`` layer (models/named_heads.py), as the manifest says.
+        self.named_head: NamedHead | None = None
 
     @property
     def body(self) -> Any:
@@ -149,9 +160,16 @@ class ScoreModel(nn.Module):
             position_ids=position_ids_of(mask),
             use_cache=False,
         ).last_hidden_state
-        index = last_token_index(mask)
-        last = hidden.gather(1, index.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])).squeeze(1)
-        return self.hf_model.score(last)[:, 0].float()
+        last = _rows(hidden, last_token_index(mask))
+        head = self.hf_model.score
+        if isinstance(head, GatingHead):  # also reads the prompt end (models/gating_head.py)
+            return head(last, _rows(hidden, head.prompt_end(input_ids).clamp(min=0))).float()
+        return head(last)[:, 0].float()
+
+
+def _rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``hidden[b, index[b]]`` for each row b: ``[batch, hidden]``."""
+    return hidden.gather(1, index.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])).squeeze(1)
 
 
 def base_model_of(checkpoint: Path) -> str:
@@ -185,9 +203,14 @@ class ModelMeta:
 
 
 def load_score_model(
-    checkpoint_dir: str | Path, *, attn_implementation: str | None = None, trust_remote_code: bool = False
+    checkpoint_dir: str | Path,
+    *,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    head: HeadRequest | None = None,
 ) -> tuple[ScoreModel, Any, ModelMeta]:
-    """Load a num_labels=1 checkpoint as an fp32 ScoreModel in eval mode, with its tokenizer and meta.
+    """Load a num_labels=1 checkpoint (or one with a named head: models/named_heads.py) as an fp32
+    ScoreModel in eval mode, with its tokenizer and meta.
 
     Every weight of the class built must come from the checkpoint and every checkpoint weight must be
     used, and the class built must be the one config.json declares (``strict_load``): transformers
@@ -199,6 +222,9 @@ def load_score_model(
 
     path = Path(checkpoint_dir)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    named = named_head(config, head)
+    if named is not None:
+        return _load_named(path, config, named, attn_implementation)
     if int(getattr(config, "num_labels", 1)) != 1:
         raise ValueError(f"{path} has num_labels={config.num_labels}; a reward model has exactly one")
     family = family_of(config)
@@ -215,6 +241,20 @@ def load_score_model(
         **extra,
     )
     model = ScoreModel(hf_model, pooling_of(config), family).eval()
+    return model, tokenizer, model_meta(model, base_model_of(path), int(tokenizer.pad_token_id))
+
+
+def _load_named(
+    path: Path, config: Any, named: NamedHead, attn_implementation: str | None
+) -> tuple[ScoreModel, Any, ModelMeta]:
+    if family_of(config) != "decoder":
+        raise ValueError(f"a {named.form} head sits on a decoder; {config.model_type} is an encoder")
+    tokenizer = load_tokenizer(path)
+    config.pad_token_id = tokenizer.pad_token_id
+    body = load_body(path, config, named, attn_implementation or DECODER_ATTENTION)
+    head, named = head_module(path, config, named, body, tokenizer)
+    model = ScoreModel(BodyWithHead(body, head), "last_token", "decoder").eval()
+    model.named_head = named
     return model, tokenizer, model_meta(model, base_model_of(path), int(tokenizer.pad_token_id))
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import gzip
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,11 +34,13 @@ from rmserve.bundle import Bundle, Manifest
 from rmserve.engines.base import TokenBatch, available_cpus
 from rmserve.engines.batches import Read, Side, score_rows
 from rmserve.engines.onnxruntime import OnnxRuntimeEngine
+from rmserve.errors import InvalidItem
 from rmserve.formatting import Encoded, Formatter
 from rmserve.items import Item, Message, Messages, PairItem, StepsItem, split_hh
-from rmserve.kinds import kind_of
+from rmserve.kinds import BundleKind, kind_of
 from rmserve.models.authors import AuthorsReference
 from rmserve.models.authors import compare as compare_with_authors
+from rmserve.models.data import hh_dev_path
 from rmserve.models.heads import ScoreModel
 from rmserve.models.process_heads import StepModel
 
@@ -48,8 +49,6 @@ TorchModel = ScoreModel | StepModel
 
 BATCH_SIZES = (1, 7, 32)
 PADDING_SIDES: tuple[Side, ...] = ("right", "left")
-# Real text for parity when the shared data is checked out next to the repo (it is never copied in).
-HH_DEV_ENV = "RMSERVE_PARITY_DATA"
 # Transcripts longer than this are skipped: parity wants mixed lengths, not a CPU-hour on a 7B model.
 MAX_PARITY_CHARS = 2500
 
@@ -81,14 +80,6 @@ def hh_messages(prompt: str) -> Messages | None:
     if turns and turns[-1].role == "assistant" and not turns[-1].content:
         turns.pop()  # the trailing "Assistant:" marker the response follows
     return tuple(turns) or None
-
-
-def hh_dev_path() -> Path:
-    env = os.environ.get(HH_DEV_ENV)
-    if env:
-        return Path(env)
-    # <workspace>/<checkout>/models/parity.py -> <workspace>/shared/data/...
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "dev.jsonl.gz"
 
 
 def builtin_pairs() -> list[Pair]:
@@ -246,7 +237,18 @@ def reference_items(bundle: Bundle, pairs: Sequence[Pair]) -> tuple[list[Encoded
     kind = kind_of(bundle.manifest.name, bundle, formatter)
     chat = bundle.manifest.format.input_format == "chat_template"
     items: list[Item] = [p.as_item(chat) if kind.step_token is None else p.as_steps(chat) for p in pairs]
+    if bundle.manifest.format.gate_pattern:
+        # A gating head reads the prompt end; a text cut past it is refused as the server refuses it.
+        items = [item for item in items if _served(kind, item)]
     return kind.encode(items), kind.values
+
+
+def _served(kind: BundleKind, item: Item) -> bool:
+    try:
+        kind.encode([item])
+    except InvalidItem:
+        return False
+    return True
 
 
 def scaled_diff(a: np.ndarray, reference: np.ndarray) -> np.ndarray:

@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
+# The prefix-reuse variant of a lean decoder graph (past K/V in, present K/V out): docs/prefix-reuse.md.
+PAST_FILE = "model_past.onnx"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 CALIBRATION_FILE = "calibration.jsonl"
 # 2: ``family`` (encoder, decoder) and ``kind`` (outcome, process); format 1 said ``kind`` for the family.
@@ -66,7 +68,7 @@ class FormatSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     # Fields added after bundles were already published: in the digest only when not at their
     # default, so a bundle exported before the field existed keeps its version (``digest_json``).
-    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = ("bos_tokens", "template_date")
+    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = ("bos_tokens", "template_date", "gate_pattern")
 
     input_format: InputFormat
     max_length: int = Field(gt=1)
@@ -95,6 +97,9 @@ class FormatSettings(BaseModel):
     # The date ``strftime_now`` renders in chat templates (ISO, e.g. "2026-12-07"), fixed at export so a
     # score does not change from day to day; None leaves ``strftime_now`` undefined.
     template_date: str | None = None
+    # Only for a gating head (ArmoRM): the token ids whose last occurrence marks the prompt end it reads;
+    # an item whose ids lack them cannot be scored.
+    gate_pattern: tuple[int, ...] | None = None
 
     @model_validator(mode="after")
     def _iso_date(self) -> FormatSettings:
@@ -157,6 +162,9 @@ class Manifest(BaseModel):
     kind: Kind = "outcome"
     # Only for process bundles: the step token and how a step's reward is read.
     process: ProcessSettings | None = None
+    # Only for an outcome head other than transformers' ``score`` layer: its form, the checkpoint
+    # weights it was read from, and what it adds (an LM head's token id, a normalisation's mean/std).
+    head: dict[str, Any] | None = None
     base_model: str
     # The model family export recognised, its authors' tokenization recipe and the BOS policy it
     # implied (rmserve.models.families); the reference's result is ``parity["reference"]``.
@@ -179,6 +187,9 @@ class Manifest(BaseModel):
     graph: Graph = "traced"
     graph_reason: str | None = None
     padding: Padding = "any"
+    # The prefix-reuse graph's file (lean decoders exported with it), or None: such a bundle scores
+    # every item whole (docs/prefix-reuse.md).
+    past_graph: str | None = None
     created_by: str = "rmserve export"
 
     @model_validator(mode="before")
@@ -255,6 +266,8 @@ def version_of(digest: str) -> str:
 def bundle_files(directory: Path) -> list[str]:
     """The files that make up a bundle's content: the model (and its external data) and tokenizer."""
     names = [MODEL_FILE]
+    if (directory / PAST_FILE).is_file():  # absent from older bundles, whose digests stay as they were
+        names.append(PAST_FILE)
     names += sorted(p.name for p in directory.glob("*.onnx.data"))
     names += [n for n in TOKENIZER_FILES if (directory / n).is_file()]
     if (directory / CALIBRATION_FILE).is_file():  # the quality gate's input is content too

@@ -21,6 +21,7 @@ from rmserve.errors import InvalidItem, ItemTooLong
 from rmserve.items import (
     TOOL_ROLES,
     ChatItem,
+    FieldError,
     Item,
     Message,
     Messages,
@@ -133,11 +134,26 @@ class Formatter:
             texts = [self._render(i, item) for i, item in enumerate(items)]
             encs = self.tokenize(texts)
             pairs = enumerate(zip(items, encs, strict=True))
-            return [self._fit_rendered(i, item, e, strict) for i, (item, e) in pairs]
+            return self._with_gate([self._fit_rendered(i, item, e, strict) for i, (item, e) in pairs])
         except (InvalidItem, ItemTooLong) as exc:
             if positions is not None:
                 raise exc.at(positions[exc.index]) from None
             raise
+
+    def _with_gate(self, encoded: list[Encoded]) -> list[Encoded]:
+        """``encoded``, when each item holds the gate pattern a gating head reads its prompt end at."""
+        pattern = self.settings.gate_pattern
+        if pattern:
+            n = len(pattern)
+            for i, enc in enumerate(encoded):
+                if not any(enc.ids[j : j + n] == pattern for j in range(len(enc.ids) - n + 1)):
+                    raise InvalidItem(
+                        i,
+                        "the model's gating head reads the prompt end (token ids "
+                        f"{list(pattern)}: the end of a user turn and the start of the assistant's), "
+                        "which this item does not have: send messages ending with an assistant turn",
+                    )
+        return encoded
 
     def text_of(self, index: int, item: Item) -> str:
         """The text the model reads for ``item`` (``index`` names it in an InvalidItem), untokenized."""
@@ -175,7 +191,7 @@ class Formatter:
         if isinstance(item, TextItem):
             return item.text
         if self.template is None:
-            pair = as_pair(item)
+            pair = _pair(index, item)
             assert pair is not None
             return pair[0] + " " + pair[1]
         return self._render_messages(index, as_messages(item), tools_of(item))
@@ -216,10 +232,7 @@ class Formatter:
     def _encode_pairs(self, items: list[Item], strict: bool) -> list[Encoded]:
         pairs: list[tuple[str, str] | None] = []
         for i, item in enumerate(items):
-            try:
-                pairs.append(as_pair(item))
-            except ValueError as exc:
-                raise InvalidItem(i, str(exc)) from None
+            pairs.append(_pair(i, item))
         both = [p for p in pairs if p is not None]
         prompts = self.tokenizer.encode_batch([p[0] for p in both], add_special_tokens=False)
         responses = self.tokenizer.encode_batch([p[1] for p in both], add_special_tokens=False)
@@ -267,3 +280,13 @@ class Formatter:
             ids = head + ids[len(ids) - (limit - len(head)) :]
         type_ids = tuple([0] * len(ids)) if self.uses_type_ids else None
         return Encoded(tuple(ids), type_ids, truncated)
+
+
+def _pair(index: int, item: Item) -> tuple[str, str] | None:
+    """``as_pair``, its errors an InvalidItem naming the field where it has one."""
+    try:
+        return as_pair(item)
+    except FieldError as exc:
+        raise InvalidItem(index, exc.reason, exc.field) from None
+    except ValueError as exc:
+        raise InvalidItem(index, str(exc)) from None

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 # The modules holding entries, in the order they are tried; one line each.
-FAMILY_MODULES = ("rmserve.models.families.stock",)
+FAMILY_MODULES = ("rmserve.models.families.stock", "rmserve.models.families.heads")
 
 _REGISTRY: dict[str, ModelFamily] = {}
 

@@ -19,8 +19,10 @@ from typing import Any, Literal
 #   template+tokenizer:  tokenizer(apply_chat_template(conv, tokenize=False)), the tokenizer's defaults
 #                        on the rendered text (the default);
 #   template-bos+tokenizer: the same after stripping the rendered text's leading BOS (Skywork-Reward-V2);
-#   text_pair:           tokenizer(question, answer), an encoder's sentence pair.
-Recipe = Literal["template+tokenizer", "template-bos+tokenizer", "text_pair"]
+#   text_pair:           tokenizer(question, answer), an encoder's sentence pair;
+#   template:            the rendered text as it tokenizes, no special tokens added (apply_chat_template's
+#                        own tokenize=True, OpenRLHF's serve_rm; models/families/heads.py).
+Recipe = Literal["template+tokenizer", "template-bos+tokenizer", "text_pair", "template"]
 Status = Literal["supported", "refused"]
 
 
@@ -42,6 +44,8 @@ class ReferenceSettings:
     trust_remote_code: bool
     template_date: str
     max_length: int
+    # ``--bos-tokens``: the recipe's token ids with their leading BOS replaced by exactly this many.
+    bos_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,8 @@ class Reference:
     token ids the model read and its fp32 score."""
 
     recipe: str
+    # The conversations the authors' template refuses (name -> why): the server must refuse them too.
+    refused: Mapping[str, str]
     conversations: tuple[Conversation, ...]
     rendered: tuple[str, ...]
     ids: tuple[tuple[int, ...], ...]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,20 @@ def _types(model: Any) -> bool:
     return int(getattr(model.config, "type_vocab_size", 0) or 0) > 0
 
 
+def with_bos(inputs: Any, bos: int | None, count: int | None) -> Any:
+    """``inputs`` (one row) with its leading BOS ids replaced by ``count`` of them (None: unchanged)."""
+    import torch
+
+    if count is None or bos is None:
+        return inputs
+    ids = inputs["input_ids"][0]
+    lead = 0
+    while lead < len(ids) and int(ids[lead]) == bos:
+        lead += 1
+    new = torch.cat([torch.full((count,), bos, dtype=ids.dtype), ids[lead:]]).unsqueeze(0)
+    return {"input_ids": new, "attention_mask": torch.ones_like(new)}
+
+
 def chat_usage(recipe: Recipe) -> ReferenceUsage:
     """The reference of a chat-template family tokenized by ``recipe``."""
 
@@ -96,17 +110,25 @@ def chat_usage(recipe: Recipe) -> ReferenceUsage:
         def tokenized(text: str) -> Any:
             if recipe == "template-bos+tokenizer" and tokenizer.bos_token:
                 text = text.removeprefix(tokenizer.bos_token)
-            return tokenizer(text, return_tensors="pt")
+            return with_bos(tokenizer(text, return_tensors="pt"), tokenizer.bos_token_id, settings.bos_tokens)
 
         def length(conv: Conversation) -> int:
             return int(tokenized(rendered(conv))["input_ids"].shape[1])
 
+        refused = {}
         with pinned_now(settings.template_date):
-            convs = tuple(near_limit(c, length, settings.max_length) for c in conversations)
+            for conv in conversations:
+                try:
+                    rendered(conv)
+                except Exception as exc:  # the template's own raise_exception (e.g. no system role)
+                    refused[conv.name] = f"the authors' template refuses it: {exc}"
+            kept = [c for c in conversations if c.name not in refused]
+            convs = tuple(near_limit(c, length, settings.max_length) for c in kept)
             texts = tuple(rendered(c) for c in convs)
         inputs = [tokenized(t) for t in texts]
         return Reference(
             recipe=recipe,
+            refused=refused,
             conversations=convs,
             rendered=texts,
             ids=tuple(tuple(int(i) for i in x["input_ids"][0]) for x in inputs),
@@ -123,12 +145,13 @@ def question_answer(conv: Conversation) -> tuple[str, str]:
     return str(question.get("content") or ""), str(last.get("content") or "")
 
 
-def pair_usage(
-    checkpoint: Path, conversations: Sequence[Conversation], settings: ReferenceSettings
+def pair_reference(
+    tokenizer: Any,
+    score: Callable[[Any], float],
+    conversations: Sequence[Conversation],
+    settings: ReferenceSettings,
 ) -> Reference:
-    """``tokenizer(question, answer)`` then ``logits[0]``: the OpenAssistant DeBERTa card."""
-    tokenizer = authors_tokenizer(checkpoint, settings)
-    model = authors_model(checkpoint, settings)
+    """Each conversation as ``tokenizer(question, answer)`` (one grown near max_length), scored."""
 
     def tokenized(conv: Conversation) -> Any:
         return tokenizer(*question_answer(conv), return_tensors="pt")
@@ -140,11 +163,21 @@ def pair_usage(
     inputs = [tokenized(c) for c in convs]
     return Reference(
         recipe="text_pair",
+        refused={},
         conversations=convs,
         rendered=tuple("\n".join(question_answer(c)) for c in convs),
         ids=tuple(tuple(int(i) for i in x["input_ids"][0]) for x in inputs),
-        scores=tuple(_score(model, x) for x in inputs),
+        scores=tuple(score(x) for x in inputs),
     )
+
+
+def pair_usage(
+    checkpoint: Path, conversations: Sequence[Conversation], settings: ReferenceSettings
+) -> Reference:
+    """``tokenizer(question, answer)`` then ``logits[0]``: the OpenAssistant DeBERTa card."""
+    model = authors_model(checkpoint, settings)
+    tokenizer = authors_tokenizer(checkpoint, settings)
+    return pair_reference(tokenizer, lambda x: _score(model, x), conversations, settings)
 
 
 def rmserve_usage(
@@ -158,23 +191,9 @@ def rmserve_usage(
 
     model, tokenizer, meta = load_score_model(checkpoint)
 
-    def tokenized(conv: Conversation) -> Any:
-        return tokenizer(*question_answer(conv), return_tensors="pt")
-
-    convs = tuple(
-        near_limit(c, lambda c: int(tokenized(c)["input_ids"].shape[1]), settings.max_length)
-        for c in conversations
-    )
-    inputs = [tokenized(c) for c in convs]
-    scores = []
-    for x in inputs:
+    def score(x: Any) -> float:
         types = x.get("token_type_ids") if meta.uses_token_type_ids else None
         with torch.inference_mode():
-            scores.append(float(model(x["input_ids"], x["attention_mask"], types)[0]))
-    return Reference(
-        recipe="text_pair",
-        conversations=convs,
-        rendered=tuple("\n".join(question_answer(c)) for c in convs),
-        ids=tuple(tuple(int(i) for i in x["input_ids"][0]) for x in inputs),
-        scores=tuple(scores),
-    )
+            return float(model(x["input_ids"], x["attention_mask"], types)[0])
+
+    return pair_reference(tokenizer, score, conversations, settings)

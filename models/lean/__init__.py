@@ -20,14 +20,28 @@ from typing import Any
 
 from onnx import TensorProto, helper
 
-from rmserve.bundle import MODEL_FILE
+from rmserve.bundle import MODEL_FILE, PAST_FILE
 from rmserve.models.graph import save_onnx
 from rmserve.models.heads import ScoreModel
-from rmserve.models.lean.body import decoder_body, decoder_inputs, layer_node_counts
+from rmserve.models.lean.body import (
+    PAST_MASK,
+    decoder_body,
+    decoder_inputs,
+    layer_node_counts,
+    past_names,
+    present_names,
+)
 from rmserve.models.lean.builder import GraphBuilder
 from rmserve.models.lean.eligibility import LAYER_NODE_BUDGET, why_not_lean
 from rmserve.models.lean.heads import head_output
-from rmserve.models.lean.weights import DecoderWeights, Linear, StepHeadWeights, decoder_weights, head_weights
+from rmserve.models.lean.weights import (
+    DecoderWeights,
+    GatingHeadWeights,
+    ScoreHeadWeights,
+    StepHeadWeights,
+    decoder_weights,
+    head_weights,
+)
 from rmserve.models.process_heads import StepModel
 
 LEAN_OPSET = 23
@@ -49,6 +63,7 @@ class LeanGraph:
 
     precision: str
     nodes: dict[str, int]
+    past_graph: str | None = None  # the prefix-reuse variant's file, when written
 
     @property
     def nodes_per_layer(self) -> int:
@@ -64,17 +79,38 @@ class LeanGraph:
         }
 
 
-def build_lean_graph(w: DecoderWeights, head: Linear | StepHeadWeights, precision: str) -> Any:
+def build_lean_graph(
+    w: DecoderWeights,
+    head: ScoreHeadWeights | GatingHeadWeights | StepHeadWeights,
+    precision: str,
+    *,
+    past: bool = False,
+) -> Any:
     """The ONNX model: ``input_ids``, ``attention_mask`` (int64 ``[batch, seq]``) -> ``scores``, float32
-    ``[batch]`` for a score layer, ``[batch, sequence]`` for a step head."""
+    ``[batch]`` for a score layer, ``[batch, sequence]`` for a step head (the new tokens' only), and a
+    gating head's ``components``, ``[batch, objectives]``.
+
+    ``past``: the prefix-reuse variant (models/lean/body.py), which also takes ``past_mask`` (int64
+    ``[batch, past]``) and each layer's ``past_key.i`` / ``past_value.i``, and emits each layer's
+    ``present_key.i`` / ``present_value.i`` (``[batch, past + sequence, kv_heads * head_dim]``)."""
     g = GraphBuilder(precision)
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
     mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])
-    inputs = decoder_inputs(g, ids.name, mask.name)
-    scores, dims = head_output(g, decoder_body(g, w, inputs), inputs, w, head)
-    g.rename(scores, "scores")
-    out = helper.make_tensor_value_info("scores", TensorProto.FLOAT, dims)
-    return g.model([ids, mask], [out], LEAN_OPSET)
+    inputs = decoder_inputs(g, ids.name, mask.name, past=past)
+    outs = []
+    for value, name, dims in head_output(g, decoder_body(g, w, inputs), inputs, w, head):
+        g.rename(value, name)
+        outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
+    feeds = [ids, mask]
+    if past:
+        feeds.append(helper.make_tensor_value_info(PAST_MASK, TensorProto.INT64, ["batch", "past"]))
+        width = w.kv_heads * w.head_dim
+        for i in range(len(w.layers)):
+            for name in past_names(i):
+                feeds.append(helper.make_tensor_value_info(name, g.float_type, ["batch", "past", width]))
+            for name in present_names(i):
+                outs.append(helper.make_tensor_value_info(name, g.float_type, ["batch", "total", width]))
+    return g.model(feeds, outs, LEAN_OPSET)
 
 
 def write_lean_graph(
@@ -84,9 +120,17 @@ def write_lean_graph(
     *,
     precision: str,
     external_data_bytes: int,
+    past: bool = False,
 ) -> LeanGraph:
     """Write ``model.onnx`` (+ ``model.onnx.data`` when large) for ``source`` (an outcome or a process
-    model) at ``precision``."""
-    model = build_lean_graph(decoder_weights(source.body, max_length), head_weights(source), precision)
+    model) at ``precision``; with ``past``, also the prefix-reuse variant as ``model_past.onnx``."""
+    weights, head = decoder_weights(source.body, max_length), head_weights(source)
+    model = build_lean_graph(weights, head, precision)
     save_onnx(model, directory / MODEL_FILE, external_data_bytes)
-    return LeanGraph(precision, layer_node_counts(model))
+    # A gating head reads the prompt's end, which a suffix after a reused prefix may not hold.
+    past = past and not isinstance(head, GatingHeadWeights)
+    if past:
+        save_onnx(
+            build_lean_graph(weights, head, precision, past=True), directory / PAST_FILE, external_data_bytes
+        )
+    return LeanGraph(precision, layer_node_counts(model), PAST_FILE if past else None)

@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from rmserve.bundle import StepRule
+from rmserve.models.gating_head import GatingHead
 from rmserve.models.heads import ScoreModel
+from rmserve.models.named_heads import Normalized
 from rmserve.models.process_heads import StepHead, StepModel
 
 
@@ -128,9 +130,58 @@ def decoder_weights(base: Any, max_length: int) -> DecoderWeights:
     )
 
 
-def score_head(hf_model: Any) -> Linear:
-    """The sequence-classification head (``score``): hidden -> one reward."""
-    return _linears(hf_model.score)
+@dataclass(frozen=True)
+class ScoreHeadWeights:
+    """An outcome head: one linear layer to one reward (a ReLU between two: an MLP ``score``), then,
+    where the reward is normalised (OpenRLHF's mean/std), ``(r - mean) / std`` in float32."""
+
+    layers: tuple[Linear, ...]
+    normalize: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class GatingHeadWeights:
+    """ArmoRM's gating head (models/gating_head.py): the regression layer read at the last token, the
+    gating network's layers (ReLU between) read at the prompt end, and what combines them."""
+
+    regression: Linear
+    gate: tuple[Linear, ...]
+    temperature: float
+    logit_scale: float
+    transform: np.ndarray  # [objectives, objectives]
+    pattern: tuple[int, ...]
+
+
+def gating_weights(head: GatingHead) -> GatingHeadWeights:
+    layers = [m for m in head.gate if isinstance(m, nn.Linear)]
+    return GatingHeadWeights(
+        regression=_linears(head.regression),
+        gate=tuple(_linears(layer) for layer in layers),
+        temperature=head.temperature,
+        logit_scale=float(head.logit_scale[0]),
+        transform=_array(head.transform),
+        pattern=head.pattern,
+    )
+
+
+def _mlp_layers(module: nn.Module, what: str) -> tuple[nn.Linear, ...]:
+    """One Linear, or Linear, ReLU, Linear: the head forms the lean graph writes."""
+    if isinstance(module, nn.Linear):
+        return (module,)
+    if isinstance(module, nn.Sequential) and [type(m) for m in module] == [nn.Linear, nn.ReLU, nn.Linear]:
+        return (module[0], module[2])
+    raise ValueError(f"a {type(module).__name__} {what} has no lean graph")
+
+
+def score_head(hf_model: Any) -> ScoreHeadWeights | GatingHeadWeights:
+    """The outcome head (``score``, or a named head: models/named_heads.py): hidden -> one reward."""
+    head, normalize = hf_model.score, None
+    if isinstance(head, GatingHead):
+        return gating_weights(head)
+    if isinstance(head, Normalized):
+        normalize = (float(head.mean[0]), float(head.std[0]))
+        head = head.head
+    return ScoreHeadWeights(tuple(_linears(layer) for layer in _mlp_layers(head, "score head")), normalize)
 
 
 @dataclass(frozen=True)
@@ -149,23 +200,13 @@ def step_head(head: StepHead) -> StepHeadWeights:
     LM head's two label rows) or the Qwen2.5-Math-PRM's Linear, ReLU, Linear."""
     if head.softcap:
         raise ValueError("a soft-capped LM head has no lean graph")
-    projection = head.projection
-    if isinstance(projection, nn.Linear):
-        layers: tuple[nn.Linear, ...] = (projection,)
-    elif isinstance(projection, nn.Sequential) and [type(m) for m in projection] == [
-        nn.Linear,
-        nn.ReLU,
-        nn.Linear,
-    ]:
-        layers = (projection[0], projection[2])
-    else:
-        raise ValueError(f"a {type(projection).__name__} step head has no lean graph")
+    layers = _mlp_layers(head.projection, "step head")
     return StepHeadWeights(
         tuple(_linears(layer) for layer in layers), head.rule, head.positive, head.negative
     )
 
 
-def head_weights(model: ScoreModel | StepModel) -> Linear | StepHeadWeights:
+def head_weights(model: ScoreModel | StepModel) -> ScoreHeadWeights | GatingHeadWeights | StepHeadWeights:
     """The head the lean graph writes on the body: a process model's step head, else the score layer."""
     if isinstance(model, StepModel):
         return step_head(model.head)

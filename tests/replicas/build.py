@@ -39,6 +39,9 @@ SIZES: dict[str, Any] = {
     "intermediate_size": 64,
     "initializer_range": 0.2,
 }
+# Checkpoints whose tokenizer adds a "[PAD]" token after the vocabulary (id 128256 in the real ones:
+# Skywork-Reward v0.1/v0.2 Llama, GRM; research notes, "Last-token pooling").
+PADDED = ("skywork-v02-llama", "grm-llama-ft")
 # replica name -> (hub name, model type, template file, whether the template keeps its BOS)
 REPLICAS = {
     "skywork-v2-llama": ("Skywork-Reward-V2-Llama-3.1-8B", "llama", "llama3.2_json.jinja", True),
@@ -62,9 +65,10 @@ def _byte_bpe(specials: list[str]) -> Any:
     return tok
 
 
-def llama3_tokenizer(template: str) -> Any:
+def llama3_tokenizer(template: str, pad: bool = False) -> Any:
     """Llama-3's tokenizer behaviour: byte-level BPE, ``<|begin_of_text|>`` added by the post-processor
-    (TemplateProcessing), ``<|eot_id|>`` ending a turn, no pad token (Llama-3's has none)."""
+    (TemplateProcessing), ``<|eot_id|>`` ending a turn, no pad token (Llama-3's has none) unless ``pad``
+    adds ``[PAD]`` after the vocabulary."""
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
@@ -75,6 +79,7 @@ def llama3_tokenizer(template: str) -> Any:
         pair="<|begin_of_text|> $A <|begin_of_text|> $B",
         special_tokens=[("<|begin_of_text|>", bos)],
     )
+    extra = {"pad_token": "[PAD]"} if pad else {}
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|begin_of_text|>",
@@ -82,6 +87,7 @@ def llama3_tokenizer(template: str) -> Any:
         chat_template=template,
         model_max_length=131072,
         model_input_names=["input_ids", "attention_mask"],
+        **extra,
     )
 
 
@@ -196,7 +202,10 @@ def replica(name: str, root: str | Path, *, seed: int = 0) -> Path:
         template = (TEMPLATES / template_file).read_text()
         if not keeps_bos:
             template = template.removeprefix("{{- bos_token }}\n")
-        tokenizer = (qwen3_tokenizer if model_type == "qwen3" else llama3_tokenizer)(template)
+        if model_type == "qwen3":
+            tokenizer = qwen3_tokenizer(template)
+        else:
+            tokenizer = llama3_tokenizer(template, pad=name in PADDED)
     config = _config(model_type, tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_config(config)
