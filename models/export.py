@@ -40,14 +40,15 @@ from rmserve.models import parity as parity_mod
 from rmserve.models.attention import AttentionPlan
 from rmserve.models.authors import AuthorsReference
 from rmserve.models.data import recorded_path
-from rmserve.models.families import FamilyError, ModelFamily, identify, read_config
+from rmserve.models.families import FamilyError, ModelFamily, checkpoint_names, identify, read_config
+from rmserve.models.families.process import refused_process_family
 from rmserve.models.formats import default_max_length, format_settings, save_tokenizer
 from rmserve.models.graph import EXTERNAL_DATA_BYTES, ExportError, export_onnx, fuse_encoder, input_names
 from rmserve.models.heads import ModelMeta, checkpoint_family, load_score_model
 from rmserve.models.lean.eligibility import graph_reason
 from rmserve.models.named_heads import HeadRequest
 from rmserve.models.parity import Pair, ParityReport, TorchModel, check_parity
-from rmserve.models.process_heads import StepExport, load_step_model
+from rmserve.models.process_heads import StepExport, load_step_model, process_format
 from rmserve.models.reduced import REDUCED, reduce_precision
 
 DEFAULT_OPSET = 18
@@ -94,6 +95,9 @@ def export_bundle(
     (default: the day of the export), ``trust_remote_code`` lets a checkpoint's own code run.
     ``head``: a head other than ``score`` (a value head by name, a causal LM's logit) and OpenRLHF's
     normalisation (models/named_heads.py).
+    A process model skips the registry: its step layout decides the input format and BOS policy
+    (``process_format``: under ``separate``, one BOS before the prompt where the tokenizer has one, as
+    TRL's ``tokenize_row`` does), ``bos_tokens`` overriding it.
     """
     checkpoint, dest = Path(checkpoint_dir), Path(bundle_dir)
     if precision not in ("fp32", *REDUCED):
@@ -103,6 +107,8 @@ def export_bundle(
     if step is not None and head is not None and head != HeadRequest():
         raise ExportError("--value-head, --lm-logit and --normalize are for outcome models, not --step-token")
     try:
+        if step is not None:
+            refuse_process_family(checkpoint)
         entry = None if step else outcome_family(checkpoint, family, trust_remote_code)
         if entry is not None and entry.head == "lm_logit" and (head is None or head.lm_logit is None):
             flags = " ".join(entry.flags)
@@ -130,8 +136,10 @@ def export_bundle(
             date=date,
             bos_override=bos_tokens,
         )
-    elif bos_tokens is not None and entry is None:
-        raise ExportError("--bos-tokens applies to outcome reward models")
+    try:
+        input_format, bos_tokens = process_format(step, tokenizer, input_format, bos_tokens)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from exc
     settings = format_settings(
         tokenizer,
         meta,
@@ -241,6 +249,13 @@ def export_bundle(
         shutil.rmtree(staging_root, ignore_errors=True)
 
 
+def refuse_process_family(checkpoint: Path) -> None:
+    """FamilyError when the checkpoint's names match a process family rmserve refuses (an implicit PRM)."""
+    refused = refused_process_family(checkpoint_names(checkpoint, read_config(checkpoint)))
+    if refused is not None:
+        raise FamilyError(f"{refused.title} is not supported: {refused.refusal}")
+
+
 def outcome_family(checkpoint: Path, requested: str | None, trust_remote_code: bool) -> ModelFamily:
     """The checkpoint's family (``rmserve.models.families.identify``); a checkpoint shipping its own
     code (``auto_map``) is refused without ``trust_remote_code``, naming the classes it would run."""
@@ -269,6 +284,10 @@ def _load_model(
         step_token=step.step_token,
         rule=step.rule,
         label_tokens=step.label_tokens,
+        layout=step.layout,
+        prompt_suffix=step.prompt_suffix,
+        before_token=step.before_token,
+        between_steps=step.between_steps,
         attn_implementation=attn,
     )
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import get_args
 
-from rmserve.bundle import InputFormat, StepRule
+from rmserve.bundle import InputFormat, StepLayout, StepRule
 from rmserve.cli import DefaultsHelpFormatter
 from rmserve.models.data import HH_DEV_ENV, hh_dev_path
 
@@ -112,7 +112,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--bos-tokens",
         type=int,
         choices=[0, 1, 2],
-        help="start every item with exactly this many BOS tokens (default: as the authors' usage does)",
+        help="start every item with exactly this many BOS tokens (default: as the authors' usage does; a "
+        "process model: as its template writes, or under --step-layout separate 1 where the tokenizer has "
+        "one)",
     )
     family.add_argument(
         "--template-date",
@@ -137,6 +139,33 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         default=("+", "-"),
         help="a causal LM read at two tokens: the positive and negative one",
     )
+    steps.add_argument(
+        "--step-layout",
+        choices=get_args(StepLayout),
+        default="joint",
+        help="how steps become token ids: joint (one text, the step token after each step), separate "
+        "(prompt and each step tokenized on their own, --step-token's ids after each step: TRL's "
+        "PRMTrainer, PURE, Skywork-o1) or turns (each step a user turn answered by --step-token, the "
+        "positive label: RLHFlow)",
+    )
+    steps.add_argument(
+        "--prompt-suffix",
+        default="",
+        help="text after the prompt, before the first step (separate: in the prompt's text, as Skywork-o1 "
+        "writes a newline there; turns: in the first user turn, as RLHFlow writes a space)",
+    )
+    steps.add_argument(
+        "--before-step-token",
+        default="",
+        help="joint layout: text a steps item writes between each step and its step token "
+        '(Math-Shepherd: " ")',
+    )
+    steps.add_argument(
+        "--between-steps",
+        default="",
+        help="joint layout: text a steps item writes between one step's token and the next step "
+        "(Math-Shepherd: a newline)",
+    )
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -149,7 +178,16 @@ def run_export(args: argparse.Namespace) -> int:
         return 2
     step = None
     if args.step_token is not None:
-        step = StepExport(args.step_token, args.step_rule, (args.label_tokens[0], args.label_tokens[1]))
+        labels = (args.label_tokens[0], args.label_tokens[1])
+        step = StepExport(
+            args.step_token,
+            args.step_rule,
+            labels,
+            args.step_layout,
+            args.prompt_suffix,
+            args.before_step_token,
+            args.between_steps,
+        )
     try:
         manifest = export_bundle(
             args.checkpoint,
@@ -180,7 +218,12 @@ def run_export(args: argparse.Namespace) -> int:
     why = f" ({manifest.attention_reason})" if manifest.attention_reason else ""
     traced = f" ({manifest.graph_reason})" if manifest.graph_reason else ""
     process = manifest.process
-    kind = f", {manifest.kind}: step token {process.step_token!r}, rule {process.rule}" if process else ""
+    kind = (
+        f", {manifest.kind}: step token {process.step_token!r}, rule {process.rule}"
+        + (f", layout {process.layout}" if process.layout != "joint" else "")
+        if process
+        else ""
+    )
     ref = p.get("reference")
     if ref:
         kind += (

@@ -49,7 +49,13 @@ Padding = Literal["any", "right"]
 StepRule = Literal["positive_prob", "prob_diff", "sigmoid", "raw"]
 # Where a process bundle's label logits come from: a token-classification head (1 or 2 labels), the
 # Qwen2.5-Math-PRM head (two linear layers, 2 labels), or a causal LM's head read at two label tokens.
-HeadForm = Literal["token_classification", "qwen2_prm", "lm_head"]
+# value_head: a one-output linear layer saved beside a causal LM (Skywork-o1-Open-PRM's ``v_head.summary``).
+HeadForm = Literal["token_classification", "qwen2_prm", "lm_head", "value_head"]
+# How a process bundle's steps become token ids (``rmserve.layouts``): joint (the item rendered as one text,
+# the step token after each step), separate (the prompt and each step tokenized on their own, the
+# separator's ids after each step) or turns (each step a user turn, read where the model predicts its
+# assistant label).
+StepLayout = Literal["joint", "separate", "turns"]
 
 
 class BundleError(Exception):
@@ -111,7 +117,13 @@ class ProcessSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     # As for FormatSettings: later fields enter the digest only when set.
-    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = ()
+    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = (
+        "layout",
+        "separator_ids",
+        "prompt_suffix",
+        "before_token",
+        "between_steps",
+    )
 
     step_token: str = Field(min_length=1)
     step_token_id: int = Field(ge=0)
@@ -122,6 +134,17 @@ class ProcessSettings(BaseModel):
     positive_label: int = Field(ge=0)
     negative_label: int | None = Field(None, ge=0)
     label_tokens: tuple[str, str] | None = None
+    # How steps become ids. Under ``separate`` the step token is the separator text and
+    # ``separator_ids`` its ids, appended to each step; under ``turns`` it is the assistant's reply
+    # after each step (the positive label token). ``prompt_suffix`` is written after the prompt, before
+    # the first step (separate: in the prompt's text; turns: in the first user turn, before step 1).
+    layout: StepLayout = "joint"
+    separator_ids: tuple[int, ...] | None = None
+    prompt_suffix: str = ""
+    # Joint: what a steps item writes before each step token and between steps (Math-Shepherd's
+    # "Step 1: ... ки\nStep 2: ... ки" is " " and "\n"; the Qwen cards' "<extra_0>" joins, "" and "").
+    before_token: str = ""
+    between_steps: str = ""
 
 
 class Manifest(BaseModel):

@@ -66,6 +66,7 @@ def lm_logit_usage(
         scores.append(float(out["scores"][0][0][NEMOTRON_TOKEN]))
     return Reference(
         recipe="template",
+        refused={},
         conversations=convs,
         rendered=texts,
         ids=tuple(tuple(int(i) for i in x["input_ids"][0]) for x in inputs),
