@@ -147,6 +147,10 @@ class ProcessSettings(BaseModel):
     between_steps: str = ""
 
 
+# A head with several outputs emits its objectives' values under this name, beside ``scores``.
+COMPONENTS_OUTPUT = "components"
+
+
 class Manifest(BaseModel):
     """``manifest.json``: what the server needs to load, verify and describe a bundle."""
 
@@ -191,6 +195,18 @@ class Manifest(BaseModel):
     # every item whole (docs/prefix-reuse.md).
     past_graph: str | None = None
     created_by: str = "rmserve export"
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The objectives' names of a head with several outputs (a gating head's ``components``, the
+        graph's second output ``[batch, objectives]``); empty for a bundle with one score per item."""
+        names = (self.head or {}).get("components")
+        return tuple(str(n) for n in names) if names else ()
+
+    @property
+    def extra_outputs(self) -> tuple[str, ...]:
+        """The graph outputs an engine returns beside ``output``, as columns after the score."""
+        return (COMPONENTS_OUTPUT,) if self.components else ()
 
     @model_validator(mode="before")
     @classmethod

@@ -4,10 +4,12 @@ the kind changes.
 * which items it takes (a ``steps`` item on an outcome model, or an item without steps on a process
   model, is a 422 naming the model's kind);
 * how items become token ids (``Formatter``, or ``StepEncoder`` with the step positions);
-* what a row of the engine's output becomes: one float (outcome graphs emit ``[batch]``), or the
-  values at the item's step-token positions (process graphs emit ``[batch, length]``);
-* the answer: ``scores``, and for a process model ``step_scores`` with each item's aggregate of its
-  step values as its score (``min`` by default, ``last``, ``mean`` or ``prod``).
+* what a row of the engine's output becomes: one float (outcome graphs emit ``[batch]``), the
+  values at the item's step-token positions (process graphs emit ``[batch, length]``), or a score
+  with its objectives' values (a head with several outputs: the engine's ``[batch, 1 + objectives]``);
+* the answer: ``scores``, for a process model ``step_scores`` with each item's aggregate of its
+  step values as its score (``min`` by default, ``last``, ``mean`` or ``prod``), and for a head with
+  several outputs ``components``, one list per objective.
 
 The batcher, the queue and the cache carry a kind's values without looking inside them.
 """
@@ -27,8 +29,18 @@ from rmserve.formatting import Encoded, Formatter
 from rmserve.items import Item, StepsItem, TextItem
 from rmserve.steps import StepEncoder
 
-# One item's value: an outcome model's score, or a process model's reward per step.
-Value = float | tuple[float, ...]
+
+@dataclass(frozen=True)
+class Objectives:
+    """One item's value from a head with several outputs: its combined score and each objective's."""
+
+    score: float
+    components: tuple[float, ...]
+
+
+# One item's value: an outcome model's score, a process model's reward per step, or a score with its
+# objectives' values.
+Value = float | tuple[float, ...] | Objectives
 Aggregate = Literal["min", "last", "mean", "prod"]
 AGGREGATES: tuple[Aggregate, ...] = get_args(Aggregate)
 DEFAULT_AGGREGATE: Aggregate = "min"
@@ -44,6 +56,7 @@ class Answer:
 
     scores: list[float]
     step_scores: list[list[float]] | None = None
+    components: dict[str, list[float]] | None = None
 
 
 class BundleKind(Protocol):
@@ -133,6 +146,43 @@ class OutcomeKind:
         return {"kind": self.name}
 
 
+@dataclass(frozen=True)
+class ObjectivesKind:
+    """An outcome model whose head has several outputs (ArmoRM's gating head): a row of the engine's
+    output is the combined score, then one value per objective, in the manifest's order."""
+
+    model: str
+    formatter: Formatter
+    objectives: tuple[str, ...]
+    name: str = "outcome"
+    step_token: str | None = None
+
+    def check(self, items: Sequence[Item], aggregate: Aggregate | None) -> None:
+        OutcomeKind(self.model, self.formatter).check(items, aggregate)
+
+    def encode(
+        self, items: Sequence[Item], *, strict: bool = False, positions: list[int] | None = None
+    ) -> list[Encoded]:
+        return self.formatter.encode(list(items), strict=strict, positions=positions)
+
+    def values(self, row: np.ndarray, encoded: Encoded, start: int = 0) -> np.ndarray:
+        return np.asarray(row).reshape(-1)[:1]  # the combined score, as parity compares it
+
+    def read(self, row: np.ndarray, encoded: Encoded, start: int = 0) -> Objectives:
+        values = _finite(np.asarray(row).reshape(-1))
+        assert len(values) == 1 + len(self.objectives), "the engine returns the score, then each objective"
+        return Objectives(values[0], tuple(values[1:]))
+
+    def answer(self, values: Sequence[Value], aggregate: Aggregate | None) -> Answer:
+        rows = [v for v in values if isinstance(v, Objectives)]
+        assert len(rows) == len(values), "a head with several outputs gives Objectives values"
+        components = {name: [r.components[k] for r in rows] for k, name in enumerate(self.objectives)}
+        return Answer([r.score for r in rows], components=components)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.name, "components": list(self.objectives)}
+
+
 def aggregate_steps(steps: Sequence[float], how: Aggregate) -> float:
     """One reward for a solution from its step rewards."""
     if how == "min":
@@ -202,6 +252,8 @@ class ProcessKind:
 def kind_of(model: str, bundle: Bundle, formatter: Formatter) -> BundleKind:
     """The kind object for a loaded bundle; ``model`` is the name it is served under."""
     process = bundle.manifest.process
+    if process is None and bundle.manifest.components:
+        return ObjectivesKind(model, formatter, bundle.manifest.components)
     if process is None:
         return OutcomeKind(model, formatter)
     return ProcessKind(model, process, StepEncoder(formatter, process))

@@ -213,6 +213,7 @@ class Scorer:
             cache_hits=hits,
             step_scores=answer.step_scores,
             item_dropped=[r.dropped for r in final],
+            components=answer.components,
         )
 
     async def _check_strict(

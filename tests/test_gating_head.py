@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -31,6 +32,7 @@ from rmserve.client import RewardClient
 from rmserve.formatting import Formatter
 from rmserve.items import ChatItem, Message
 from rmserve.models.export import ExportError, export_bundle
+from tests.support.redis import delete_prefix, shared_redis_url, unique_prefix
 from tests.support.replicas import (
     CONVERSATIONS,
     LLAMA3_VOCAB,
@@ -157,6 +159,79 @@ def test_the_graphs_components_are_the_published_per_objective_rewards(armorm: P
     assert components.shape == (len(card_ids), OBJECTIVES)
     np.testing.assert_allclose(components, np.array(card_rewards), atol=1e-4)
     np.testing.assert_allclose(scores, np.array(card_scores), atol=1e-4)
+
+
+def served_components(url: str, expected_hits: int) -> dict[str, list[float]]:
+    """``/v1/score``'s components for the conversations, asserting how many items the cache answered."""
+    reply = httpx.post(
+        url + "/v1/score", json={"items": [{"messages": c} for c in CONVERSATIONS]}, timeout=120
+    )
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["usage"]["cache_hits"] == expected_hits
+    components: dict[str, list[float]] = body["components"]
+    return components
+
+
+def assert_published(components: dict[str, list[float]], card_rewards: list[list[float]]) -> None:
+    names = [f"objective_{k}" for k in range(OBJECTIVES)]
+    assert list(components) == names
+    served = np.array([components[name] for name in names]).T  # [items, objectives]
+    np.testing.assert_allclose(served, np.array(card_rewards), atol=1e-4)
+
+
+PINNED = {"RMSERVE_PROVIDER": "cpu", "RMSERVE_PRECISION": "fp32"}  # cache keys name both
+
+
+def test_armorm_answers_the_published_per_objective_rewards_as_components_also_from_its_cache(
+    armorm: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    _, card_scores, card_rewards = card_outputs(armorm / "checkpoint")
+    tokenizer = AutoTokenizer.from_pretrained(armorm / "checkpoint")
+    queries = [tokenizer.apply_chat_template(c, tokenize=False) for c in CONVERSATIONS]
+    with serve({**PINNED, "RMSERVE_MODELS": f"armorm={armorm / 'bundle'}"}, tmp_path) as server:
+        first = served_components(server.url, expected_hits=0)
+        again = served_components(server.url, expected_hits=len(CONVERSATIONS))
+        reward = httpx.post(server.url + "/get_reward", json={"query": queries}, timeout=120).json()
+        models = httpx.get(server.url + "/v1/models", timeout=30).json()["data"]
+    assert_published(first, card_rewards)
+    assert again == first
+    assert reward["rewards"] == pytest.approx(card_scores, abs=1e-4)
+    assert_published(
+        {k: v for k, v in reward["extra_logs"].items() if k.startswith("objective_")}, card_rewards
+    )
+    assert models[0]["components"] == [f"objective_{k}" for k in range(OBJECTIVES)]
+
+
+def test_a_replica_sharing_redis_answers_armorm_components_from_the_cache(
+    armorm: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import redis
+
+    url, how = shared_redis_url(tmp_path_factory.mktemp("redis"))
+    if url is None:
+        pytest.skip(how)
+    _, _, card_rewards = card_outputs(armorm / "checkpoint")
+    prefix = unique_prefix()
+    env = {**PINNED, "RMSERVE_MODELS": str(armorm / "bundle"), "RMSERVE_REDIS_URL": url}
+    env["RMSERVE_CACHE_PREFIX"] = prefix
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        with serve(env, tmp_path_factory.mktemp("writer")) as writer:
+            first = served_components(writer.url, expected_hits=0)
+            for _ in range(100):  # the write-back is off the request path
+                if len(list(client.scan_iter(match=prefix + "*"))) >= len(CONVERSATIONS):
+                    break
+                threading.Event().wait(0.1)
+        with serve(env, tmp_path_factory.mktemp("reader")) as reader:  # nothing of the first in memory
+            hit = served_components(reader.url, expected_hits=len(CONVERSATIONS))
+    finally:
+        client.close()
+        delete_prefix(url, prefix)
+    assert_published(first, card_rewards)
+    assert_published(hit, card_rewards)
 
 
 def test_a_gating_checkpoint_without_its_transform_matrix_fails_the_export_naming_it(tmp_path: Path) -> None:

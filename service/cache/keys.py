@@ -7,6 +7,10 @@ encoding of the item, so two different items can never share a key. A message is
 conversations that differ only in a tool call never share a key, and single-flight (which joins
 items by key) never joins them.
 
+A head with several outputs keeps an item's score with each objective's value, so a hit answers its
+``components`` too; its namespace names the objectives, and bundles with one score keep theirs (and
+their entries) as before.
+
 A process model's value is an item's step rewards (the prompt, encoded as any item's prompt is, and
 every step are in the key); the aggregate a request asks for is computed from them per response, so
 one entry serves every aggregate.
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 
 from rmserve.bundle import Manifest
 from rmserve.items import ChatItem, Item, Message, PairItem, StepsItem, TextItem, arguments_value
+from rmserve.kinds import Objectives, Value
 
 _LEN = struct.Struct(">Q")
 # The layout of the item encoding below, part of the namespace: a new layout never reads old entries.
@@ -28,6 +33,8 @@ _KEY_LAYOUT = 2
 _VALUE = struct.Struct(">dIB")  # score (float64 holds the float32 exactly), tokens, truncated
 # A step value: b"S", tokens, truncated, steps dropped, then one float64 per step kept.
 _STEPS = struct.Struct(">cIBI")
+# A score with its objectives' values: b"O", tokens, truncated, the score, then one float64 per objective.
+_OBJECTIVES = struct.Struct(">cIBd")
 
 
 def namespace(manifest: Manifest, provider: str, precision: str) -> bytes:
@@ -39,6 +46,8 @@ def namespace(manifest: Manifest, provider: str, precision: str) -> bytes:
         "precision": precision,
         "key_layout": _KEY_LAYOUT,
     }
+    if manifest.components:  # absent for one-score bundles, whose namespaces never changed
+        meta["components"] = list(manifest.components)
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).digest()
 
 
@@ -107,16 +116,20 @@ def item_key(ns: bytes, item: Item) -> str:
 class Scored:
     """What the cache keeps for an item: enough to answer without tokenizing again.
 
-    ``value`` is an outcome model's score, or a process model's step rewards (``rmserve.kinds``);
+    ``value`` is an outcome model's score, a process model's step rewards, or a score with its
+    objectives' values (``rmserve.kinds``);
     ``dropped`` counts the trailing steps truncation left out.
     """
 
-    value: float | tuple[float, ...]
+    value: Value
     tokens: int
     truncated: bool
     dropped: int = 0
 
     def pack(self) -> bytes:
+        if isinstance(self.value, Objectives):
+            head = _OBJECTIVES.pack(b"O", self.tokens, int(self.truncated), self.value.score)
+            return head + struct.pack(f">{len(self.value.components)}d", *self.value.components)
         if isinstance(self.value, tuple):
             head = _STEPS.pack(b"S", self.tokens, int(self.truncated), self.dropped)
             return head + struct.pack(f">{len(self.value)}d", *self.value)
@@ -132,4 +145,9 @@ class Scored:
             _, tokens, truncated, dropped = _STEPS.unpack(raw[: _STEPS.size])
             steps = struct.unpack(f">{n}d", raw[_STEPS.size :])
             return cls(tuple(steps), tokens, bool(truncated), dropped)
+        n, rest = divmod(len(raw) - _OBJECTIVES.size, 8)
+        if raw[:1] == b"O" and n > 0 and rest == 0:
+            _, tokens, truncated, score = _OBJECTIVES.unpack(raw[: _OBJECTIVES.size])
+            components = struct.unpack(f">{n}d", raw[_OBJECTIVES.size :])
+            return cls(Objectives(score, tuple(components)), tokens, bool(truncated))
         return None  # not ours, or an older layout: treat as a miss

@@ -1,5 +1,7 @@
 """The engine protocol: a padded batch of token ids in, float32 out: one score per row (an outcome
-graph), or one value per token of each row (a process graph, read at its step tokens)."""
+graph), or one value per token of each row (a process graph, read at its step tokens). A bundle whose
+manifest names outputs beside the score (``Manifest.extra_outputs``) gets ``[rows, 1 + width]``: the
+score, then those outputs' values (a gating head's components), read by the bundle's kind."""
 
 from __future__ import annotations
 
@@ -82,10 +84,18 @@ class Engine(Protocol):
     info: EngineInfo
 
     def infer(self, batch: TokenBatch) -> np.ndarray:
-        """float32 ``[rows]`` scores, or ``[rows, width]`` values for a process graph."""
+        """float32 ``[rows]`` scores, ``[rows, width]`` values for a process graph, or ``[rows, 1 + k]``
+        with the manifest's extra outputs."""
         ...
 
     def close(self) -> None: ...
+
+
+def with_columns(scores: np.ndarray, extras: Sequence[np.ndarray]) -> np.ndarray:
+    """float32 ``[rows, 1 + k]``: each row's score, then its values of the extra outputs."""
+    rows = scores.shape[0]
+    columns = [scores.reshape(rows, -1), *(np.asarray(e).reshape(rows, -1) for e in extras)]
+    return np.concatenate(columns, axis=1).astype(np.float32, copy=False)
 
 
 def infer_all(engine: Engine, batches: Sequence[TokenBatch]) -> list[np.ndarray]:

@@ -102,7 +102,8 @@ def infer_rows(
 
 
 def _score(line: np.ndarray, row: Encoded, start: int) -> float:
-    return float(line)
+    """A row's score: its one value, or the first column before a bundle's extra outputs."""
+    return float(np.asarray(line).reshape(-1)[0])
 
 
 def score_rows(

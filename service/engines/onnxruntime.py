@@ -5,10 +5,11 @@ is the path that runs on a GPU:
 
 * inputs are copied to the provider's device once per batch (``bind_cpu_input`` on the CPU;
   an ``OrtValue`` made on the GPU, bound as is, on CUDA), never again inside the graph;
-* the output is bound to a preallocated host buffer, so the scores (a few bytes) come back in
+* the score output is bound to a preallocated host buffer, so the scores (a few bytes) come back in
   one copy and no per-batch output allocation happens. An outcome graph's output is ``[batch]``, a
   process graph's ``[batch, length]`` (a value per token, read at the step tokens: rmserve.kinds);
-  the buffer takes the shape the graph declares.
+  the buffer takes the shape the graph declares. The outputs the manifest names beside it
+  (``extra_outputs``: a gating head's ``components``) come back as columns after the score.
 
 On CUDA the memory arena grows by what is requested (``kSameAsRequested``), not by doubling,
 and never past ``gpu_mem_limit`` when one is set: a long-running server that once saw a large
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from rmserve.engines.base import EngineError, EngineInfo, TokenBatch, split_threads
+from rmserve.engines.base import EngineError, EngineInfo, TokenBatch, split_threads, with_columns
 from rmserve.engines.registry import Backend
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -107,6 +108,7 @@ class OnnxRuntimeEngine:
         device_id: int = 0,
         gpu_mem_limit_bytes: int = 0,
         streams: int = 1,
+        extra_outputs: tuple[str, ...] = (),
     ) -> None:
         wanted = _PROVIDERS.get(provider)
         if wanted is None:
@@ -143,6 +145,10 @@ class OnnxRuntimeEngine:
         out = first.get_outputs()[0]
         self._output = out.name
         self._per_token = len(out.shape) == 2  # [batch, length]: a process graph
+        self._extra = extra_outputs
+        missing = sorted(set(extra_outputs) - {o.name for o in first.get_outputs()})
+        if missing:
+            raise EngineError(f"{model_path}: the manifest names outputs the graph lacks: {missing}")
         dtype = _OUTPUT_DTYPES.get(out.type)
         if dtype is None:
             raise EngineError(f"{model_path}: output {out.name!r} is {out.type}, not a float tensor")
@@ -201,23 +207,37 @@ class OnnxRuntimeEngine:
                 on_device.append(value)
         out = lane.scores[:size]
         binding.bind_output(self._output, "cpu", 0, out.dtype, shape, out.ctypes.data)
+        for name in self._extra:  # shaped by the graph; a few floats per row
+            binding.bind_output(name, "cpu")
         lane.session.run_with_iobinding(binding)
-        return out.reshape(shape).astype(np.float32, copy=True)
+        scores = out.reshape(shape).astype(np.float32, copy=True)
+        if not self._extra:
+            return scores
+        extras = [v.numpy().reshape(rows, -1) for v in binding.get_outputs()[1:]]
+        return with_columns(scores, extras)
 
     def close(self) -> None:
         # Idempotent: the batcher and its owner may both close the engine.
         self.__dict__.pop("_lanes", None)
 
 
-def _build_cpu(model: Path, precision: str, threads: int, streams: int) -> OnnxRuntimeEngine:
-    return OnnxRuntimeEngine(model, provider="cpu", threads=threads, precision=precision, streams=streams)
+def _build_cpu(
+    model: Path, precision: str, threads: int, streams: int, extra: tuple[str, ...]
+) -> OnnxRuntimeEngine:
+    return OnnxRuntimeEngine(
+        model, provider="cpu", threads=threads, precision=precision, streams=streams, extra_outputs=extra
+    )
 
 
-def _build_cuda(model: Path, precision: str, threads: int, streams: int) -> OnnxRuntimeEngine:
+def _build_cuda(
+    model: Path, precision: str, threads: int, streams: int, extra: tuple[str, ...]
+) -> OnnxRuntimeEngine:
     problem = bf16_problem(compute_capability(0)) if precision == "bf16" else None
     if problem:
         raise EngineError(problem)
-    return OnnxRuntimeEngine(model, provider="cuda", threads=threads, precision=precision, streams=streams)
+    return OnnxRuntimeEngine(
+        model, provider="cuda", threads=threads, precision=precision, streams=streams, extra_outputs=extra
+    )
 
 
 # Batch budgets measured on the 2-vCPU development machine with two streams (loadtests/README.md):

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from rmserve.engines.base import EngineError, EngineInfo, TokenBatch
+from rmserve.engines.base import EngineError, EngineInfo, TokenBatch, with_columns
 from rmserve.engines.registry import Backend
 
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
@@ -40,7 +40,15 @@ def cpu_supports_bf16() -> bool:
 
 
 class OpenVinoEngine:
-    def __init__(self, model_path: Path, *, threads: int, precision: str = "fp32", streams: int = 1) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        threads: int,
+        precision: str = "fp32",
+        streams: int = 1,
+        extra_outputs: tuple[str, ...] = (),
+    ) -> None:
         try:
             import openvino as ov
         except ImportError as exc:
@@ -74,6 +82,7 @@ class OpenVinoEngine:
         except Exception as exc:  # openvino raises RuntimeError subclasses with long texts
             raise EngineError(f"openvino could not compile {model_path}: {exc}") from exc
         self._inputs = [p.get_any_name() for p in self._compiled.inputs]
+        self._extra = extra_outputs  # returned as columns after the score (rmserve.engines.base)
         # [batch]: an outcome graph's scores; [batch, length]: a process graph's value per token.
         self._per_token = self._compiled.outputs[0].get_partial_shape().rank.get_length() == 2
         # One infer request per stream, handed to whichever worker thread runs a batch next.
@@ -106,7 +115,9 @@ class OpenVinoEngine:
             request.wait()
             with self._api:
                 out = np.array(request.get_output_tensor(0).data, dtype=np.float32)
-            return out.reshape(batch.shape) if self._per_token else out.reshape(-1)
+                extras = [np.array(request.get_tensor(n).data, dtype=np.float32) for n in self._extra]
+            scores = out.reshape(batch.shape) if self._per_token else out.reshape(-1)
+            return with_columns(scores, extras) if extras else scores
         finally:
             self._requests.put(request)
 
@@ -119,8 +130,8 @@ def _precisions() -> tuple[str, ...]:
     return ("fp32", "bf16") if cpu_supports_bf16() else ("fp32",)
 
 
-def _build(model: Path, precision: str, threads: int, streams: int) -> OpenVinoEngine:
-    return OpenVinoEngine(model, threads=threads, precision=precision, streams=streams)
+def _build(model: Path, precision: str, threads: int, streams: int, extra: tuple[str, ...]) -> OpenVinoEngine:
+    return OpenVinoEngine(model, threads=threads, precision=precision, streams=streams, extra_outputs=extra)
 
 
 # OpenVINO is flat from 1,024 to 2,048 padded tokens per pass on the 2-vCPU development machine

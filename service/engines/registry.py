@@ -33,7 +33,8 @@ class Backend:
     # Precisions it runs for an fp32 bundle on this machine, exact first. A GPU backend runs the
     # bundle's own precision (fp32, fp16 or bf16 bundles) instead.
     precisions: Callable[[], tuple[str, ...]]
-    build: Callable[[Path, str, int, int], Engine]  # (model file, precision, threads, streams)
+    # (model file, precision, threads, streams, outputs returned beside the score: Manifest.extra_outputs)
+    build: Callable[[Path, str, int, int, tuple[str, ...]], Engine]
     batch_tokens: int  # padded tokens per forward pass, by default
     call_overhead_tokens: int  # the fixed price of one forward pass, in padded tokens
     auto_rank: int  # auto prefers the present backend of lowest rank on its device

@@ -226,6 +226,11 @@ def why_not(bundle: Bundle, info: EngineInfo, settings: Settings) -> str | None:
     m = bundle.manifest
     if m.family != "decoder":
         return "an encoder attends both ways: a prefix's keys depend on the tokens after it"
+    if m.extra_outputs:
+        return (
+            f"the prefix-reuse graph emits the score alone; this bundle's {', '.join(m.extra_outputs)} "
+            "come from its full graph"
+        )
     if m.past_graph is None:
         return (
             "the bundle has no prefix-reuse graph (exported before it, with a traced graph or with "

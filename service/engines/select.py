@@ -59,7 +59,10 @@ class Candidate:
 
 def build(candidate: Candidate, bundle: Bundle, threads: int, streams: int = 1) -> Engine:
     """The engine of ``candidate`` for ``bundle``, fed as its manifest's ``padding`` says."""
-    engine = backend(candidate.provider).build(bundle.model_path, candidate.precision, threads, streams)
+    m = bundle.manifest
+    engine = backend(candidate.provider).build(
+        bundle.model_path, candidate.precision, threads, streams, m.extra_outputs
+    )
     return for_padding(engine, bundle.manifest.padding, bundle.manifest.name)
 
 
