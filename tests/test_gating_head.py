@@ -244,3 +244,16 @@ def test_a_gating_checkpoint_without_its_transform_matrix_fails_the_export_namin
     with pytest.raises(ExportError, match="has no reward_transform_matrix"):
         export_bundle(checkpoint, tmp_path / "bundle", trust_remote_code=True)
     assert not (tmp_path / "bundle").exists()
+
+
+def test_a_cache_entry_keeps_the_objectives_beside_the_score_and_one_score_entries_read_as_before() -> None:
+    import struct
+
+    from rmserve.cache.keys import Scored
+    from rmserve.kinds import Objectives
+
+    multi = Scored(Objectives(0.25, (1.5, -2.0, 3.0)), tokens=17, truncated=True)
+    assert Scored.unpack(multi.pack()) == multi
+    written_before = struct.pack(">dIB", -0.75, 12, 0)  # a one-score entry as the cache has always kept it
+    assert Scored.unpack(written_before) == Scored(-0.75, 12, False)
+    assert Scored(-0.75, 12, False).pack() == written_before
