@@ -257,3 +257,23 @@ def test_a_cache_entry_keeps_the_objectives_beside_the_score_and_one_score_entri
     written_before = struct.pack(">dIB", -0.75, 12, 0)  # a one-score entry as the cache has always kept it
     assert Scored.unpack(written_before) == Scored(-0.75, 12, False)
     assert Scored(-0.75, 12, False).pack() == written_before
+
+
+@pytest.mark.parametrize("provider", ["cpu", "openvino"])
+def test_each_cpu_engine_returns_the_published_rewards_as_columns_after_the_score(
+    armorm: Path, provider: str
+) -> None:
+    from rmserve.engines.base import pad_batch
+    from rmserve.engines.select import Candidate, build
+
+    bundle = load_bundle(armorm / "bundle")
+    assert bundle.manifest.extra_outputs == ("components",)
+    card_ids, card_scores, card_rewards = card_outputs(armorm / "checkpoint")
+    engine = build(Candidate(provider, "fp32"), bundle, threads=2)
+    try:
+        rows = engine.infer(pad_batch(card_ids, bundle.manifest.format.pad_token_id))
+    finally:
+        engine.close()
+    assert rows.shape == (len(card_ids), 1 + OBJECTIVES)
+    np.testing.assert_allclose(rows[:, 0], np.array(card_scores), atol=1e-4)
+    np.testing.assert_allclose(rows[:, 1:], np.array(card_rewards), atol=1e-4)
