@@ -138,16 +138,25 @@ def not_comparable(bundle: Bundle, formatter: Any, authors: AuthorsReference) ->
     that the template does not render (the server writes them by its documented fallback,
     docs/api.md; the authors' template leaves them out)."""
     limit = bundle.manifest.format.max_length
-    r = formatter.rendering
-    chat = bundle.manifest.format.input_format == "chat_template"
-    fallback = chat and (r.tool_calls != "template" or r.tool_role != "tool")
     out = {}
     for conv, ids in zip(authors.reference.conversations, authors.reference.ids, strict=True):
         if len(ids) > limit:
             out[conv.name] = f"{len(ids)} tokens, over max_length {limit}"
-        elif fallback and any(m.get("tool_calls") or m.get("role") == "tool" for m in conv.messages):
-            out[conv.name] = "the template does not render tool calls or results itself"
+        elif by_fallback(bundle, formatter, conv):
+            out[conv.name] = TOOL_FALLBACK
     return out
+
+
+TOOL_FALLBACK = "the template does not render tool calls or results itself"
+
+
+def by_fallback(bundle: Bundle, formatter: Any, conv: Conversation) -> bool:
+    """Whether the server writes ``conv``'s tool calls or results by its documented fallback (docs/api.md:
+    calls into the assistant's text, results as another role's turns) rather than by the template."""
+    r = formatter.rendering
+    chat = bundle.manifest.format.input_format == "chat_template"
+    fallback = chat and (r.tool_calls != "template" or r.tool_role != "tool")
+    return fallback and any(m.get("tool_calls") or m.get("role") == "tool" for m in conv.messages)
 
 
 def _only(reference: Reference, keep: list[int]) -> Reference:
@@ -203,7 +212,11 @@ def compare(
     for conv in CONVERSATIONS:
         if conv.name in authors.reference.refused:
             skipped[conv.name] = authors.reference.refused[conv.name]
-            if _served_accepts(kind, bundle, conv):
+            if by_fallback(bundle, formatter, conv):
+                # Gemma-2's template raises on a tool turn (roles must alternate); the server's fallback
+                # gives it the result as a user turn, which that template renders.
+                skipped[conv.name] += f"; the server scores it by its fallback ({TOOL_FALLBACK})"
+            elif _served_accepts(kind, bundle, conv):
                 problems.append(f"the authors' template refuses {conv.name!r}, but the server scores it")
     for conv, enc, ids in zip(ref.conversations, encoded, ref.ids, strict=True):
         if enc.ids != ids:

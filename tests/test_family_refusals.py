@@ -224,3 +224,39 @@ def test_a_conversation_the_authors_template_refuses_is_refused_by_the_server_to
     ref = manifest.parity["reference"]
     assert "System role not supported" in ref["not_compared"]["system turn"]
     assert ref["token_ids"] == "identical" and "system turn" not in ref["conversations"]
+
+
+def test_a_refused_conversation_the_server_scores_fails_unless_only_its_tool_fallback_renders_it(
+    llama: Path, llama_bundle: Path
+) -> None:
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from rmserve.engines.onnxruntime import OnnxRuntimeEngine
+    from rmserve.models import authors
+    from rmserve.models.families import families
+
+    bundle = load_bundle(llama_bundle)
+    family = next(f for f in families() if f.name == bundle.manifest.model_family["name"])
+    run = authors.run_reference(
+        llama,
+        family,
+        AutoTokenizer.from_pretrained(llama),
+        max_length=bundle.manifest.format.max_length,
+        trust_remote_code=False,
+        date=bundle.manifest.format.template_date,
+        bos_override=None,
+    )
+    # As if the authors' template refused a plain conversation and the tool call (whose call the tiny
+    # template does not render, so the server writes it by its fallback).
+    refused = {"several turns": "refused: a", "tool call": "refused: b"}
+    keep = [k for k, c in enumerate(run.reference.conversations) if c.name not in refused]
+    kept = replace(authors._only(run.reference, keep), refused=refused)
+    engine = OnnxRuntimeEngine(bundle.model_path, threads=1)
+    try:
+        result, problems = authors.compare(bundle, engine, replace(run, reference=kept), 1e-4)
+    finally:
+        engine.close()
+    assert problems == ["the authors' template refuses 'several turns', but the server scores it"]
+    assert result["not_compared"]["tool call"].startswith("refused: b; the server scores it by its fallback")

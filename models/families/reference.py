@@ -4,7 +4,9 @@ and unpadded, as the cards do. This, not rmserve's own PyTorch wrapper, is what 
 
 - ``template+tokenizer``: ``tokenizer(tokenizer.apply_chat_template(conv, tokenize=False))``, then
   ``model(**inputs).logits[0][0]``: the Skywork-Reward v0.1/v0.2 demo (SkyworkAI/Skywork-Reward
-  ``README.md``, "Demo Code") and the GRM cards (Ray2333/GRM-*-rewardmodel-ft ``README.md``).
+  ``README.md``, "Demo Code", with ``eager`` attention: the README names ``flash_attention_2`` or
+  ``eager`` for the Gemma-2 model, sdpa "may result in bugs") and the GRM cards
+  (Ray2333/GRM-*-rewardmodel-ft ``README.md``).
 - ``template-bos+tokenizer``: the same with the rendered text's leading BOS stripped first (the
   Skywork-Reward-V2 cards, Skywork/Skywork-Reward-V2-* ``README.md``).
 - ``text_pair``: ``tokenizer(question, answer)``, then ``logits[0]`` (OpenAssistant/
@@ -46,13 +48,15 @@ def pinned_now(day: str) -> Iterator[None]:
         chat_template_utils.datetime = original  # type: ignore[misc]
 
 
-def authors_model(checkpoint: Path, settings: ReferenceSettings) -> Any:
-    """The checkpoint as its class loads it (``AutoModelForSequenceClassification``), fp32, eval."""
+def authors_model(checkpoint: Path, settings: ReferenceSettings, attention: str | None = None) -> Any:
+    """The checkpoint as its class loads it (``AutoModelForSequenceClassification``), fp32, eval, with
+    the attention implementation its card names (None: transformers' default)."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    extra = {} if attention is None else {"attn_implementation": attention}
     return AutoModelForSequenceClassification.from_pretrained(
-        checkpoint, dtype=torch.float32, trust_remote_code=settings.trust_remote_code
+        checkpoint, dtype=torch.float32, trust_remote_code=settings.trust_remote_code, **extra
     ).eval()
 
 
@@ -89,14 +93,15 @@ def with_bos(inputs: Any, bos: int | None, count: int | None) -> Any:
     return {"input_ids": new, "attention_mask": torch.ones_like(new)}
 
 
-def chat_usage(recipe: Recipe) -> ReferenceUsage:
-    """The reference of a chat-template family tokenized by ``recipe``."""
+def chat_usage(recipe: Recipe, attention: str | None = None) -> ReferenceUsage:
+    """The reference of a chat-template family tokenized by ``recipe``, its model loaded with the
+    ``attention`` implementation the card names."""
 
     def run(
         checkpoint: Path, conversations: Sequence[Conversation], settings: ReferenceSettings
     ) -> Reference:
         tokenizer = authors_tokenizer(checkpoint, settings)
-        model = authors_model(checkpoint, settings)
+        model = authors_model(checkpoint, settings, attention)
 
         def rendered(conv: Conversation) -> str:
             return str(

@@ -40,9 +40,10 @@ register(
         recognition=_stock(("llama", "gemma2"), "*Skywork-Reward-Llama-3.1*", "*Skywork-Reward-Gemma-2*"),
         head="score",
         recipe="template+tokenizer",
-        reference=chat_usage("template+tokenizer"),
+        reference=chat_usage("template+tokenizer", attention="eager"),
         source="SkyworkAI/Skywork-Reward README.md (Demo Code)",
-        checked="replicas (templates without BOS): one BOS from the tokenizer, served as bos_tokens=1",
+        checked="Llama-3.1 and Gemma-2 replicas (templates without BOS): one BOS from the tokenizer, "
+        "served as bos_tokens=1, ids identical, fp32 within 1e-4",
         examples=("Skywork/Skywork-Reward-Llama-3.1-8B-v0.2", "Skywork/Skywork-Reward-Gemma-2-27B-v0.2"),
     ),
     ModelFamily(

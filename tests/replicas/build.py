@@ -9,6 +9,7 @@ the directory is named as the hub checkpoint, as a snapshot's is, so the family 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ LLAMA_SPECIALS = [
     "<|end_header_id|>",
     "<|eot_id|>",
 ]
+# Gemma's specials at Gemma's ids: <pad> 0, <eos> 1, <bos> 2, <unk> 3, then the turn markers.
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 QWEN_SPECIALS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -48,8 +51,11 @@ REPLICAS = {
     "skywork-v2-qwen3": ("Skywork-Reward-V2-Qwen3-8B", "qwen3", "qwen3.jinja", True),
     "skywork-v02-llama": ("Skywork-Reward-Llama-3.1-8B-v0.2", "llama", "llama3.2_json.jinja", False),
     "grm-llama-ft": ("GRM-Llama3.2-3B-rewardmodel-ft", "llama", "llama3.2_json.jinja", True),
+    "skywork-v02-gemma2": ("Skywork-Reward-Gemma-2-27B-v0.2", "gemma2", "gemma2.jinja", False),
     "oasst-deberta": ("reward-model-deberta-v3-large-v2", "deberta-v2", "", True),
 }
+# A template's leading BOS, as Llama-3.2's (``{{- bos_token }}`` and a newline) and Gemma-2's write it.
+LEADING_BOS = re.compile(r"\A\{\{-? bos_token \}\}\n?")
 
 
 def _byte_bpe(specials: list[str]) -> Any:
@@ -102,6 +108,31 @@ def qwen3_tokenizer(template: str) -> Any:
         pad_token="<|endoftext|>",
         chat_template=template,
         model_max_length=131072,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+def gemma_tokenizer(template: str) -> Any:
+    """Gemma's tokenizer behaviour: ``<bos>`` added by the post-processor (``add_bos_token``), ``<eos>`` as
+    EOS, ``<pad>`` (id 0) as pad, ``<start_of_turn>``/``<end_of_turn>`` as special tokens. Byte-level BPE
+    stands in for Gemma's SentencePiece model (its pieces are not what is under test)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _byte_bpe(GEMMA_SPECIALS)
+    bos = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        chat_template=template,
+        model_max_length=1000000000000000019884624838656,
         model_input_names=["input_ids", "attention_mask"],
     )
 
@@ -171,6 +202,19 @@ def _config(model_type: str, tokenizer: Any) -> Any:
         "pad_token_id": tokenizer.pad_token_id,
         "tie_word_embeddings": False,
     }
+    # Skywork-Reward-Gemma-2-27B config.json, scaled with the sizes: the window (4096) to 256 so the
+    # near-limit conversation crosses it; the attention soft-cap (50) to 5, which the tiny model's
+    # attention logits reach (at 50 it moves a score by 2e-5, under the parity tolerance; at 5, by 2e-3).
+    if model_type == "gemma2":
+        gemma2 = {
+            "head_dim": 8,
+            "query_pre_attn_scalar": 144,
+            "attn_logit_softcapping": 5.0,
+            "final_logit_softcapping": 30.0,
+            "sliding_window": 256,
+            "max_position_embeddings": 8192,
+        }
+        return AutoConfig.for_model("gemma2", vocab_size=vocab, **gemma2, **common)
     if model_type == "qwen3":  # Qwen3-8B config.json: rope 1e6, 40960 positions, q/k norms over head_dim
         qwen3 = {"head_dim": 8, "rope_theta": 1000000.0, "max_position_embeddings": 40960}
         return AutoConfig.for_model("qwen3", vocab_size=vocab, **qwen3, **common)
@@ -201,9 +245,11 @@ def replica(name: str, root: str | Path, *, seed: int = 0) -> Path:
     else:
         template = (TEMPLATES / template_file).read_text()
         if not keeps_bos:
-            template = template.removeprefix("{{- bos_token }}\n")
+            template = LEADING_BOS.sub("", template)
         if model_type == "qwen3":
             tokenizer = qwen3_tokenizer(template)
+        elif model_type == "gemma2":
+            tokenizer = gemma_tokenizer(template)
         else:
             tokenizer = llama3_tokenizer(template, pad=name in PADDED)
     config = _config(model_type, tokenizer)
