@@ -43,6 +43,7 @@ from rmserve.models.formats import format_settings, save_tokenizer
 from rmserve.models.graph import EXTERNAL_DATA_BYTES, ExportError, export_onnx, fuse_encoder, input_names
 from rmserve.models.heads import ModelMeta, checkpoint_family, load_score_model
 from rmserve.models.lean.eligibility import graph_reason
+from rmserve.models.lean.source import SafetensorsSource
 from rmserve.models.parity import Pair, ParityReport, TorchModel, check_parity
 from rmserve.models.process_heads import StepExport, load_step_model
 from rmserve.models.reduced import REDUCED, reduce_precision
@@ -84,10 +85,14 @@ def export_bundle(
         raise ExportError(f"precision {precision!r} is not exported; choose fp32, {' or '.join(REDUCED)}")
     if dest.exists() and any(dest.iterdir()) and not overwrite:
         raise ExportError(f"{dest} exists and is not empty (pass overwrite=True / --force to replace it)")
+    # A decoder saved as safetensors: its reference forward reads one layer at a time
+    # (models/layerwise.py) and the lean graph streams its weights (models/lean/source.py).
+    weights = SafetensorsSource(checkpoint) if SafetensorsSource.present(checkpoint) else None
     try:
         family = checkpoint_family(checkpoint)
         chosen = attention.plan(family, fuse=fuse_attention, opset=opset, default_opset=DEFAULT_OPSET)
-        model, tokenizer, meta, process, chosen = _load(checkpoint, chosen, step)
+        layerwise = family == "decoder" and step is None and weights is not None
+        model, tokenizer, meta, process, chosen = _load(checkpoint, chosen, step, layerwise)
     except (OSError, ValueError) as exc:
         what = "a process reward model" if step else "a reward model"
         raise ExportError(f"cannot load {checkpoint} as {what}: {exc}") from exc
@@ -102,6 +107,11 @@ def export_bundle(
         )
     except ValueError as exc:
         raise ExportError(str(exc)) from exc
+    if why_traced is not None and layerwise:  # tracing needs the whole model in memory
+        model, tokenizer, meta, process, chosen = _load(checkpoint, chosen, step, False)
+        layerwise = False
+    streamed = why_traced is None and weights is not None
+    direct = streamed and precision in REDUCED and lean.weights_size(weights, "fp32") > external_data_bytes
     texts, source = parity_mod.reference_pairs(32)
     calibration = calibration_set(calibration_pairs)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -114,8 +124,9 @@ def export_bundle(
                 model,
                 settings.max_length,
                 staging,
-                precision="fp32",
+                precision=precision if direct else "fp32",
                 external_data_bytes=external_data_bytes,
+                source=weights if streamed else None,
             )
             chosen, exporter = AttentionPlan("sdpa", lean.LEAN_OPSET, True), lean.EXPORTER
             fused_ops = attention.fused_ops_summary(attention.op_counts(staging / MODEL_FILE))
@@ -149,9 +160,17 @@ def export_bundle(
                 "attn_implementation": chosen.implementation,
                 "fused_ops": fused_ops,
                 **({"lean": written.as_manifest()} if why_traced is None else {}),
+                "weights": "streamed from the checkpoint's safetensors"
+                if streamed
+                else "from the loaded model",
+                "reference_forward": "float32, layer by layer" if layerwise else "float32, whole model",
             },
         }
-        report = _parity(staging, fields, model, texts, source, tolerance, invariance_tolerance)
+        report = (
+            None
+            if direct
+            else _parity(staging, fields, model, texts, source, tolerance, invariance_tolerance)
+        )
         if optimize:
             report = _try_optimize(
                 staging,
@@ -176,7 +195,9 @@ def export_bundle(
                 calibration,
                 precision=precision,
                 external_data_bytes=external_data_bytes,
+                weights=weights if streamed else None,
             )
+        assert report is not None, "a streamed reduced-precision export is measured by reduce_precision"
         # The one digest: every file is final here and hashed once.
         manifest = write_manifest(staging, **fields, parity=report.as_manifest())
         _publish(staging, dest, staging_root / "previous")
@@ -186,11 +207,11 @@ def export_bundle(
 
 
 def _load_model(
-    checkpoint: Path, attn: str | None, step: StepExport | None
+    checkpoint: Path, attn: str | None, step: StepExport | None, layerwise: bool = False
 ) -> tuple[TorchModel, Any, ModelMeta, ProcessSettings | None]:
     """The torch model to export: one score per item, or (``step``) a value per token."""
     if step is None:
-        return (*load_score_model(checkpoint, attn_implementation=attn), None)
+        return (*load_score_model(checkpoint, attn_implementation=attn, layerwise=layerwise), None)
     return load_step_model(
         checkpoint,
         step_token=step.step_token,
@@ -201,16 +222,16 @@ def _load_model(
 
 
 def _load(
-    checkpoint: Path, chosen: AttentionPlan, step: StepExport | None
+    checkpoint: Path, chosen: AttentionPlan, step: StepExport | None, layerwise: bool
 ) -> tuple[TorchModel, Any, ModelMeta, ProcessSettings | None, AttentionPlan]:
     """The model with the attention the plan asks for; without an SDPA path, unfused and why."""
     try:
-        return (*_load_model(checkpoint, chosen.implementation, step), chosen)
+        return (*_load_model(checkpoint, chosen.implementation, step, layerwise), chosen)
     except ValueError as exc:
         if not chosen.fused or "scaled_dot_product_attention" not in str(exc):
             raise
     fallback = attention.unfused(DEFAULT_OPSET, "the model has no PyTorch SDPA attention path to fuse")
-    return (*_load_model(checkpoint, fallback.implementation, step), fallback)
+    return (*_load_model(checkpoint, fallback.implementation, step, layerwise), fallback)
 
 
 def _export_graph(

@@ -185,12 +185,14 @@ class ModelMeta:
 
 
 def load_score_model(
-    checkpoint_dir: str | Path, *, attn_implementation: str | None = None
+    checkpoint_dir: str | Path, *, attn_implementation: str | None = None, layerwise: bool = False
 ) -> tuple[ScoreModel, Any, ModelMeta]:
     """Load a num_labels=1 checkpoint as an fp32 ScoreModel in eval mode, with its tokenizer and meta.
 
     A tokenizer without a pad token (most decoders) pads with EOS; pooling reads the attention
-    mask, never the pad id, so that choice cannot change a score.
+    mask, never the pad id, so that choice cannot change a score. ``layerwise`` (a decoder saved as
+    safetensors): the same float32 model, its layers' weights read for each forward and dropped after
+    (models/layerwise.py), so it holds one layer at a time.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -203,9 +205,16 @@ def load_score_model(
     config.pad_token_id = tokenizer.pad_token_id
     attn = attn_implementation or (DECODER_ATTENTION if family == "decoder" else None)
     extra = {"attn_implementation": attn} if attn else {}
-    hf_model = AutoModelForSequenceClassification.from_pretrained(
-        path, config=config, dtype=torch.float32, **extra
-    )
+    if layerwise:
+        from rmserve.models.layerwise import layerwise_model
+        from rmserve.models.lean.source import SafetensorsSource
+
+        source = SafetensorsSource(path)
+        hf_model = layerwise_model(AutoModelForSequenceClassification, config, source, attn)
+    else:
+        hf_model = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, dtype=torch.float32, **extra
+        )
     model = ScoreModel(hf_model, pooling_of(config), family).eval()
     return model, tokenizer, model_meta(model, base_model_of(path), int(tokenizer.pad_token_id))
 

@@ -10,23 +10,31 @@ Pieces: ``eligibility`` (which checkpoints), ``weights`` (the checkpoint as pack
 ``builder`` (named nodes, one float type), ``body`` (ids -> residual stream), ``heads`` (residual
 stream -> an outcome model's score per row, or a process model's step value per token). The same
 builder writes the graph in float32, float16 or bfloat16.
+
+Streaming: given the checkpoint's tensors (``source``: models/lean/source.py), the body and the score
+head read their weights from it by name, layer by layer, in the checkpoint's dtype; when the weights
+go to ``model.onnx.data`` they are written there as each is added (``WeightFile``), so the export holds
+one layer's weights and never the graph's initializers.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
 from onnx import TensorProto, helper
 
 from rmserve.bundle import MODEL_FILE
-from rmserve.models.graph import save_onnx
+from rmserve.models.graph import DATA_FILE, save_onnx
 from rmserve.models.heads import ScoreModel
 from rmserve.models.lean.body import decoder_body, decoder_inputs, layer_node_counts
-from rmserve.models.lean.builder import GraphBuilder
+from rmserve.models.lean.builder import TORCH_TYPES, GraphBuilder, WeightFile
 from rmserve.models.lean.eligibility import LAYER_NODE_BUDGET, why_not_lean
 from rmserve.models.lean.heads import head_output
+from rmserve.models.lean.source import TensorSource, body_prefix, within
 from rmserve.models.lean.weights import DecoderWeights, Linear, StepHeadWeights, decoder_weights, head_weights
 from rmserve.models.process_heads import StepModel
 
@@ -64,10 +72,13 @@ class LeanGraph:
         }
 
 
-def build_lean_graph(w: DecoderWeights, head: Linear | StepHeadWeights, precision: str) -> Any:
+def build_lean_graph(
+    w: DecoderWeights, head: Linear | StepHeadWeights, precision: str, data: WeightFile | None = None
+) -> Any:
     """The ONNX model: ``input_ids``, ``attention_mask`` (int64 ``[batch, seq]``) -> ``scores``, float32
-    ``[batch]`` for a score layer, ``[batch, sequence]`` for a step head."""
-    g = GraphBuilder(precision)
+    ``[batch]`` for a score layer, ``[batch, sequence]`` for a step head. With ``data``, weights are
+    written there as they are added (models/lean/builder.py)."""
+    g = GraphBuilder(precision, data)
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
     mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])
     inputs = decoder_inputs(g, ids.name, mask.name)
@@ -77,16 +88,37 @@ def build_lean_graph(w: DecoderWeights, head: Linear | StepHeadWeights, precisio
     return g.model([ids, mask], [out], LEAN_OPSET)
 
 
+def weights_size(source: TensorSource, precision: str) -> int:
+    """What ``source``'s tensors take at ``precision``: about what the bundle's weights take."""
+    return TORCH_TYPES[precision].itemsize * sum(math.prod(source.shape(n)) for n in source.names())
+
+
 def write_lean_graph(
-    source: ScoreModel | StepModel,
+    model: ScoreModel | StepModel,
     max_length: int,
     directory: Path,
     *,
     precision: str,
     external_data_bytes: int,
+    source: TensorSource | None = None,
 ) -> LeanGraph:
-    """Write ``model.onnx`` (+ ``model.onnx.data`` when large) for ``source`` (an outcome or a process
-    model) at ``precision``."""
-    model = build_lean_graph(decoder_weights(source.body, max_length), head_weights(source), precision)
-    save_onnx(model, directory / MODEL_FILE, external_data_bytes)
-    return LeanGraph(precision, layer_node_counts(model))
+    """Write ``model.onnx`` (+ ``model.onnx.data`` when large) for ``model`` (an outcome or a process
+    model) at ``precision``; its weights are read from ``source`` (the checkpoint's tensors) when given,
+    else from the model's own parameters."""
+    body = within(source, body_prefix(source)) if source is not None else None
+    weights = decoder_weights(model.body, max_length, body)
+    head = head_weights(model, source)
+    path = directory / MODEL_FILE
+    data_path = directory / DATA_FILE
+    data_path.unlink(missing_ok=True)
+    if source is None or weights_size(source, precision) <= external_data_bytes:
+        proto = build_lean_graph(weights, head, precision)
+        save_onnx(proto, path, external_data_bytes)
+    else:
+        data = WeightFile(data_path)
+        try:
+            proto = build_lean_graph(weights, head, precision, data)
+        finally:
+            data.close()
+        onnx.save_model(proto, str(path))  # the weights are in model.onnx.data already
+    return LeanGraph(precision, layer_node_counts(proto))

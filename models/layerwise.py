@@ -1,0 +1,59 @@
+"""The reference forward layer by layer: a decoder reward model whose layers hold their weights only
+while they run.
+
+``layerwise_model`` builds transformers' own model class for the checkpoint (the same modules, the
+same forward) with its parameters on the meta device, then gives the parts outside the decoder layers
+(embeddings, final norm, score head) their float32 weights from the checkpoint's tensors. Each decoder
+layer reads its float32 weights from the checkpoint (models/lean/source.py: plain reads in the stored
+dtype, converted) just before it runs and drops them after, so a forward holds the embeddings and one
+layer, whatever the model's depth. Scores are the float32 model's exactly: the same modules run on the
+same float32 weights; only where the weights live between layers differs. Buffers (rotary frequencies)
+are built on the CPU as transformers builds them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from rmserve.models.lean.source import TensorSource, body_prefix
+
+
+def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    parent, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(parent) if parent else module
+    owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+def _load(module: nn.Module, source: TensorSource, prefix: str) -> None:
+    for name, _ in list(module.named_parameters()):
+        _assign(module, name, source.tensor(prefix + name).to(torch.float32))
+
+
+def _drop(module: nn.Module) -> None:
+    for name, param in list(module.named_parameters()):
+        _assign(module, name, torch.empty(param.shape, dtype=param.dtype, device="meta"))
+
+
+def layerwise_model(model_class: Any, config: Any, source: TensorSource, attn: str | None) -> Any:
+    """``model_class.from_config(config)`` with float32 weights from ``source``, its decoder layers
+    loaded for each forward (the module docstring)."""
+    from accelerate import init_empty_weights
+
+    extra = {"attn_implementation": attn} if attn else {}
+    with init_empty_weights(include_buffers=False):
+        hf_model = model_class.from_config(config, dtype=torch.float32, **extra)
+    hf_model.eval()
+    prefix = body_prefix(source)
+    layers = hf_model.base_model.layers
+    in_layers = {id(p) for p in layers.parameters()}
+    for name, param in list(hf_model.named_parameters()):
+        if id(param) not in in_layers:
+            _assign(hf_model, name, source.tensor(name).to(torch.float32))
+    for i, layer in enumerate(layers):
+        layer_prefix = f"{prefix}layers.{i}."
+        layer.register_forward_pre_hook(lambda m, _args, p=layer_prefix: _load(m, source, p))
+        layer.register_forward_hook(lambda m, _args, _out: _drop(m))
+    return hf_model
