@@ -44,14 +44,17 @@ REDUCED = ("fp16", "bf16")
 # in onnxruntime/core/providers/cuda/cuda_execution_provider.cc; RMSNormalization-23 in
 # .../cuda/nn/rms_norm.cc; RotaryEmbedding-23 in .../cuda/llm/rotary_embedding.cc; Attention-23 in
 # .../cuda/llm/attention.cc (bf16 tested since microsoft/onnxruntime#27892); Relu-14 (the
-# Qwen2.5-Math-PRM step head) in .../cuda/activation/activations.cc. Gather, Split, Reshape and Cast
+# Qwen2.5-Math-PRM step head) in .../cuda/activation/activations.cc; Gelu-20 (Gemma-2's MLP, tanh
+# approximation) in .../cuda/tensor/gelu.cc. Unsqueeze and Less build a sliding window's mask from int64
+# positions. Gather, Split, Reshape and Cast
 # move data of any type (their registrations were not re-read). The rest see int64 shapes, positions
 # and lengths only, or (a step head's rule: Sub, Sigmoid) float32 after the head's Cast.
 # loadtests/gpu_check.py counts what ONNX Runtime leaves off the GPU.
 BF16_CUDA_OPS = frozenset(
     {"MatMul", "Add", "Mul", "Sigmoid", "Relu", "RMSNormalization", "RotaryEmbedding", "Attention"}
     | {"Gather", "Split", "Reshape", "Cast"}
-    | {"Shape", "Range", "Expand", "ReduceSum", "Sub", "Max"}
+    | {"Gelu"}
+    | {"Shape", "Range", "Expand", "ReduceSum", "Sub", "Max", "Unsqueeze", "Less"}
 )
 
 
@@ -117,14 +120,15 @@ def reduce_precision(
         raise ExportError(f"{precision} check failed, nothing was written: " + "; ".join(drift.problems))
     if precision == "bf16":  # what the check above could not cover, said where it is read
         conversion["not_verified_here"] = "ONNX Runtime's CUDA provider: loadtests/gpu_check.py runs it"
-    if report is None:
-        report = drift
-        report.extra = {"fp32_graph": f"not written: weights streamed straight to {precision}"}
-    report.extra[precision] = fp16.manifest_record(drift, conversion) | {
+    record = fp16.manifest_record(drift, conversion) | {
         "headroom": room.as_manifest(),
         "residual_guard": guard,
         "residual_guard_reason": _guard_reason(precision, lean, room, guard),
     }
+    if report is None:
+        report = drift
+        report.extra = {"fp32_graph": f"not written: weights streamed straight to {precision}"}
+    report.extra[precision] = record
     return report
 
 

@@ -1,6 +1,6 @@
 """The lean decoder body: token ids -> the residual stream after the last layer, ``[batch, seq, hidden]``.
 
-One layer, node by node (16 for Llama and Mistral, 17 for Qwen2, 22 for Qwen3, 18 for Gemma-2):
+One layer, node by node (16 for Llama and Mistral, 17 for Qwen2, 22 for Qwen3, 17 for Gemma-2):
 
   RMSNormalization -> MatMul (packed q/k/v) [-> Add (Qwen2's q/k/v biases)] -> Split
   [Qwen3: Reshape -> RMSNormalization -> Reshape, for q and for k]

@@ -31,6 +31,7 @@ from torch import nn
 
 from rmserve.bundle import StepRule
 from rmserve.models.heads import ScoreModel
+from rmserve.models.lean.eligibility import ACTIVATIONS, activation, layer_windows
 from rmserve.models.lean.source import ModuleSource, TensorSource
 from rmserve.models.process_heads import StepHead, StepModel
 
@@ -69,19 +70,17 @@ class Layout:
 
 
 def layout_of(config: Any) -> Layout:
-    if config.model_type not in ("gemma2",):
-        return Layout()
-    window = int(config.sliding_window) if getattr(config, "sliding_window", None) else None
-    types = getattr(config, "layer_types", None) or [
-        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(config.num_hidden_layers)
-    ]
+    windows = layer_windows(config)
+    common = {"activation": ACTIVATIONS[activation(config)], "windows": windows if any(windows) else ()}
+    if config.model_type != "gemma2":
+        return Layout(**common)
+    softcap = getattr(config, "attn_logit_softcapping", None)
     return Layout(
         norm_offset=1.0,
         sandwich_norms=True,
-        activation="gelu_tanh",
-        attn_softcap=float(config.attn_logit_softcapping) if config.attn_logit_softcapping else None,
+        attn_softcap=float(softcap) if softcap else None,
         embed_scale=float(config.hidden_size) ** 0.5,
-        windows=tuple(window if t == "sliding_attention" else None for t in types),
+        **common,
     )
 
 
