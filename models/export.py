@@ -42,6 +42,7 @@ from rmserve.models.data import recorded_path
 from rmserve.models.formats import format_settings, save_tokenizer
 from rmserve.models.graph import EXTERNAL_DATA_BYTES, ExportError, export_onnx, fuse_encoder, input_names
 from rmserve.models.heads import ModelMeta, checkpoint_family, load_score_model
+from rmserve.models.layerwise import return_freed_buffers
 from rmserve.models.lean.eligibility import graph_reason
 from rmserve.models.lean.source import SafetensorsSource
 from rmserve.models.parity import Pair, ParityReport, TorchModel, check_parity
@@ -88,6 +89,7 @@ def export_bundle(
     # A decoder saved as safetensors: its reference forward reads one layer at a time
     # (models/layerwise.py) and the lean graph streams its weights (models/lean/source.py).
     weights = SafetensorsSource(checkpoint) if SafetensorsSource.present(checkpoint) else None
+    return_freed_buffers()
     try:
         family = checkpoint_family(checkpoint)
         chosen = attention.plan(family, fuse=fuse_attention, opset=opset, default_opset=DEFAULT_OPSET)

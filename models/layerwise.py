@@ -9,16 +9,38 @@ dtype, converted) just before it runs and drops them after, so a forward holds t
 layer, whatever the model's depth. Scores are the float32 model's exactly: the same modules run on the
 same float32 weights; only where the weights live between layers differs. Buffers (rotary frequencies)
 are built on the CPU as transformers builds them.
+
+``return_freed_buffers`` makes glibc hand each freed buffer of 1 MiB or more back to the system. By
+default its threshold for that rises to the size of the largest buffer freed so far (up to 32 MiB),
+after which a layer's weights, freed, stay in the heap: a layer-by-layer forward then ends holding
+about as much as the whole model.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from typing import Any
 
 import torch
 from torch import nn
 
 from rmserve.models.lean.source import TensorSource, body_prefix
+
+# mallopt's parameter number for the mmap threshold (glibc's malloc.h).
+M_MMAP_THRESHOLD = -3
+
+
+def return_freed_buffers() -> bool:
+    """Fix glibc's mmap threshold at 1 MiB (the module docstring); False where there is no glibc."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 20))
 
 
 def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:

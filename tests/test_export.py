@@ -99,13 +99,10 @@ def test_every_architecture_exports_with_parity(arch: str, bundle_of: Callable[[
     assert ("token_type_ids" in m.inputs) is (arch == "bert")
     assert m.format.max_length == 128  # the tiny configs' max_position_embeddings
     assert ("model.onnx.data" in m.files) is (arch == EXTERNAL_ARCH)
-    # Decoders fuse their attention (one Attention op per layer, opset 23); Gemma2 cannot (soft-capping).
+    # Decoders fuse their attention (one Attention op per layer, opset 23), Gemma-2 too on the lean graph.
     assert m.attention == ("fused:Attention" if arch in FUSED else "unfused")
     assert m.opset == (23 if arch in FUSED else 18)
     assert (m.graph, m.padding) == (("lean", "right") if arch in LEAN else ("traced", "any"))
-    if arch == "gemma2":  # keeps the traced graph, and says why
-        assert m.attention_reason == "the model has no PyTorch SDPA attention path to fuse"
-        assert m.graph_reason is not None and m.graph_reason.startswith("gemma2 has no lean graph")
     if arch in ENCODERS:
         assert m.graph_reason is None
 

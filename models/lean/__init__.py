@@ -39,6 +39,10 @@ from rmserve.models.lean.weights import DecoderWeights, Linear, StepHeadWeights,
 from rmserve.models.process_heads import StepModel
 
 LEAN_OPSET = 23
+# A lean graph whose weights (read from the checkpoint) are larger than this streams them into
+# model.onnx.data even below the external-data threshold: built in memory, onnx would hold them three
+# times over (initializers, make_graph's copy, make_model's copy).
+STREAM_BYTES = 256 * 1024**2
 EXPORTER = "rmserve lean graph builder (models/lean)"
 
 __all__ = [
@@ -104,14 +108,15 @@ def write_lean_graph(
 ) -> LeanGraph:
     """Write ``model.onnx`` (+ ``model.onnx.data`` when large) for ``model`` (an outcome or a process
     model) at ``precision``; its weights are read from ``source`` (the checkpoint's tensors) when given,
-    else from the model's own parameters."""
+    else from the model's own parameters. Weights read from ``source`` over ``external_data_bytes``
+    or ``STREAM_BYTES`` are written to model.onnx.data as they are read."""
     body = within(source, body_prefix(source)) if source is not None else None
     weights = decoder_weights(model.body, max_length, body)
     head = head_weights(model, source)
     path = directory / MODEL_FILE
     data_path = directory / DATA_FILE
     data_path.unlink(missing_ok=True)
-    if source is None or weights_size(source, precision) <= external_data_bytes:
+    if source is None or weights_size(source, precision) <= min(external_data_bytes, STREAM_BYTES):
         proto = build_lean_graph(weights, head, precision)
         save_onnx(proto, path, external_data_bytes)
     else:
