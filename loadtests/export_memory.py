@@ -31,15 +31,14 @@ SIZES = {
 }
 VOCAB = 32768
 
-_MAKE = (
-    """
+_MAKE = """
 import sys, torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 from tests.support.tiny import _decoder_tokenizer
 arch, size, out = sys.argv[1], eval(sys.argv[2]), sys.argv[3]
 tokenizer = _decoder_tokenizer(None, with_pad=True)
 config = AutoConfig.for_model(
-    arch, vocab_size=%d, hidden_size=size["hidden_size"], intermediate_size=size["intermediate_size"],
+    arch, vocab_size=VOCAB_SIZE, hidden_size=size["hidden_size"], intermediate_size=size["intermediate_size"],
     num_hidden_layers=size["num_hidden_layers"], num_attention_heads=size["heads"],
     num_key_value_heads=size["kv"], max_position_embeddings=4096, tie_word_embeddings=False,
     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -51,16 +50,16 @@ model.config.architectures = [type(model).__name__]
 model.save_pretrained(out)
 tokenizer.save_pretrained(out)
 print(sum(p.numel() for p in model.parameters()))
-"""
-    % VOCAB
-)
+""".replace("VOCAB_SIZE", str(VOCAB))
 
 _EXPORT = """
 import json, resource, sys, time
 from rmserve.models.export import export_bundle
 checkpoint, bundle, precision = sys.argv[1:4]
 start = time.perf_counter()
-manifest = export_bundle(checkpoint, bundle, name="bench", precision=precision, max_length=512, overwrite=True)
+manifest = export_bundle(
+    checkpoint, bundle, name="bench", precision=precision, max_length=512, overwrite=True
+)
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 parity = manifest.parity
