@@ -89,10 +89,13 @@ def test_a_llama_layout_decoder_exports_the_lean_graph_within_its_node_budget(
     head_dim = 8
     for node in (n for n in nodes if n.op_type == "Attention"):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        assert list(node.input) == list(node.input[:3])  # query, key, value: no mask, no past
+        # query, key, value, and no past; a mask only on a sliding-window layer (Gemma-2's layer 0)
+        windowed = arch == "gemma2" and node.name.startswith("layer0/")
+        assert len(node.input) == (4 if windowed else 3)
         assert attrs["is_causal"] == 1 and (attrs["q_num_heads"], attrs["kv_num_heads"]) == (HEADS, KV_HEADS)
         # Grouped K/V as the model has them (3D, kv_heads wide), never repeated to every query head.
-        assert [widths[i] for i in node.input] == [HEADS * head_dim, KV_HEADS * head_dim, KV_HEADS * head_dim]
+        qkv = list(node.input[:3])
+        assert [widths[i] for i in qkv] == [HEADS * head_dim, KV_HEADS * head_dim, KV_HEADS * head_dim]
 
 
 def test_lean_fp32_scores_equal_pytorch_on_right_padded_mixed_batches_through_rmserve_serve(
@@ -276,3 +279,44 @@ def test_graph_lean_fails_with_the_reason_where_it_does_not_apply(tmp_path: Path
         export_bundle(checkpoint, tmp_path / "out", graph="lean")
     assert not (tmp_path / "out").exists()
     assert main([str(checkpoint), str(tmp_path / "cli"), "--graph", "lean"]) == 1
+
+
+def test_a_gemma2_reward_model_takes_the_lean_graph_with_soft_capping_and_a_window_shorter_than_max_length(
+    bundles: dict[str, Path],
+) -> None:
+    """The tiny Gemma-2 has Gemma-2's config fields: query_pre_attn_scalar, attn_logit_softcapping 50,
+    final_logit_softcapping, sliding_window 16 on alternate layers (layer_types), against max_length 128."""
+    bundle = load_bundle(bundles["gemma2"])
+    assert bundle.manifest.format.max_length == 128 and bundle.manifest.parity["max_abs_diff"] <= 1e-5
+    nodes = graph_of(bundles["gemma2"]).graph.node
+    attention = {n.name.split("/")[0]: n for n in nodes if n.op_type == "Attention"}
+    softcaps = [a.f for n in attention.values() for a in n.attribute if a.name == "softcap"]
+    assert softcaps == [50.0] * LAYERS
+    # layer_types: sliding, full. The sliding layer reads the window mask; the full one reads none.
+    assert (len(attention["layer0"].input), len(attention["layer1"].input)) == (4, 3)
+    assert sum(n.op_type == "Gelu" for n in nodes) == LAYERS
+    assert [n.op_type for n in nodes if n.name.startswith("embed/")] == ["Gather", "Mul"]
+    # Against transformers' Gemma2 (eager attention) on items longer than the window, right-padded.
+    model, _, _ = load_score_model(bundles["gemma2"].parent / "checkpoint")
+    encoded = Formatter(bundle).encode(mixed_items())
+    assert max(len(e.ids) for e in encoded) > 16
+    batch = pad_rows(encoded, bundle.manifest.format.pad_token_id, "right")
+    engine = OnnxRuntimeEngine(bundle.model_path)
+    try:
+        served = engine.infer(batch)
+    finally:
+        engine.close()
+    np.testing.assert_allclose(served, torch_scores(model, batch), rtol=1e-4, atol=1e-5)
+
+
+def test_gemma2_exports_a_bf16_bundle_and_its_fp16_bundle_is_decided_by_measured_headroom(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    checkpoint = bundles["gemma2"].parent / "checkpoint"
+    bf16 = export_bundle(checkpoint, tmp_path / "bf16", precision="bf16")
+    assert bf16.graph == "lean" and bf16.parity["bf16"]["residual_guard"] is False
+    assert bf16.parity["bf16"]["pairwise_ranking_agreement"] >= 0.98
+    fp16 = export_bundle(checkpoint, tmp_path / "fp16", precision="fp16")
+    record = fp16.parity["fp16"]
+    assert record["residual_guard"] is (not record["headroom"]["fits_fp16"])
+    assert record["headroom"]["residual_max_abs"] > 0
