@@ -29,6 +29,19 @@ from typing import Any
 
 from rmserve.items import ASSISTANT, Message, Messages, PairItem, render_hh, split_hh
 
+# Real text for parity when the shared data is checked out next to the repo (it is never copied in).
+HH_DEV_ENV = "RMSERVE_PARITY_DATA"
+
+
+def hh_dev_path() -> Path:
+    """The HH-RLHF dev pairs export calibrates and checks parity on, when present."""
+    env = os.environ.get(HH_DEV_ENV)
+    if env:
+        return Path(env)
+    # <workspace>/<checkout>/models/data.py -> <workspace>/shared/data/...
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "dev.jsonl.gz"
+
+
 _ROLE_OF = {"Human": "user", "Assistant": "assistant", "System": "system"}
 _TURN = re.compile(r"\n\n(Human|Assistant|System):")
 

@@ -67,6 +67,7 @@ def export_bundle(
     opset: int | None = None,
     fuse_attention: bool = True,
     graph: str = "auto",
+    past_graph: bool = True,
     base_model: str | None = None,
     overwrite: bool = False,
     tolerance: float = 1e-4,
@@ -78,7 +79,8 @@ def export_bundle(
 
     ``opset`` defaults to 23 for a decoder with fused attention, else 18 (models/attention.py).
     ``graph``: ``auto`` writes the lean graph where the checkpoint takes it (models/lean), ``lean``
-    fails where it does not, ``traced`` always traces.
+    fails where it does not, ``traced`` always traces. ``past_graph``: a lean bundle also carries the
+    prefix-reuse variant (``model_past.onnx``: docs/prefix-reuse.md).
     ``step``: export a process reward model (a value per step token) instead of one score per item.
     """
     checkpoint, dest = Path(checkpoint_dir), Path(bundle_dir)
@@ -129,6 +131,7 @@ def export_bundle(
                 precision=precision if direct else "fp32",
                 external_data_bytes=external_data_bytes,
                 source=weights if streamed else None,
+                past=past_graph,
             )
             chosen, exporter = AttentionPlan("sdpa", lean.LEAN_OPSET, True), lean.EXPORTER
             fused_ops = attention.fused_ops_summary(attention.op_counts(staging / MODEL_FILE))
@@ -156,6 +159,7 @@ def export_bundle(
             "graph": "lean" if why_traced is None else "traced",
             "graph_reason": why_traced if meta.family == "decoder" else None,
             "padding": "right" if why_traced is None else "any",
+            "past_graph": written.past_graph if why_traced is None else None,
             "exporter": {
                 "path": exporter,
                 "torch": torch.__version__,

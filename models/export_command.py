@@ -12,6 +12,7 @@ from typing import get_args
 
 from rmserve.bundle import InputFormat, StepRule
 from rmserve.cli import DefaultsHelpFormatter
+from rmserve.models.data import HH_DEV_ENV, hh_dev_path
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +45,13 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "the traced one; lean: fail where it does not apply; traced: torch.onnx's graph",
     )
     parser.add_argument(
+        "--no-past-graph",
+        dest="past_graph",
+        action="store_false",
+        help="write no prefix-reuse graph beside a lean one (smaller bundle; every item is scored whole: "
+        "docs/prefix-reuse.md)",
+    )
+    parser.add_argument(
         "--opset", type=int, help="ONNX opset (default: 23 for fused decoder attention, else 18)"
     )
     parser.add_argument(
@@ -55,7 +63,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calibration",
         help="JSONL of {prompt, response} calibration pairs, or 'builtin' (default: the HH-RLHF dev "
-        "pairs of the shared data when present, else 'builtin')",
+        f"pairs at {hh_dev_path()} when present, else 'builtin'; ${HH_DEV_ENV} moves it)",
     )
     parser.add_argument(
         "--base-model",
@@ -106,6 +114,7 @@ def run_export(args: argparse.Namespace) -> int:
             opset=args.opset,
             fuse_attention=args.fuse_attention,
             graph=args.graph,
+            past_graph=args.past_graph,
             calibration_pairs=args.calibration,
             base_model=args.base_model,
             overwrite=args.force,

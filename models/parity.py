@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import gzip
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from rmserve.engines.onnxruntime import OnnxRuntimeEngine
 from rmserve.formatting import Encoded, Formatter
 from rmserve.items import Item, Message, Messages, PairItem, StepsItem, split_hh
 from rmserve.kinds import kind_of
+from rmserve.models.data import hh_dev_path
 from rmserve.models.heads import ScoreModel
 from rmserve.models.process_heads import StepModel
 
@@ -46,8 +46,6 @@ TorchModel = ScoreModel | StepModel
 
 BATCH_SIZES = (1, 7, 32)
 PADDING_SIDES: tuple[Side, ...] = ("right", "left")
-# Real text for parity when the shared data is checked out next to the repo (it is never copied in).
-HH_DEV_ENV = "RMSERVE_PARITY_DATA"
 # Transcripts longer than this are skipped: parity wants mixed lengths, not a CPU-hour on a 7B model.
 MAX_PARITY_CHARS = 2500
 
@@ -79,14 +77,6 @@ def hh_messages(prompt: str) -> Messages | None:
     if turns and turns[-1].role == "assistant" and not turns[-1].content:
         turns.pop()  # the trailing "Assistant:" marker the response follows
     return tuple(turns) or None
-
-
-def hh_dev_path() -> Path:
-    env = os.environ.get(HH_DEV_ENV)
-    if env:
-        return Path(env)
-    # <workspace>/<checkout>/models/parity.py -> <workspace>/shared/data/...
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "dev.jsonl.gz"
 
 
 def builtin_pairs() -> list[Pair]:

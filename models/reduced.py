@@ -90,6 +90,7 @@ def reduce_precision(
                 precision=precision,
                 external_data_bytes=external_data_bytes,
                 source=weights,
+                past=fields.get("past_graph") is not None,
             )
             conversion = {
                 "rule": f"the lean graph built in {precision}: every node of every layer {precision}"
@@ -110,6 +111,8 @@ def reduce_precision(
                     source=weights,
                 )
             conversion = fp16.convert_model_fp16(path, path, external_data_bytes=external_data_bytes)
+            # The guarded fp16 graph has no prefix-reuse twin: such a bundle scores every item whole.
+            _drop_past_graph(staging, fields)
             guard = True
         drift = _measure(unsealed_bundle(staging, **fields), model, texts, source, precision)
     except fp16.Fp16Error as exc:
@@ -197,3 +200,11 @@ def _engine(bundle: Bundle, precision: str) -> Any:
         raise EngineError("bf16 bundles are checked on OpenVINO here: pip install openvino") from exc
     hint = "bf16" if cpu_supports_bf16() else "fp32"
     return OpenVinoEngine(bundle.model_path, threads=available_cpus(), precision=hint)
+
+
+def _drop_past_graph(staging: Path, fields: dict[str, Any]) -> None:
+    past = fields.pop("past_graph", None)
+    if past is not None:
+        (staging / past).unlink(missing_ok=True)
+        (staging / (past + ".data")).unlink(missing_ok=True)
+    fields["past_graph"] = None

@@ -103,5 +103,6 @@ def create_app(
             body_timeout_s=settings.body_timeout_s,
             max_inflight_body_bytes=settings.max_inflight_body_bytes,
         ),
+        log_probes=settings.log_probes,
     )
     return app

@@ -35,7 +35,7 @@ from rmserve.errors import DeadlineExceeded, InferenceFailed, InvalidRequest, No
 from rmserve.formatting import Encoded
 from rmserve.kinds import NonFinite, read_score
 from rmserve.metrics import Metrics
-from rmserve.planning import batch_holding
+from rmserve.planning import batch_holding, shared_group
 
 log = logging.getLogger("rmserve.batching")
 
@@ -337,6 +337,11 @@ class Batcher:
         budget, overhead = self.policy.max_batch_tokens, self.policy.call_overhead_tokens
         span = batch_holding([len(j.encoded) for j in jobs], jobs.index(oldest), budget, overhead)
         batch = jobs[span.start : span.stop]
+        share = getattr(self.engine, "shared_prefix_tokens", 0)
+        if share:  # the engine computes a shared prefix once: items sharing the oldest's go with it
+            rest = [j for j in self._pending if j is not oldest and all(j is not b for b in batch)]
+            ids = [j.encoded.ids for j in rest]
+            batch += [rest[i] for i in shared_group(oldest.encoded.ids, ids, share, budget)]
         taken = set(map(id, batch))
         for job in batch:
             job.taken = True

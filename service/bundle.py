@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
+# The prefix-reuse variant of a lean decoder graph (past K/V in, present K/V out): docs/prefix-reuse.md.
+PAST_FILE = "model_past.onnx"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 CALIBRATION_FILE = "calibration.jsonl"
 # 2: ``family`` (encoder, decoder) and ``kind`` (outcome, process); format 1 said ``kind`` for the family.
@@ -136,6 +138,9 @@ class Manifest(BaseModel):
     graph: Graph = "traced"
     graph_reason: str | None = None
     padding: Padding = "any"
+    # The prefix-reuse graph's file (lean decoders exported with it), or None: such a bundle scores
+    # every item whole (docs/prefix-reuse.md).
+    past_graph: str | None = None
     created_by: str = "rmserve export"
 
     @model_validator(mode="before")
@@ -212,6 +217,8 @@ def version_of(digest: str) -> str:
 def bundle_files(directory: Path) -> list[str]:
     """The files that make up a bundle's content: the model (and its external data) and tokenizer."""
     names = [MODEL_FILE]
+    if (directory / PAST_FILE).is_file():  # absent from older bundles, whose digests stay as they were
+        names.append(PAST_FILE)
     names += sorted(p.name for p in directory.glob("*.onnx.data"))
     names += [n for n in TOKENIZER_FILES if (directory / n).is_file()]
     if (directory / CALIBRATION_FILE).is_file():  # the quality gate's input is content too

@@ -35,16 +35,22 @@ COMMANDS = {
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """Every command's help: an option that takes a value ends its line with its default, unless
-    the line says it already (a default of None means nothing to show, and the help says what)."""
+    the line says it already (a default of None means nothing to show, and the help says what); a
+    required option says so instead."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
+        if action.option_strings and action.required:
+            return f"{text} (required)".strip()
         if not action.option_strings or "default" in text or action.nargs == 0:
             return text
         if default is None or default is argparse.SUPPRESS:
             return text
-        return f"{text} (default: {'none' if default == [] else '%(default)s'})".strip()
+        if isinstance(default, list | tuple):  # as it is typed: --label-tokens + -
+            shown = " ".join(map(str, default)).replace("%", "%%") or "none"
+            return f"{text} (default: {shown})".strip()
+        return f"{text} (default: %(default)s)".strip()
 
 
 def _version() -> str:
@@ -65,7 +71,13 @@ def install_lines(extra: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rmserve", description="Reward models as a service")
+    parser = argparse.ArgumentParser(
+        prog="rmserve",
+        description="Reward models as a service",
+        epilog="Each command's options: rmserve COMMAND --help. The documentation is README.md and docs/ in "
+        "rmserve's repository: docs/api.md (the HTTP API), docs/trainers.md, docs/process.md, docs/eval.md, "
+        "docs/ray.md, docs/cache.md, docs/gpu.md, docs/reliability.md.",
+    )
     parser.add_argument("--version", action="version", version=f"rmserve {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -28,7 +28,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     provider: str = Field(
         "auto",
-        description="inference backend: auto, or one of rmserve.engines: cpu (ONNX Runtime), openvino, cuda",
+        description="inference backend: auto (a GPU backend when one is present, else the CPU backend "
+        "ranked first: openvino, then cpu), cpu (ONNX Runtime), openvino, or cuda (ONNX Runtime's CUDA)",
     )
     precision: PrecisionChoice = Field(
         "auto", description="auto, fp32 (exact), bf16, fp16, int8; reduced ones only behind the quality gate"
@@ -55,7 +56,7 @@ class Settings(BaseSettings):
         description="CPU forward passes run side by side, sharing the threads (default: by CPU count)",
     )
     max_batch_tokens: int | None = Field(
-        None, ge=16, description="padded-token budget of one forward pass (default: chosen per backend)"
+        None, ge=16, description="padded-token budget of one forward pass (default: by the backend)"
     )
     max_wait_ms: float = Field(0.0, ge=0, le=1000, description="how long the batcher waits to fill a batch")
     max_queue_items: int = Field(
@@ -130,6 +131,10 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_bodies: bool = Field(False, description="log request texts (debug only: they may be private)")
+    log_probes: bool = Field(
+        False,
+        description="access lines for /health/live and /health/ready too (probes poll every few seconds)",
+    )
     get_reward_timeout_s: float = Field(
         170.0,
         gt=0,
@@ -139,6 +144,18 @@ class Settings(BaseSettings):
         True,
         description="render policy chat markup (ChatML, Llama-3, [INST], Gemma, HH) in the bundle's template",
     )
+    prefix_reuse: bool = Field(
+        True,
+        description="compute a prefix shared by items (a GRPO group's prompt, a growing solution) once, "
+        "where the bundle and engine allow it (docs/prefix-reuse.md)",
+    )
+    prefix_cache_mb: int | None = Field(
+        None,
+        ge=1,
+        description="memory for cached prefixes' keys and values, per model (default: 1/16 of the "
+        "memory this process may use, 64 MB to 4096 MB)",
+    )
+    prefix_cache_ttl_s: float = Field(600.0, gt=0, description="a cached prefix unused this long is dropped")
 
     @field_validator("models")
     @classmethod
@@ -230,13 +247,36 @@ def default_text(value: Any) -> str:
     return str(value)
 
 
+# Settings whose default is a rule: ``--help`` adds what the rule gives on this machine.
+_RULE_DEFAULTS = ("threads", "streams", "max_batch_tokens")
+
+
+def defaults_here() -> dict[str, str]:
+    """What the defaults of ``_RULE_DEFAULTS`` come to on this machine, as ``--help`` shows them."""
+    from rmserve.engines.base import available_cpus
+    from rmserve.engines.registry import backends
+    from rmserve.engines.select import default_streams
+
+    cpus = available_cpus()
+    per_backend = ", ".join(f"{b.name} {b.batch_tokens}" for b in backends().values())
+    return {
+        "threads": f"{cpus} on this machine",
+        "streams": f"{default_streams(cpus)} on this machine, with {cpus} threads",
+        "max_batch_tokens": per_backend or "no backend installed",
+    }
+
+
 def add_settings_arguments(parser: argparse.ArgumentParser, model: type[BaseSettings] = Settings) -> None:
     """One flag per setting of ``model``, named after its env var (RMSERVE_MAX_WAIT_MS is --max-wait-ms),
-    its help line ending in its default (where the description does not say it already) and its env var."""
+    its help line ending in its default (where the description does not say it already; a rule's value
+    on this machine added) and its env var; a setting of a few values takes only those."""
+    here = defaults_here() if set(_RULE_DEFAULTS) & set(model.model_fields) else {}
     for name, field in model.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = str(model.model_config.get("env_prefix", "")) + name.upper()
         description = field.description or ""
+        if name in here:
+            description = f"{description.removesuffix(')')}: {here[name]})"
         said = field.default is None and ("(default:" in description or "(unset:" in description)
         default = "" if said else f" (default: {default_text(field.default)})"
         help_text = f"{description}{default} [env {env}]".replace("%", "%%")  # argparse formats help
@@ -245,7 +285,11 @@ def add_settings_arguments(parser: argparse.ArgumentParser, model: type[BaseSett
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
         else:
-            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
+            choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
+            metavar = None if choices else name.upper()  # argparse then shows the choices
+            parser.add_argument(
+                flag, dest=name, default=None, choices=choices, metavar=metavar, help=help_text
+            )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

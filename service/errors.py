@@ -45,13 +45,14 @@ class InvalidItem(RMServeError):
     status = 422
     type = "invalid_item"
 
-    def __init__(self, index: int, reason: str) -> None:
-        super().__init__(f"items[{index}]: {reason}")
+    def __init__(self, index: int, reason: str, field: str | None = None) -> None:
+        super().__init__(f"items[{index}]{'.' + field if field else ''}: {reason}")
         self.index = index
         self.reason = reason
+        self.field = field  # where in the item, when it is one field: "messages[2].role"
 
     def at(self, index: int) -> InvalidItem:
-        return InvalidItem(index, self.reason)
+        return InvalidItem(index, self.reason, self.field)
 
 
 class Unauthorized(RMServeError):

@@ -19,6 +19,7 @@ from rmserve.chat import TRANSCRIPT, ChatTemplate, Rendering
 from rmserve.errors import InvalidItem, ItemTooLong
 from rmserve.items import (
     TOOL_ROLES,
+    FieldError,
     Item,
     Message,
     Messages,
@@ -136,7 +137,7 @@ class Formatter:
         if isinstance(item, TextItem):
             return item.text
         if self.template is None:
-            pair = as_pair(item)
+            pair = _pair(index, item)
             assert pair is not None
             return pair[0] + " " + pair[1]
         return self._render_messages(index, as_messages(item))
@@ -177,10 +178,7 @@ class Formatter:
     def _encode_pairs(self, items: list[Item], strict: bool) -> list[Encoded]:
         pairs: list[tuple[str, str] | None] = []
         for i, item in enumerate(items):
-            try:
-                pairs.append(as_pair(item))
-            except ValueError as exc:
-                raise InvalidItem(i, str(exc)) from None
+            pairs.append(_pair(i, item))
         both = [p for p in pairs if p is not None]
         prompts = self.tokenizer.encode_batch([p[0] for p in both], add_special_tokens=False)
         responses = self.tokenizer.encode_batch([p[1] for p in both], add_special_tokens=False)
@@ -228,3 +226,13 @@ class Formatter:
             ids = head + ids[len(ids) - (limit - len(head)) :]
         type_ids = tuple([0] * len(ids)) if self.uses_type_ids else None
         return Encoded(tuple(ids), type_ids, truncated)
+
+
+def _pair(index: int, item: Item) -> tuple[str, str] | None:
+    """``as_pair``, its errors an InvalidItem naming the field where it has one."""
+    try:
+        return as_pair(item)
+    except FieldError as exc:
+        raise InvalidItem(index, exc.reason, exc.field) from None
+    except ValueError as exc:
+        raise InvalidItem(index, str(exc)) from None

@@ -29,6 +29,17 @@ _HH_ROLES = {
 }
 # The roles of a tool's result: "tool" (OpenAI, Qwen, Mistral) and "ipython" (Llama 3.1).
 TOOL_ROLES = ("tool", "ipython")
+
+
+class FieldError(ValueError):
+    """A value an item cannot take, at ``field`` within the item (``messages[2].role``)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
 # Text parts of one message, joined where a template reads content only as text (vLLM joins them the
 # same way: vllm-project/vllm vllm/entrypoints/chat_utils.py, _parse_chat_message_content_parts).
 PART_SEPARATOR = "\n"
@@ -155,13 +166,16 @@ def split_steps(text: str, separator: str = STEP_SEPARATOR) -> tuple[str, ...]:
     return steps or (text.strip(),)
 
 
-def render_hh(messages: Messages) -> str:
-    """Messages as an HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...")."""
+def render_hh(messages: Messages, field: str = "messages") -> str:
+    """Messages as an HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant: ..."); a role it cannot
+    show is a FieldError at ``field[j].role``."""
     parts = []
-    for m in messages:
+    for j, m in enumerate(messages):
         marker = _HH_ROLES.get(m.role)
         if marker is None:
-            raise ValueError(f"unknown role {m.role!r}")
+            raise FieldError(
+                f"{field}[{j}].role", f"unknown role {m.role!r}; allowed roles: {', '.join(_HH_ROLES)}"
+            )
         parts.append(f"{marker} {written_text(m)}")
     return "".join(parts)
 
@@ -179,12 +193,15 @@ def as_pair(item: Item) -> tuple[str, str] | None:
     if isinstance(item, StepsItem):
         raise ValueError("steps are scored by process reward models, not as a (prompt, response) pair")
     if isinstance(item, PairItem):
-        prompt = item.prompt if isinstance(item.prompt, str) else render_hh(item.prompt) + ASSISTANT
+        prompt = item.prompt if isinstance(item.prompt, str) else render_hh(item.prompt, "prompt") + ASSISTANT
         return prompt, item.response
     if isinstance(item, ChatItem):
         *context, last = item.messages
         if last.role != "assistant":
-            raise ValueError("the last message must be the assistant's response")
+            raise FieldError(
+                f"messages[{len(context)}].role",
+                f"the last message must be the assistant's response (role 'assistant'), not {last.role!r}",
+            )
         return render_hh(tuple(context)) + ASSISTANT, written_text(last)
     return split_hh(item.text)
 

@@ -14,6 +14,7 @@ from rmserve.bundle import Bundle, default_bundle_path, load_bundle, peek_bundle
 from rmserve.cache.keys import namespace
 from rmserve.config import Settings
 from rmserve.engines.base import Engine
+from rmserve.engines.reuse import with_prefix_reuse
 from rmserve.engines.select import call_overhead_tokens, create_engine, default_batch_tokens
 from rmserve.formatting import Formatter
 from rmserve.kinds import kind_of
@@ -46,6 +47,8 @@ async def load_runtime(
     formatter = await asyncio.to_thread(Formatter, bundle)
     kind = kind_of(name, bundle, formatter)
     engine, selection = await asyncio.to_thread(engine_factory, bundle, settings)
+    count = metrics.prefix_events(name)
+    engine, reuse = await asyncio.to_thread(with_prefix_reuse, engine, bundle, settings, count)
     fmt = bundle.manifest.format
     budget = settings.max_batch_tokens or default_batch_tokens(engine.info.provider)
     policy = BatchPolicy(
@@ -62,7 +65,9 @@ async def load_runtime(
         with_type_ids="token_type_ids" in bundle.manifest.inputs,
         metrics=metrics,
         # A rebuilt engine is the one chosen now, not a new measurement.
-        rebuild=lambda: engine_factory(bundle, settings.model_copy(update=_pinned(selection)))[0],
+        rebuild=lambda: with_prefix_reuse(
+            engine_factory(bundle, settings.model_copy(update=_pinned(selection)))[0], bundle, settings, count
+        )[0],
         read=kind.read,
     )
     await batcher.warmup(fmt.max_length)
@@ -79,4 +84,5 @@ async def load_runtime(
         batcher=batcher,
         namespace=namespace(bundle.manifest, info.provider, info.precision),
         selection=selection,
+        prefix_reuse=reuse,
     )

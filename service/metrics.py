@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # Latency buckets from 1 ms: trainers send one-item requests that finish in a few milliseconds.
@@ -64,10 +66,55 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.prefix_tokens_reused = Counter(
+            "rmserve_prefix_tokens_reused",
+            "tokens not computed again because a cached or shared prefix held them",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_lookups = Counter(
+            "rmserve_prefix_lookups",
+            "items looked up in the prefix cache: hit (started from a cached prefix) or miss",
+            ["model", "result"],
+            registry=r,
+        )
+        self.prefix_evictions = Counter(
+            "rmserve_prefix_evictions",
+            "cached prefixes dropped, by reason: budget, ttl, superseded (a longer one holds it)",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.prefix_cache_bytes = Gauge(
+            "rmserve_prefix_cache_bytes",
+            "bytes of keys and values in the prefix cache",
+            ["model"],
+            registry=r,
+        )
         for reason in ("redis_full", "buffer_full", "circuit_open", "error"):
             self.cache_dropped_writes.labels(reason=reason)
         for result in ("hit", "miss", "error"):
             self.cache_lookups.labels(result=result)
+
+    def prefix_events(self, model: str) -> Callable[[str, int], None]:
+        """The prefix cache's counter for ``model`` (rmserve.engines.prefixes: ``Counter``)."""
+        for result in ("hit", "miss"):
+            self.prefix_lookups.labels(model=model, result=result)
+        for reason in ("budget", "ttl", "superseded"):
+            self.prefix_evictions.labels(model=model, reason=reason)
+        self.prefix_tokens_reused.labels(model=model)
+        self.prefix_cache_bytes.labels(model=model).set(0)
+
+        def count(event: str, amount: int) -> None:
+            if event == "reused":
+                self.prefix_tokens_reused.labels(model=model).inc(amount)
+            elif event in ("hit", "miss"):
+                self.prefix_lookups.labels(model=model, result=event).inc(amount)
+            elif event == "bytes":
+                self.prefix_cache_bytes.labels(model=model).set(amount)
+            elif event.startswith("evicted:"):
+                self.prefix_evictions.labels(model=model, reason=event.removeprefix("evicted:")).inc(amount)
+
+        return count
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -44,6 +44,8 @@ class ModelRuntime:
     namespace: bytes
     # Why this backend/precision was chosen, and the quality gate's numbers for a reduced one.
     selection: dict[str, Any] = field(default_factory=dict)
+    # Whether this bundle computes shared prefixes once on this engine, and why not (rmserve.engines.reuse).
+    prefix_reuse: dict[str, Any] = field(default_factory=lambda: {"enabled": False, "reason": None})
 
     @property
     def version(self) -> str:
@@ -67,6 +69,7 @@ class ModelRuntime:
             "engine": info.detail,
             "selection": self.selection,
             "max_batch_tokens": self.batcher.policy.max_batch_tokens,
+            "prefix_reuse": self.prefix_reuse,
             # How messages reach the model: what its chat template renders, and the fallbacks taken.
             "messages": self.formatter.rendering.describe(),
             **self.kind.describe(),
@@ -171,7 +174,7 @@ class Scorer:
         keys = [item_key(rt.namespace, item) for item in items]
         results: list[Scored | None] = await self._lookup(keys)
         hits = sum(r is not None for r in results)
-        self._check_strict(rt, results, strict)
+        await self._check_strict(rt, items, results, strict)
         todo = [i for i, r in enumerate(results) if r is None]
         loop = asyncio.get_running_loop()
         try:
@@ -184,7 +187,8 @@ class Scorer:
                     )
         except TimeoutError:
             raise DeadlineExceeded("the request's deadline passed before its items were scored") from None
-        self._check_strict(rt, results, strict)  # a joined flight may have been led without strict
+        # Again: a joined flight may have been led without strict.
+        await self._check_strict(rt, items, results, strict)
         final = [r for r in results if r is not None]
         assert len(final) == len(items)
         info = rt.engine.info  # cached scores are keyed by provider and precision too: the same engine
@@ -202,13 +206,21 @@ class Scorer:
             item_dropped=[r.dropped for r in final],
         )
 
-    @staticmethod
-    def _check_strict(rt: ModelRuntime, results: list[Scored | None], strict: bool) -> None:
-        if not strict:
+    async def _check_strict(
+        self, rt: ModelRuntime, items: list[Item], results: list[Scored | None], strict: bool
+    ) -> None:
+        """A strict request refuses an item that was scored truncated (a cache hit, or a flight led
+        without strict). What was kept is the truncated length, so the item is encoded again, whole,
+        for the 413 to state its own length."""
+        cut = [i for i, r in enumerate(results) if r is not None and r.truncated] if strict else []
+        if not cut:
             return
-        for i, r in enumerate(results):
-            if r is not None and r.truncated:
-                raise ItemTooLong(i, r.tokens, rt.bundle.manifest.format.max_length)
+        await asyncio.get_running_loop().run_in_executor(
+            self._pool, lambda: rt.kind.encode([items[i] for i in cut], strict=True, positions=cut)
+        )
+        first = results[cut[0]]
+        assert first is not None
+        raise ItemTooLong(cut[0], first.tokens, rt.bundle.manifest.format.max_length)  # encode raised first
 
     async def _score_misses(
         self,

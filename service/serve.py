@@ -16,6 +16,7 @@ import logging
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 import uvicorn
@@ -147,6 +148,7 @@ def main(argv: list[str]) -> int:
         connections and lets accepted requests finish within the drain grace."""
 
         signalled: int | None = None
+        draining_since: float | None = None
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             state.begin_drain()
@@ -160,6 +162,7 @@ def main(argv: list[str]) -> int:
                 captured.remove(sig)
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            self.draining_since = time.monotonic()
             if self.signalled is not None:  # logged here, not in the signal handler: no lock held there
                 log.info(
                     "%s: draining; new requests get 503, accepted ones have %s s to finish",
@@ -185,4 +188,8 @@ def main(argv: list[str]) -> int:
     )
     server = DrainingServer(config)
     server.run()
-    return 1 if state.phase == "failed" else 0
+    if state.phase == "failed":
+        return 1
+    took = time.monotonic() - (server.draining_since or time.monotonic())
+    log.info("stopped: drained in %.1f s; exit status 0", took)
+    return 0

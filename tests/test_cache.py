@@ -326,7 +326,7 @@ async def test_a_leader_that_goes_away_does_not_cancel_work_others_wait_for(bund
     )
     try:
         item: list[Item] = [PairItem("a question nobody asked", "an answer")]
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 600
 
         leader = asyncio.create_task(scorer.score(None, item, strict=False, deadline=deadline))
         await asyncio.sleep(0)  # the leader looked up the cache and registered its flight
@@ -586,7 +586,7 @@ def test_a_full_redis_shows_in_a_metric_and_one_warning(bundle: Path, tmp_path: 
         with serve({**env, "RMSERVE_REDIS_URL": own.url}, tmp_path) as server:
             for _ in range(3):
                 assert len(score(server, fresh_items())["scores"]) > 0  # scoring goes on
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 600  # a ceiling for a busy machine, not a speed
             while server.metric("rmserve_cache_dropped_writes_total", 'reason="redis_full"') < 3:
                 assert time.monotonic() < deadline, "the dropped writes were never counted"
                 time.sleep(0.05)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import subprocess
 import sys
 import tomllib
@@ -93,14 +94,46 @@ def test_every_option_of_every_command_shows_its_default_in_help(
     parser = importlib.import_module(COMMANDS[command].module).build_parser()
     shown = _option_help(parser.format_help())
     for action in parser._actions:  # argparse has no public list of a parser's options
-        if not action.option_strings or action.help == argparse.SUPPRESS or action.required:
+        if not action.option_strings or action.help == argparse.SUPPRESS:
             continue
         if action.nargs == 0 and isinstance(action.default, bool) or action.default == argparse.SUPPRESS:
             continue  # a flag is off unless given; --help and --version have no default
         name = action.option_strings[0]
+        if action.required:
+            assert "(required)" in shown[name], f"rmserve {command} {name}: {shown[name]}"
+            continue
         # "(unset: ...)": what a setting left unset does, which is its default.
         assert "default" in shown[name] or "(unset:" in shown[name], (
             f"rmserve {command} {name}: {shown[name]}"
         )
-        if action.default not in (None, []):
+        if isinstance(action.default, list | tuple):  # as it is typed, not as Python prints it
+            assert " ".join(map(str, action.default)) in shown[name], (
+                f"rmserve {command} {name}: {shown[name]}"
+            )
+        elif action.default is not None:
             assert str(action.default) in shown[name], f"rmserve {command} {name}: {shown[name]}"
+        # A default that is a rule shows its numbers; a value from a few shows them.
+        assert not re.search(r"\(default: (by|chosen per) [^:)]*\)", shown[name]), shown[name]
+        if action.choices is not None:
+            assert "{" + ",".join(map(str, action.choices)) + "}" in shown[name], shown[name]
+        assert "rmserve." not in shown[name], f"an internal module in rmserve {command} {name}: {shown[name]}"
+
+
+def test_rmserve_help_points_to_the_docs() -> None:
+    proc = _rmserve("--help")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "rmserve COMMAND --help" in text
+    for page in sorted((REPO / "docs").glob("*.md")):
+        assert f"docs/{page.name}" in text, page.name
+
+
+def test_the_calibration_default_names_its_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rmserve.models.export_command import build_parser
+
+    monkeypatch.setenv("COLUMNS", "1000")
+    monkeypatch.setenv("RMSERVE_PARITY_DATA", "/data/hh/dev.jsonl.gz")
+    assert (
+        "pairs at /data/hh/dev.jsonl.gz when present"
+        in _option_help(build_parser().format_help())["--calibration"]
+    )

@@ -77,6 +77,7 @@ class Flaky:
     def __init__(self, script: list[bytes | str]) -> None:
         self.script = list(script)
         self.times: list[float] = []
+        self.heads: list[dict[str, str]] = []  # each request's headers, names lower-cased
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -108,6 +109,10 @@ class Flaky:
                 while len(body) < length:
                     body += conn.recv(65536)
                 self.times.append(time.monotonic())
+                lines = head.decode("latin-1").split("\r\n")[1:]
+                self.heads.append(
+                    {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines)}
+                )
                 action = self.script.pop(0) if self.script else DROP
                 if action != DROP:
                     assert isinstance(action, bytes)
@@ -353,3 +358,18 @@ def test_a_single_item_or_query_where_a_list_belongs_is_a_bad_request_error() ->
             client.get_reward("one query")  # type: ignore[arg-type]
         with pytest.raises(BadRequestError, match="prompts has 2 entries but queries has 1"):
             client.get_reward(["q"], prompts=["a", "b"])
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_the_client_sends_a_prefix_key_that_names_the_prompt_and_not_the_response(kind: str) -> None:
+    prompt = [{"role": "user", "content": "Name three rivers."}]
+    with flaky(scores(0.1), scores(0.2), scores(0.3), scores(0.4)) as server:
+        call_score(kind, server.url, [(prompt, "Nile, Amazon, Danube.")])
+        call_score(kind, server.url, [{"prompt": prompt, "response": "The Rhine."}])
+        call_score(kind, server.url, [("Name three lakes.", "Erie.")])
+        call_score(kind, server.url, [{"text": "no prompt here"}])
+    first, second, other, text = (h.get("x-prefix-key") for h in server.heads)
+    assert first is not None and len(first) == 32
+    assert first == second
+    assert other is not None and other != first
+    assert text is None

@@ -37,9 +37,11 @@ class HeldEngine:
         self.info = inner.info
         self.released = threading.Event()
         self.released.set()
+        self.entered = threading.Event()  # a forward pass has begun (and holds its items)
 
     def infer(self, batch: TokenBatch) -> np.ndarray:
-        self.released.wait(60)
+        self.entered.set()
+        self.released.wait(600)  # a ceiling for a stuck test, not a speed
         return self.inner.infer(batch)
 
     def close(self) -> None:
@@ -60,10 +62,19 @@ def _batcher(engine: HeldEngine, max_queue_items: int = 4096) -> Batcher:
     return Batcher("t", engine, policy, pad_id=0, with_type_ids=True, metrics=Metrics())
 
 
-def _hold_the_engine(batcher: Batcher, engine: HeldEngine, items: list[Encoded]) -> asyncio.Future[float]:
-    """Hold the engine inside a forward pass on ``items[0]``; returns that item's future."""
+async def _hold_the_engine(
+    batcher: Batcher, engine: HeldEngine, items: list[Encoded]
+) -> asyncio.Future[float]:
+    """Hold the engine inside a forward pass on ``items[0]``, once the pass has taken it (however
+    long a busy machine takes to start it); returns that item's future."""
     engine.released.clear()
-    return batcher.submit(items[:1], time.monotonic() + 60)[0]
+    engine.entered.clear()
+    held = batcher.submit(items[:1], time.monotonic() + 600)[0]
+    deadline = time.monotonic() + 600  # a ceiling for a stuck test, not a speed
+    while not engine.entered.is_set():
+        assert time.monotonic() < deadline, "the forward pass never began"
+        await asyncio.sleep(0.01)
+    return held
 
 
 def test_a_waiting_request_gets_its_504_when_its_deadline_passes(engine_and_items) -> None:  # type: ignore[no-untyped-def]
@@ -72,8 +83,7 @@ def test_a_waiting_request_gets_its_504_when_its_deadline_passes(engine_and_item
     async def run() -> None:
         batcher = _batcher(engine)
         batcher.start()
-        busy = _hold_the_engine(batcher, engine, items)
-        await asyncio.sleep(0.2)  # the held pass has taken its item
+        busy = await _hold_the_engine(batcher, engine, items)
         late = batcher.submit(items[1:9], time.monotonic() + 0.3)
         assert batcher.queued == 8
         with pytest.raises(DeadlineExceeded):
@@ -97,8 +107,7 @@ def test_admission_refuses_work_that_cannot_end_by_its_deadline(engine_and_items
         batcher.start()
         # A measured rate first: the estimate needs one.
         await asyncio.gather(*batcher.submit(items, time.monotonic() + 60))
-        busy = _hold_the_engine(batcher, engine, items)
-        await asyncio.sleep(0.2)
+        busy = await _hold_the_engine(batcher, engine, items)
         ahead = batcher.submit(items * 40, time.monotonic() + 60)  # 2,560 items queued
         with pytest.raises(Overloaded) as refused:
             batcher.submit(items[:1], time.monotonic() + 0.001)
@@ -119,8 +128,7 @@ def test_an_admission_may_wait_for_room_until_its_own_limit(engine_and_items) ->
     async def run() -> None:
         batcher = _batcher(engine, max_queue_items=16)
         batcher.start()
-        busy = _hold_the_engine(batcher, engine, items)
-        await asyncio.sleep(0.2)
+        busy = await _hold_the_engine(batcher, engine, items)
         full = batcher.submit(items[1:17], time.monotonic() + 60)
         with pytest.raises(Overloaded, match="queue full"):
             batcher.submit(items[17:18], time.monotonic() + 60)

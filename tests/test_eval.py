@@ -377,6 +377,43 @@ def test_a_row_with_text_no_tokenizer_takes_is_a_bad_row_and_the_run_goes_on(
     assert bad["line"] == 2 and "lone surrogate U+D800" in bad["reason"], bad
 
 
+def test_eval_without_its_plotting_package_stops_before_scoring_a_row(
+    small_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rmserve.cli import main as rmserve_main
+
+    # An install without the eval extra, as far as Python's import system can tell: matplotlib is
+    # installed here, and a None in sys.modules is how an import of it fails without uninstalling it.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(4))
+    out = tmp_path / "out"
+    code = rmserve_main(
+        ["eval", str(data), "--bundle", str(small_bundle), "--out", str(out), "--no-progress"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "needs the eval extra" in err and "'matplotlib'" in err
+    assert not (out / "scores.jsonl").exists(), "rows were scored before the missing module was found"
+
+
+def test_the_console_summary_counts_its_plots_in_words(small_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert (
+        eval_run(
+            write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(4)), "--bundle", small_bundle, "--out", out
+        )
+        == 0
+    )
+    s = summary(out)
+    for plots, words in (
+        ([], "and 0 plots"),
+        (["scores.png"], "and 1 plot"),
+        (["a.png", "b.png"], "and 2 plots"),
+    ):
+        last = render.console_lines({**s, "plots": plots}, out)[-1]
+        assert last.endswith(words), last
+
+
 def test_killed_run_resumes_without_scoring_a_row_twice(
     small_bundle: Path, shared_data: Path, tmp_path: Path
 ) -> None:

@@ -99,6 +99,8 @@ def test_every_architecture_exports_with_parity(arch: str, bundle_of: Callable[[
     assert ("token_type_ids" in m.inputs) is (arch == "bert")
     assert m.format.max_length == 128  # the tiny configs' max_position_embeddings
     assert ("model.onnx.data" in m.files) is (arch == EXTERNAL_ARCH)
+    # A lean graph comes with its prefix-reuse variant (docs/prefix-reuse.md), in the digest's files.
+    assert (m.past_graph == "model_past.onnx" and "model_past.onnx" in m.files) is (arch in LEAN)
     # Decoders fuse their attention (one Attention op per layer, opset 23), Gemma-2 too on the lean graph.
     assert m.attention == ("fused:Attention" if arch in FUSED else "unfused")
     assert m.opset == (23 if arch in FUSED else 18)
@@ -182,6 +184,24 @@ def test_optimize_keeps_parity_for_bert(
     assert manifest.parity["fusions"]  # at least LayerNorm/GELU fuse on the dynamo graph
     assert manifest.parity["max_rel_diff"] <= 1e-4
     assert load_bundle(tmp_path / "fused").manifest.version != load_bundle(bundle_of("bert")).manifest.version
+
+
+def same_files_but_the_manifest(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        if name != "manifest.json":
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])  # a traced graph and a lean one
+def test_exporting_a_checkpoint_again_elsewhere_gives_the_same_version_and_the_same_files(
+    arch: str, bundle_of: Callable[[str], Path], tmp_path: Path
+) -> None:
+    first = load_bundle(bundle_of(arch)).manifest
+    again = export_bundle(checkpoint_of(bundle_of(arch)), tmp_path / "elsewhere", name="another-name")
+    assert again.version == first.version and again.digest == first.digest
+    same_files_but_the_manifest(bundle_of(arch), tmp_path / "elsewhere")
 
 
 def test_cli_refuses_to_overwrite_and_reports_failure(

@@ -24,9 +24,10 @@ from rmserve.engines.onnxruntime import OnnxRuntimeEngine
 from rmserve.formatting import Formatter
 from rmserve.items import PairItem
 from rmserve.models import export_command
+from rmserve.models.data import HH_DEV_ENV
 from rmserve.models.export import export_bundle
 from rmserve.models.heads import load_score_model
-from rmserve.models.parity import HH_DEV_ENV, torch_scores
+from rmserve.models.parity import torch_scores
 from tests.support.server import serve
 from tests.support.tiny import tiny_bundle
 

@@ -60,7 +60,7 @@ def test_sigterm_drains_accepted_work_and_exits_within_the_grace(
         async def load_then_sigterm() -> tuple[list[httpx.Response], float]:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
                 sent = [asyncio.create_task(client.post("/v1/score", json={"items": r})) for r in requests]
-                deadline = time.monotonic() + 30
+                deadline = time.monotonic() + 600  # a ceiling for a busy machine, not a speed
                 # SIGTERM once work is accepted and waiting for the model.
                 while await asyncio.to_thread(server.metric, "rmserve_queue_depth") < 8:
                     assert time.monotonic() < deadline, "the requests never queued"

@@ -29,6 +29,19 @@ FORMS = {
 }
 
 
+def test_exporting_a_process_checkpoint_again_gives_the_same_version(
+    process_bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    from rmserve.models.export import export_bundle
+    from rmserve.models.process_heads import StepExport
+    from tests.support.tiny import STEP_TOKENS
+
+    bundle = process_bundles["qwen2-tc2"]  # the form of docs/process.md's worked example
+    step = StepExport(STEP_TOKENS["qwen2-tc2"], None)
+    again = export_bundle(bundle.parent / "checkpoint", tmp_path / "again", name="again", step=step)
+    assert again.version == load_bundle(bundle).manifest.version
+
+
 @pytest.mark.parametrize("form", PROCESS_FORMS)
 def test_each_process_head_form_exports_the_lean_graph_of_step_values_within_the_layer_node_budget(
     form: str, process_bundles: dict[str, Path]

@@ -304,7 +304,7 @@ def test_a_drain_past_its_grace_answers_200_or_a_json_503(
         threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 600  # a ceiling for a busy machine, not a speed
         while running.metric("rmserve_queue_depth") < 200:  # over 2 s of work queued, accepted
             assert time.monotonic() < deadline, "the requests never queued"
             time.sleep(0.02)

@@ -127,6 +127,7 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_bundles: dict[str, Path]
         assert 200 in codes
 
 
+USER, ASSISTANT = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
 BAD_INPUTS = [
     ({"items": [{"prompt": "p"}]}, 422, "items[0]"),
     (
@@ -138,7 +139,28 @@ BAD_INPUTS = [
     ({"items": [{"messages": []}]}, 422, "items[0]"),
     ({"items": [{"messages": [{"role": "user", "content": "hi"}]}]}, 422, "items[0]"),
     ({"items": [{"prompt": "p", "response": "r", "extra": 1}]}, 422, "items[0]"),
-    ({"items": [{"prompt": [{"role": "wizard", "content": "x"}], "response": "r"}]}, 422, "items[0]"),
+    (
+        {"items": [{"prompt": [{"role": "wizard", "content": "x"}], "response": "r"}]},
+        422,
+        "items[0].prompt[0].role: unknown role 'wizard'; allowed roles: user, human, system, assistant, "
+        "tool, ipython",
+    ),
+    (
+        {
+            "items": [
+                {"prompt": "p", "response": "r"},
+                {"messages": [USER, ASSISTANT, {"role": "robot", "content": "x"}, ASSISTANT]},
+            ]
+        },
+        422,
+        "items[1].messages[2].role: unknown role 'robot'; allowed roles: user,",
+    ),
+    (
+        {"items": [{"messages": [USER, {"role": "robot", "content": "x"}]}]},
+        422,
+        "items[0].messages[1].role: the last message must be the assistant's response "
+        "(role 'assistant'), not 'robot'",
+    ),
     ({"items": "nope"}, 422, "items"),
     ({"model": "nope", "items": [{"prompt": "p", "response": "r"}]}, 404, "nope"),
     ({"items": [{"prompt": "p", "response": "r"}], "truncation": "sometimes"}, 422, "truncation"),
@@ -177,6 +199,22 @@ def test_truncation_is_reported_and_keeps_the_response(tiny_bundles: dict[str, P
         # Cutting the prompt from the left keeps its end and the whole response.
         same = post_score(server.url, [("prompt " * 10 + long_prompt, "short answer")]).json()
         assert same["scores"][0] == pytest.approx(body["scores"][0], abs=1e-6)
+
+
+def test_a_strict_413_states_the_items_own_length_after_the_item_was_scored_truncated(
+    tiny_bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    long_item = [("a very long prompt " * 400, "short answer")]
+    with serve({"RMSERVE_MODELS": str(tiny_bundles["bert"]), "RMSERVE_CACHE": "memory"}, tmp_path) as server:
+        fresh = post_score(server.url, long_item, truncation="error")
+        assert fresh.status_code == 413
+        auto = post_score(server.url, long_item, truncation="auto").json()
+        assert auto["usage"]["truncated"] == 1
+        # The cache now holds the item's truncated encoding; the 413 still counts the item itself.
+        again = post_score(server.url, long_item, truncation="error")
+        assert again.status_code == 413
+        assert again.json()["error"]["message"] == fresh.json()["error"]["message"]
+        assert f"{auto['usage']['tokens']} tokens" not in again.json()["error"]["message"]
 
 
 def test_every_documented_metric_is_exported_and_ops_routes_answer(

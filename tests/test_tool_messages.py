@@ -187,6 +187,18 @@ def test_a_tool_calling_trajectory_scores_what_pytorch_scores_for_its_chat_templ
     assert score(server, [{"messages": bare}]).json()["scores"][0] != pytest.approx(expected, abs=1e-4)
 
 
+def test_tool_call_arguments_that_are_not_json_are_scored_as_given(
+    server: ServerProcess, tool_bundle: Path
+) -> None:
+    broken = copy.deepcopy(TRAJECTORY)
+    broken[1]["tool_calls"][0]["function"]["arguments"] = '{"a": 12, "b": '  # a policy cut off mid-call
+    resp = score(server, [{"messages": broken}])
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["scores"][0] == pytest.approx(
+        torch_score(tool_bundle, without_nulls(broken)), abs=1e-4
+    )
+
+
 def test_text_parts_are_scored_as_their_joined_text_and_other_parts_are_counted_or_refused(
     server: ServerProcess,
 ) -> None:

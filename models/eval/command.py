@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src.add_argument("--url", help="score through a running rmserve at this URL (default: none, in process)")
     p.add_argument(
-        "--out", required=True, help="output directory (scores.jsonl, summary.json, plots, report.md)"
+        "--out",
+        required=True,
+        help="output directory (scores.jsonl, summary.json, plots, report.md)",
     )
     p.add_argument(
         "--api-key",
@@ -222,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"rmserve eval: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
+    # The eval extra's own packages, before any row is scored: one that is missing stops the run at
+    # once, and ``rmserve`` names the extra (pyarrow and datasets load with the files that need them).
+    import matplotlib  # noqa: F401
+    import tqdm  # noqa: F401
+
     from rmserve.bundle import BundleError
     from rmserve.client import RewardServerError
     from rmserve.engines.base import EngineError

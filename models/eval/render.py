@@ -310,7 +310,6 @@ def console_lines(summary: dict[str, Any], out: Path) -> list[str]:
     lines.append(
         f"{r['rows_scored']} rows scored now, {r['rows_resumed']} resumed, in {r['seconds']} s{rate}"
     )
-    lines.append(
-        f"wrote {out}/summary.json, scores.jsonl, report.md and {len(summary.get('plots', []))} plots"
-    )
+    n = len(summary.get("plots", []))
+    lines.append(f"wrote {out}/summary.json, scores.jsonl, report.md and {n} plot{'' if n == 1 else 's'}")
     return lines

@@ -27,10 +27,18 @@ from typing import Any
 import onnx
 from onnx import TensorProto, helper
 
-from rmserve.bundle import MODEL_FILE
-from rmserve.models.graph import DATA_FILE, save_onnx
+from rmserve.bundle import MODEL_FILE, PAST_FILE
+from rmserve.models.graph import save_onnx
 from rmserve.models.heads import ScoreModel
-from rmserve.models.lean.body import decoder_body, decoder_inputs, layer_node_counts
+from rmserve.models.lean.body import (
+    PAST_MASK,
+    decoder_body,
+    decoder_inputs,
+    layer_node_counts,
+    past_names,
+    present_names,
+    window_masks_needed,
+)
 from rmserve.models.lean.builder import TORCH_TYPES, GraphBuilder, WeightFile
 from rmserve.models.lean.eligibility import LAYER_NODE_BUDGET, why_not_lean
 from rmserve.models.lean.heads import head_output
@@ -61,6 +69,7 @@ class LeanGraph:
 
     precision: str
     nodes: dict[str, int]
+    past_graph: str | None = None  # the prefix-reuse variant's file, when written
 
     @property
     def nodes_per_layer(self) -> int:
@@ -77,19 +86,37 @@ class LeanGraph:
 
 
 def build_lean_graph(
-    w: DecoderWeights, head: Linear | StepHeadWeights, precision: str, data: WeightFile | None = None
+    w: DecoderWeights,
+    head: Linear | StepHeadWeights,
+    precision: str,
+    data: WeightFile | None = None,
+    *,
+    past: bool = False,
 ) -> Any:
     """The ONNX model: ``input_ids``, ``attention_mask`` (int64 ``[batch, seq]``) -> ``scores``, float32
-    ``[batch]`` for a score layer, ``[batch, sequence]`` for a step head. With ``data``, weights are
-    written there as they are added (models/lean/builder.py)."""
+    ``[batch]`` for a score layer, ``[batch, sequence]`` for a step head (the new tokens' only). With
+    ``data``, weights are written there as they are added (models/lean/builder.py).
+
+    ``past``: the prefix-reuse variant (models/lean/body.py), which also takes ``past_mask`` (int64
+    ``[batch, past]``) and each layer's ``past_key.i`` / ``past_value.i``, and emits each layer's
+    ``present_key.i`` / ``present_value.i`` (``[batch, past + sequence, kv_heads * head_dim]``)."""
     g = GraphBuilder(precision, data)
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
     mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])
-    inputs = decoder_inputs(g, ids.name, mask.name)
+    inputs = decoder_inputs(g, ids.name, mask.name, past=past)
     scores, dims = head_output(g, decoder_body(g, w, inputs), inputs, w, head)
     g.rename(scores, "scores")
-    out = helper.make_tensor_value_info("scores", TensorProto.FLOAT, dims)
-    return g.model([ids, mask], [out], LEAN_OPSET)
+    outs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, dims)]
+    feeds = [ids, mask]
+    if past:
+        feeds.append(helper.make_tensor_value_info(PAST_MASK, TensorProto.INT64, ["batch", "past"]))
+        width = w.kv_heads * w.head_dim
+        for i in range(w.n_layers):
+            for name in past_names(i):
+                feeds.append(helper.make_tensor_value_info(name, g.float_type, ["batch", "past", width]))
+            for name in present_names(i):
+                outs.append(helper.make_tensor_value_info(name, g.float_type, ["batch", "total", width]))
+    return g.model(feeds, outs, LEAN_OPSET)
 
 
 def weights_size(source: TensorSource, precision: str) -> int:
@@ -105,25 +132,45 @@ def write_lean_graph(
     precision: str,
     external_data_bytes: int,
     source: TensorSource | None = None,
+    past: bool = False,
 ) -> LeanGraph:
     """Write ``model.onnx`` (+ ``model.onnx.data`` when large) for ``model`` (an outcome or a process
     model) at ``precision``; its weights are read from ``source`` (the checkpoint's tensors) when given,
     else from the model's own parameters. Weights read from ``source`` over ``external_data_bytes``
-    or ``STREAM_BYTES`` are written to model.onnx.data as they are read."""
+    or ``STREAM_BYTES`` are written to the data file as they are read. With ``past``, also the
+    prefix-reuse variant as ``model_past.onnx``, except for a model with a sliding window shorter than
+    ``max_length`` (whose window the variant's mask does not carry)."""
     body = within(source, body_prefix(source)) if source is not None else None
     weights = decoder_weights(model.body, max_length, body)
     head = head_weights(model, source)
-    path = directory / MODEL_FILE
-    data_path = directory / DATA_FILE
+    past = past and not window_masks_needed(weights)
+    stream = source is not None and weights_size(source, precision) > min(external_data_bytes, STREAM_BYTES)
+    proto = _write(weights, head, precision, directory / MODEL_FILE, external_data_bytes, stream, past=False)
+    if past:
+        _write(weights, head, precision, directory / PAST_FILE, external_data_bytes, stream, past=True)
+    return LeanGraph(precision, layer_node_counts(proto), PAST_FILE if past else None)
+
+
+def _write(
+    w: DecoderWeights,
+    head: Linear | StepHeadWeights,
+    precision: str,
+    path: Path,
+    external_data_bytes: int,
+    stream: bool,
+    *,
+    past: bool,
+) -> Any:
+    data_path = path.with_name(path.name + ".data")
     data_path.unlink(missing_ok=True)
-    if source is None or weights_size(source, precision) <= min(external_data_bytes, STREAM_BYTES):
-        proto = build_lean_graph(weights, head, precision)
+    if not stream:
+        proto = build_lean_graph(w, head, precision, past=past)
         save_onnx(proto, path, external_data_bytes)
-    else:
-        data = WeightFile(data_path)
-        try:
-            proto = build_lean_graph(weights, head, precision, data)
-        finally:
-            data.close()
-        onnx.save_model(proto, str(path))  # the weights are in model.onnx.data already
-    return LeanGraph(precision, layer_node_counts(proto))
+        return proto
+    data = WeightFile(data_path)
+    try:
+        proto = build_lean_graph(w, head, precision, data, past=past)
+    finally:
+        data.close()
+    onnx.save_model(proto, str(path))  # the weights are in the data file already
+    return proto

@@ -22,6 +22,15 @@ and ``[batch, seq, kv_heads * head_dim]`` key and value as the projections give 
 ``0 .. seq - 1`` for every row, which is each real token's position under right padding; a padding
 token's value is never read by a real one (causal), and pooling reads the real lengths
 (models/lean/heads.py).
+
+The past variant (``decoder_inputs(..., past_layers=n)``, the prefix-reuse graph) continues rows
+whose first tokens were computed before: each layer's key and value are the past's (``past_key.i``,
+``past_value.i``, ``[batch, past, kv_heads * head_dim]``, after rotary) followed by the new tokens',
+and are emitted as ``present_key.i`` / ``present_value.i``. ``Attention``'s ``is_causal`` aligns its
+mask to the upper left, which is wrong for queries after a past, so this variant passes an explicit
+boolean mask instead: key ``j`` is seen by new token ``i`` when it is real (``past_mask``, then
+``attention_mask``) and ``j <= past + i``. Each row's past is left-aligned and may be shorter than the
+batch's (``past_mask`` marks it); its new tokens start at position ``sum(past_mask)``.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import torch
+from onnx import TensorProto
 
 from rmserve.models.lean.builder import GraphBuilder
 from rmserve.models.lean.weights import DecoderWeights, LayerWeights, Linear
@@ -41,25 +51,53 @@ INPUTS = "inputs"
 ROPE_COS, ROPE_SIN = "rope_cos", "rope_sin"
 
 
+PAST_MASK = "past_mask"
+
+
+def past_names(layer: int) -> tuple[str, str]:
+    return f"past_key.{layer}", f"past_value.{layer}"
+
+
+def present_names(layer: int) -> tuple[str, str]:
+    return f"present_key.{layer}", f"present_value.{layer}"
+
+
 @dataclass(frozen=True)
 class DecoderInputs:
     """Graph values every part of a decoder graph reads: the inputs and their dimensions."""
 
     input_ids: str
-    attention_mask: str
+    attention_mask: str  # [batch, seq]: the new tokens' (right padding)
     batch: str  # scalar int64
     seq: str  # scalar int64
-    positions: str  # [batch, seq] int64: 0 .. seq - 1 on every row
+    positions: str  # [batch, seq] int64: 0 .. seq - 1 on every row, after the row's past if any
+    # The past variant only: [batch, 1, seq, past + seq] bool, which keys each new token sees.
+    past_attention: str | None = None
 
 
-def decoder_inputs(g: GraphBuilder, input_ids: str, attention_mask: str) -> DecoderInputs:
+def decoder_inputs(
+    g: GraphBuilder, input_ids: str, attention_mask: str, *, past: bool = False
+) -> DecoderInputs:
+    """The graph's common values; ``past``: the rows continue a past (``past_mask`` and each layer's
+    ``past_key.i`` / ``past_value.i`` are graph inputs), masked explicitly (see the module docstring)."""
     with g.scope(INPUTS):
         shape = g.one("Shape", [input_ids])
         batch = g.one("Gather", [shape, g.ints("axis0", 0)])
         seq = g.one("Gather", [shape, g.ints("axis1", 1)])
         steps = g.one("Range", [g.ints("zero", 0), seq, g.ints("one", 1)])
         positions = g.one("Expand", [steps, shape])
-    return DecoderInputs(input_ids, attention_mask, batch, seq, positions)
+        if not past:
+            return DecoderInputs(input_ids, attention_mask, batch, seq, positions)
+        lengths = g.one("ReduceSum", [PAST_MASK, g.ints("axis1s", [1])], keepdims=1)  # [batch, 1]
+        positions = g.one("Add", [positions, lengths])
+        width = g.one("Gather", [g.one("Shape", [PAST_MASK]), g.ints("axis1", 1)])  # the padded past
+        keys = g.one("Range", [g.ints("zero", 0), g.one("Add", [width, seq]), g.ints("one", 1)])
+        last_seen = g.one("Unsqueeze", [g.one("Add", [steps, width]), g.ints("col", [1])])  # [seq, 1]
+        causal = g.one("LessOrEqual", [keys, last_seen])  # [seq, past + seq]
+        real = g.one("Cast", [g.one("Concat", [PAST_MASK, attention_mask], axis=1)], to=TensorProto.BOOL)
+        real = g.one("Unsqueeze", [real, g.ints("rows_heads", [1, 2])])  # [batch, 1, 1, past + seq]
+        seen = g.one("And", [real, causal])
+    return DecoderInputs(input_ids, attention_mask, batch, seq, positions, seen)
 
 
 def linear(g: GraphBuilder, x: str, layer: Linear, label: str) -> str:
@@ -76,6 +114,11 @@ def _head_norm(g: GraphBuilder, x: str, weight: str, w: DecoderWeights, heads: i
     split = g.one("Reshape", [x, g.ints("heads_shape", [0, 0, heads, w.head_dim])])
     normed = rms_norm(g, split, weight, w.eps)
     return g.one("Reshape", [normed, g.ints("flat_shape", [0, 0, heads * w.head_dim])])
+
+
+def window_masks_needed(w: DecoderWeights) -> bool:
+    """Whether some layer's window is shorter than ``max_length`` (the length of the rotary tables)."""
+    return any(win is not None and win < int(w.cos.shape[0]) for win in w.layout.windows)
 
 
 def window_masks(g: GraphBuilder, w: DecoderWeights, inputs: DecoderInputs) -> dict[int, str]:
@@ -100,6 +143,7 @@ def _attention(
     layer: LayerWeights,
     inputs: DecoderInputs,
     masks: dict[int, str],
+    index: int,
 ) -> str:
     qkv = linear(g, x, layer.qkv, "qkv")
     sizes = [w.heads * w.head_dim, w.kv_heads * w.head_dim, w.kv_heads * w.head_dim]
@@ -111,16 +155,18 @@ def _attention(
     k = g.one("RotaryEmbedding", [k, ROPE_COS, ROPE_SIN, inputs.positions], num_heads=w.kv_heads)
     mask = [masks[layer.window]] if layer.window in masks else []
     softcap = {"softcap": w.layout.attn_softcap} if w.layout.attn_softcap else {}
-    # softmax_precision is left unset: ONNX Runtime's CUDA kernel refuses the attribute.
-    out = g.one(
-        "Attention",
-        [q, k, v, *mask],
-        is_causal=1,
-        q_num_heads=w.heads,
-        kv_num_heads=w.kv_heads,
-        scale=w.scale,
-        **softcap,
-    )
+    heads = {"q_num_heads": w.heads, "kv_num_heads": w.kv_heads, "scale": w.scale, **softcap}
+    if inputs.past_attention is None:
+        # softmax_precision is left unset: ONNX Runtime's CUDA kernel refuses the attribute.
+        out = g.one("Attention", [q, k, v, *mask], is_causal=1, **heads)
+    else:
+        if mask:
+            raise ValueError("a sliding-window layer shorter than max_length has no prefix-reuse variant")
+        (past_k, past_v), (present_k, present_v) = past_names(index), present_names(index)
+        k, v = g.one("Concat", [past_k, k], axis=1), g.one("Concat", [past_v, v], axis=1)
+        g.rename(k, present_k)
+        g.rename(v, present_v)
+        out = g.one("Attention", [q, present_k, present_v, inputs.past_attention], **heads)
     return linear(g, out, layer.o_proj, "o_proj")
 
 
@@ -155,7 +201,7 @@ def decoder_body(g: GraphBuilder, w: DecoderWeights, inputs: DecoderInputs) -> s
         layer = w.layer(i, g.torch_type)
         with g.scope(f"layer{i}"):
             x = rms_norm(g, hidden, g.weight("input_norm", layer.input_norm), w.eps)
-            attended = _attention(g, x, w, layer, inputs, masks)
+            attended = _attention(g, x, w, layer, inputs, masks, i)
             hidden = g.one("Add", [hidden, _normed(g, attended, layer.attn_out_norm, "attn_out_norm", w.eps)])
             x = rms_norm(g, hidden, g.weight("mlp_norm", layer.mlp_norm), w.eps)
             mlp = _mlp(g, x, layer, w.layout.activation)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rmserve.api.errors import render
-from rmserve.api.routes import OPEN_ROUTES, ROUTES, SCORING_ROUTES
+from rmserve.api.routes import OPEN_ROUTES, PROBE_ROUTES, ROUTES, SCORING_ROUTES
 from rmserve.auth import KeyStore
 from rmserve.errors import NotReady, Overloaded, RequestTimeout, RMServeError, TooLarge, Unauthorized
 from rmserve.metrics import Metrics
@@ -47,12 +47,19 @@ class EdgeLimits:
     max_inflight_body_bytes: int
 
 
+# The start of an error body, enough to read its type for the access line.
+_ERROR_TYPE = re.compile(rb'^\{"error":\{"type":"([a-z_]{1,64})"')
+
+
 class EdgeMiddleware:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, keys: KeyStore, limits: EdgeLimits) -> None:
+    def __init__(
+        self, app: ASGIApp, *, metrics: Metrics, keys: KeyStore, limits: EdgeLimits, log_probes: bool = False
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.keys = keys
         self.limits = limits
+        self.log_probes = log_probes  # probes poll every few seconds: no access line for them by default
         self._held = 0  # bytes of request bodies held by requests in flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -72,9 +79,13 @@ class EdgeMiddleware:
         status = 500
         held = 0
         responded = False
+        error_type: str | None = None
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, responded
+            nonlocal status, responded, error_type
+            if message["type"] == "http.response.body" and status >= 400 and error_type is None:
+                found = _ERROR_TYPE.match(message.get("body", b""))  # every error is rendered so
+                error_type = found.group(1).decode() if found else "-"
             if message["type"] == "http.response.start":
                 status = message["status"]
                 responded = True
@@ -115,7 +126,7 @@ class EdgeMiddleware:
             elapsed = time.perf_counter() - started
             self.metrics.requests.labels(route=route, code=str(status)).inc()
             self.metrics.request_duration.labels(route=route).observe(elapsed)
-            if access_log.isEnabledFor(logging.INFO):
+            if access_log.isEnabledFor(logging.INFO) and (self.log_probes or route not in PROBE_ROUTES):
                 access_log.info(
                     "request",
                     extra={
@@ -123,6 +134,7 @@ class EdgeMiddleware:
                         "method": scope.get("method"),
                         "route": route,
                         "status": status,
+                        **({"error": error_type} if status >= 400 else {}),
                         "items": state.get("items"),
                         "cache_hits": state.get("cache_hits"),
                         "duration_ms": round(elapsed * 1000, 3),

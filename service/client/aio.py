@@ -47,7 +47,9 @@ class AsyncRewardClient(BaseRewardClient):
 
     async def _send(self, call: Call) -> Outcome:
         try:
-            return reply_of(await self._http.request(call.method, call.path, json=call.body))
+            return reply_of(
+                await self._http.request(call.method, call.path, json=call.body, headers=dict(call.headers))
+            )
         except httpx.TransportError as exc:
             return exc
 

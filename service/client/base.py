@@ -17,6 +17,8 @@ Backoff is exponential with full jitter; a ``Retry-After`` header sets the least
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -126,7 +128,15 @@ class BaseRewardClient:
             extra["truncation"] = truncation or self.truncation
         if aggregate:
             extra["step_aggregate"] = aggregate
-        return [Call("POST", "/v1/score", {"items": payload[s], **extra}) for s in self._chunks(len(payload))]
+        return [
+            Call(
+                "POST",
+                "/v1/score",
+                {"items": payload[s], **extra},
+                prefix_header(map(item_prompt, payload[s])),
+            )
+            for s in self._chunks(len(payload))
+        ]
 
     def _reward_calls(
         self, queries: Sequence[str], prompts: Sequence[str] | None, labels: Sequence[Any] | None
@@ -150,7 +160,7 @@ class BaseRewardClient:
                 body["prompts"] = list(prompts[s])
             if labels is not None:
                 body["labels"] = list(labels[s])
-            calls.append(Call("POST", "/get_reward", body))
+            calls.append(Call("POST", "/get_reward", body, prefix_header(prompts[s] if prompts else ())))
         return calls
 
     # -- retries
@@ -230,6 +240,29 @@ class BaseRewardClient:
             if time.monotonic() >= deadline:
                 raise ServerUnavailableError(f"{self.base_url} not ready in {timeout_s} s: {health.status}")
             yield Sleep(poll_s)
+
+
+PREFIX_HEADER = "x-prefix-key"
+
+
+def item_prompt(item: Mapping[str, Any]) -> Any:
+    """What an API item's responses share: its prompt, or a conversation's messages before the last;
+    None for formatted text."""
+    if "prompt" in item:
+        return item["prompt"]
+    messages = item.get("messages")
+    return messages[:-1] if isinstance(messages, list) and len(messages) > 1 else None
+
+
+def prefix_header(prompts: Iterable[Any]) -> tuple[tuple[str, str], ...]:
+    """``x-prefix-key``: a hash of the first prompt of a request, for a router that keeps one prompt's
+    requests on one replica (docs/prefix-reuse.md). A routing hint only: the server scores the same
+    with or without it."""
+    prompt = next((p for p in prompts if p is not None), None)
+    if prompt is None:
+        return ()
+    canonical = json.dumps(prompt, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return ((PREFIX_HEADER, hashlib.sha256(canonical.encode()).hexdigest()[:32]),)
 
 
 def _check_texts(where: str, value: Any) -> None:

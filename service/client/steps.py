@@ -23,6 +23,7 @@ class Call:
     method: str
     path: str
     body: dict[str, Any] | None = None
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

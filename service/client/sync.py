@@ -48,7 +48,9 @@ class RewardClient(BaseRewardClient):
 
     def _send(self, call: Call) -> Outcome:
         try:
-            return reply_of(self._http.request(call.method, call.path, json=call.body))
+            return reply_of(
+                self._http.request(call.method, call.path, json=call.body, headers=dict(call.headers))
+            )
         except httpx.TransportError as exc:
             return exc
 

@@ -43,7 +43,9 @@ class TokenBatch:
 
 
 def pad_batch(
-    rows: Sequence[Sequence[int]], pad_id: int, type_ids: Sequence[Sequence[int] | None] | None = None
+    rows: Sequence[Sequence[int] | np.ndarray],
+    pad_id: int,
+    type_ids: Sequence[Sequence[int] | None] | None = None,
 ) -> TokenBatch:
     """Right-pad token id rows into a TokenBatch (the ONNX graph pools correctly under padding)."""
     width = max(len(r) for r in rows)

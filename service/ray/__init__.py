@@ -12,6 +12,8 @@ from typing import Any
 # Ray Serve's names: the deployment inside every rmserve application, and the application's default.
 DEPLOYMENT_NAME = "RMServe"
 DEFAULT_APP = "rmserve"
+# The request router that keeps one x-prefix-key's requests on one replica (rmserve.ray.routing).
+ROUTER_PATH = "rmserve.ray.routing:PrefixKeyRouter"
 
 __all__ = ["DEFAULT_APP", "DEPLOYMENT_NAME", "app", "async_client", "client"]
 

@@ -3,7 +3,10 @@
 A local head is Ray's own ``ray start --head --block``, started in a session of its own: a signal
 sent to the command's whole process group (a terminal, ``timeout``, a supervisor that signals every
 process) reaches the command, which drains, and not the cluster under it, which would die before
-the drain. The head stops when the command is done with it.
+the drain. The head stops when the command is done with it, without a trace: Ray's pointer to "the
+cluster on this machine" (``ray_current_cluster`` in Ray's temp dir), which ``ray start`` wrote, is
+removed when it still names this head, so a later ``ray.init()`` without an address (how veRL and
+OpenRLHF start Ray, docs/ray.md) starts a cluster of its own instead of failing to join the stopped one.
 """
 
 from __future__ import annotations
@@ -58,11 +61,35 @@ def local_head(http_port: int, timeout_s: float = 120.0) -> Iterator[str]:
             # on SIGTERM would only wait (up to 30 s) for the Serve controller, which never idles.
             env={**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},
         )
+        pointer: tuple[Path, str] | None = None
         try:
             _wait_started(head, Path(log.name), timeout_s)
+            pointer = _current_cluster_pointer()
             yield f"127.0.0.1:{port}"
         finally:
             _stop(head)
+            if pointer is not None:
+                _remove_if_unchanged(*pointer)
+
+
+def _current_cluster_pointer() -> tuple[Path, str] | None:
+    """Ray's file naming the cluster on this machine, and what it says now (the head just wrote it)."""
+    from ray._common.utils import get_ray_address_file  # Ray is pinned: its own rule for the path
+
+    path = Path(get_ray_address_file(None))
+    try:
+        return path, path.read_text()
+    except OSError:
+        return None
+
+
+def _remove_if_unchanged(path: Path, written: str) -> None:
+    """Remove ``path`` if it still says ``written``: a cluster started since then is left pointed at."""
+    try:
+        if path.read_text() == written:
+            path.unlink()
+    except OSError:
+        pass
 
 
 def _ensure_token() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import logging
 import os
 import signal
 import sys
@@ -74,18 +75,26 @@ def run(settings: Settings, ray_settings: RaySettings) -> int:
     catch_signals()  # a signal while the head starts still stops it
     with contextlib.ExitStack() as stack:
         address = ray_settings.address or os.environ.get("RAY_ADDRESS")
+        own = not address
         if not address:
             address = stack.enter_context(local_head(settings.port))
-            print(f"rmserve: started a local Ray cluster at {address}", file=sys.stderr, flush=True)
+            say(f"started a local Ray cluster at {address}; it stops when this command does")
         # Ray reads its authentication mode once, at import: after the local head set it.
         import ray
         from ray import serve
 
         from rmserve.ray.deployment import build
 
-        ray.init(address=address, log_to_driver=False)
+        # Ray's own INFO lines speak of joining "an existing cluster" (the one just started) and of
+        # options "not applied" (serve.run's defaults, after serve.start applied ours): rmserve says
+        # what it did instead, and --log-level debug shows Ray's lines too.
+        ray_level = logging.DEBUG if settings.log_level == "debug" else logging.WARNING
+        context = ray.init(address=address, log_to_driver=False, logging_level=ray_level)
+        logging.getLogger("ray.serve").setLevel(ray_level)
         stack.callback(ray.shutdown)
         catch_signals()  # again: joining a cluster installs Ray's own SIGTERM handler, which exits at once
+        if not own:
+            say(f"joined the Ray cluster at {address}; it is left running when this command stops")
         if stop.is_set():
             return 0
         serve.start(http_options={"host": settings.host, "port": settings.port})
@@ -95,17 +104,23 @@ def run(settings: Settings, ray_settings: RaySettings) -> int:
             print(f"rmserve: start-up failed: {_why(ray_settings.app_name) or exc}", file=sys.stderr)
             serve.delete(ray_settings.app_name)
             return 1
-        print(
-            f"rmserve: application {ray_settings.app_name!r} ready on Ray Serve "
-            f"(http://{settings.host}:{settings.port}/)",
-            file=sys.stderr,
-            flush=True,
+        # A driver's context is a RayContext (a client's is not: it has no address_info).
+        session = getattr(context, "address_info", {}).get("session_dir", "Ray's session directory")
+        say(
+            f"application {ray_settings.app_name!r} ready on Ray Serve "
+            f"(http://{settings.host}:{settings.port}/); replica logs: Ray's files on each node, "
+            f"on this one {session}/logs/serve/"
         )
         while not stop.wait(1.0):
             pass
-        print("rmserve: draining", file=sys.stderr, flush=True)
+        say("draining")
         serve.delete(ray_settings.app_name)  # returns once its replicas finished their requests
+    say("stopped: the application drained" + ("; the local Ray cluster stopped" if own else ""))
     return 0
+
+
+def say(line: str) -> None:
+    print(f"rmserve: {line}", file=sys.stderr, flush=True)
 
 
 def _why(app_name: str) -> str | None:

@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rmserve.config import Settings
-from rmserve.ray import DEFAULT_APP, DEPLOYMENT_NAME
+from rmserve.ray import DEFAULT_APP, DEPLOYMENT_NAME, ROUTER_PATH
 
 # The custom metric each replica reports and the policy reads (rmserve.ray.autoscaling).
 ITEMS_METRIC = "rmserve_items_in_work"
@@ -89,6 +89,8 @@ class RaySettings(BaseSettings):
             "graceful_shutdown_wait_loop_s": 0.5,
             # A replica whose engines do not load fails the same way every time: give up soon.
             "max_constructor_retry_count": 3,
+            # One prompt's requests (one x-prefix-key) reach one replica, whose prefix cache holds it.
+            "request_router_config": {"request_router_class": ROUTER_PATH},
         }
         if self.max_replicas is None:
             options["num_replicas"] = self.replicas

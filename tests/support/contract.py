@@ -16,5 +16,9 @@ DOCUMENTED_METRICS = frozenset(
         "rmserve_items_scored_total",
         "rmserve_cache_lookups_total",
         "rmserve_model_info",
+        "rmserve_prefix_tokens_reused_total",
+        "rmserve_prefix_lookups_total",
+        "rmserve_prefix_evictions_total",
+        "rmserve_prefix_cache_bytes",
     }
 )

@@ -43,7 +43,7 @@ def _bin(name: str) -> str:
 
 
 @contextmanager
-def ray_head(tmp: Path, timeout: float = 120.0) -> Iterator[RayCluster]:
+def ray_head(tmp: Path, timeout: float = 600.0) -> Iterator[RayCluster]:
     """A one-node cluster (2 CPUs); stopped, with every process it started, on leaving."""
     port, metrics_port = free_port(), free_port()
     log_path = tmp / "ray-head.log"
@@ -105,7 +105,7 @@ def ray_serve_process(
 
 @contextmanager
 def ray_serve(
-    args: list[str], env: dict[str, str], tmp: Path, *, port: int, address: str | None, timeout: float = 240.0
+    args: list[str], env: dict[str, str], tmp: Path, *, port: int, address: str | None, timeout: float = 600.0
 ) -> Iterator[ServerProcess]:
     """``rmserve ray-serve`` ready to answer; SIGTERM (a drain) and waited for on leaving."""
     server, proc = ray_serve_process(args, env, tmp, port=port, address=address)

@@ -47,7 +47,7 @@ class ServerProcess:
         return total
 
 
-def wait_ready(url: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 120.0) -> None:
+def wait_ready(url: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 600.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -76,7 +76,7 @@ def _rmserve(python: Path) -> list[str]:
 
 @contextmanager
 def serve(
-    env: dict[str, str], tmp: Path, *, ready: bool = True, timeout: float = 120.0, python: Path | None = None
+    env: dict[str, str], tmp: Path, *, ready: bool = True, timeout: float = 600.0, python: Path | None = None
 ) -> Iterator[ServerProcess]:
     """Run ``rmserve serve`` with RMSERVE_* ``env`` on a free port; stop it afterwards. ``python``: the
     interpreter of the environment whose ``rmserve`` runs (default: this one's)."""

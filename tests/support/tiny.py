@@ -126,7 +126,7 @@ def _decoder_tokenizer(directory: Path, with_pad: bool) -> Any:
     )
 
 
-def _config(arch: str, vocab_size: int, tokenizer: Any) -> Any:
+def _config(arch: str, vocab_size: int, tokenizer: Any, sizes: dict[str, Any] | None = None) -> Any:
     from transformers import AutoConfig
 
     if arch in ENCODERS:
@@ -153,10 +153,18 @@ def _config(arch: str, vocab_size: int, tokenizer: Any) -> Any:
             extra |= {"head_dim": 8, "sliding_window": 16, "query_pre_attn_scalar": 8}
         if arch == "qwen3":
             extra |= {"head_dim": 8}  # Qwen3 normalizes q and k per head (RMSNorm over head_dim)
-    return AutoConfig.for_model(arch, vocab_size=vocab_size, **_SIZES, **extra)
+    # ``sizes`` overrides the tiny sizes (a benchmark's larger random-init model: loadtests/prefix_reuse.py).
+    return AutoConfig.for_model(arch, vocab_size=vocab_size, **(_SIZES | extra | (sizes or {})))
 
 
-def tiny_checkpoint(arch: str, directory: str | Path, *, seed: int = 0, pooling: str | None = None) -> Path:
+def tiny_checkpoint(
+    arch: str,
+    directory: str | Path,
+    *,
+    seed: int = 0,
+    pooling: str | None = None,
+    sizes: dict[str, Any] | None = None,
+) -> Path:
     """Write a tiny random-init num_labels=1 checkpoint of ``arch`` into ``directory``.
 
     ``pooling="mean"`` (encoders only) writes ``rmserve_pooling: "mean"`` into config.json.
@@ -172,7 +180,7 @@ def tiny_checkpoint(arch: str, directory: str | Path, *, seed: int = 0, pooling:
         tokenizer = _encoder_tokenizer(out)
     else:
         tokenizer = _decoder_tokenizer(out, with_pad=arch not in NO_PAD)
-    config = _config(arch, len(tokenizer), tokenizer)
+    config = _config(arch, len(tokenizer), tokenizer, sizes)
     if pooling is not None:
         config.rmserve_pooling = pooling
     torch.manual_seed(seed)
@@ -203,7 +211,9 @@ PROCESS_FORMS = ("qwen2-tc2", "llama-tc1", "llama-lm", "qwen2-prm")
 STEP_TOKENS = {"qwen2-tc2": "<extra_0>", "llama-tc1": "<extra_0>", "llama-lm": "ки", "qwen2-prm": "<extra_0>"}
 
 
-def tiny_process_checkpoint(form: str, directory: str | Path, *, seed: int = 0) -> Path:
+def tiny_process_checkpoint(
+    form: str, directory: str | Path, *, seed: int = 0, sizes: dict[str, Any] | None = None
+) -> Path:
     """Write a tiny random-init process reward checkpoint of ``form`` (``PROCESS_FORMS``)."""
     import torch
     from tokenizers import AddedToken
@@ -217,7 +227,7 @@ def tiny_process_checkpoint(form: str, directory: str | Path, *, seed: int = 0) 
     tokenizer = _decoder_tokenizer(out, with_pad=arch not in NO_PAD)
     step = STEP_TOKENS[form]
     tokenizer.add_tokens([AddedToken(step, special=step.startswith("<"), normalized=False)])
-    config = _config(arch, len(tokenizer), tokenizer)
+    config = _config(arch, len(tokenizer), tokenizer, sizes)
     config.num_labels = 1 if form == "llama-tc1" else 2
     torch.manual_seed(seed)
     if form == "qwen2-prm":
@@ -249,13 +259,20 @@ def _save_qwen2_prm(config: Any, out: Path) -> None:
     config.save_pretrained(out)
 
 
-def tiny_process_bundle(form: str, directory: str | Path, *, seed: int = 0, **export_options: Any) -> Path:
+def tiny_process_bundle(
+    form: str,
+    directory: str | Path,
+    *,
+    seed: int = 0,
+    sizes: dict[str, Any] | None = None,
+    **export_options: Any,
+) -> Path:
     """A tiny process checkpoint of ``form`` in ``directory/checkpoint`` exported to ``directory/bundle``."""
     from rmserve.models.export import export_bundle
     from rmserve.models.process_heads import StepExport
 
     root = Path(directory)
-    checkpoint = tiny_process_checkpoint(form, root / "checkpoint", seed=seed)
+    checkpoint = tiny_process_checkpoint(form, root / "checkpoint", seed=seed, sizes=sizes)
     rule = export_options.pop("rule", "sigmoid" if form == "llama-tc1" else None)
     step = StepExport(STEP_TOKENS[form], rule)
     export_bundle(checkpoint, root / "bundle", name=f"tiny-{form}", step=step, **export_options)

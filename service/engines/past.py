@@ -1,0 +1,102 @@
+"""The prefix-reuse graph on ONNX Runtime: rows that continue a past, one forward pass.
+
+The graph (``model_past.onnx``, models/lean/body.py) takes the new tokens right-padded, each row's past
+left-aligned in ``past_mask``, and each layer's past keys and values; it returns the new tokens' output
+(``[rows]`` scores, or ``[rows, tokens]`` step values) and, when asked for, each layer's present keys
+and values (past then new). Presents are fetched only when a caller will keep them: ONNX Runtime
+computes them for attention either way, and copying them out costs memory bandwidth.
+
+One session per stream, each with its share of the threads, as the main engine has (only the CPU
+provider is wired: the cache keeps its tensors in host memory).
+"""
+
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from rmserve.engines.base import EngineError, split_threads
+
+PAST_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@dataclass(frozen=True)
+class PastPass:
+    """One forward pass's inputs: new tokens and each row's past."""
+
+    input_ids: np.ndarray  # int64 [rows, new]
+    attention_mask: np.ndarray  # int64 [rows, new]
+    past_mask: np.ndarray  # int64 [rows, past]
+    keys: np.ndarray  # [layers, rows, past, kv_width]
+    values: np.ndarray
+
+
+@dataclass(frozen=True)
+class PastOutput:
+    output: np.ndarray  # float32 [rows] or [rows, new]
+    keys: np.ndarray | None  # [layers, rows, past + new, kv_width] when asked for
+    values: np.ndarray | None
+
+
+class PastRunner:
+    def __init__(self, model_path: Path, *, threads: int, streams: int) -> None:
+        opts = []
+        for lane_threads in split_threads(threads, max(1, min(streams, threads))):
+            o = ort.SessionOptions()
+            o.intra_op_num_threads = lane_threads
+            o.inter_op_num_threads = 1
+            o.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            o.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.append(o)
+        try:
+            sessions = [
+                ort.InferenceSession(str(model_path), o, providers=["CPUExecutionProvider"]) for o in opts
+            ]
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise EngineError(f"onnxruntime could not load {model_path}: {exc}") from exc
+        first = sessions[0]
+        names = [i.name for i in first.get_inputs()]
+        self.layers = sum(n.startswith("past_key.") for n in names)
+        key = next(i for i in first.get_inputs() if i.name == "past_key.0")
+        self.kv_width = int(key.shape[-1])
+        self.dtype = PAST_FLOATS[key.type]
+        self.per_token = len(first.get_outputs()[0].shape) == 2
+        self._lanes: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
+        for s in sessions:
+            self._lanes.put(s)
+
+    def close(self) -> None:
+        self.__dict__.pop("_lanes", None)  # the sessions go with the last reference to them
+
+    def empty(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values of no past for ``rows`` rows."""
+        shape = (self.layers, rows, 0, self.kv_width)
+        return np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)
+
+    def run(self, step: PastPass, *, presents: bool) -> PastOutput:
+        feeds = {
+            "input_ids": step.input_ids,
+            "attention_mask": step.attention_mask,
+            "past_mask": step.past_mask,
+        }
+        for i in range(self.layers):
+            feeds[f"past_key.{i}"] = step.keys[i]
+            feeds[f"past_value.{i}"] = step.values[i]
+        wanted = ["scores"]
+        if presents:
+            wanted += [f"present_key.{i}" for i in range(self.layers)]
+            wanted += [f"present_value.{i}" for i in range(self.layers)]
+        session = self._lanes.get()
+        try:
+            out = session.run(wanted, feeds)
+        finally:
+            self._lanes.put(session)
+        scores = np.asarray(out[0], dtype=np.float32)
+        if not presents:
+            return PastOutput(scores, None, None)
+        n = self.layers
+        return PastOutput(scores, np.stack(out[1 : 1 + n]), np.stack(out[1 + n :]))
