@@ -115,7 +115,8 @@ def export_bundle(
         model, tokenizer, meta, process, chosen = _load(checkpoint, chosen, step, False)
         layerwise = False
     streamed = why_traced is None and weights is not None
-    direct = streamed and precision in REDUCED and lean.weights_size(weights, "fp32") > external_data_bytes
+    threshold = min(external_data_bytes, lean.STREAM_BYTES)
+    direct = streamed and precision in REDUCED and lean.weights_size(weights, "fp32") > threshold
     texts, source = parity_mod.reference_pairs(32)
     calibration = calibration_set(calibration_pairs)
     dest.parent.mkdir(parents=True, exist_ok=True)
