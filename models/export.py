@@ -35,18 +35,22 @@ from rmserve.bundle import (
     unsealed_bundle,
     write_manifest,
 )
-from rmserve.models import attention, lean
+from rmserve.models import attention, authors, lean
 from rmserve.models import parity as parity_mod
 from rmserve.models.attention import AttentionPlan
+from rmserve.models.authors import AuthorsReference
 from rmserve.models.data import recorded_path
-from rmserve.models.formats import format_settings, save_tokenizer
+from rmserve.models.families import FamilyError, ModelFamily, checkpoint_names, identify, read_config
+from rmserve.models.families.process import refused_process_family
+from rmserve.models.formats import default_max_length, format_settings, save_tokenizer
 from rmserve.models.graph import EXTERNAL_DATA_BYTES, ExportError, export_onnx, fuse_encoder, input_names
 from rmserve.models.heads import ModelMeta, checkpoint_family, load_score_model
 from rmserve.models.layerwise import return_freed_buffers
 from rmserve.models.lean.eligibility import graph_reason
 from rmserve.models.lean.source import SafetensorsSource
+from rmserve.models.named_heads import HeadRequest
 from rmserve.models.parity import Pair, ParityReport, TorchModel, check_parity
-from rmserve.models.process_heads import StepExport, load_step_model
+from rmserve.models.process_heads import StepExport, load_step_model, process_format
 from rmserve.models.reduced import REDUCED, reduce_precision
 
 DEFAULT_OPSET = 18
@@ -74,6 +78,11 @@ def export_bundle(
     invariance_tolerance: float = 1e-5,
     external_data_bytes: int = EXTERNAL_DATA_BYTES,
     step: StepExport | None = None,
+    head: HeadRequest | None = None,
+    family: str | None = None,
+    trust_remote_code: bool = False,
+    bos_tokens: int | None = None,
+    template_date: str | None = None,
 ) -> Manifest:
     """Export ``checkpoint_dir`` to a bundle at ``bundle_dir``; raises ExportError with the reason.
 
@@ -82,25 +91,79 @@ def export_bundle(
     fails where it does not, ``traced`` always traces. ``past_graph``: a lean bundle also carries the
     prefix-reuse variant (``model_past.onnx``: docs/prefix-reuse.md).
     ``step``: export a process reward model (a value per step token) instead of one score per item.
+    An outcome model is exported as its family (``rmserve.models.families``: ``family`` names one, else
+    config.json decides) and held to that family's reference usage (models/authors.py): ``bos_tokens``
+    overrides the BOS count the reference implies, ``template_date`` (ISO) the date templates see
+    (default: the day of the export), ``trust_remote_code`` lets a checkpoint's own code run.
+    ``head``: a head other than ``score`` (a value head by name, a causal LM's logit) and OpenRLHF's
+    normalisation (models/named_heads.py).
+    A process model skips the registry: its step layout decides the input format and BOS policy
+    (``process_format``: under ``separate``, one BOS before the prompt where the tokenizer has one, as
+    TRL's ``tokenize_row`` does), ``bos_tokens`` overriding it.
     """
     checkpoint, dest = Path(checkpoint_dir), Path(bundle_dir)
     if precision not in ("fp32", *REDUCED):
         raise ExportError(f"precision {precision!r} is not exported; choose fp32, {' or '.join(REDUCED)}")
     if dest.exists() and any(dest.iterdir()) and not overwrite:
         raise ExportError(f"{dest} exists and is not empty (pass overwrite=True / --force to replace it)")
+    if step is not None and head is not None and head != HeadRequest():
+        raise ExportError("--value-head, --lm-logit and --normalize are for outcome models, not --step-token")
     # A decoder saved as safetensors: its reference forward reads one layer at a time
     # (models/layerwise.py) and the lean graph streams its weights (models/lean/source.py).
-    weights = SafetensorsSource(checkpoint) if SafetensorsSource.present(checkpoint) else None
+    weights = None
     return_freed_buffers()
     try:
-        family = checkpoint_family(checkpoint)
-        chosen = attention.plan(family, fuse=fuse_attention, opset=opset, default_opset=DEFAULT_OPSET)
-        layerwise = family == "decoder" and step is None and weights is not None
-        model, tokenizer, meta, process, chosen = _load(checkpoint, chosen, step, layerwise)
+        if SafetensorsSource.present(checkpoint):
+            weights = SafetensorsSource(checkpoint)
+        if step is not None:
+            refuse_process_family(checkpoint)
+        entry = None if step else outcome_family(checkpoint, family, trust_remote_code)
+        if entry is not None and entry.head == "lm_logit" and (head is None or head.lm_logit is None):
+            flags = " ".join(entry.flags)
+            raise ValueError(f"{entry.title} is read at one token of its LM head: pass {flags}")
+        layout = checkpoint_family(checkpoint)
+        chosen = attention.plan(layout, fuse=fuse_attention, opset=opset, default_opset=DEFAULT_OPSET)
+        # Remote code and named heads (models/named_heads.py) load whole.
+        layerwise = layout == "decoder" and step is None and weights is not None and not trust_remote_code
+        model, tokenizer, meta, process, chosen = _load(
+            checkpoint, chosen, step, trust_remote_code, head, layerwise
+        )
+        layerwise = layerwise and getattr(model, "named_head", None) is None
     except (OSError, ValueError) as exc:
         what = "a process reward model" if step else "a reward model"
         raise ExportError(f"cannot load {checkpoint} as {what}: {exc}") from exc
-    settings = format_settings(tokenizer, meta, max_length=max_length, input_format=input_format)
+    length = max_length or default_max_length(tokenizer, meta)
+    try:
+        date = authors.template_date(tokenizer, template_date)
+    except ValueError as exc:
+        raise ExportError(f"--template-date {template_date!r} is not an ISO date (YYYY-MM-DD)") from exc
+    reference = None
+    # A family whose authors' code cannot run in an export (models/families/heads.py) has no reference.
+    if entry is not None and entry.reference is not None:
+        reference = authors.run_reference(
+            checkpoint,
+            entry,
+            tokenizer,
+            max_length=length,
+            trust_remote_code=trust_remote_code,
+            date=date,
+            bos_override=bos_tokens,
+        )
+    try:
+        input_format, bos_tokens = process_format(step, tokenizer, input_format, bos_tokens)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from exc
+    settings = format_settings(
+        tokenizer,
+        meta,
+        max_length=length,
+        input_format=input_format,
+        bos_tokens=reference.bos_tokens if reference else bos_tokens,
+        template_date=date,
+    )
+    named = getattr(model, "named_head", None)
+    if named is not None and named.gate_pattern:
+        settings = settings.model_copy(update={"gate_pattern": named.gate_pattern})
     try:
         why_traced = graph_reason(
             graph,
@@ -112,7 +175,7 @@ def export_bundle(
     except ValueError as exc:
         raise ExportError(str(exc)) from exc
     if why_traced is not None and layerwise:  # tracing needs the whole model in memory
-        model, tokenizer, meta, process, chosen = _load(checkpoint, chosen, step, False)
+        model, tokenizer, meta, process, chosen = _load(checkpoint, chosen, step, trust_remote_code, head)
         layerwise = False
     streamed = why_traced is None and weights is not None
     threshold = min(external_data_bytes, lean.STREAM_BYTES)
@@ -138,7 +201,7 @@ def export_bundle(
             fused_ops = attention.fused_ops_summary(attention.op_counts(staging / MODEL_FILE))
         else:
             model, chosen, exporter, fused_ops = _export_graph(
-                checkpoint, model, meta, chosen, staging, external_data_bytes, step
+                checkpoint, model, meta, chosen, staging, external_data_bytes, step, trust_remote_code, head
             )
         save_tokenizer(tokenizer, staging)
         write_calibration(staging, calibration)
@@ -149,7 +212,9 @@ def export_bundle(
             "family": meta.family,
             "kind": "process" if process else "outcome",
             "process": process,
+            "head": named.as_manifest() if named is not None else None,
             "base_model": recorded_path(base_model) if base_model else meta.base_model,
+            "model_family": reference.as_manifest() if reference else None,
             "format": settings,
             "opset": chosen.opset,
             "inputs": input_names(meta),
@@ -176,7 +241,7 @@ def export_bundle(
         report = (
             None
             if direct
-            else _parity(staging, fields, model, texts, source, tolerance, invariance_tolerance)
+            else _parity(staging, fields, model, texts, source, tolerance, invariance_tolerance, reference)
         )
         if optimize:
             report = _try_optimize(
@@ -190,6 +255,7 @@ def export_bundle(
                 source,
                 tolerance,
                 invariance_tolerance,
+                reference,
             )
         if precision in REDUCED:
             report = reduce_precision(
@@ -213,32 +279,74 @@ def export_bundle(
         shutil.rmtree(staging_root, ignore_errors=True)
 
 
+def refuse_process_family(checkpoint: Path) -> None:
+    """FamilyError when the checkpoint's names match a process family rmserve refuses (an implicit PRM)."""
+    refused = refused_process_family(checkpoint_names(checkpoint, read_config(checkpoint)))
+    if refused is not None:
+        raise FamilyError(f"{refused.title} is not supported: {refused.refusal}")
+
+
+def outcome_family(checkpoint: Path, requested: str | None, trust_remote_code: bool) -> ModelFamily:
+    """The checkpoint's family (``rmserve.models.families.identify``); a checkpoint shipping its own
+    code (``auto_map``) is refused without ``trust_remote_code``, naming the classes it would run."""
+    remote = read_config(checkpoint).get("auto_map")
+    if remote and not trust_remote_code:
+        named = ", ".join(f"{k} -> {v}" for k, v in dict(remote).items())
+        raise FamilyError(f"config.json names remote code ({named}); pass --trust-remote-code to run it")
+    return identify(checkpoint, requested)
+
+
 def _load_model(
-    checkpoint: Path, attn: str | None, step: StepExport | None, layerwise: bool = False
+    checkpoint: Path,
+    attn: str | None,
+    step: StepExport | None,
+    trust_remote_code: bool = False,
+    head: HeadRequest | None = None,
+    layerwise: bool = False,
 ) -> tuple[TorchModel, Any, ModelMeta, ProcessSettings | None]:
     """The torch model to export: one score per item, or (``step``) a value per token."""
     if step is None:
-        return (*load_score_model(checkpoint, attn_implementation=attn, layerwise=layerwise), None)
+        loaded = load_score_model(
+            checkpoint,
+            attn_implementation=attn,
+            trust_remote_code=trust_remote_code,
+            head=head,
+            layerwise=layerwise,
+        )
+        return (*loaded, None)
     return load_step_model(
         checkpoint,
         step_token=step.step_token,
         rule=step.rule,
         label_tokens=step.label_tokens,
+        layout=step.layout,
+        prompt_suffix=step.prompt_suffix,
+        before_token=step.before_token,
+        between_steps=step.between_steps,
         attn_implementation=attn,
     )
 
 
 def _load(
-    checkpoint: Path, chosen: AttentionPlan, step: StepExport | None, layerwise: bool
+    checkpoint: Path,
+    chosen: AttentionPlan,
+    step: StepExport | None,
+    trust_remote_code: bool,
+    head: HeadRequest | None = None,
+    layerwise: bool = False,
 ) -> tuple[TorchModel, Any, ModelMeta, ProcessSettings | None, AttentionPlan]:
     """The model with the attention the plan asks for; without an SDPA path, unfused and why."""
     try:
-        return (*_load_model(checkpoint, chosen.implementation, step, layerwise), chosen)
+        return (
+            *_load_model(checkpoint, chosen.implementation, step, trust_remote_code, head, layerwise),
+            chosen,
+        )
     except ValueError as exc:
         if not chosen.fused or "scaled_dot_product_attention" not in str(exc):
             raise
     fallback = attention.unfused(DEFAULT_OPSET, "the model has no PyTorch SDPA attention path to fuse")
-    return (*_load_model(checkpoint, fallback.implementation, step, layerwise), fallback)
+    args = (checkpoint, fallback.implementation, step, trust_remote_code, head, layerwise)
+    return (*_load_model(*args), fallback)
 
 
 def _export_graph(
@@ -249,6 +357,8 @@ def _export_graph(
     staging: Path,
     external_data_bytes: int,
     step: StepExport | None,
+    trust_remote_code: bool,
+    head: HeadRequest | None,
 ) -> tuple[TorchModel, AttentionPlan, str, dict[str, int]]:
     """Write the graph as planned; a graph that did not come out fused is redone unfused.
 
@@ -264,7 +374,7 @@ def _export_graph(
     for stale in staging.glob(MODEL_FILE + "*"):
         stale.unlink()
     fallback = attention.unfused(DEFAULT_OPSET, f"not fused: {problem}")
-    model = _load_model(checkpoint, fallback.implementation, step)[0]
+    model = _load_model(checkpoint, fallback.implementation, step, trust_remote_code, head)[0]
     exporter = export_onnx(
         model, meta, staging, opset=fallback.opset, external_data_bytes=external_data_bytes
     )
@@ -299,6 +409,7 @@ def _parity(
     source: str,
     tolerance: float,
     invariance: float,
+    reference: AuthorsReference | None = None,
 ) -> ParityReport:
     report = check_parity(
         unsealed_bundle(bundle_dir, **fields),
@@ -307,6 +418,7 @@ def _parity(
         text_source=source,
         tolerance=tolerance,
         invariance_tolerance=invariance,
+        authors=reference,
     )
     if not report.ok:
         raise ExportError(
@@ -329,6 +441,7 @@ def _try_optimize(
     source: str,
     tolerance: float,
     invariance: float,
+    reference: AuthorsReference | None,
 ) -> ParityReport:
     """ORT transformer fusions on a copy of the bundle; adopted only if parity still holds."""
     if meta.family != "encoder":
@@ -340,7 +453,7 @@ def _try_optimize(
     shutil.copytree(staging, candidate)
     fusions = fuse_encoder(candidate / MODEL_FILE)
     try:
-        fused = _parity(candidate, fields, model, texts, source, tolerance, invariance)
+        fused = _parity(candidate, fields, model, texts, source, tolerance, invariance, reference)
     except ExportError as exc:
         report.extra |= {"optimized": False, "optimize_rejected": str(exc)}
         return report

@@ -12,7 +12,8 @@ from rmserve.bundle import FormatSettings
 from rmserve.models.graph import ExportError
 from rmserve.models.heads import ModelMeta
 
-DEFAULT_MAX_LENGTH = {"encoder": 512, "decoder": 4096}
+# Only where neither the config nor the tokenizer states the model's context.
+FALLBACK_MAX_LENGTH = {"encoder": 512, "decoder": 4096}
 # Used when a decoder's tokenizer has no chat template of its own.
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -22,14 +23,21 @@ DEFAULT_CHAT_TEMPLATE = (
 
 
 def default_max_length(tokenizer: Any, meta: ModelMeta) -> int:
-    limits = [DEFAULT_MAX_LENGTH[meta.family], int(min(tokenizer.model_max_length, 1 << 30))]
-    if meta.max_position_embeddings:
-        limits.append(int(meta.max_position_embeddings))
-    return min(limits)
+    """The model's trained context: ``max_position_embeddings``, or the tokenizer's ``model_max_length``
+    where that is smaller (a tokenizer without one says 1e30); the fallback when neither states it."""
+    limits = [int(meta.max_position_embeddings or 0), int(min(tokenizer.model_max_length or 0, 1 << 30))]
+    stated = [n for n in limits if 1 < n < 1 << 30]
+    return min(stated) if stated else FALLBACK_MAX_LENGTH[meta.family]
 
 
 def format_settings(
-    tokenizer: Any, meta: ModelMeta, *, max_length: int | None, input_format: str | None
+    tokenizer: Any,
+    meta: ModelMeta,
+    *,
+    max_length: int | None,
+    input_format: str | None,
+    bos_tokens: int | None = None,
+    template_date: str | None = None,
 ) -> FormatSettings:
     """How the server must turn items into token ids for this checkpoint."""
     fmt = input_format or ("text_pair" if meta.family == "encoder" else "chat_template")
@@ -50,6 +58,8 @@ def format_settings(
         chat_template=template,
         bos_token=tokenizer.bos_token,
         eos_token=tokenizer.eos_token,
+        bos_tokens=bos_tokens,
+        template_date=template_date if template is not None else None,
     )
 
 

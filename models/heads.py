@@ -17,6 +17,15 @@ import torch
 from torch import nn
 
 from rmserve.bundle import ENCODER_POOLINGS, Pooling
+from rmserve.models.gating_head import GatingHead
+from rmserve.models.named_heads import (
+    BodyWithHead,
+    HeadRequest,
+    NamedHead,
+    head_module,
+    load_body,
+    named_head,
+)
 
 Family = Literal["encoder", "decoder"]
 
@@ -91,6 +100,8 @@ class ScoreModel(nn.Module):
             raise ValueError(f"an encoder pools {', '.join(ENCODER_POOLINGS)}, not {pooling!r}")
         self.pooling = pooling
         self.family = family
+        # A head other than transformers' ``score`` layer (models/named_heads.py), as the manifest says.
+        self.named_head: NamedHead | None = None
 
     @property
     def body(self) -> Any:
@@ -149,9 +160,16 @@ class ScoreModel(nn.Module):
             position_ids=position_ids_of(mask),
             use_cache=False,
         ).last_hidden_state
-        index = last_token_index(mask)
-        last = hidden.gather(1, index.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])).squeeze(1)
-        return self.hf_model.score(last)[:, 0].float()
+        last = _rows(hidden, last_token_index(mask))
+        head = self.hf_model.score
+        if isinstance(head, GatingHead):  # also reads the prompt end (models/gating_head.py)
+            return head(last, _rows(hidden, head.prompt_end(input_ids).clamp(min=0))).float()
+        return head(last)[:, 0].float()
+
+
+def _rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``hidden[b, index[b]]`` for each row b: ``[batch, hidden]``."""
+    return hidden.gather(1, index.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])).squeeze(1)
 
 
 def base_model_of(checkpoint: Path) -> str:
@@ -185,10 +203,19 @@ class ModelMeta:
 
 
 def load_score_model(
-    checkpoint_dir: str | Path, *, attn_implementation: str | None = None, layerwise: bool = False
+    checkpoint_dir: str | Path,
+    *,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    head: HeadRequest | None = None,
+    layerwise: bool = False,
 ) -> tuple[ScoreModel, Any, ModelMeta]:
-    """Load a num_labels=1 checkpoint as an fp32 ScoreModel in eval mode, with its tokenizer and meta.
+    """Load a num_labels=1 checkpoint (or one with a named head: models/named_heads.py) as an fp32
+    ScoreModel in eval mode, with its tokenizer and meta.
 
+    Every weight of the class built must come from the checkpoint and every checkpoint weight must be
+    used, and the class built must be the one config.json declares (``strict_load``): transformers
+    would otherwise build a missing head with random weights and only log a warning.
     A tokenizer without a pad token (most decoders) pads with EOS; pooling reads the attention
     mask, never the pad id, so that choice cannot change a score. ``layerwise`` (a decoder saved as
     safetensors): the same float32 model, its layers' weights read for each forward and dropped after
@@ -197,7 +224,10 @@ def load_score_model(
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = Path(checkpoint_dir)
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    named = named_head(config, head)
+    if named is not None:
+        return _load_named(path, config, named, attn_implementation)
     if int(getattr(config, "num_labels", 1)) != 1:
         raise ValueError(f"{path} has num_labels={config.num_labels}; a reward model has exactly one")
     family = family_of(config)
@@ -210,13 +240,81 @@ def load_score_model(
         from rmserve.models.lean.source import SafetensorsSource
 
         source = SafetensorsSource(path)
-        hf_model = layerwise_model(AutoModelForSequenceClassification, config, source, attn)
+        hf_model = layerwise_model(
+            AutoModelForSequenceClassification,
+            config,
+            source,
+            attn,
+            check=lambda built, info: check_loading(path, built, info),
+        )
     else:
-        hf_model = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=torch.float32, **extra
+        hf_model = strict_load(
+            AutoModelForSequenceClassification,
+            path,
+            config=config,
+            dtype=torch.float32,
+            trust_remote_code=trust_remote_code,
+            **extra,
         )
     model = ScoreModel(hf_model, pooling_of(config), family).eval()
     return model, tokenizer, model_meta(model, base_model_of(path), int(tokenizer.pad_token_id))
+
+
+def _load_named(
+    path: Path, config: Any, named: NamedHead, attn_implementation: str | None
+) -> tuple[ScoreModel, Any, ModelMeta]:
+    if family_of(config) != "decoder":
+        raise ValueError(f"a {named.form} head sits on a decoder; {config.model_type} is an encoder")
+    tokenizer = load_tokenizer(path)
+    config.pad_token_id = tokenizer.pad_token_id
+    body = load_body(path, config, named, attn_implementation or DECODER_ATTENTION)
+    head, named = head_module(path, config, named, body, tokenizer)
+    model = ScoreModel(BodyWithHead(body, head), "last_token", "decoder").eval()
+    model.named_head = named
+    return model, tokenizer, model_meta(model, base_model_of(path), int(tokenizer.pad_token_id))
+
+
+class LoadingError(ValueError):
+    """The checkpoint does not load as exactly what it declares: weights missing or unused, another
+    class built, or weights that cannot be read."""
+
+
+def strict_load(auto: Any, path: Path, **kwargs: Any) -> Any:
+    """``auto.from_pretrained(path)`` with its loading info checked: a weight the class needs and the
+    checkpoint lacks (it would be random), a checkpoint weight the class does not use (a head it cannot
+    express), a shape mismatch, or a class other than config.json's ``architectures[0]`` raises
+    LoadingError naming them."""
+    try:
+        model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise LoadingError(f"cannot read the weights of {path}: {exc}") from None
+    except Exception as exc:  # safetensors' own error type on a corrupt file
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise LoadingError(f"cannot read the weights of {path}: {exc}") from None
+    check_loading(path, model, info)
+    return model
+
+
+def check_loading(path: Path, model: Any, info: dict[str, Any]) -> None:
+    """LoadingError naming what ``info`` (transformers' loading info) reports missing, unused or
+    mismatched, or a class built other than config.json's ``architectures[0]``."""
+    problems = []
+    for key, what in (
+        ("missing_keys", "missing from the checkpoint (transformers would initialise them randomly)"),
+        ("unexpected_keys", "in the checkpoint but not used by the class built"),
+        ("mismatched_keys", "of another shape than the class built"),
+    ):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or ())
+        if names:
+            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+            problems.append(f"weights {what}: {shown}")
+    declared = (getattr(model.config, "architectures", None) or [None])[0]
+    built = type(model).__name__
+    if declared and declared != built:
+        problems.append(f"config.json declares {declared}, but transformers built {built}")
+    if problems:
+        raise LoadingError(f"{path} does not load as it declares: " + "; ".join(problems))
 
 
 def load_tokenizer(path: Path) -> Any:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -59,15 +60,24 @@ def _drop(module: nn.Module) -> None:
         _assign(module, name, torch.empty(param.shape, dtype=param.dtype, device="meta"))
 
 
-def layerwise_model(model_class: Any, config: Any, source: TensorSource, attn: str | None) -> Any:
+def layerwise_model(
+    model_class: Any,
+    config: Any,
+    source: TensorSource,
+    attn: str | None,
+    check: Callable[[Any, dict[str, list[Any]]], None] | None = None,
+) -> Any:
     """``model_class.from_config(config)`` with float32 weights from ``source``, its decoder layers
-    loaded for each forward (the module docstring)."""
+    loaded for each forward (the module docstring). ``check`` sees the model built, before any weight
+    is read, with its ``loading_info``: where it raises, nothing is read."""
     from accelerate import init_empty_weights
 
     extra = {"attn_implementation": attn} if attn else {}
     with init_empty_weights(include_buffers=False):
         hf_model = model_class.from_config(config, dtype=torch.float32, **extra)
     hf_model.eval()
+    if check is not None:
+        check(hf_model, loading_info(hf_model, source))
     prefix = body_prefix(source)
     layers = hf_model.base_model.layers
     in_layers = {id(p) for p in layers.parameters()}
@@ -79,3 +89,15 @@ def layerwise_model(model_class: Any, config: Any, source: TensorSource, attn: s
         layer.register_forward_pre_hook(lambda m, _args, p=layer_prefix: _load(m, source, p))
         layer.register_forward_hook(lambda m, _args, _out: _drop(m))
     return hf_model
+
+
+def loading_info(hf_model: Any, source: TensorSource) -> dict[str, list[Any]]:
+    """What ``from_pretrained(output_loading_info=True)`` would report for ``hf_model`` read from
+    ``source``: its weights the checkpoint lacks, the checkpoint's it does not use, shapes that differ."""
+    shapes = {name: tuple(p.shape) for name, p in hf_model.named_parameters()}
+    names = source.names()
+    return {
+        "missing_keys": sorted(set(shapes) - names),
+        "unexpected_keys": sorted(names - set(shapes)),
+        "mismatched_keys": sorted(n for n in set(shapes) & names if source.shape(n) != shapes[n]),
+    }

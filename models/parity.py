@@ -34,9 +34,12 @@ from rmserve.bundle import Bundle, Manifest
 from rmserve.engines.base import TokenBatch, available_cpus
 from rmserve.engines.batches import Read, Side, score_rows
 from rmserve.engines.onnxruntime import OnnxRuntimeEngine
+from rmserve.errors import InvalidItem
 from rmserve.formatting import Encoded, Formatter
 from rmserve.items import Item, Message, Messages, PairItem, StepsItem, split_hh
-from rmserve.kinds import kind_of
+from rmserve.kinds import BundleKind, kind_of
+from rmserve.models.authors import AuthorsReference
+from rmserve.models.authors import compare as compare_with_authors
 from rmserve.models.data import hh_dev_path
 from rmserve.models.heads import ScoreModel
 from rmserve.models.process_heads import StepModel
@@ -234,7 +237,18 @@ def reference_items(bundle: Bundle, pairs: Sequence[Pair]) -> tuple[list[Encoded
     kind = kind_of(bundle.manifest.name, bundle, formatter)
     chat = bundle.manifest.format.input_format == "chat_template"
     items: list[Item] = [p.as_item(chat) if kind.step_token is None else p.as_steps(chat) for p in pairs]
+    if bundle.manifest.format.gate_pattern:
+        # A gating head reads the prompt end; a text cut past it is refused as the server refuses it.
+        items = [item for item in items if _served(kind, item)]
     return kind.encode(items), kind.values
+
+
+def _served(kind: BundleKind, item: Item) -> bool:
+    try:
+        kind.encode([item])
+    except InvalidItem:
+        return False
+    return True
 
 
 def scaled_diff(a: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -287,8 +301,11 @@ def check_parity(
     tolerance: float = 1e-4,
     invariance_tolerance: float = 1e-5,
     batch_sizes: Sequence[int] = BATCH_SIZES,
+    authors: AuthorsReference | None = None,
 ) -> ParityReport:
-    """Score ``pairs`` through the bundle (as served) and through ``model``; see the module doc."""
+    """Score ``pairs`` through the bundle (as served) and through ``model``; see the module doc.
+    With ``authors``, the served token ids and scores are also held to the family's reference usage
+    (models/authors.py), recorded as ``reference``."""
     encoded, read = reference_items(bundle, pairs)
     pad_id = bundle.manifest.format.pad_token_id
     engine = OnnxRuntimeEngine(bundle.model_path, provider="cpu", threads=available_cpus())
@@ -306,6 +323,9 @@ def check_parity(
     try:
         sides = compared_sides(bundle.manifest)
         served = _compare(engine, model, encoded, pad_id, batch_sizes, sides, report, read)
+        if authors is not None:
+            report.extra["reference"], problems = compare_with_authors(bundle, engine, authors, tolerance)
+            report.problems += problems
     finally:
         engine.close()
     _check_invariance(served, invariance_sides(bundle.manifest), report)

@@ -16,7 +16,16 @@ Head forms (``ProcessSettings.head``), each with a default rule:
   plain (``model.*``, ``score.0.*``, ``score.2.*``), so the body loads as transformers' ``Qwen2Model``
   and this module builds the head itself;
 * ``lm_head``: a causal LM read at two label tokens (Math-Shepherd: ``+`` and ``-``); only those two
-  rows of the LM head are kept (default ``positive_prob``: softmax over the two).
+  rows of the LM head are kept (default ``positive_prob``: softmax over the two);
+* ``value_head``: a causal LM with a one-output value head beside it, Skywork-o1-Open-PRM's
+  ``Qwen2ForPrmModel`` (SkyworkAI/skywork-o1-prm-inference ``model_utils/prm_model.py``: ``ValueHead``,
+  ``summary = nn.Linear(hidden_size, 1)`` on the last hidden states, saved as ``v_head.summary.*`` beside
+  the causal LM's ``model.*``; ``return_probs`` applies a sigmoid, the default rule here). The body loads
+  as transformers' model for its ``model_type``; the head is read from the weights.
+
+The step layout (``rmserve.layouts``) decides what the step token is: under ``joint`` one token of the
+tokenizer, under ``separate`` any separator text (its ids are appended to each step), under ``turns``
+the assistant's label after each step turn, one token.
 
 The head is its own module, fed by any decoder body's hidden states, so another body (a lean graph
 builder's) can feed it too.
@@ -32,7 +41,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from rmserve.bundle import HeadForm, ProcessSettings, StepRule
+from rmserve.bundle import HeadForm, ProcessSettings, StepLayout, StepRule
 from rmserve.models.heads import (
     DECODER_ATTENTION,
     ModelMeta,
@@ -45,6 +54,9 @@ from rmserve.models.heads import (
 DEFAULT_STEP_TOKEN = "<extra_0>"
 DEFAULT_LABEL_TOKENS = ("+", "-")
 QWEN2_PRM = "Qwen2ForProcessRewardModel"
+# Skywork-o1-Open-PRM's remote class (its config.json), a causal LM and a ``v_head``.
+VALUE_HEAD_PRMS = frozenset({"Qwen2ForPrmModel"})
+VALUE_HEAD = "v_head.summary"
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,10 @@ class StepExport:
     step_token: str = DEFAULT_STEP_TOKEN
     rule: StepRule | None = None
     label_tokens: tuple[str, str] = DEFAULT_LABEL_TOKENS
+    layout: StepLayout = "joint"
+    prompt_suffix: str = ""
+    before_token: str = ""
+    between_steps: str = ""
 
 
 class StepHead(nn.Module):
@@ -139,19 +155,53 @@ def head_form(config: Any) -> HeadForm:
     arch = archs[0] if archs else ""
     if arch == QWEN2_PRM:
         return "qwen2_prm"
+    if arch in VALUE_HEAD_PRMS:
+        return "value_head"
     if arch.endswith("ForTokenClassification"):
         return "token_classification"
     if arch.endswith("ForCausalLM"):
         return "lm_head"
     raise ValueError(
         f"architecture {arch or '(none)'!r} is not a process reward model rmserve exports: it takes "
-        f"*ForTokenClassification decoders (1 or 2 labels), {QWEN2_PRM}, and *ForCausalLM models read "
-        "at two label tokens"
+        f"*ForTokenClassification decoders (1 or 2 labels), {QWEN2_PRM}, "
+        f"{', '.join(sorted(VALUE_HEAD_PRMS))} (a value head) and *ForCausalLM models read at two "
+        "label tokens"
     )
 
 
 def default_rule(head: HeadForm, labels: int) -> StepRule:
-    return "sigmoid" if head == "token_classification" and labels == 1 else "positive_prob"
+    return "sigmoid" if labels == 1 else "positive_prob"
+
+
+def step_marker(tokenizer: Any, text: str, layout: StepLayout) -> tuple[int, tuple[int, ...] | None]:
+    """(the id a step is read at, the separator's ids under ``separate``); ValueError when the layout
+    needs one token and ``text`` is not one."""
+    if layout == "separate":
+        ids = tuple(int(i) for i in tokenizer.encode(text, add_special_tokens=False))
+        if not ids:
+            raise ValueError(f"the step separator {text!r} tokenizes to nothing")
+        return ids[-1], ids
+    what = "assistant label (the reply after each step turn)" if layout == "turns" else "step token"
+    return single_token(tokenizer, text, what), None
+
+
+def process_format(
+    step: StepExport | None, tokenizer: Any, input_format: str | None, bos_tokens: int | None
+) -> tuple[str | None, int | None]:
+    """The input format and BOS policy a process bundle's step layout asks for: ``separate`` reads
+    plain text (no template, nothing between the prompt and its first step) with one BOS where the
+    tokenizer has one (TRL's ``tokenize_row``); ``turns`` renders steps as chat turns, so it needs the
+    chat template. ValueError when the asked input format contradicts the layout."""
+    if step is None or step.layout == "joint":
+        return input_format, bos_tokens
+    if step.layout == "separate":
+        if input_format not in (None, "plain"):
+            raise ValueError("the separate step layout reads plain text; --input-format must be plain")
+        has_bos = getattr(tokenizer, "bos_token_id", None) is not None
+        return "plain", bos_tokens if bos_tokens is not None else (1 if has_bos else None)
+    if input_format not in (None, "chat_template"):
+        raise ValueError("the turns step layout renders each step as a chat turn; it needs chat_template")
+    return "chat_template", bos_tokens
 
 
 def load_step_model(
@@ -161,6 +211,10 @@ def load_step_model(
     rule: StepRule | None = None,
     label_tokens: Sequence[str] = DEFAULT_LABEL_TOKENS,
     attn_implementation: str | None = None,
+    layout: StepLayout = "joint",
+    prompt_suffix: str = "",
+    before_token: str = "",
+    between_steps: str = "",
 ) -> tuple[StepModel, Any, ModelMeta, ProcessSettings]:
     """Load a process reward checkpoint as an fp32 ``StepModel`` in eval mode, with its tokenizer,
     meta and the process settings its bundle records. ValueError says what does not fit."""
@@ -173,7 +227,11 @@ def load_step_model(
     head = head_form(config)
     tokenizer = load_tokenizer(path)
     config.pad_token_id = tokenizer.pad_token_id
-    token_id = single_token(tokenizer, step_token, "step token")
+    token_id, separator_ids = step_marker(tokenizer, step_token, layout)
+    if prompt_suffix and layout == "joint":
+        raise ValueError("a prompt suffix applies to the separate and turns step layouts")
+    if (before_token or between_steps) and layout != "joint":
+        raise ValueError("text before the step token and between steps applies to the joint step layout")
     label_ids: tuple[int, int] | None = None
     if head == "lm_head":
         if len(label_tokens) != 2:
@@ -196,6 +254,11 @@ def load_step_model(
         positive_label=label_ids[0] if label_ids else positive,
         negative_label=label_ids[1] if label_ids else negative,
         label_tokens=(label_tokens[0], label_tokens[1]) if label_ids else None,
+        layout=layout,
+        separator_ids=separator_ids,
+        prompt_suffix=prompt_suffix,
+        before_token=before_token,
+        between_steps=between_steps,
     )
     archs = getattr(config, "architectures", None) or [type(body).__name__]
     meta = ModelMeta(
@@ -221,7 +284,7 @@ def _body_and_projection(
 ) -> tuple[nn.Module, nn.Module, int]:
     """(body, projection to the label logits, number of labels); an LM head's two label rows are
     ordered (negative, positive) like a classifier's labels."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForTokenClassification
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
     if head == "token_classification":
         labels = int(getattr(config, "num_labels", 2))
@@ -230,8 +293,10 @@ def _body_and_projection(
         hf = AutoModelForTokenClassification.from_pretrained(path, config=config, dtype=torch.float32, **attn)
         projection = getattr(hf, "score", None) or hf.classifier
         return hf.base_model, projection, labels
-    if head == "qwen2_prm":
-        body = AutoModel.from_pretrained(path, config=config, dtype=torch.float32, **attn)
+    if head in ("qwen2_prm", "value_head"):
+        body = _body(path, config, attn)
+        if head == "value_head":
+            return body, _value_head(path, config), 1
         return body, _qwen2_prm_projection(path, config), 2
     assert label_ids is not None
     lm = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32, **attn)
@@ -245,13 +310,23 @@ def _body_and_projection(
     return lm.base_model, rows, 2
 
 
-def _qwen2_prm_projection(path: Path, config: Any) -> nn.Module:
-    """The Qwen2.5-Math-PRM head (Linear, ReLU, Linear), from the checkpoint's ``score.0``/``score.2``."""
+def _body(path: Path, config: Any, attn: dict[str, str]) -> nn.Module:
+    """The decoder body under a head transformers has no class for, from the checkpoint's ``model.*``
+    weights; a body weight missing from the checkpoint fails the load naming it (never random)."""
+    from transformers import AutoModel
+
+    body, info = AutoModel.from_pretrained(
+        path, config=config, dtype=torch.float32, output_loading_info=True, **attn
+    )
+    if info["missing_keys"]:
+        raise ValueError(f"{path} lacks body weights: {', '.join(sorted(info['missing_keys'])[:5])}")
+    return cast(nn.Module, body)
+
+
+def _tensors(path: Path, wanted: set[str], what: str) -> dict[str, torch.Tensor]:
+    """The named tensors of a safetensors checkpoint, in float32; ValueError naming any missing."""
     from safetensors import safe_open
 
-    hidden = int(config.hidden_size)
-    mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
-    wanted = {f"score.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
     found: dict[str, torch.Tensor] = {}
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as fh:
@@ -259,6 +334,22 @@ def _qwen2_prm_projection(path: Path, config: Any) -> nn.Module:
                 found[name] = fh.get_tensor(name).to(torch.float32)
     missing = sorted(wanted - set(found))
     if missing:
-        raise ValueError(f"{path} has no {', '.join(missing)}: not a {QWEN2_PRM} checkpoint in safetensors")
+        raise ValueError(f"{path} has no {', '.join(missing)}: not a {what} checkpoint in safetensors")
+    return found
+
+
+def _qwen2_prm_projection(path: Path, config: Any) -> nn.Module:
+    """The Qwen2.5-Math-PRM head (Linear, ReLU, Linear), from the checkpoint's ``score.0``/``score.2``."""
+    hidden = int(config.hidden_size)
+    mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+    found = _tensors(path, {f"score.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}, QWEN2_PRM)
     mlp.load_state_dict({k.removeprefix("score."): v for k, v in found.items()})
     return cast(nn.Module, mlp)
+
+
+def _value_head(path: Path, config: Any) -> nn.Module:
+    """A value head ``Linear(hidden, 1)`` with its bias, from the checkpoint's ``v_head.summary.*``."""
+    linear = nn.Linear(int(config.hidden_size), 1)
+    found = _tensors(path, {f"{VALUE_HEAD}.weight", f"{VALUE_HEAD}.bias"}, "value-head PRM")
+    linear.load_state_dict({k.removeprefix(VALUE_HEAD + "."): v for k, v in found.items()})
+    return linear

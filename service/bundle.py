@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -48,7 +49,13 @@ Padding = Literal["any", "right"]
 StepRule = Literal["positive_prob", "prob_diff", "sigmoid", "raw"]
 # Where a process bundle's label logits come from: a token-classification head (1 or 2 labels), the
 # Qwen2.5-Math-PRM head (two linear layers, 2 labels), or a causal LM's head read at two label tokens.
-HeadForm = Literal["token_classification", "qwen2_prm", "lm_head"]
+# value_head: a one-output linear layer saved beside a causal LM (Skywork-o1-Open-PRM's ``v_head.summary``).
+HeadForm = Literal["token_classification", "qwen2_prm", "lm_head", "value_head"]
+# How a process bundle's steps become token ids (``rmserve.layouts``): joint (the item rendered as one text,
+# the step token after each step), separate (the prompt and each step tokenized on their own, the
+# separator's ids after each step) or turns (each step a user turn, read where the model predicts its
+# assistant label).
+StepLayout = Literal["joint", "separate", "turns"]
 
 
 class BundleError(Exception):
@@ -61,7 +68,7 @@ class FormatSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     # Fields added after bundles were already published: in the digest only when not at their
     # default, so a bundle exported before the field existed keeps its version (``digest_json``).
-    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = ()
+    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = ("bos_tokens", "template_date", "gate_pattern")
 
     input_format: InputFormat
     max_length: int = Field(gt=1)
@@ -83,6 +90,25 @@ class FormatSettings(BaseModel):
     # Raw scores are served as the model gives them unless the bundle states an affine map.
     score_shift: float = 0.0
     score_scale: float = 1.0
+    # Decoders: how many BOS ids every item starts with. None: as the text tokenizes (a chat template's
+    # own BOS, plain text's none). N: the leading BOS ids the text tokenized to are replaced by exactly
+    # N (``Formatter.tokenize``), as the model's authors tokenize it; decided at export from the reference.
+    bos_tokens: int | None = Field(None, ge=0, le=2)
+    # The date ``strftime_now`` renders in chat templates (ISO, e.g. "2026-12-07"), fixed at export so a
+    # score does not change from day to day; None leaves ``strftime_now`` undefined.
+    template_date: str | None = None
+    # Only for a gating head (ArmoRM): the token ids whose last occurrence marks the prompt end it reads;
+    # an item whose ids lack them cannot be scored.
+    gate_pattern: tuple[int, ...] | None = None
+
+    @model_validator(mode="after")
+    def _iso_date(self) -> FormatSettings:
+        if self.template_date is not None:
+            try:
+                date.fromisoformat(self.template_date)
+            except ValueError:
+                raise ValueError(f"template_date {self.template_date!r} is not an ISO date") from None
+        return self
 
 
 class ProcessSettings(BaseModel):
@@ -91,7 +117,13 @@ class ProcessSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     # As for FormatSettings: later fields enter the digest only when set.
-    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = ()
+    DIGEST_WHEN_SET: ClassVar[tuple[str, ...]] = (
+        "layout",
+        "separator_ids",
+        "prompt_suffix",
+        "before_token",
+        "between_steps",
+    )
 
     step_token: str = Field(min_length=1)
     step_token_id: int = Field(ge=0)
@@ -102,6 +134,17 @@ class ProcessSettings(BaseModel):
     positive_label: int = Field(ge=0)
     negative_label: int | None = Field(None, ge=0)
     label_tokens: tuple[str, str] | None = None
+    # How steps become ids. Under ``separate`` the step token is the separator text and
+    # ``separator_ids`` its ids, appended to each step; under ``turns`` it is the assistant's reply
+    # after each step (the positive label token). ``prompt_suffix`` is written after the prompt, before
+    # the first step (separate: in the prompt's text; turns: in the first user turn, before step 1).
+    layout: StepLayout = "joint"
+    separator_ids: tuple[int, ...] | None = None
+    prompt_suffix: str = ""
+    # Joint: what a steps item writes before each step token and between steps (Math-Shepherd's
+    # "Step 1: ... ки\nStep 2: ... ки" is " " and "\n"; the Qwen cards' "<extra_0>" joins, "" and "").
+    before_token: str = ""
+    between_steps: str = ""
 
 
 class Manifest(BaseModel):
@@ -119,7 +162,13 @@ class Manifest(BaseModel):
     kind: Kind = "outcome"
     # Only for process bundles: the step token and how a step's reward is read.
     process: ProcessSettings | None = None
+    # Only for an outcome head other than transformers' ``score`` layer: its form, the checkpoint
+    # weights it was read from, and what it adds (an LM head's token id, a normalisation's mean/std).
+    head: dict[str, Any] | None = None
     base_model: str
+    # The model family export recognised, its authors' tokenization recipe and the BOS policy it
+    # implied (rmserve.models.families); the reference's result is ``parity["reference"]``.
+    model_family: dict[str, Any] | None = None
     format: FormatSettings
     precision: Precision = "fp32"
     opset: int

@@ -22,11 +22,15 @@ documented fallback, never a silent drop:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from datetime import date
 from typing import Any, Literal
 
 import jinja2
-from jinja2.ext import loopcontrols
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from rmserve.items import (
@@ -80,24 +84,78 @@ def _tojson(
     )
 
 
-class ChatTemplate:
-    """One compiled chat template, rendering Messages with the fallbacks its probe decided."""
+class Generation(Extension):
+    """``{% generation %}...{% endgeneration %}``: transformers marks the assistant's tokens with it
+    (``AssistantTracker``); a reward model reads the whole text, so the block renders its body."""
 
-    def __init__(self, source: str, *, bos_token: str | None, eos_token: str | None) -> None:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    tags = {"generation"}
+
+    def parse(self, parser: Parser) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller: Any) -> str:
+        return str(caller())
+
+
+def pinned_strftime(day: str) -> Any:
+    """``strftime_now`` as transformers defines it, but on the fixed ``day`` (ISO), at midnight."""
+    fixed = date.fromisoformat(day)
+
+    def strftime_now(fmt: str) -> str:
+        return fixed.strftime(fmt)
+
+    return strftime_now
+
+
+class ChatTemplate:
+    """One compiled chat template, rendering Messages with the fallbacks its probe decided.
+
+    ``template_date`` pins ``strftime_now`` (transformers' calls ``datetime.now()``) so a rendering
+    does not change from day to day; without it the template sees no ``strftime_now`` at all.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        bos_token: str | None,
+        eos_token: str | None,
+        template_date: str | None = None,
+    ) -> None:
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, Generation]
+        )
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise
+        if template_date is not None:
+            env.globals["strftime_now"] = pinned_strftime(template_date)
         self._template = env.from_string(source)
         self._specials = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
         self.rendering = probe(self)
 
-    def render(self, messages: Messages) -> str:
-        """The conversation as the template renders it, with the probe's fallbacks applied."""
-        return self.render_dicts([self._dict(m) for m in messages])
+    def render(self, messages: Messages, tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """The conversation as the template renders it, with the probe's fallbacks applied; ``tools``
+        (JSON schemas of the functions the assistant may call) reach the template as transformers
+        passes them."""
+        return self.render_dicts([self._dict(m) for m in messages], tools)
 
-    def render_dicts(self, messages: list[dict[str, Any]]) -> str:
-        """The template on messages already in its shape (no fallbacks)."""
-        return str(self._template.render(messages=messages, add_generation_prompt=False, **self._specials))
+    def render_dicts(
+        self, messages: list[dict[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> str:
+        """The template on messages already in its shape (no fallbacks). As in transformers'
+        ``render_jinja_template``, ``tools`` and ``documents`` are always passed, None when absent."""
+        schemas = None if tools is None else [dict(t) for t in tools]
+        return str(
+            self._template.render(
+                messages=messages,
+                tools=schemas,
+                documents=None,
+                add_generation_prompt=False,
+                **self._specials,
+            )
+        )
 
     def _dict(self, message: Message) -> dict[str, Any]:
         r = self.rendering

@@ -9,8 +9,9 @@ whole turns first (``shorter_conversations``), so what is left still reads as th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from tokenizers import Encoding, Tokenizer
 
@@ -19,6 +20,7 @@ from rmserve.chat import TRANSCRIPT, ChatTemplate, Rendering
 from rmserve.errors import InvalidItem, ItemTooLong
 from rmserve.items import (
     TOOL_ROLES,
+    ChatItem,
     FieldError,
     Item,
     Message,
@@ -47,6 +49,14 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+Tools = tuple[Mapping[str, Any], ...] | None
+
+
+def tools_of(item: Item) -> Tools:
+    """The tool definitions an item carries for its template (chat items only)."""
+    return item.tools if isinstance(item, ChatItem) else None
 
 
 def _length(enc: Encoding) -> int:
@@ -90,9 +100,16 @@ class Formatter:
         if fmt.input_format == "chat_template":
             if not fmt.chat_template:
                 raise ValueError("a chat_template bundle needs a chat template in its manifest")
-            self.template = ChatTemplate(fmt.chat_template, bos_token=fmt.bos_token, eos_token=fmt.eos_token)
+            self.template = ChatTemplate(
+                fmt.chat_template,
+                bos_token=fmt.bos_token,
+                eos_token=fmt.eos_token,
+                template_date=fmt.template_date,
+            )
         bos = self.settings.bos_token
         self._bos_id = self.tokenizer.token_to_id(bos) if bos else None
+        if fmt.bos_tokens and self._bos_id is None:
+            raise ValueError(f"bos_tokens={fmt.bos_tokens} needs a BOS token, and {bos!r} is not one")
         # The pad token's text, which policies also append: OpenRLHF's queries arrive padded with it.
         self.pad_token: str | None = self.tokenizer.id_to_token(self.settings.pad_token_id)
         # The markup this bundle reads: its template's for chat_template bundles, HH turns for pairs.
@@ -115,20 +132,57 @@ class Formatter:
             if self.settings.input_format == "text_pair":
                 return self._encode_pairs(items, strict)
             texts = [self._render(i, item) for i, item in enumerate(items)]
-            encs = self.tokenizer.encode_batch(texts, add_special_tokens=self.settings.add_special_tokens)
+            encs = self.tokenize(texts)
             pairs = enumerate(zip(items, encs, strict=True))
-            return [self._fit_rendered(i, item, e, strict) for i, (item, e) in pairs]
+            return self._with_gate([self._fit_rendered(i, item, e, strict) for i, (item, e) in pairs])
         except (InvalidItem, ItemTooLong) as exc:
             if positions is not None:
                 raise exc.at(positions[exc.index]) from None
             raise
 
+    def _with_gate(self, encoded: list[Encoded]) -> list[Encoded]:
+        """``encoded``, when each item holds the gate pattern a gating head reads its prompt end at."""
+        pattern = self.settings.gate_pattern
+        if pattern:
+            n = len(pattern)
+            for i, enc in enumerate(encoded):
+                if not any(enc.ids[j : j + n] == pattern for j in range(len(enc.ids) - n + 1)):
+                    raise InvalidItem(
+                        i,
+                        "the model's gating head reads the prompt end (token ids "
+                        f"{list(pattern)}: the end of a user turn and the start of the assistant's), "
+                        "which this item does not have: send messages ending with an assistant turn",
+                    )
+        return encoded
+
     def text_of(self, index: int, item: Item) -> str:
         """The text the model reads for ``item`` (``index`` names it in an InvalidItem), untokenized."""
         return self._render(index, item)
 
+    def tokenize(self, texts: list[str]) -> list[Encoding]:
+        """Rendered texts (a template's, a steps layout's or plain text) as token ids, with the bundle's
+        BOS policy applied: under ``bos_tokens`` N, the leading BOS ids a text tokenized to are
+        replaced by exactly N. Every decoder item reaches the model through here."""
+        encs = self.tokenizer.encode_batch(texts, add_special_tokens=self.settings.add_special_tokens)
+        wanted = self.settings.bos_tokens
+        return encs if wanted is None else [self._with_bos(enc, wanted) for enc in encs]
+
+    def _with_bos(self, enc: Encoding, wanted: int) -> Encoding:
+        lead = 0
+        while lead < len(enc.ids) and enc.ids[lead] == self._bos_id:
+            lead += 1
+        if lead == len(enc.ids):  # nothing but BOS (an empty text): start from nothing
+            enc = self.tokenizer.encode("", add_special_tokens=False)
+        elif lead:
+            enc.truncate(len(enc.ids) - lead, direction="left")
+        bos = self.tokenizer.encode(self.settings.bos_token or "", add_special_tokens=False)
+        return Encoding.merge([bos] * wanted + [enc], growing_offsets=False)
+
     def leading_special(self, enc: Encoding) -> int:
-        """1 when ``enc`` starts with a BOS/CLS that truncation must keep, else 0."""
+        """How many leading special ids truncation must keep: the bundle's BOS count under a BOS policy,
+        else 1 when ``enc`` starts with a BOS/CLS, else 0."""
+        if self.settings.bos_tokens is not None:
+            return self.settings.bos_tokens
         return int(bool(enc.ids) and (enc.special_tokens_mask[0] == 1 or enc.ids[0] == self._bos_id))
 
     def _render(self, index: int, item: Item) -> str:
@@ -140,12 +194,12 @@ class Formatter:
             pair = _pair(index, item)
             assert pair is not None
             return pair[0] + " " + pair[1]
-        return self._render_messages(index, as_messages(item))
+        return self._render_messages(index, as_messages(item), tools_of(item))
 
-    def _render_messages(self, index: int, messages: Messages) -> str:
+    def _render_messages(self, index: int, messages: Messages, tools: Tools = None) -> str:
         assert self.template is not None
         try:
-            return self.template.render(messages)
+            return self.template.render(messages, tools)
         except Exception as exc:  # a template's own raise_exception, or a Jinja error
             raise InvalidItem(index, f"chat template rejected the messages: {exc}") from None
 
@@ -167,10 +221,10 @@ class Formatter:
             return enc
         for shorter in shorter_conversations(as_messages(item)):
             try:
-                text = self.template.render(shorter)
+                text = self.template.render(shorter, tools_of(item))
             except Exception:  # e.g. a template that needs a user turn: try dropping more, or cut tokens
                 continue
-            enc = self.tokenizer.encode(text, add_special_tokens=self.settings.add_special_tokens)
+            enc = self.tokenize([text])[0]
             if length(enc) <= limit:
                 break
         return enc

@@ -139,6 +139,9 @@ class PairItem:
 @dataclass(frozen=True)
 class ChatItem:
     messages: Messages
+    # The functions the assistant may call (OpenAI's ``tools``: JSON schemas), for templates that
+    # render them (``ChatTemplate.render``).
+    tools: tuple[Mapping[str, Any], ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -193,6 +193,7 @@ class ProcessKind:
             "step_token": s.step_token,
             "step_rule": s.rule,
             "step_head": s.head,
+            "step_layout": s.layout,
             "step_aggregates": list(AGGREGATES),
             "default_step_aggregate": DEFAULT_AGGREGATE,
         }

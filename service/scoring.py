@@ -73,6 +73,9 @@ class ModelRuntime:
             # How messages reach the model: what its chat template renders, and the fallbacks taken.
             "messages": self.formatter.rendering.describe(),
             **self.kind.describe(),
+            # The model family export recognised and what its authors' reference showed (ids, scores).
+            "family": self.bundle.manifest.model_family,
+            "reference": self.bundle.manifest.parity.get("reference"),
             "manifest": self.bundle.manifest.model_dump(mode="json"),
         }
 

@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from rmserve.models.eval.command import main
-from rmserve.models.eval.steps import best_of_n, processbench
+from rmserve.models.eval.steps import best_of_n, processbench, threshold_for
 from tests.support.server import serve
 
 
@@ -82,9 +83,81 @@ def test_best_of_n_picks_the_top_aggregate_and_splits_credit_on_ties() -> None:
 
 def _first_below(scores: list[float], threshold: float) -> int:
     for i, s in enumerate(scores):
-        if s < threshold:
+        if s <= threshold:
             return i
     return -1
+
+
+def _official(rows: list[tuple[str, int, np.ndarray]]) -> dict[str, float]:
+    """ProcessBench's numbers as its official script defines them (QwenLM/ProcessBench
+    ``code/run_eval_prm_trl.py``, written out here from that definition): per split, each step's
+    prediction is ``argmax`` over its two label logits (a tie picks label 0); the predicted first error
+    is the first step predicted 0, else -1; ``acc1`` = mean match over rows with ``label != -1``,
+    ``acc2`` over ``label == -1``, both in percent; ``f1 = 2*acc1*acc2/(acc1+acc2)``; Average F1 = the
+    mean over the splits."""
+    out: dict[str, float] = {}
+    for split in sorted({r[0] for r in rows}):
+        matches: dict[bool, list[bool]] = {True: [], False: []}
+        for _, label, logits in (r for r in rows if r[0] == split):
+            zeros = [i for i, lab in enumerate(np.argmax(logits, axis=-1)) if lab == 0]
+            predicted = zeros[0] if zeros else -1
+            matches[label == -1].append(predicted == label)
+        acc1, acc2 = np.mean(matches[False]) * 100, np.mean(matches[True]) * 100
+        out[split] = 2 * acc1 * acc2 / (acc1 + acc2)
+    out["average"] = float(np.mean([out[s] for s in sorted(out)]))
+    return out
+
+
+def _fixture_logits() -> list[tuple[str, int, np.ndarray]]:
+    """Four splits' rows in one list, with 2-label logits per step, exact ties included."""
+    rng = np.random.default_rng(7)
+    rows = []
+    for split in ("gsm8k", "math", "olympiadbench", "omnimath"):
+        for k in range(24):
+            n = 1 + k % 6
+            logits = rng.normal(size=(n, 2)).astype(np.float32)
+            if k % 5 == 0:  # a tie: the official argmax calls it an error
+                logits[k % n, 1] = logits[k % n, 0]
+            label = -1 if k % 3 == 0 else k % n
+            rows.append((split, label, logits))
+    return rows
+
+
+@pytest.mark.parametrize("rule", ["positive_prob", "prob_diff", "raw"])
+def test_processbench_f1_equals_the_official_scripts_with_every_split_in_one_file_at_the_rules_threshold(
+    rule: str,
+) -> None:
+    official = _official(_fixture_logits())
+    records = []
+    for i, (split, label, logits) in enumerate(_fixture_logits()):
+        margin = (logits[:, 1] - logits[:, 0]).astype(np.float64)
+        # The step values as the graph's StepHead computes them (models/process_heads.py).
+        values = {
+            "positive_prob": 1 / (1 + np.exp(-margin)),
+            "prob_diff": np.tanh(margin / 2),
+            "raw": margin,  # a 1-label head's logit: here the margin, whose sign is the argmax
+        }[rule]
+        records.append(
+            {
+                "kind": "process",
+                "subset": None,
+                "id": f"{split}-{i}",  # ProcessBench's ids name their split; one file holds all four
+                "file": "processbench.jsonl",
+                "label": label,
+                "scores": [[float(v) for v in values]],
+                "n_steps": [len(values)],
+            }
+        )
+    pb = processbench(records, threshold_for(rule))
+    assert pb is not None and pb["threshold"] == (0.5 if rule == "positive_prob" else 0.0)
+    assert set(pb["subsets"]) == {"gsm8k", "math", "olympiadbench", "omnimath"}
+    for split, g in pb["subsets"].items():
+        assert g["f1"] * 100 == pytest.approx(official[split], abs=1e-9)
+    assert pb["f1_mean"] * 100 == pytest.approx(official["average"], abs=1e-9)
+    # The rule's threshold matters: 0.5 on p(+) - p(-) is not the official boundary.
+    if rule == "prob_diff":
+        wrong = processbench(records, 0.5)
+        assert wrong is not None and wrong["f1_mean"] * 100 != pytest.approx(official["average"])
 
 
 def test_eval_scores_a_processbench_file_in_process_and_through_the_server_alike(
@@ -92,7 +165,7 @@ def test_eval_scores_a_processbench_file_in_process_and_through_the_server_alike
 ) -> None:
     rows = []
     for i in range(10):
-        steps = [f"Step {j}: we add {i} and {j} to get {i + j}." for j in range(2 + i % 3)]
+        steps = [f"Add {j}: {i + j}." for j in range(2 + i % 3)]
         label = -1 if i % 3 == 0 else i % len(steps)
         rows.append(
             {
@@ -105,6 +178,8 @@ def test_eval_scores_a_processbench_file_in_process_and_through_the_server_alike
         )
     rows.append({"problem": "Pick one.", "candidates": [["a.", "b."], "c.\n\nd."], "correct": [True, False]})
     rows.append({"problem": "Pick one.", "steps": ["a."], "label": 3})  # a bad row: no step 3
+    # Over the bundle's max_length: reported apart, never scored cut.
+    rows.append({"problem": "Why? " * 400, "steps": ["Because.", "So."], "label": 1, "subset": "math"})
     data = tmp_path / "processbench.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     bundle = process_bundles["qwen2-tc2"]
@@ -113,10 +188,17 @@ def test_eval_scores_a_processbench_file_in_process_and_through_the_server_alike
     assert main([str(data), "--bundle", str(bundle), "--out", str(local), *options]) == 0
     summary = json.loads((local / "summary.json").read_text())
     recs = [json.loads(line) for line in (local / "scores.jsonl").read_text().splitlines()]
-    assert summary["counts"]["processbench"] == 10 and summary["counts"]["bad_rows"] == 1
+    assert summary["counts"]["processbench"] == 10 and summary["counts"]["bad_rows"] == 2
+    over = summary["processbench"]["subsets"]["math"]
+    assert (over["over_max_length"], over["rows"], summary["processbench"]["overall"]["over_max_length"]) == (
+        1,
+        5,
+        1,
+    )
+    assert any("over max_length, not scored cut" in b["reason"] for b in summary["bad_rows"]["first"])
     # The F1 again, from the recorded step scores, with the metric written out here.
     for subset in ("gsm8k", "math"):
-        part = [r for r in recs if r["kind"] == "process" and r["subset"] == subset]
+        part = [r for r in recs if r["kind"] == "process" and r["subset"] == subset and "error" not in r]
         right = {True: [], False: []}  # type: dict[bool, list[bool]]
         for r in part:
             right[r["label"] == -1].append(_first_below(r["scores"][0], 0.47) == r["label"])
@@ -131,22 +213,27 @@ def test_eval_scores_a_processbench_file_in_process_and_through_the_server_alike
     env = {"RMSERVE_MODELS": str(bundle), "RMSERVE_PRECISION": "fp32", "RMSERVE_CACHE": "off"}
     with serve(env, tmp_path) as server:
         assert main([str(data), "--url", server.url, "--out", str(remote), *options]) == 0
-    served = {
-        r["key"]: r["scores"]
-        for r in (json.loads(x) for x in (remote / "scores.jsonl").read_text().splitlines())
-    }
-    for r in recs:
+    remote_recs = [json.loads(x) for x in (remote / "scores.jsonl").read_text().splitlines()]
+    served = {r["key"]: r["scores"] for r in remote_recs if "error" not in r}
+    assert sum(bool(r.get("too_long")) for r in remote_recs) == 1
+    assert (
+        json.loads((remote / "summary.json").read_text())["processbench"]["overall"]["over_max_length"] == 1
+    )
+    for r in (r for r in recs if "error" not in r):
         for mine, theirs in zip(r["scores"], served[r["key"]], strict=True):
             assert mine == pytest.approx(theirs, abs=1e-5)
 
 
-def test_the_docs_sample_file_reads_whole_as_processbench_and_best_of_n_rows(
+def test_the_docs_sample_file_reads_whole_and_its_rows_over_max_length_are_reported_apart(
     process_bundles: dict[str, Path], tmp_path: Path
 ) -> None:
-    """docs/process.md's worked example evaluates examples/processbench-sample.jsonl: every row must read."""
+    """docs/process.md's worked example evaluates examples/processbench-sample.jsonl: every row must read;
+    the tiny bundle's max_length (128) is under two of its math rows, which are counted apart, unscored."""
     sample = Path(__file__).resolve().parents[1] / "examples" / "processbench-sample.jsonl"
     out = tmp_path / "out"
     bundle = process_bundles["qwen2-tc2"]
     assert main([str(sample), "--bundle", str(bundle), "--out", str(out), "--no-progress"]) == 0
-    counts = json.loads((out / "summary.json").read_text())["counts"]
-    assert (counts["processbench"], counts["process_best_of_n"], counts["bad_rows"]) == (8, 2, 0)
+    summary = json.loads((out / "summary.json").read_text())
+    counts, pb = summary["counts"], summary["processbench"]
+    assert (counts["processbench"], counts["process_best_of_n"], counts["bad_rows"]) == (6, 2, 2)
+    assert pb["overall"]["over_max_length"] == 2 and pb["subsets"]["math"]["over_max_length"] == 2

@@ -16,6 +16,7 @@ from typing import Any
 from rmserve.cli import DefaultsHelpFormatter
 from rmserve.models.eval.rows import EvalError, EvalRow, read_data
 from rmserve.models.eval.scorers import LocalScorer, RemoteScorer, Scorer, score_chunk
+from rmserve.models.eval.steps import threshold_for
 from rmserve.models.eval.store import BAD_ROWS_FILE, ScoreStore, check_run_file
 
 
@@ -87,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threshold",
         type=float,
-        default=0.5,
-        help="ProcessBench rows: a step scored under this is predicted wrong",
+        default=None,
+        help="ProcessBench rows: a step scored at or under this is predicted wrong (default: by the "
+        "model's step rule, 0.5 for probabilities, 0 for prob_diff and raw)",
     )
     p.add_argument(
         "--step-aggregate",
@@ -203,7 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         scorer.model,
         run_info,
         limit=args.limit,
-        threshold=args.threshold,
+        threshold=threshold_for(scorer.model.get("step_rule")) if args.threshold is None else args.threshold,
         aggregate=args.step_aggregate,
     )
     with (out / BAD_ROWS_FILE).open("w", encoding="utf-8") as fh:

@@ -232,13 +232,13 @@ def _process_markdown(summary: dict[str, Any]) -> list[str]:
             "",
             f"Mean F1 over subsets **{_fmt(pb['f1_mean'])}** (threshold {pb['threshold']}).",
             "",
-            "| subset | rows | erroneous | acc. erroneous | correct | acc. correct | F1 |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| subset | rows | erroneous | acc. erroneous | correct | acc. correct | F1 | over max_length |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for name, g in [*pb["subsets"].items(), ("**overall**", pb["overall"])]:
             lines.append(
                 f"| {name} | {g['rows']} | {g['erroneous']} | {_fmt(g['acc_erroneous'])} | {g['correct']} | "
-                f"{_fmt(g['acc_correct'])} | {_fmt(g['f1'])} |"
+                f"{_fmt(g['acc_correct'])} | {_fmt(g['f1'])} | {g['over_max_length']} |"
             )
         lines += ["", pb["method"] + ".", ""]
     bon = summary.get("process_best_of_n")
@@ -297,6 +297,7 @@ def console_lines(summary: dict[str, Any], out: Path) -> list[str]:
             lines.append(
                 f"  ProcessBench {name}: acc. erroneous {_fmt(g['acc_erroneous'])}, "
                 f"acc. correct {_fmt(g['acc_correct'])}, F1 {_fmt(g['f1'])}"
+                + (f", {g['over_max_length']} over max_length (not scored)" if g["over_max_length"] else "")
             )
         lines.append(f"  ProcessBench mean F1 {_fmt(pb['f1_mean'])} (threshold {pb['threshold']})")
     bon = summary.get("process_best_of_n")

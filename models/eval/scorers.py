@@ -34,6 +34,16 @@ class RejectedItem(Exception):
     """The model side refused one item (its formatter or the server said it is malformed)."""
 
 
+class TooLong(RejectedItem):
+    """A solution in steps is over the model's max_length: eval never scores one cut (rows.py: a
+    ProcessBench row is judged on all its steps), so it is recorded apart."""
+
+
+def _uncut(items: list[Item]) -> bool:
+    """Whether these items must be scored whole: solutions in steps are never cut."""
+    return any(isinstance(i, StepsItem) for i in items)
+
+
 class LocalScorer:
     """In process: the server's Formatter and engine, length-sorted batches under a token budget."""
 
@@ -75,16 +85,19 @@ class LocalScorer:
             "threads": self.engine.info.threads,
             "selection": selection.get("reason"),
             "kind": self.bundle.manifest.kind,
+            "step_rule": m.process.rule if m.process else None,
         }
 
     def score(self, items: list[Item]) -> list[Scored]:
         from rmserve.engines.batches import infer_rows
-        from rmserve.errors import InvalidItem, InvalidRequest
+        from rmserve.errors import InvalidItem, InvalidRequest, ItemTooLong
         from rmserve.kinds import NonFinite
 
         try:
             self.kind.check(items, None)
-            encoded = self.kind.encode(items)
+            encoded = self.kind.encode(items, strict=_uncut(items))
+        except ItemTooLong as exc:
+            raise TooLong(str(exc)) from None
         except InvalidItem as exc:
             raise RejectedItem(exc.reason) from None
         except (InvalidRequest, ValueError) as exc:
@@ -137,9 +150,12 @@ class RemoteScorer:
     def score(self, items: list[Item]) -> list[Scored]:
         from rmserve.client import BadRequestError, RequestTooLargeError
 
+        uncut = _uncut(items)
         try:
-            result = self.client.score_result(items)
-        except RequestTooLargeError:
+            result = self.client.score_result(items, truncation="error" if uncut else None)
+        except RequestTooLargeError as exc:
+            if uncut and "max_length" in exc.message:
+                raise TooLong(exc.message) from None
             raise
         except BadRequestError as exc:
             if exc.status in (400, 422):
@@ -172,6 +188,8 @@ def served_entry(entry: dict[str, Any]) -> dict[str, Any]:
         "provider": entry.get("provider", entry.get("backend")),
         "precision": entry.get("precision", manifest.get("precision")),
         "bundle_name": manifest.get("name"),
+        # A process model's rule, which sets ProcessBench's default threshold.
+        **({"step_rule": entry["step_rule"]} if entry.get("step_rule") else {}),
     }
 
 
@@ -193,13 +211,18 @@ def _served_model(served: list[dict[str, Any]], name: str | None) -> dict[str, A
 
 
 def _where(row: EvalRow) -> dict[str, Any]:
-    return {"key": row.key, "file": row.file, "line": row.line, "kind": row.kind, "subset": row.subset}
+    where = {"key": row.key, "file": row.file, "line": row.line, "kind": row.kind, "subset": row.subset}
+    if row.row_id is not None:
+        where["id"] = row.row_id
+    return where
+
+
+def _refused(row: EvalRow, exc: RejectedItem) -> dict[str, Any]:
+    return {**_where(row), "error": str(exc), **({"too_long": True} if isinstance(exc, TooLong) else {})}
 
 
 def _record(row: EvalRow, scores: list[Scored]) -> dict[str, Any]:
     record = {**_where(row), "n_chosen": row.n_chosen, "scores": scores}
-    if row.row_id is not None:
-        record["id"] = row.row_id
     if row.kind == "process":
         record["label"] = row.label
     if row.kind == "process_best_of_n":
@@ -220,7 +243,7 @@ def score_chunk(scorer: Scorer, chunk: list[EvalRow]) -> list[dict[str, Any]]:
             try:
                 records.append(_record(row, scorer.score(list(row.items))))
             except RejectedItem as exc:
-                records.append({**_where(row), "error": str(exc)})
+                records.append(_refused(row, exc))
         return records
     records, at = [], 0
     for row in chunk:

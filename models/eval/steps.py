@@ -1,11 +1,21 @@
 """What a process reward model's eval scores say: ProcessBench's metric, best-of-N by aggregate, the plot.
 
 ProcessBench (QwenLM/ProcessBench ``code/run_eval_prm_trl.py``): a solution's predicted first wrong
-step is the first step scored under the threshold, or -1 when none is. On the erroneous solutions
+step is the first step whose two-label ``argmax`` is the negative label, or -1 when none is. ``argmax``
+picks the negative label when p(+) <= 0.5 (a tie goes to the first label, the negative one), so here a
+step is predicted wrong when its score is at or under the threshold, and the threshold follows the
+bundle's rule: 0.5 for probabilities (``positive_prob``, ``sigmoid``), 0 for ``prob_diff`` (p(+) - p(-) <=
+0 exactly when p(+) <= 0.5) and for ``raw`` logits; ``--threshold`` overrides it. On the erroneous solutions
 (``label`` >= 0) a prediction is right when it names the labelled step; on the correct ones
 (``label`` == -1) when it is -1. Each subset reports both accuracies and their harmonic mean, F1;
 ProcessBench's score is the mean F1 over the subsets. Here the accuracies are fractions (ProcessBench
-prints percentages) and a subset is the row's ``subset``, else its file.
+prints percentages) and a subset is the row's ``subset``, else the split its ``id`` names (ProcessBench's
+ids read ``gsm8k-0``), else its file: a file holding every split still reports each apart.
+
+A row longer than the model's ``max_length`` is never scored cut (a cut solution would be judged on
+steps it does not show, or without its problem): the scorers send such rows untruncated and record the
+refusal (``too_long``); they are counted apart per subset (``over_max_length``) and left out of F1, as
+the official scripts never truncate.
 
 Best-of-N: each candidate's step scores become one score by the aggregate (``min`` by default), the top
 candidate is picked, and a row earns the share of correct candidates among those tied at the top
@@ -15,6 +25,7 @@ of correct candidates (picking at random).
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,18 +36,36 @@ import numpy as np
 from rmserve.kinds import Aggregate, aggregate_steps
 
 DEFAULT_THRESHOLD = 0.5
+# Rules whose values are centred on 0 rather than on 0.5 (ProcessBench's argmax boundary).
+CENTRED_RULES = ("prob_diff", "raw")
 PLOT = "process_steps.png"
 # Steps before and after the first wrong one shown in the plot.
 SPAN = 6
 
 
+def threshold_for(rule: str | None) -> float:
+    """The threshold at which a step's score under ``rule`` marks the same boundary as ProcessBench's
+    two-label argmax: 0 for rules centred on 0, else 0.5 (a probability)."""
+    return 0.0 if rule in CENTRED_RULES else DEFAULT_THRESHOLD
+
+
 def first_below(steps: Sequence[float], threshold: float) -> int:
-    """Index of the first step scored under ``threshold``; -1 when none is."""
-    return next((i for i, s in enumerate(steps) if s < threshold), -1)
+    """Index of the first step scored at or under ``threshold``; -1 when none is."""
+    return next((i for i, s in enumerate(steps) if s <= threshold), -1)
+
+
+_SPLIT_ID = re.compile(r"^(?P<split>[A-Za-z][\w.]*)-\d+$")
 
 
 def _group(record: dict[str, Any]) -> str:
-    return str(record["subset"] or Path(record["file"]).name)
+    if record.get("subset"):
+        return str(record["subset"])
+    named = _SPLIT_ID.match(str(record.get("id") or ""))
+    return named["split"] if named else Path(record["file"]).name
+
+
+def _too_long(record: dict[str, Any]) -> bool:
+    return bool(record.get("too_long"))
 
 
 def _f1(a: float | None, b: float | None) -> float | None:
@@ -49,7 +78,7 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def _processbench_group(records: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
+def _processbench_group(records: list[dict[str, Any]], threshold: float, over: int = 0) -> dict[str, Any]:
     erroneous, correct = [], []
     for r in records:
         predicted = first_below(r["scores"][0], threshold)
@@ -63,29 +92,39 @@ def _processbench_group(records: list[dict[str, Any]], threshold: float) -> dict
         "acc_correct": acc_correct,
         "f1": _f1(acc_error, acc_correct),
         "rows_with_steps_dropped": sum(len(r["scores"][0]) < r["n_steps"][0] for r in records),
+        "over_max_length": over,
     }
 
 
 def processbench(
     records: list[dict[str, Any]], threshold: float = DEFAULT_THRESHOLD
 ) -> dict[str, Any] | None:
-    """ProcessBench's metric per subset and overall, for the scored ProcessBench rows; None without any."""
+    """ProcessBench's metric per subset and overall, for the scored ProcessBench rows (rows over
+    max_length counted apart); None without any."""
     rows = [r for r in records if r["kind"] == "process" and "error" not in r]
-    if not rows:
+    long = [r for r in records if r["kind"] == "process" and _too_long(r)]
+    if not rows and not long:
         return None
     by_group: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    over: dict[str, int] = defaultdict(int)
     for r in rows:
         by_group[_group(r)].append(r)
-    subsets = {name: _processbench_group(group, threshold) for name, group in sorted(by_group.items())}
+    for r in long:
+        by_group.setdefault(_group(r), [])
+        over[_group(r)] += 1
+    subsets = {
+        name: _processbench_group(group, threshold, over[name]) for name, group in sorted(by_group.items())
+    }
     f1s = [g["f1"] for g in subsets.values() if g["f1"] is not None]
     return {
         "threshold": threshold,
         "f1_mean": _mean(f1s),
         "subsets": subsets,
-        "overall": _processbench_group(rows, threshold),
-        "method": "prediction = index of the first step scored under the threshold, -1 if none; accuracy "
-        "on erroneous solutions (prediction == label) and on correct ones (prediction == -1), F1 = their "
-        "harmonic mean; f1_mean = mean F1 over subsets (ProcessBench, code/run_eval_prm_trl.py)",
+        "overall": _processbench_group(rows, threshold, len(long)),
+        "method": "prediction = index of the first step scored at or under the threshold, -1 if none; "
+        "accuracy on erroneous solutions (prediction == label) and on correct ones (prediction == -1), "
+        "F1 = their harmonic mean; f1_mean = mean F1 over subsets (ProcessBench, code/run_eval_prm_trl.py); "
+        "rows over max_length are counted apart (over_max_length), never scored cut",
     }
 
 

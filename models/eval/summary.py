@@ -201,7 +201,8 @@ def bad_rows(bad: Sequence[BadRow], records: Iterable[dict[str, Any]]) -> list[d
             "file": r["file"],
             "line": r["line"],
             "unit": "line",
-            "reason": f"refused by the model: {r['error']}",
+            "reason": ("over max_length, not scored cut: " if r.get("too_long") else "refused by the model: ")
+            + r["error"],
         }
         for r in records
         if "error" in r

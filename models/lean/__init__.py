@@ -43,7 +43,14 @@ from rmserve.models.lean.builder import TORCH_TYPES, GraphBuilder, WeightFile
 from rmserve.models.lean.eligibility import LAYER_NODE_BUDGET, why_not_lean
 from rmserve.models.lean.heads import head_output
 from rmserve.models.lean.source import TensorSource, body_prefix, within
-from rmserve.models.lean.weights import DecoderWeights, Linear, StepHeadWeights, decoder_weights, head_weights
+from rmserve.models.lean.weights import (
+    DecoderWeights,
+    GatingHeadWeights,
+    ScoreHeadWeights,
+    StepHeadWeights,
+    decoder_weights,
+    head_weights,
+)
 from rmserve.models.process_heads import StepModel
 
 LEAN_OPSET = 23
@@ -87,15 +94,16 @@ class LeanGraph:
 
 def build_lean_graph(
     w: DecoderWeights,
-    head: Linear | StepHeadWeights,
+    head: ScoreHeadWeights | GatingHeadWeights | StepHeadWeights,
     precision: str,
     data: WeightFile | None = None,
     *,
     past: bool = False,
 ) -> Any:
     """The ONNX model: ``input_ids``, ``attention_mask`` (int64 ``[batch, seq]``) -> ``scores``, float32
-    ``[batch]`` for a score layer, ``[batch, sequence]`` for a step head (the new tokens' only). With
-    ``data``, weights are written there as they are added (models/lean/builder.py).
+    ``[batch]`` for a score layer, ``[batch, sequence]`` for a step head (the new tokens' only), and a
+    gating head's ``components``, ``[batch, objectives]``. With ``data``, weights are written there as
+    they are added (models/lean/builder.py).
 
     ``past``: the prefix-reuse variant (models/lean/body.py), which also takes ``past_mask`` (int64
     ``[batch, past]``) and each layer's ``past_key.i`` / ``past_value.i``, and emits each layer's
@@ -104,9 +112,10 @@ def build_lean_graph(
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
     mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])
     inputs = decoder_inputs(g, ids.name, mask.name, past=past)
-    scores, dims = head_output(g, decoder_body(g, w, inputs), inputs, w, head)
-    g.rename(scores, "scores")
-    outs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, dims)]
+    outs = []
+    for value, name, dims in head_output(g, decoder_body(g, w, inputs), inputs, w, head):
+        g.rename(value, name)
+        outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
     feeds = [ids, mask]
     if past:
         feeds.append(helper.make_tensor_value_info(PAST_MASK, TensorProto.INT64, ["batch", "past"]))
@@ -143,7 +152,8 @@ def write_lean_graph(
     body = within(source, body_prefix(source)) if source is not None else None
     weights = decoder_weights(model.body, max_length, body)
     head = head_weights(model, source)
-    past = past and not window_masks_needed(weights)
+    # A gating head reads the prompt's end, which a suffix after a reused prefix may not hold.
+    past = past and not window_masks_needed(weights) and not isinstance(head, GatingHeadWeights)
     stream = source is not None and weights_size(source, precision) > min(external_data_bytes, STREAM_BYTES)
     proto = _write(weights, head, precision, directory / MODEL_FILE, external_data_bytes, stream, past=False)
     if past:
@@ -153,7 +163,7 @@ def write_lean_graph(
 
 def _write(
     w: DecoderWeights,
-    head: Linear | StepHeadWeights,
+    head: ScoreHeadWeights | GatingHeadWeights | StepHeadWeights,
     precision: str,
     path: Path,
     external_data_bytes: int,

@@ -116,7 +116,19 @@ class GraphBuilder:
             self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
-    def ints(self, label: str, values: Sequence[int]) -> str:
+    def float32(self, label: str, value: float) -> str:
+        """A float32 scalar, whatever the graph's float type (for what runs after the cast to float32)."""
+        name = self._name(label)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
+        return name
+
+    def float32_array(self, label: str, array: np.ndarray) -> str:
+        """A float32 array, whatever the graph's float type."""
+        name = self._name(label)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name))
+        return name
+
+    def ints(self, label: str, values: Sequence[int] | int) -> str:
         return self.weight(label, np.asarray(values, dtype=np.int64))
 
     def op(self, op_type: str, inputs: Sequence[str], outputs: int = 1, **attrs: Any) -> list[str]:

@@ -16,24 +16,34 @@ from onnx import TensorProto
 
 from rmserve.models.lean.body import DecoderInputs, linear, rms_norm
 from rmserve.models.lean.builder import GraphBuilder
-from rmserve.models.lean.weights import DecoderWeights, Linear, StepHeadWeights
+from rmserve.models.lean.gating import gating_outputs
+from rmserve.models.lean.weights import DecoderWeights, GatingHeadWeights, ScoreHeadWeights, StepHeadWeights
 
 HEAD = "head"
 
 
 def head_output(
-    g: GraphBuilder, hidden: str, inputs: DecoderInputs, w: DecoderWeights, head: Linear | StepHeadWeights
-) -> tuple[str, list[str]]:
-    """The graph's output and its dimensions: ``[batch]`` scores, or ``[batch, sequence]`` step values."""
+    g: GraphBuilder,
+    hidden: str,
+    inputs: DecoderInputs,
+    w: DecoderWeights,
+    head: ScoreHeadWeights | GatingHeadWeights | StepHeadWeights,
+) -> list[tuple[str, str, list[str]]]:
+    """The graph's outputs (value, name, dimensions), ``scores`` first: ``[batch]`` scores, or ``[batch,
+    sequence]`` step values; a gating head adds its ``components`` ``[batch, objectives]``."""
     if isinstance(head, StepHeadWeights):
-        return step_values(g, hidden, w, head), ["batch", "sequence"]
-    return last_token_score(g, hidden, inputs, w, head), ["batch"]
+        return [(step_values(g, hidden, w, head), "scores", ["batch", "sequence"])]
+    if isinstance(head, GatingHeadWeights):
+        scores, rewards = gating_outputs(g, hidden, inputs, w, head)
+        return [(scores, "scores", ["batch"]), (rewards, "components", ["batch", "objectives"])]
+    return [(last_token_score(g, hidden, inputs, w, head), "scores", ["batch"])]
 
 
 def last_token_score(
-    g: GraphBuilder, hidden: str, inputs: DecoderInputs, w: DecoderWeights, score: Linear
+    g: GraphBuilder, hidden: str, inputs: DecoderInputs, w: DecoderWeights, score: ScoreHeadWeights
 ) -> str:
-    """float32 ``[batch]``: the score head on the final norm of each row's last real token."""
+    """float32 ``[batch]``: the score head on the final norm of each row's last real token (then, for a
+    normalised head, ``(r - mean) / std`` in float32)."""
     with g.scope(HEAD):
         lengths = g.one("ReduceSum", [inputs.attention_mask, g.ints("axis", [1])], keepdims=0)
         # An all-padding row (never served) pools position 0, as models/heads.py does.
@@ -44,9 +54,18 @@ def last_token_score(
         flat = g.one("Reshape", [hidden, g.ints("rows_shape", [-1, w.hidden])])
         pooled = g.one("Gather", [flat, g.one("Add", [starts, last])], axis=0)
         normed = rms_norm(g, pooled, g.weight("final_norm", w.final_norm()), w.eps)
-        scores = g.one("Reshape", [linear(g, normed, score, "score"), g.ints("flat", [-1])])
+        x = normed
+        for k, layer in enumerate(score.layers):
+            if k:
+                x = g.one("Relu", [x])
+            x = linear(g, x, layer, "score" if k == 0 else f"score{k}")
+        scores = g.one("Reshape", [x, g.ints("flat", [-1])])
         if g.float_type != TensorProto.FLOAT:
             scores = g.one("Cast", [scores], to=TensorProto.FLOAT)
+        if score.normalize is not None:
+            mean, std = score.normalize
+            scores = g.one("Sub", [scores, g.float32("mean", mean)])
+            scores = g.one("Div", [scores, g.float32("std", std)])
     return scores
 
 

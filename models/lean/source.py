@@ -62,9 +62,14 @@ class _Entry:
 
 
 def _header(path: Path) -> dict[str, _Entry]:
-    with path.open("rb") as fh:
-        (size,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(size))
+    try:
+        with path.open("rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (struct.error, ValueError) as exc:
+        raise ValueError(f"cannot read the weights of {path}: {exc}") from None
     out: dict[str, _Entry] = {}
     for name, info in header.items():
         if name == "__metadata__":

@@ -30,9 +30,11 @@ import torch
 from torch import nn
 
 from rmserve.bundle import StepRule
+from rmserve.models.gating_head import GatingHead
 from rmserve.models.heads import ScoreModel
 from rmserve.models.lean.eligibility import ACTIVATIONS, activation, layer_windows
 from rmserve.models.lean.source import ModuleSource, TensorSource
+from rmserve.models.named_heads import Normalized
 from rmserve.models.process_heads import StepHead, StepModel
 
 
@@ -157,6 +159,10 @@ def _pack(source: TensorSource, prefixes: list[str], dtype: torch.dtype) -> Line
     return Linear(weight, torch.cat(biases))
 
 
+def _array(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float32).cpu().numpy()
+
+
 def _linears(*layers: nn.Linear) -> Linear:
     """Linear modules of one input, packed side by side (a step head's, in float32)."""
     weight = torch.cat([layer.weight.detach().float().T for layer in layers], dim=1)
@@ -206,9 +212,62 @@ def decoder_weights(base: Any, max_length: int, source: TensorSource | None = No
     )
 
 
-def score_head(hf_model: Any, source: TensorSource | None = None) -> Linear:
-    """The sequence-classification head (``score``): hidden -> one reward, read by name."""
-    return _pack(source if source is not None else ModuleSource(hf_model), ["score"], torch.float32)
+@dataclass(frozen=True)
+class ScoreHeadWeights:
+    """An outcome head: one linear layer to one reward (a ReLU between two: an MLP ``score``), then,
+    where the reward is normalised (OpenRLHF's mean/std), ``(r - mean) / std`` in float32."""
+
+    layers: tuple[Linear, ...]
+    normalize: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class GatingHeadWeights:
+    """ArmoRM's gating head (models/gating_head.py): the regression layer read at the last token, the
+    gating network's layers (ReLU between) read at the prompt end, and what combines them."""
+
+    regression: Linear
+    gate: tuple[Linear, ...]
+    temperature: float
+    logit_scale: float
+    transform: np.ndarray  # [objectives, objectives]
+    pattern: tuple[int, ...]
+
+
+def gating_weights(head: GatingHead) -> GatingHeadWeights:
+    layers = [m for m in head.gate if isinstance(m, nn.Linear)]
+    return GatingHeadWeights(
+        regression=_linears(head.regression),
+        gate=tuple(_linears(layer) for layer in layers),
+        temperature=head.temperature,
+        logit_scale=float(head.logit_scale[0]),
+        transform=_array(head.transform),
+        pattern=head.pattern,
+    )
+
+
+def _mlp_layers(module: nn.Module, what: str) -> tuple[nn.Linear, ...]:
+    """One Linear, or Linear, ReLU, Linear: the head forms the lean graph writes."""
+    if isinstance(module, nn.Linear):
+        return (module,)
+    if isinstance(module, nn.Sequential) and [type(m) for m in module] == [nn.Linear, nn.ReLU, nn.Linear]:
+        return (module[0], module[2])
+    raise ValueError(f"a {type(module).__name__} {what} has no lean graph")
+
+
+def score_head(hf_model: Any, source: TensorSource | None = None) -> ScoreHeadWeights | GatingHeadWeights:
+    """The outcome head (``score``, or a named head: models/named_heads.py): hidden -> one reward. A
+    plain ``score`` layer is read by name from ``source`` (the checkpoint's tensors) when given; the
+    other head forms from the loaded module."""
+    head, normalize = hf_model.score, None
+    if isinstance(head, GatingHead):
+        return gating_weights(head)
+    if isinstance(head, Normalized):
+        normalize = (float(head.mean[0]), float(head.std[0]))
+        head = head.head
+    if source is not None and isinstance(head, nn.Linear) and "score.weight" in source.names():
+        return ScoreHeadWeights((_pack(source, ["score"], torch.float32),), normalize)
+    return ScoreHeadWeights(tuple(_linears(layer) for layer in _mlp_layers(head, "score head")), normalize)
 
 
 @dataclass(frozen=True)
@@ -227,17 +286,7 @@ def step_head(head: StepHead) -> StepHeadWeights:
     LM head's two label rows) or the Qwen2.5-Math-PRM's Linear, ReLU, Linear."""
     if head.softcap:
         raise ValueError("a soft-capped LM head has no lean graph")
-    projection = head.projection
-    if isinstance(projection, nn.Linear):
-        layers: tuple[nn.Linear, ...] = (projection,)
-    elif isinstance(projection, nn.Sequential) and [type(m) for m in projection] == [
-        nn.Linear,
-        nn.ReLU,
-        nn.Linear,
-    ]:
-        layers = (projection[0], projection[2])
-    else:
-        raise ValueError(f"a {type(projection).__name__} step head has no lean graph")
+    layers = _mlp_layers(head.projection, "step head")
     return StepHeadWeights(
         tuple(_linears(layer) for layer in layers), head.rule, head.positive, head.negative
     )
@@ -245,9 +294,11 @@ def step_head(head: StepHead) -> StepHeadWeights:
 
 def head_weights(
     model: ScoreModel | StepModel, source: TensorSource | None = None
-) -> Linear | StepHeadWeights:
-    """The head the lean graph writes on the body: a process model's step head, else the score layer
-    (read by name from ``source``, the checkpoint's tensors, when given)."""
+) -> ScoreHeadWeights | GatingHeadWeights | StepHeadWeights:
+    """The head the lean graph writes on the body: a process model's step head, else the outcome head
+    (a plain ``score`` layer read by name from ``source``, the checkpoint's tensors, when given)."""
     if isinstance(model, StepModel):
         return step_head(model.head)
-    return score_head(model.hf_model, source)
+    # A named head (models/named_heads.py) is built from the loaded module, not read by name.
+    named = getattr(model, "named_head", None) is not None
+    return score_head(model.hf_model, None if named else source)

@@ -71,19 +71,24 @@ class ScoreItemIn(BaseModel):
         None, min_length=1, description="ends with the assistant's reply"
     )
     text: Text | None = Field(None, description="already formatted text")
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="with messages: the functions the assistant may call (JSON schemas)"
+    )
     steps: list[Text] | None = Field(
         None, min_length=1, description="a solution's steps, for a process reward model (with prompt)"
     )
 
     @model_validator(mode="after")
     def _one_shape(self) -> ScoreItemIn:
-        for name in ("prompt", "response", "messages", "text", "steps"):
+        for name in ("prompt", "response", "messages", "text", "steps", "tools"):
             if name in self.model_fields_set and getattr(self, name) is None:
                 raise ValueError(f"{name} is null; give its value or leave the field out")
         if self.steps is not None:
             if self.prompt is None or self.response is not None or self.messages or self.text is not None:
                 raise ValueError("steps go with a prompt, and with no response, messages or text")
             return self
+        if self.tools is not None and self.messages is None:
+            raise ValueError("tools go with messages")
         pair = self.prompt is not None or self.response is not None
         shapes = sum([pair, self.messages is not None, self.text is not None])
         if shapes != 1:
@@ -103,7 +108,8 @@ class ScoreItemIn(BaseModel):
             prompt = self.prompt if isinstance(self.prompt, str) else to_messages(self.prompt)
             return StepsItem(prompt, tuple(self.steps))
         if self.messages is not None:
-            return ChatItem(to_messages(self.messages))
+            tools = None if self.tools is None else tuple(self.tools)
+            return ChatItem(to_messages(self.messages), tools)
         if self.text is not None:
             return TextItem(self.text)
         assert self.prompt is not None and self.response is not None

@@ -83,6 +83,9 @@ def encode_item(item: Item) -> bytes:
     elif isinstance(item, ChatItem):
         out.append(b"C")
         _messages(out, item.messages)
+        if item.tools is not None:  # absent from the key when not given, so such keys never changed
+            out.append(b"t")
+            _field(out, json.dumps(list(item.tools), sort_keys=True, separators=(",", ":"), default=str))
     elif isinstance(item, TextItem):
         out.append(b"T")
         _field(out, item.text)

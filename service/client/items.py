@@ -123,7 +123,8 @@ def _server_item(item: Item, where: str) -> dict[str, Any]:
     if isinstance(item, TextItem):
         return {"text": item.text}
     if isinstance(item, ChatItem):
-        return {"messages": [_message_dict(m, where) for m in item.messages]}
+        tools = {} if item.tools is None else {"tools": [dict(t) for t in item.tools]}
+        return {"messages": [_message_dict(m, where) for m in item.messages], **tools}
     prompt = item.prompt if isinstance(item.prompt, str) else [_message_dict(m, where) for m in item.prompt]
     if isinstance(item, StepsItem):
         return {"prompt": prompt, "steps": list(item.steps)}
@@ -155,7 +156,8 @@ def to_item(value: ItemLike, index: int = 0) -> dict[str, Any]:
         if "steps" in v and ("prompt" in v or "problem" in v):
             return _steps(v.get("prompt", v.get("problem")), v["steps"], where)
         if "messages" in v:
-            return {"messages": [_message_dict(m, where) for m in v["messages"]]}
+            tools = {"tools": list(v["tools"])} if v.get("tools") is not None else {}
+            return {"messages": [_message_dict(m, where) for m in v["messages"]], **tools}
         if "text" in v:
             return {"text": v["text"]}
         if "prompt" in v or "response" in v:  # the API's pair: the missing one named as the server does
