@@ -22,9 +22,11 @@ import json
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from rmserve.bundle import (
@@ -35,6 +37,7 @@ from rmserve.bundle import (
     unsealed_bundle,
     write_manifest,
 )
+from rmserve.engines.base import TokenBatch
 from rmserve.models import attention, authors, lean
 from rmserve.models import parity as parity_mod
 from rmserve.models.attention import AttentionPlan
@@ -49,7 +52,7 @@ from rmserve.models.layerwise import return_freed_buffers
 from rmserve.models.lean.eligibility import graph_reason
 from rmserve.models.lean.source import SafetensorsSource
 from rmserve.models.named_heads import HeadRequest
-from rmserve.models.parity import Pair, ParityReport, TorchModel, check_parity
+from rmserve.models.parity import Pair, ParityReport, TorchModel, check_parity, torch_scores
 from rmserve.models.process_heads import StepExport, load_step_model, process_format
 from rmserve.models.reduced import REDUCED, reduce_precision
 
@@ -243,6 +246,7 @@ def export_bundle(
             if direct
             else _parity(staging, fields, model, texts, source, tolerance, invariance_tolerance, reference)
         )
+        held = _authors_without_fp32_graph(staging, fields, model, reference, tolerance) if direct else None
         if optimize:
             report = _try_optimize(
                 staging,
@@ -271,6 +275,8 @@ def export_bundle(
                 weights=weights if streamed else None,
             )
         assert report is not None, "a streamed reduced-precision export is measured by reduce_precision"
+        if held is not None:
+            report.extra["reference"] = held
         # The one digest: every file is final here and hashed once.
         manifest = write_manifest(staging, **fields, parity=report.as_manifest())
         _publish(staging, dest, staging_root / "previous")
@@ -428,6 +434,34 @@ def _parity(
             f"batch_invariance_max={report.batch_invariance_max:.3g}, n_texts={report.n_texts})"
         )
     return report
+
+
+@dataclass(frozen=True)
+class _TorchScorer:
+    model: TorchModel
+
+    def infer(self, batch: TokenBatch) -> np.ndarray:
+        return torch_scores(self.model, batch)
+
+
+def _authors_without_fp32_graph(
+    staging: Path,
+    fields: dict[str, Any],
+    model: TorchModel,
+    reference: AuthorsReference | None,
+    tolerance: float,
+) -> dict[str, Any] | None:
+    """With no fp32 graph to run (weights streamed straight to a reduced precision), the served token
+    ids and the float32 reference forward's scores are held to the authors' usage; the reduced graph is
+    then held to that forward by its own drift check (models/reduced.py)."""
+    if reference is None:
+        return None
+    measured, problems = authors.compare(
+        unsealed_bundle(staging, **fields), _TorchScorer(model), reference, tolerance
+    )
+    if problems:
+        raise ExportError("parity failed, nothing was written: " + "; ".join(problems))
+    return measured | {"scored_by": "the float32 reference forward (no fp32 graph is written)"}
 
 
 def _try_optimize(

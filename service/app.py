@@ -15,10 +15,12 @@ from rmserve.api.errors import install_error_handlers
 from rmserve.api.middleware import EdgeLimits, EdgeMiddleware
 from rmserve.auth import KeyStore
 from rmserve.cache.factory import make_cache
+from rmserve.composites.normalise import Windows
+from rmserve.composites.runtime import build_composites
 from rmserve.config import Settings
 from rmserve.engines.base import available_cpus
 from rmserve.engines.select import create_engine
-from rmserve.loading import EngineFactory, load_runtime, preflight
+from rmserve.loading import EngineFactory, load_runtime, make_windows, preflight
 from rmserve.metrics import Metrics
 from rmserve.scoring import ModelRuntime, Scorer
 from rmserve.state import AppState
@@ -40,23 +42,34 @@ def create_app(
     state = AppState(settings=settings, metrics=metrics)
     pool = ThreadPoolExecutor(max_workers=max(2, available_cpus()), thread_name_prefix="tokenize")
     keys = keys or KeyStore.from_settings(settings)
+    windows: list[Windows] = []  # the running normalisers' store, once composites are built
 
     async def start() -> None:
         try:
             models: dict[str, ModelRuntime] = {}
-            for name, path in preflight(settings, keys).items():
+            paths, specs = preflight(settings, keys)
+            for name, path in paths.items():
                 models[name] = await load_runtime(name, path, settings, metrics, engine_factory)
                 log.info("loaded model %s version %s from %s", name, models[name].version, path)
+            if specs:
+                windows.append(make_windows(settings))
+            composites = build_composites(specs, models, windows[0]) if specs else {}
+            for name, composite in composites.items():
+                log.info(
+                    "composite %s version %s: %s", name, composite.version, ", ".join(composite.components)
+                )
             state.scorer = Scorer(
                 models,
                 cache=make_cache(settings, metrics),
                 metrics=metrics,
                 tokenize_pool=pool,
                 max_tokens_per_request=settings.max_tokens_per_request,
+                composites=composites,
+                default_model=settings.default_model,
             )
             state.phase = "ready"
             metrics.ready.set(1)
-            log.info("ready: %s", ", ".join(models))
+            log.info("ready: %s", ", ".join([*models, *composites]))
         except Exception as exc:
             state.phase = "failed"
             state.failure = str(exc)
@@ -81,6 +94,8 @@ def create_app(
                     await rt.batcher.stop()  # finishes accepted work, then closes the engine
                 if state.scorer.cache is not None:
                     await state.scorer.cache.close()
+            for held in windows:
+                await held.close()
             pool.shutdown(wait=False)
 
     app = FastAPI(

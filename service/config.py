@@ -24,6 +24,15 @@ class Settings(BaseSettings):
         None,
         description="bundles to serve: a path, or name=path,name2=path2 (unset: the bundled default model)",
     )
+    composites: Path | None = Field(
+        None,
+        description="YAML file of composites: models made of served bundles and rules (docs/composites.md)",
+    )
+    default_model: str | None = Field(
+        None,
+        description="model (bundle or composite) of routes that name none: /get_reward, /v1/reward, "
+        "/classify, and /v1/score without model (unset: the bundle named default, else the only one)",
+    )
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     provider: str = Field(

@@ -117,3 +117,33 @@ class InferenceFailed(RMServeError):
 
     status = 500
     type = "inference_failed"
+
+
+class ComponentFailed(RMServeError):
+    """A component of a composite failed: the error it met, named by composite and component, with that
+    error's status and headers (a full queue stays a 429, a passed deadline a 504, a fault a 500)."""
+
+    status = 500
+    type = "component_failed"
+
+    def __init__(self, composite: str, component: str, cause: BaseException) -> None:
+        if isinstance(cause, RMServeError):
+            what, self.status, self.type, self._headers = (
+                cause.message,
+                cause.status,
+                cause.type,
+                cause.headers(),
+            )
+        else:
+            what, self.status, self.type, self._headers = (
+                f"failed ({type(cause).__name__})",
+                500,
+                "component_failed",
+                {},
+            )
+        super().__init__(f"composite {composite!r}, component {component!r}: {what}")
+        self.composite = composite
+        self.component = component
+
+    def headers(self) -> dict[str, str]:
+        return self._headers

@@ -12,6 +12,8 @@ from rmserve.auth import KeyStore
 from rmserve.batching import Batcher, BatchPolicy
 from rmserve.bundle import Bundle, default_bundle_path, load_bundle, peek_bundle
 from rmserve.cache.keys import namespace
+from rmserve.composites.normalise import MemoryWindows, RedisWindows, Windows
+from rmserve.composites.spec import Composite, check_references, read_composites
 from rmserve.config import Settings
 from rmserve.engines.base import Engine
 from rmserve.engines.reuse import with_prefix_reuse
@@ -21,19 +23,40 @@ from rmserve.kinds import kind_of
 from rmserve.metrics import Metrics
 from rmserve.scoring import ModelRuntime
 
+# How long one update of a running normaliser's window in Redis may take; slower fails the component
+# (a composite's reward is never computed against a window it could not read).
+_WINDOW_TIMEOUT_S = 1.0
+
 EngineFactory = Callable[[Bundle, Settings], tuple[Engine, dict[str, Any]]]
 
 
-def preflight(settings: Settings, keys: KeyStore) -> dict[str, Path]:
-    """The bundles to load, by name, once the checks that cost nothing pass: API keys configured are
-    usable, and every model path is a bundle directory with a readable manifest. Raises an error naming
-    the first problem (ValueError, BundleError, OSError), so a server that cannot start says why
-    before it listens."""
+def preflight(settings: Settings, keys: KeyStore) -> tuple[dict[str, Path], dict[str, Composite]]:
+    """The bundles to load, by name, and the composites to build, once the checks that cost nothing
+    pass: API keys configured are usable, every model path is a bundle directory with a readable
+    manifest, the composites file is valid and names only served models, without cycles, and the
+    default model is served. Raises an error naming the first problem (ValueError, BundleError,
+    OSError), so a server that cannot start says why before it listens."""
     keys.check()
     paths = settings.model_paths(default_bundle_path())
     for path in paths.values():
         peek_bundle(path)
-    return paths
+    composites = read_composites(settings.composites) if settings.composites is not None else {}
+    check_references(composites, set(paths))
+    default = settings.default_model
+    if default is not None and default not in paths and default not in composites:
+        served = ", ".join(sorted([*paths, *composites]))
+        raise ValueError(f"RMSERVE_DEFAULT_MODEL {default!r} is not served; served: {served}")
+    return paths, composites
+
+
+def make_windows(settings: Settings) -> Windows:
+    """Where running normalisers keep their windows: Redis when a URL is set (shared by replicas)."""
+    if settings.redis_url is None:
+        return MemoryWindows()
+    from rmserve.cache.redis import connect  # redis is only imported when asked for
+
+    client = connect(settings.redis_url.get_secret_value(), _WINDOW_TIMEOUT_S)
+    return RedisWindows(client, settings.cache_prefix, settings.cache_ttl_s)
 
 
 def _pinned(selection: dict[str, Any]) -> dict[str, Any]:

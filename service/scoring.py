@@ -12,6 +12,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from rmserve.formatting import Encoded, Formatter
 from rmserve.items import Item
 from rmserve.kinds import Aggregate, BundleKind
 from rmserve.metrics import Metrics
+from rmserve.served import Ask, ScoreResult, Served
 
 log = logging.getLogger("rmserve.scoring")
 
@@ -56,6 +58,17 @@ class ModelRuntime:
         """The engine serving now (the batcher's: a rebuilt engine replaces the old one there)."""
         return self.batcher.engine
 
+    @property
+    def max_queue_items(self) -> int:
+        return self.batcher.policy.max_queue_items
+
+    def check_timeout(self, timeout_s: float) -> None:
+        self.batcher.check_timeout(timeout_s)
+
+    async def score(self, scorer: Scorer, items: list[Item], ask: Ask) -> ScoreResult:
+        # A bundle scores the items alone: labels never enter its scores or its cache keys.
+        return await scorer.score_bundle(self, items, ask)
+
     def describe(self) -> dict[str, Any]:
         info = self.engine.info
         return {
@@ -78,32 +91,6 @@ class ModelRuntime:
             "reference": self.bundle.manifest.parity.get("reference"),
             "manifest": self.bundle.manifest.model_dump(mode="json"),
         }
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    model: str
-    version: str
-    backend: str  # the engine's provider: cpu, openvino, cuda
-    precision: str
-    scores: list[float]  # a process model's: each item's aggregate of its step scores
-    item_tokens: list[int]
-    item_truncated: list[bool]
-    cache_hits: int
-    step_scores: list[list[float]] | None = None  # process models only
-    item_dropped: list[int] = field(default_factory=list)  # trailing steps truncation left out
-
-    @property
-    def tokens(self) -> int:
-        return sum(self.item_tokens)
-
-    @property
-    def truncated(self) -> int:
-        return sum(self.item_truncated)
-
-    @property
-    def steps_dropped(self) -> int | None:
-        return sum(self.item_dropped) if self.step_scores is not None else None
 
 
 class _Abandoned(Exception):
@@ -138,26 +125,38 @@ class Scorer:
         metrics: Metrics,
         tokenize_pool: Executor,
         max_tokens_per_request: int,
+        composites: Mapping[str, Served] | None = None,
+        default_model: str | None = None,
     ) -> None:
         self.models = models
+        self.composites = dict(composites or {})
+        self.default_model = default_model
         self.cache = cache
         self._metrics = metrics
         self._pool = tokenize_pool
         self._max_tokens = max_tokens_per_request
         self._inflight: dict[str, _Flight] = {}
 
-    def runtime(self, model: str | None) -> ModelRuntime:
+    def served(self) -> dict[str, Served]:
+        """Every name a request may give: the bundles, then the composites."""
+        return {**self.models, **self.composites}
+
+    def runtime(self, model: str | None) -> Served:
+        """The served model ``model`` names; without a name, the default model (``default_model``, else
+        the bundle named ``default``, else the only bundle)."""
         if model is None:
+            if self.default_model is not None:
+                return self.runtime(self.default_model)
             if "default" in self.models:
                 return self.models["default"]
             if len(self.models) == 1:
                 return next(iter(self.models.values()))
             raise ModelNotFound(f"several models are served ({', '.join(self.models)}); name one")
-        rt = self.models.get(model)
-        if rt is None:
+        served = self.models.get(model) or self.composites.get(model)
+        if served is None:
             shown = model if len(model) <= 64 else model[:64] + "..."
-            raise ModelNotFound(f"model {shown!r} is not served; served: {', '.join(sorted(self.models))}")
-        return rt
+            raise ModelNotFound(f"model {shown!r} is not served; served: {', '.join(sorted(self.served()))}")
+        return served
 
     async def score(
         self,
@@ -168,11 +167,18 @@ class Scorer:
         deadline: float,
         wait_until: float | None = None,
         aggregate: Aggregate | None = None,
+        labels: Sequence[Any] | None = None,
     ) -> ScoreResult:
         """Scores of ``items``, ended by ``deadline`` (a ``time.monotonic()``). A full queue is a 429 at
         once, or with ``wait_until`` a wait for room until then (Batcher.admit). ``aggregate``: how a
-        process model's step scores become an item's score (its default when None)."""
-        rt = self.runtime(model)
+        process model's step scores become an item's score (its default when None). ``labels``: each
+        item's label (rules of a composite read them; a bundle never does)."""
+        ask = Ask(strict, deadline, wait_until, aggregate, labels)
+        return await self.runtime(model).score(self, items, ask)
+
+    async def score_bundle(self, rt: ModelRuntime, items: list[Item], ask: Ask) -> ScoreResult:
+        """A bundle's scores of ``items``: its cache, single-flight and batcher."""
+        strict, deadline, wait_until, aggregate = ask.strict, ask.deadline, ask.wait_until, ask.aggregate
         rt.kind.check(items, aggregate)
         keys = [item_key(rt.namespace, item) for item in items]
         results: list[Scored | None] = await self._lookup(keys)

@@ -88,6 +88,10 @@ def test_a_bf16_checkpoint_streams_straight_into_an_fp16_bundle_with_no_fp32_gra
     assert manifest.exporter["weights"] == "streamed from the checkpoint's safetensors"
     assert manifest.exporter["reference_forward"] == "float32, layer by layer"
     assert manifest.parity["fp32_graph"] == "not written: weights streamed straight to fp16"
+    # No fp32 graph to run: the family's reference usage is held to the float32 reference forward.
+    held = manifest.parity["reference"]
+    assert held["scored_by"] == "the float32 reference forward (no fp32 graph is written)"
+    assert held["token_ids"] == "identical" and held["max_diff"] <= 1e-4
     record = manifest.parity["fp16"]
     assert record["residual_guard"] is False and record["pairwise_ranking_agreement"] >= 0.98
     # Every weight is in model.onnx.data, in float16; model.onnx holds names, offsets and lengths.

@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold",
         type=float,
         default=None,
-        help="ProcessBench rows: a step scored at or under this is predicted wrong (default: by the "
-        "model's step rule, 0.5 for probabilities, 0 for prob_diff and raw)",
+        help="ProcessBench rows: a step scored at or under this is predicted wrong (default: 0.5 for "
+        "probability rules, 0 for prob_diff and raw, as the model's step rule says)",
     )
     p.add_argument(
         "--step-aggregate",

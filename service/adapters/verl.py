@@ -36,6 +36,10 @@ would log as ``acc``). ``compute_score`` is ``async`` (veRL's reward loop awaits
 functions); ``compute_score_sync`` is for releases whose ``naive`` manager calls it without awaiting;
 ``compute_score_batch`` takes the lists of releases that still have the ``batch`` manager.
 
+``ground_truth`` goes with each item as its ``label`` (a composite's label_match rule reads it; a bundle
+never does). Served by a composite (``rmserve_model`` names one), each sample's dict adds every component,
+``rmserve_<name>`` (raw) and ``rmserve_<name>_normalized``, NaN for a component the server skipped.
+
 With ``rmserve_steps`` the served model is a process reward model: each response is cut into steps
 (``rmserve_step_separator``, a blank line by default, as the Qwen PRM model cards split solutions) and
 ``score`` is the aggregate of its step scores; ``rmserve_steps`` (the number of steps scored) joins
@@ -47,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -152,10 +157,40 @@ def result_dict(score: float, blind: bool, steps: int | None = None) -> dict[str
     return out
 
 
+def component_dicts(result: ScoreResult) -> list[dict[str, float]]:
+    """A composite's components per sample: ``rmserve_<name>`` (raw) and ``rmserve_<name>_normalized``;
+    a component the server skipped is NaN, so every sample has the same keys. Empty for a bundle."""
+    if result.components is None:
+        return [{} for _ in result.scores]
+    names = [*result.components, *(s for s in result.usage.skipped if s not in result.components)]
+    normalized = result.normalized or {}
+    out: list[dict[str, float]] = []
+    for i in range(len(result.scores)):
+        row: dict[str, float] = {}
+        for name in names:
+            row[f"rmserve_{name}"] = result.components[name][i] if name in result.components else math.nan
+            row[f"rmserve_{name}_normalized"] = normalized[name][i] if name in normalized else math.nan
+        out.append(row)
+    return out
+
+
 def results(result: ScoreResult, blinds: Sequence[bool]) -> list[dict[str, float]]:
-    """``result_dict`` of each sample of ``result``, in order."""
+    """``result_dict`` of each sample of ``result``, in order, with a composite's components."""
     steps: Sequence[int | None] = [len(s) for s in result.step_scores or []] or [None] * len(blinds)
-    return [result_dict(*entry) for entry in zip(result.scores, blinds, steps, strict=True)]
+    rows = [result_dict(*entry) for entry in zip(result.scores, blinds, steps, strict=True)]
+    return [row | parts for row, parts in zip(rows, component_dicts(result), strict=True)]
+
+
+def labelled(item: Any, label: Any) -> Any:
+    """The item with the sample's ground truth as its ``label`` (read by a composite's label_match rule;
+    never by a bundle). numpy values (veRL's parquet rows) become plain JSON values."""
+    if label is None:
+        return item
+    tolist = getattr(label, "tolist", None)
+    value = tolist() if callable(tolist) else label
+    if isinstance(item, tuple):
+        return {"prompt": item[0], "response": item[1], "label": value}
+    return {**item, "label": value}
 
 
 def _client_options(settings: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
@@ -205,12 +240,13 @@ def _one(solution: str, extra_info: Mapping[str, Any] | None, settings: dict[str
 
 
 def _rollout(
-    solution_str: str, extra_info: Mapping[str, Any] | None, kwargs: dict[str, Any]
+    solution_str: str, extra_info: Mapping[str, Any] | None, kwargs: dict[str, Any], ground_truth: Any = None
 ) -> tuple[dict[str, Any], Any, bool]:
-    """One rollout's settings, item and whether it is scored without its prompt."""
+    """One rollout's settings, item (with its ground truth as the label) and whether it is scored
+    without its prompt."""
     settings = scoring_settings(kwargs)
     item, blind = _one(solution_str, extra_info, settings)
-    return settings, item, blind
+    return settings, item if settings["steps"] else labelled(item, ground_truth), blind
 
 
 async def compute_score(
@@ -221,7 +257,7 @@ async def compute_score(
     **kwargs: Any,
 ) -> dict[str, float]:
     """veRL's ``compute_score`` (reward loop, awaited): the reward model's raw score for one rollout."""
-    settings, item, blind = _rollout(solution_str, extra_info, kwargs)
+    settings, item, blind = _rollout(solution_str, extra_info, kwargs, ground_truth)
     return results(await ascore_items(async_client(settings), [item], settings), [blind])[0]
 
 
@@ -233,7 +269,7 @@ def compute_score_sync(
     **kwargs: Any,
 ) -> dict[str, float]:
     """``compute_score`` for veRL releases that call it without awaiting (the legacy ``naive``)."""
-    settings, item, blind = _rollout(solution_str, extra_info, kwargs)
+    settings, item, blind = _rollout(solution_str, extra_info, kwargs, ground_truth)
     client = _sync_client(os.getpid(), _client_options(settings))
     return results(score_items(client, [item], settings), [blind])[0]
 
@@ -249,5 +285,8 @@ def compute_score_batch(
     settings = scoring_settings(kwargs)
     pairs = [_one(s, e, settings) for s, e in zip(solution_strs, extra_infos, strict=True)]
     client = _sync_client(os.getpid(), _client_options(settings))
-    result = score_items(client, [item for item, _ in pairs], settings)
+    items = [
+        i if settings["steps"] else labelled(i, g) for (i, _), g in zip(pairs, ground_truths, strict=True)
+    ]
+    result = score_items(client, items, settings)
     return results(result, [blind for _, blind in pairs])

@@ -8,6 +8,10 @@ rmserve renders ``raw_prompt + [assistant reply]`` with the bundle's own format.
 
 Settings are the ``rmserve_*`` keys of ``reward.reward_kwargs`` (passed to the manager) or of
 ``reward.custom_reward_function.reward_kwargs``, then the environment (see ``rmserve.adapters.verl``).
+The row's ``reward_model.ground_truth`` goes with the item as its ``label`` (where veRL's own naive
+manager reads it: verl-project/verl ``verl/experimental/reward_loop/reward_manager/naive.py``); served
+by a composite, ``reward_extra_info`` holds each component (``rmserve_<name>`` raw and
+``rmserve_<name>_normalized``), which veRL logs as it logs any extra key.
 A row without ``raw_prompt`` falls back to the prompt keys of ``extra_info``, then to the response
 alone under the same rules as ``compute_score`` (warning once, ``rmserve_prompt_blind``, error when
 ``rmserve_require_prompt``). ``rmserve_steps`` scores a process reward model's steps, as there.
@@ -23,6 +27,7 @@ from rmserve.adapters.verl import (
     ascore_items,
     async_client,
     blind_item,
+    labelled,
     results,
     scoring_settings,
     verl_item,
@@ -70,6 +75,10 @@ class RMServeRewardManager(_Base):  # type: ignore[misc,valid-type]
             None, lambda: self.tokenizer.decode(response_ids[:valid], skip_special_tokens=True)
         )
         item, blind = self.item(row.non_tensor_batch, response)
+        if not self.settings[
+            "steps"
+        ]:  # veRL keeps the label at reward_model.ground_truth (its naive manager)
+            item = labelled(item, (row.non_tensor_batch.get("reward_model") or {}).get("ground_truth"))
         result = await ascore_items(async_client(self.settings), [item], self.settings)
         extra = results(result, [blind])[0]
         return {"reward_score": extra["score"], "reward_extra_info": extra}

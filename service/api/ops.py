@@ -54,7 +54,8 @@ async def metrics(request: Request) -> Response:
 
 @router.get(
     "/v1/models",
-    summary="Loaded bundles in OpenAI's model-list shape, with their manifests",
+    summary="Served models in OpenAI's model-list shape: bundles with their manifests, composites with "
+    "their components",
     responses=error_responses(401, 503),
 )
 async def models(request: Request) -> dict[str, Any]:
@@ -63,7 +64,7 @@ async def models(request: Request) -> dict[str, Any]:
     created = int(state.started)
     data = [
         {"id": rt.name, "object": "model", "created": created, "owned_by": "rmserve", **rt.describe()}
-        for rt in scorer.models.values()
+        for rt in scorer.served().values()
     ]
     return {"object": "list", "data": data}
 
@@ -80,5 +81,5 @@ async def info(request: Request) -> dict[str, Any]:
     }
     if state.scorer is not None:
         out["cache"] = state.scorer.cache.state() if state.scorer.cache is not None else {"backend": "off"}
-        out["models"] = {n: rt.describe() for n, rt in state.scorer.models.items()}
+        out["models"] = {n: rt.describe() for n, rt in state.scorer.served().items()}
     return out

@@ -77,6 +77,11 @@ class ScoreItemIn(BaseModel):
     steps: list[Text] | None = Field(
         None, min_length=1, description="a solution's steps, for a process reward model (with prompt)"
     )
+    label: Any = Field(
+        None,
+        description="the dataset's label (any JSON): read by a composite's label_match rule; "
+        "never part of a bundle's score or cache key",
+    )
 
     @model_validator(mode="after")
     def _one_shape(self) -> ScoreItemIn:
@@ -133,7 +138,9 @@ class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Annotated[Text, Field(max_length=256)] | None = Field(
-        None, description="name of a loaded bundle (default: the only or 'default' one)"
+        None,
+        description="name of a served bundle or composite (default: RMSERVE_DEFAULT_MODEL, else the only "
+        "or 'default' bundle)",
     )
     items: list[ScoreItemIn] = Field(description="items to score, answered in order")
     truncation: Literal["auto", "error"] = Field(
@@ -171,6 +178,9 @@ class Usage(BaseModel):
     steps_dropped: int | None = Field(
         None, description="process reward models: trailing steps left out by truncation, in all items"
     )
+    skipped: list[str] | None = Field(
+        None, description="composites: components that failed and were left out (on_error: skip)"
+    )
 
 
 class ScoreResponse(BaseModel):
@@ -179,6 +189,12 @@ class ScoreResponse(BaseModel):
     scores: list[float]
     step_scores: list[list[float]] | None = Field(
         None, description="process reward models: one list per item, one score per step kept, in order"
+    )
+    components: dict[str, list[float]] | None = Field(
+        None, description="models with several outputs (composites): each component's raw value per item"
+    )
+    normalized: dict[str, list[float]] | None = Field(
+        None, description="composites: each component's value per item as normalised, before weighting"
     )
     usage: Usage
 
@@ -189,7 +205,7 @@ class RewardRequest(BaseModel):
     query: list[Text] = Field(description="full texts rendered by the policy, special tokens included")
     prompts: list[Text] | None = Field(None, description="each query's prompt (a prefix of the query)")
     labels: list[Any] | None = Field(
-        None, description="the dataset's label column, any JSON; not used by the model"
+        None, description="the dataset's label column, any JSON; read only by a composite's label_match rule"
     )
 
 
@@ -222,6 +238,12 @@ def to_items(items: list[ScoreItemIn], max_chars: int) -> list[Item]:
     return out
 
 
+def labels_of(items: list[ScoreItemIn]) -> list[Any] | None:
+    """Each item's label, or None when no item has one."""
+    labels = [item.label for item in items]
+    return labels if any(label is not None for label in labels) else None
+
+
 def dropped_parts(items: list[ScoreItemIn], *, refuse: bool) -> int:
     """How many content parts that are not text the items hold; with ``refuse``, the first is a 422."""
     n = 0
@@ -248,7 +270,9 @@ class SlimeRewardRequest(BaseModel):
 
     prompt: Text | list[MessageIn] = Field(description="the prompt as the policy rendered it, or messages")
     response: Text = Field(description="the decoded response")
-    label: Any = Field(None, description="the sample's label, any JSON; not used by the model")
+    label: Any = Field(
+        None, description="the sample's label, any JSON; read only by a composite's label_match rule"
+    )
 
 
 class ClassifyRequest(BaseModel):

@@ -6,7 +6,7 @@ import logging
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from pydantic import BaseModel
 
 from rmserve.api.schemas import (
@@ -16,13 +16,15 @@ from rmserve.api.schemas import (
     Usage,
     dropped_parts,
     error_responses,
+    labels_of,
     timeout_problem,
     to_items,
 )
 from rmserve.errors import InvalidRequest, TooLarge
 from rmserve.items import Item
 from rmserve.kinds import Aggregate
-from rmserve.scoring import ModelRuntime, Scorer, ScoreResult
+from rmserve.scoring import Scorer
+from rmserve.served import ScoreResult, Served
 from rmserve.state import AppState
 
 router = APIRouter()
@@ -43,14 +45,24 @@ ENGINE_HEADERS: dict[int | str, dict[str, Any]] = {
 }
 
 
-# Every scoring route takes a deadline header; values below the floor are refused in ``deadline_of``.
-DeadlineHeader = Annotated[
-    float | None,
-    Header(
-        description=f"deadline in seconds, counted from arrival (at least {MIN_TIMEOUT_S})",
-        json_schema_extra={"minimum": MIN_TIMEOUT_S},
-    ),
-]
+def _deadline_header(
+    x_request_timeout: Annotated[
+        float | None,
+        Header(
+            description=f"deadline in seconds, counted from arrival (at least {MIN_TIMEOUT_S})",
+            json_schema_extra={"minimum": MIN_TIMEOUT_S},
+        ),
+    ] = None,
+) -> float | None:
+    problem = None if x_request_timeout is None else timeout_problem(x_request_timeout)
+    if problem is not None:
+        raise InvalidRequest(f"X-Request-Timeout: {problem}")
+    return x_request_timeout
+
+
+# Every scoring route takes a deadline header, checked with the request (a value below the floor is a
+# 422 before any model is looked up or any work is done).
+DeadlineHeader = Annotated[float | None, Depends(_deadline_header)]
 
 
 def log_body(state: AppState, request: Request, body: BaseModel) -> None:
@@ -68,7 +80,7 @@ def log_body(state: AppState, request: Request, body: BaseModel) -> None:
 def deadline_of(
     state: AppState,
     request: Request,
-    rt: ModelRuntime,
+    rt: Served,
     header: float | None,
     field: float | None,
     limit: float | None = None,
@@ -76,13 +88,11 @@ def deadline_of(
     """The monotonic time by which the request must be answered, counted from its arrival at the
     edge (reading and validating the body is part of the time it asked for). ``limit`` is the
     route's default deadline (the server's request_timeout_s unless given). A deadline under the
-    floor, or shorter than ``rt``'s fastest forward pass, is a 422 before any work."""
-    problem = None if header is None else timeout_problem(header)
-    if problem is not None:
-        raise InvalidRequest(f"X-Request-Timeout: {problem}")
+    floor (``DeadlineHeader``, ``timeout_s``'s schema), or shorter than ``rt``'s fastest forward pass,
+    is a 422 before any work."""
     limit = limit if limit is not None else state.settings.request_timeout_s
     timeout_s = min([limit, *(t for t in (header, field) if t is not None)])
-    rt.batcher.check_timeout(timeout_s)
+    rt.check_timeout(timeout_s)
     arrived = getattr(request.state, "arrived", None)
     return (arrived if arrived is not None else time.monotonic()) + timeout_s
 
@@ -108,9 +118,12 @@ async def run_score(
     strict: bool,
     deadline: float,
     aggregate: Aggregate | None = None,
+    labels: list[Any] | None = None,
 ) -> ScoreResult:
     request.state.items = len(items)  # for the access log
-    result = await scorer.score(model, items, strict=strict, deadline=deadline, aggregate=aggregate)
+    result = await scorer.score(
+        model, items, strict=strict, deadline=deadline, aggregate=aggregate, labels=labels
+    )
     request.state.cache_hits = result.cache_hits
     name_engine(response, result)
     return result
@@ -145,12 +158,15 @@ async def score(
         strict=body.truncation == "error",
         deadline=deadline,
         aggregate=body.step_aggregate,
+        labels=labels_of(body.items),
     )
     return ScoreResponse(
         model=result.model,
         model_version=result.version,
         scores=result.scores,
         step_scores=result.step_scores,
+        components=result.components,
+        normalized=result.normalized,
         usage=Usage(
             items=len(items),
             tokens=result.tokens,
@@ -158,5 +174,6 @@ async def score(
             truncated=result.truncated,
             dropped_parts=dropped,
             steps_dropped=result.steps_dropped,
+            skipped=list(result.skipped) or None,
         ),
     )

@@ -20,9 +20,9 @@ import math
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from rmserve.api.schemas import (
     ClassifyRequest,
@@ -44,7 +44,8 @@ from rmserve.errors import BadRequest, TooLarge
 from rmserve.items import ChatItem, Item, PairItem, StepsItem, TextItem, split_steps
 from rmserve.markup import Outcome, detect, prompt_messages, reread, reread_pair
 from rmserve.openrlhf import query_items, step_query_items
-from rmserve.scoring import ModelRuntime, Scorer, ScoreResult
+from rmserve.scoring import Scorer
+from rmserve.served import ScoreResult, Served
 from rmserve.state import AppState
 
 router = APIRouter()
@@ -52,14 +53,24 @@ router = APIRouter()
 # A 1-label model's label in vLLM's answer (its config's default id2label).
 _LABEL = "LABEL_0"
 
+# Trainers configure a URL, not a body: these routes name their model in the query string.
+ModelQuery = Annotated[
+    str | None,
+    Query(
+        max_length=256,
+        description="a served bundle or composite (default: RMSERVE_DEFAULT_MODEL, else the default bundle)",
+    ),
+]
+
 
 async def score_waiting(
     state: AppState,
     request: Request,
     response: Response,
-    rt: ModelRuntime,
+    rt: Served,
     items: list[Item],
     deadline: float,
+    labels: Sequence[Any] | None = None,
 ) -> ScoreResult:
     """Every item scored, or an error for the whole request.
 
@@ -68,12 +79,16 @@ async def score_waiting(
     """
     scorer: Scorer = state.ready_scorer()
     request.state.items = len(items)  # for the access log
-    size = min(state.settings.max_items_per_request, rt.batcher.policy.max_queue_items)
+    size = min(state.settings.max_items_per_request, rt.max_queue_items)
 
-    async def part(chunk: list[Item]) -> ScoreResult:
-        return await scorer.score(rt.name, chunk, strict=False, deadline=deadline, wait_until=deadline)
+    async def part(start: int) -> ScoreResult:
+        chunk = items[start : start + size]
+        given = list(labels[start : start + size]) if labels is not None else None
+        return await scorer.score(
+            rt.name, chunk, strict=False, deadline=deadline, wait_until=deadline, labels=given
+        )
 
-    tasks = [asyncio.ensure_future(part(items[i : i + size])) for i in range(0, len(items), size)]
+    tasks = [asyncio.ensure_future(part(i)) for i in range(0, len(items), size)]
     try:
         parts = await asyncio.gather(*tasks)
     except BaseException:  # the first error answers the request; the other parts stop
@@ -81,19 +96,7 @@ async def score_waiting(
             task.cancel()
         raise
     request.state.cache_hits = sum(p.cache_hits for p in parts)
-    steps = [p.step_scores for p in parts]
-    result = ScoreResult(
-        model=rt.name,
-        version=rt.version,
-        backend=parts[0].backend,
-        precision=parts[0].precision,
-        scores=[s for p in parts for s in p.scores],
-        item_tokens=[t for p in parts for t in p.item_tokens],
-        item_truncated=[t for p in parts for t in p.item_truncated],
-        cache_hits=sum(p.cache_hits for p in parts),
-        step_scores=[s for part in steps for s in part or []] if steps[0] is not None else None,
-        item_dropped=[d for p in parts for d in p.item_dropped],
-    )
+    result = ScoreResult.joined(parts)
     name_engine(response, result)
     return result
 
@@ -123,6 +126,18 @@ def _step_logs(result: ScoreResult | None) -> dict[str, list[float]]:
     }
 
 
+def _component_logs(result: ScoreResult | None) -> dict[str, list[float]]:
+    """A composite's components, as OpenRLHF logs extra_logs (one number per sample, each key its own
+    metric): ``<component>`` its raw value, ``<component>_normalized`` as normalised, and ``rm_skipped``
+    how many components were left out (on_error: skip)."""
+    if result is None or result.components is None:
+        return {}
+    n = len(result.scores)
+    logs = dict(result.components)
+    logs |= {f"{name}_normalized": values for name, values in (result.normalized or {}).items()}
+    return logs | {"rm_skipped": [float(len(result.skipped))] * n}
+
+
 @router.post(
     "/get_reward",
     response_model=RewardResponse,
@@ -135,6 +150,7 @@ async def get_reward(
     request: Request,
     response: Response,
     x_request_timeout: DeadlineHeader = None,
+    model: ModelQuery = None,
 ) -> RewardResponse:
     state: AppState = request.app.state.rmserve
     scorer = state.ready_scorer()
@@ -143,7 +159,7 @@ async def get_reward(
     for name, values in (("prompts", body.prompts), ("labels", body.labels)):
         if values is not None and len(values) != n:
             raise BadRequest(f"{name} has {len(values)} entries but query has {n}")
-    rt = scorer.runtime(None)
+    rt = scorer.runtime(model)
     deadline = deadline_of(state, request, rt, x_request_timeout, None, state.settings.get_reward_timeout_s)
     step_token = rt.kind.step_token
     if step_token is None:
@@ -165,7 +181,7 @@ async def get_reward(
         )
     result = None
     if items:
-        result = await score_waiting(state, request, response, rt, items, deadline)
+        result = await score_waiting(state, request, response, rt, items, deadline, body.labels)
     # Several reward URLs and one sample: OpenRLHF sends the other servers empty lists.
     scores = result.scores if result is not None else []
     logs = {
@@ -173,7 +189,7 @@ async def get_reward(
         "rm_truncated": [float(t) for t in (result.item_truncated if result is not None else [])],
         "rm_retemplated": _flags(outcomes, "retemplated"),
         "rm_unrecognised": _flags(outcomes, "unrecognised"),
-    }
+    } | _component_logs(result)
     if step_token is None:
         return RewardResponse(rewards=scores, scores=scores, extra_logs=logs)
     step_scores = result.step_scores if result is not None else []
@@ -182,7 +198,7 @@ async def get_reward(
     )
 
 
-def _slime_steps(rt: ModelRuntime, body: SlimeRewardRequest) -> tuple[Item, Outcome]:
+def _slime_steps(rt: Served, body: SlimeRewardRequest) -> tuple[Item, Outcome]:
     """A process model's item: the response in steps (blank lines), the prompt's messages if it has any."""
     steps = split_steps(body.response)
     if not isinstance(body.prompt, str):
@@ -193,7 +209,7 @@ def _slime_steps(rt: ModelRuntime, body: SlimeRewardRequest) -> tuple[Item, Outc
     return StepsItem(context or body.prompt, steps), outcome
 
 
-def _slime_item(rt: ModelRuntime, body: SlimeRewardRequest, retemplate: bool) -> tuple[Item, Outcome]:
+def _slime_item(rt: Served, body: SlimeRewardRequest, retemplate: bool) -> tuple[Item, Outcome]:
     if rt.kind.step_token is not None:
         return _slime_steps(rt, body)
     if not isinstance(body.prompt, str):
@@ -217,11 +233,12 @@ async def slime_reward(
     request: Request,
     response: Response,
     x_request_timeout: DeadlineHeader = None,
+    model: ModelQuery = None,
 ) -> float:
     state: AppState = request.app.state.rmserve
     scorer = state.ready_scorer()
     log_body(state, request, body)
-    rt = scorer.runtime(None)
+    rt = scorer.runtime(model)
     deadline = deadline_of(state, request, rt, x_request_timeout, None)
     chars = len(body.response) + (
         len(body.prompt) if isinstance(body.prompt, str) else sum(m.chars() for m in body.prompt)
@@ -230,11 +247,11 @@ async def slime_reward(
         raise TooLarge(f"{chars} characters is over the limit of {state.settings.max_chars_per_item}")
     item, outcome = _slime_item(rt, body, state.settings.retemplate)
     response.headers["X-RMServe-Template"] = outcome
-    result = await score_waiting(state, request, response, rt, [item], deadline)
+    result = await score_waiting(state, request, response, rt, [item], deadline, [body.label])
     return result.scores[0]
 
 
-def _classify_items(rt: ModelRuntime, body: ClassifyRequest, retemplate: bool) -> list[Item]:
+def _classify_items(rt: Served, body: ClassifyRequest, retemplate: bool) -> list[Item]:
     if body.messages is not None:
         return [ChatItem(to_messages(body.messages))]
     texts = body.texts()
@@ -251,13 +268,19 @@ def _classify_items(rt: ModelRuntime, body: ClassifyRequest, retemplate: bool) -
 
 
 async def _classify(
-    request: Request, response: Response, body: ClassifyRequest, x_request_timeout: float | None
+    request: Request,
+    response: Response,
+    body: ClassifyRequest,
+    x_request_timeout: float | None,
+    model: str | None,
 ) -> dict[str, Any]:
     state: AppState = request.app.state.rmserve
     scorer = state.ready_scorer()
     log_body(state, request, body)
-    # vLLM clients name the checkpoint they think is served (veRL sends its model path).
-    rt = scorer.runtime(body.model if body.model in scorer.models else None)
+    # ?model= first; vLLM clients name the checkpoint they think is served (veRL sends its model path),
+    # which names the model only when it is served.
+    named = body.model if body.model in scorer.served() else None
+    rt = scorer.runtime(model if model is not None else named)
     deadline = deadline_of(state, request, rt, x_request_timeout, None)
     items = _classify_items(rt, body, state.settings.retemplate)
     check_count(state, len(items))
@@ -298,13 +321,21 @@ _CLASSIFY_SUMMARY = "vLLM's classify API for a single-label reward model"
 
 @router.post("/classify", responses=_CLASSIFY_RESPONSES, summary=_CLASSIFY_SUMMARY)
 async def classify(
-    body: ClassifyRequest, request: Request, response: Response, x_request_timeout: DeadlineHeader = None
+    body: ClassifyRequest,
+    request: Request,
+    response: Response,
+    x_request_timeout: DeadlineHeader = None,
+    model: ModelQuery = None,
 ) -> dict[str, Any]:
-    return await _classify(request, response, body, x_request_timeout)
+    return await _classify(request, response, body, x_request_timeout, model)
 
 
 @router.post("/v1/classify", responses=_CLASSIFY_RESPONSES, summary=_CLASSIFY_SUMMARY)
 async def classify_v1(
-    body: ClassifyRequest, request: Request, response: Response, x_request_timeout: DeadlineHeader = None
+    body: ClassifyRequest,
+    request: Request,
+    response: Response,
+    x_request_timeout: DeadlineHeader = None,
+    model: ModelQuery = None,
 ) -> dict[str, Any]:
-    return await _classify(request, response, body, x_request_timeout)
+    return await _classify(request, response, body, x_request_timeout, model)

@@ -96,6 +96,13 @@ def _client(target: RedisTarget, opts: RedisOptions, *, timeout_s: float, connec
     )
 
 
+def connect(url: str, timeout_s: float, connections: int = 4) -> Any:
+    """A redis.asyncio client for ``url`` (any form RMSERVE_REDIS_URL takes), with no retries; connects
+    nothing until first used."""
+    options = RedisOptions(ttl_s=1.0, timeout_s=timeout_s, connect_timeout_s=timeout_s)
+    return _client(parse_redis_url(url), options, timeout_s=timeout_s, connections=connections)
+
+
 class RedisCache:
     backend = "redis"
 

@@ -23,6 +23,7 @@ import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 
@@ -153,6 +154,8 @@ class BaseRewardClient:
         for name, texts in (("query", queries), ("prompts", prompts or ())):
             for i, text in enumerate(texts):
                 _check_texts(f"{name}[{i}]", text)
+        # The route names its model in the query string (OpenRLHF posts a URL it was given).
+        path = "/get_reward" + (f"?{urlencode({'model': self.model})}" if self.model else "")
         calls = []
         for s in self._chunks(len(queries)):
             body: dict[str, Any] = {"query": list(queries[s])}
@@ -160,7 +163,7 @@ class BaseRewardClient:
                 body["prompts"] = list(prompts[s])
             if labels is not None:
                 body["labels"] = list(labels[s])
-            calls.append(Call("POST", "/get_reward", body, prefix_header(prompts[s] if prompts else ())))
+            calls.append(Call("POST", path, body, prefix_header(prompts[s] if prompts else ())))
         return calls
 
     # -- retries

@@ -142,7 +142,15 @@ def _steps(prompt: Any, steps: Any, where: str) -> dict[str, Any]:
 
 
 def to_item(value: ItemLike, index: int = 0) -> dict[str, Any]:
-    """One item in any accepted shape -> the API's JSON item."""
+    """One item in any accepted shape -> the API's JSON item. A dict item's ``label`` (the dataset's
+    answer, read by a composite's label_match rule) goes with it."""
+    item = _item(value, index)
+    if isinstance(value, Mapping) and value.get("label") is not None:
+        item["label"] = value["label"]
+    return item
+
+
+def _item(value: ItemLike, index: int) -> dict[str, Any]:
     where = f"items[{index}]"
     v: Any = value  # checked shape by shape below
     if isinstance(v, str):

@@ -93,6 +93,16 @@ def _step_lists(body: Any, n: int) -> list[list[float]] | None:
     return [[float(x) for x in v] for v in values]
 
 
+def _named_lists(body: Any, key: str, n: int) -> dict[str, list[float]] | None:
+    """``{name: [float per item]}`` (a composite's components), or None when the answer has none."""
+    values = body.get(key) if isinstance(body, dict) else None
+    if values is None:
+        return None
+    if not isinstance(values, dict) or not all(isinstance(v, list) and len(v) == n for v in values.values()):
+        raise ProtocolError(f"the answer's {key!r} is not a mapping of names to lists of {n} numbers")
+    return {str(k): [float(x) for x in v] for k, v in values.items()}
+
+
 def parse_score(call: Call, body: Any) -> ScoreResult:
     assert call.body is not None
     n = len(call.body["items"])
@@ -105,10 +115,18 @@ def parse_score(call: Call, body: Any) -> ScoreResult:
         int(u.get("truncated", 0)),
         int(u.get("dropped_parts", 0)),
         int(u.get("steps_dropped") or 0),
+        tuple(str(s) for s in u.get("skipped") or ()),
     )
     version = body.get("model_version")
     return ScoreResult(
-        scores, body.get("model"), (version,) if version else (), usage, 1, _step_lists(body, n)
+        scores,
+        body.get("model"),
+        (version,) if version else (),
+        usage,
+        1,
+        _step_lists(body, n),
+        _named_lists(body, "components", n),
+        _named_lists(body, "normalized", n),
     )
 
 
@@ -138,7 +156,25 @@ def merge_scores(parts: list[ScoreResult]) -> ScoreResult:
     scores = [s for p in parts for s in p.scores]
     steps = [p.step_scores for p in parts]
     merged = [s for part in steps for s in part or []] if parts and None not in steps else None
-    return ScoreResult(scores, model, tuple(versions), usage, len(parts), merged)
+    return ScoreResult(
+        scores,
+        model,
+        tuple(versions),
+        usage,
+        len(parts),
+        merged,
+        _merge_named([p.components for p in parts]),
+        _merge_named([p.normalized for p in parts]),
+    )
+
+
+def _merge_named(parts: list[dict[str, list[float]] | None]) -> dict[str, list[float]] | None:
+    """Chunks' ``{name: values}`` joined in order: the names every chunk answered."""
+    if not parts or any(p is None for p in parts):
+        return None
+    given = [p for p in parts if p is not None]
+    names = [k for k in given[0] if all(k in p for p in given)]
+    return {k: [x for p in given for x in p[k]] for k in names}
 
 
 def merge_rewards(parts: list[RewardResult]) -> RewardResult:

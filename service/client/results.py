@@ -14,6 +14,7 @@ class Usage:
     truncated: int = 0
     dropped_parts: int = 0  # content parts that are not text, left out of what was scored
     steps_dropped: int = 0  # process reward models: trailing steps truncation left out
+    skipped: tuple[str, ...] = ()  # composites: components left out (on_error: skip), in any chunk
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -23,6 +24,7 @@ class Usage:
             self.truncated + other.truncated,
             self.dropped_parts + other.dropped_parts,
             self.steps_dropped + other.steps_dropped,
+            tuple(dict.fromkeys((*self.skipped, *other.skipped))),
         )
 
 
@@ -31,7 +33,9 @@ class ScoreResult:
     """Scores in request order, summed usage, and every model version that answered (one, normally).
 
     From a process reward model, ``step_scores`` holds each item's step scores (one per step kept, in
-    order) and ``scores`` each item's aggregate of them."""
+    order) and ``scores`` each item's aggregate of them. From a composite, ``components`` holds each
+    component's raw value per item and ``normalized`` the same as normalised (``scores`` combines them);
+    a component skipped in some chunk of the call is absent from both."""
 
     scores: list[float]
     model: str | None
@@ -39,6 +43,8 @@ class ScoreResult:
     usage: Usage
     requests: int
     step_scores: list[list[float]] | None = None
+    components: dict[str, list[float]] | None = None
+    normalized: dict[str, list[float]] | None = None
 
     @property
     def model_version(self) -> str | None:
