@@ -12,13 +12,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from rmserve.bundle import Bundle
+from rmserve.engines.base import TokenBatch
 from rmserve.engines.batches import score_rows
-from rmserve.engines.onnxruntime import OnnxRuntimeEngine
 from rmserve.errors import InvalidItem
 from rmserve.formatting import Encoded
 from rmserve.items import ChatItem, Item, Message, PairItem, TextItem, ToolCall
@@ -195,8 +195,15 @@ def served_items(bundle: Bundle, authors: AuthorsReference) -> list[Item]:
     return [ChatItem(tuple(message(m) for m in c.messages), c.tools) for c in ref.conversations]
 
 
+class Scorer(Protocol):
+    """What scores token batches: the bundle's ONNX Runtime engine, or the float32 reference forward
+    where no fp32 graph is written (a streamed reduced-precision export)."""
+
+    def infer(self, batch: TokenBatch) -> np.ndarray: ...
+
+
 def compare(
-    bundle: Bundle, engine: OnnxRuntimeEngine, authors: AuthorsReference, tolerance: float
+    bundle: Bundle, engine: Scorer, authors: AuthorsReference, tolerance: float
 ) -> tuple[dict[str, Any], list[str]]:
     """The served token ids and scores against the reference's: what was measured, and the problems."""
     from rmserve.formatting import Formatter

@@ -22,9 +22,11 @@ import json
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from rmserve.bundle import (
@@ -35,6 +37,7 @@ from rmserve.bundle import (
     unsealed_bundle,
     write_manifest,
 )
+from rmserve.engines.base import TokenBatch
 from rmserve.models import attention, authors, lean
 from rmserve.models import parity as parity_mod
 from rmserve.models.attention import AttentionPlan
@@ -45,9 +48,11 @@ from rmserve.models.families.process import refused_process_family
 from rmserve.models.formats import default_max_length, format_settings, save_tokenizer
 from rmserve.models.graph import EXTERNAL_DATA_BYTES, ExportError, export_onnx, fuse_encoder, input_names
 from rmserve.models.heads import ModelMeta, checkpoint_family, load_score_model
+from rmserve.models.layerwise import return_freed_buffers
 from rmserve.models.lean.eligibility import graph_reason
+from rmserve.models.lean.source import SafetensorsSource
 from rmserve.models.named_heads import HeadRequest
-from rmserve.models.parity import Pair, ParityReport, TorchModel, check_parity
+from rmserve.models.parity import Pair, ParityReport, TorchModel, check_parity, torch_scores
 from rmserve.models.process_heads import StepExport, load_step_model, process_format
 from rmserve.models.reduced import REDUCED, reduce_precision
 
@@ -106,7 +111,13 @@ def export_bundle(
         raise ExportError(f"{dest} exists and is not empty (pass overwrite=True / --force to replace it)")
     if step is not None and head is not None and head != HeadRequest():
         raise ExportError("--value-head, --lm-logit and --normalize are for outcome models, not --step-token")
+    # A decoder saved as safetensors: its reference forward reads one layer at a time
+    # (models/layerwise.py) and the lean graph streams its weights (models/lean/source.py).
+    weights = None
+    return_freed_buffers()
     try:
+        if SafetensorsSource.present(checkpoint):
+            weights = SafetensorsSource(checkpoint)
         if step is not None:
             refuse_process_family(checkpoint)
         entry = None if step else outcome_family(checkpoint, family, trust_remote_code)
@@ -115,7 +126,12 @@ def export_bundle(
             raise ValueError(f"{entry.title} is read at one token of its LM head: pass {flags}")
         layout = checkpoint_family(checkpoint)
         chosen = attention.plan(layout, fuse=fuse_attention, opset=opset, default_opset=DEFAULT_OPSET)
-        model, tokenizer, meta, process, chosen = _load(checkpoint, chosen, step, trust_remote_code, head)
+        # Remote code and named heads (models/named_heads.py) load whole.
+        layerwise = layout == "decoder" and step is None and weights is not None and not trust_remote_code
+        model, tokenizer, meta, process, chosen = _load(
+            checkpoint, chosen, step, trust_remote_code, head, layerwise
+        )
+        layerwise = layerwise and getattr(model, "named_head", None) is None
     except (OSError, ValueError) as exc:
         what = "a process reward model" if step else "a reward model"
         raise ExportError(f"cannot load {checkpoint} as {what}: {exc}") from exc
@@ -161,6 +177,12 @@ def export_bundle(
         )
     except ValueError as exc:
         raise ExportError(str(exc)) from exc
+    if why_traced is not None and layerwise:  # tracing needs the whole model in memory
+        model, tokenizer, meta, process, chosen = _load(checkpoint, chosen, step, trust_remote_code, head)
+        layerwise = False
+    streamed = why_traced is None and weights is not None
+    threshold = min(external_data_bytes, lean.STREAM_BYTES)
+    direct = streamed and precision in REDUCED and lean.weights_size(weights, "fp32") > threshold
     texts, source = parity_mod.reference_pairs(32)
     calibration = calibration_set(calibration_pairs)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -173,8 +195,9 @@ def export_bundle(
                 model,
                 settings.max_length,
                 staging,
-                precision="fp32",
+                precision=precision if direct else "fp32",
                 external_data_bytes=external_data_bytes,
+                source=weights if streamed else None,
                 past=past_graph,
             )
             chosen, exporter = AttentionPlan("sdpa", lean.LEAN_OPSET, True), lean.EXPORTER
@@ -212,9 +235,18 @@ def export_bundle(
                 "attn_implementation": chosen.implementation,
                 "fused_ops": fused_ops,
                 **({"lean": written.as_manifest()} if why_traced is None else {}),
+                "weights": "streamed from the checkpoint's safetensors"
+                if streamed
+                else "from the loaded model",
+                "reference_forward": "float32, layer by layer" if layerwise else "float32, whole model",
             },
         }
-        report = _parity(staging, fields, model, texts, source, tolerance, invariance_tolerance, reference)
+        report = (
+            None
+            if direct
+            else _parity(staging, fields, model, texts, source, tolerance, invariance_tolerance, reference)
+        )
+        held = _authors_without_fp32_graph(staging, fields, model, reference, tolerance) if direct else None
         if optimize:
             report = _try_optimize(
                 staging,
@@ -240,7 +272,11 @@ def export_bundle(
                 calibration,
                 precision=precision,
                 external_data_bytes=external_data_bytes,
+                weights=weights if streamed else None,
             )
+        assert report is not None, "a streamed reduced-precision export is measured by reduce_precision"
+        if held is not None:
+            report.extra["reference"] = held
         # The one digest: every file is final here and hashed once.
         manifest = write_manifest(staging, **fields, parity=report.as_manifest())
         _publish(staging, dest, staging_root / "previous")
@@ -272,11 +308,16 @@ def _load_model(
     step: StepExport | None,
     trust_remote_code: bool = False,
     head: HeadRequest | None = None,
+    layerwise: bool = False,
 ) -> tuple[TorchModel, Any, ModelMeta, ProcessSettings | None]:
     """The torch model to export: one score per item, or (``step``) a value per token."""
     if step is None:
         loaded = load_score_model(
-            checkpoint, attn_implementation=attn, trust_remote_code=trust_remote_code, head=head
+            checkpoint,
+            attn_implementation=attn,
+            trust_remote_code=trust_remote_code,
+            head=head,
+            layerwise=layerwise,
         )
         return (*loaded, None)
     return load_step_model(
@@ -298,15 +339,20 @@ def _load(
     step: StepExport | None,
     trust_remote_code: bool,
     head: HeadRequest | None = None,
+    layerwise: bool = False,
 ) -> tuple[TorchModel, Any, ModelMeta, ProcessSettings | None, AttentionPlan]:
     """The model with the attention the plan asks for; without an SDPA path, unfused and why."""
     try:
-        return (*_load_model(checkpoint, chosen.implementation, step, trust_remote_code, head), chosen)
+        return (
+            *_load_model(checkpoint, chosen.implementation, step, trust_remote_code, head, layerwise),
+            chosen,
+        )
     except ValueError as exc:
         if not chosen.fused or "scaled_dot_product_attention" not in str(exc):
             raise
     fallback = attention.unfused(DEFAULT_OPSET, "the model has no PyTorch SDPA attention path to fuse")
-    return (*_load_model(checkpoint, fallback.implementation, step, trust_remote_code, head), fallback)
+    args = (checkpoint, fallback.implementation, step, trust_remote_code, head, layerwise)
+    return (*_load_model(*args), fallback)
 
 
 def _export_graph(
@@ -388,6 +434,34 @@ def _parity(
             f"batch_invariance_max={report.batch_invariance_max:.3g}, n_texts={report.n_texts})"
         )
     return report
+
+
+@dataclass(frozen=True)
+class _TorchScorer:
+    model: TorchModel
+
+    def infer(self, batch: TokenBatch) -> np.ndarray:
+        return torch_scores(self.model, batch)
+
+
+def _authors_without_fp32_graph(
+    staging: Path,
+    fields: dict[str, Any],
+    model: TorchModel,
+    reference: AuthorsReference | None,
+    tolerance: float,
+) -> dict[str, Any] | None:
+    """With no fp32 graph to run (weights streamed straight to a reduced precision), the served token
+    ids and the float32 reference forward's scores are held to the authors' usage; the reduced graph is
+    then held to that forward by its own drift check (models/reduced.py)."""
+    if reference is None:
+        return None
+    measured, problems = authors.compare(
+        unsealed_bundle(staging, **fields), _TorchScorer(model), reference, tolerance
+    )
+    if problems:
+        raise ExportError("parity failed, nothing was written: " + "; ".join(problems))
+    return measured | {"scored_by": "the float32 reference forward (no fp32 graph is written)"}
 
 
 def _try_optimize(

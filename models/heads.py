@@ -208,6 +208,7 @@ def load_score_model(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     head: HeadRequest | None = None,
+    layerwise: bool = False,
 ) -> tuple[ScoreModel, Any, ModelMeta]:
     """Load a num_labels=1 checkpoint (or one with a named head: models/named_heads.py) as an fp32
     ScoreModel in eval mode, with its tokenizer and meta.
@@ -216,7 +217,9 @@ def load_score_model(
     used, and the class built must be the one config.json declares (``strict_load``): transformers
     would otherwise build a missing head with random weights and only log a warning.
     A tokenizer without a pad token (most decoders) pads with EOS; pooling reads the attention
-    mask, never the pad id, so that choice cannot change a score.
+    mask, never the pad id, so that choice cannot change a score. ``layerwise`` (a decoder saved as
+    safetensors): the same float32 model, its layers' weights read for each forward and dropped after
+    (models/layerwise.py), so it holds one layer at a time.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -232,14 +235,27 @@ def load_score_model(
     config.pad_token_id = tokenizer.pad_token_id
     attn = attn_implementation or (DECODER_ATTENTION if family == "decoder" else None)
     extra = {"attn_implementation": attn} if attn else {}
-    hf_model = strict_load(
-        AutoModelForSequenceClassification,
-        path,
-        config=config,
-        dtype=torch.float32,
-        trust_remote_code=trust_remote_code,
-        **extra,
-    )
+    if layerwise:
+        from rmserve.models.layerwise import layerwise_model
+        from rmserve.models.lean.source import SafetensorsSource
+
+        source = SafetensorsSource(path)
+        hf_model = layerwise_model(
+            AutoModelForSequenceClassification,
+            config,
+            source,
+            attn,
+            check=lambda built, info: check_loading(path, built, info),
+        )
+    else:
+        hf_model = strict_load(
+            AutoModelForSequenceClassification,
+            path,
+            config=config,
+            dtype=torch.float32,
+            trust_remote_code=trust_remote_code,
+            **extra,
+        )
     model = ScoreModel(hf_model, pooling_of(config), family).eval()
     return model, tokenizer, model_meta(model, base_model_of(path), int(tokenizer.pad_token_id))
 
@@ -276,6 +292,13 @@ def strict_load(auto: Any, path: Path, **kwargs: Any) -> Any:
         if type(exc).__name__ != "SafetensorError":
             raise
         raise LoadingError(f"cannot read the weights of {path}: {exc}") from None
+    check_loading(path, model, info)
+    return model
+
+
+def check_loading(path: Path, model: Any, info: dict[str, Any]) -> None:
+    """LoadingError naming what ``info`` (transformers' loading info) reports missing, unused or
+    mismatched, or a class built other than config.json's ``architectures[0]``."""
     problems = []
     for key, what in (
         ("missing_keys", "missing from the checkpoint (transformers would initialise them randomly)"),
@@ -292,7 +315,6 @@ def strict_load(auto: Any, path: Path, **kwargs: Any) -> Any:
         problems.append(f"config.json declares {declared}, but transformers built {built}")
     if problems:
         raise LoadingError(f"{path} does not load as it declares: " + "; ".join(problems))
-    return model
 
 
 def load_tokenizer(path: Path) -> Any:

@@ -12,6 +12,12 @@ guard (bfloat16 has float32's range). ONNX Runtime's CPU provider has no bfloat1
 bf16 file is run by OpenVINO's CPU plugin (in bf16 where the CPU has bf16 units, else with its
 bf16 weights computed in f32); ONNX Runtime on CUDA runs it in loadtests/gpu_check.py.
 
+A streamed lean export (weights over the external-data threshold, read from the checkpoint's
+safetensors) writes no fp32 graph first: the headroom is measured on the PyTorch model, the graph is
+written straight in the reduced precision from the checkpoint's tensors, and the measurement below is
+its parity record (there is no fp32 ONNX Runtime run to compare, and its memory is not spent). Only
+fp16 over the headroom limit still writes the fp32 graph, for the guarded converter.
+
 Either way the reduced graph is measured against the fp32 PyTorch model on padded batches and
 gated on ranking agreement (models/fp16.py's ``measure_fp16``); the manifest's ``parity.<precision>``
 records the measurement, the headroom and the decision.
@@ -29,6 +35,7 @@ from rmserve.models import fp16
 from rmserve.models.graph import ExportError
 from rmserve.models.headroom import FP16_MAX, MARGIN, Headroom, measure_headroom
 from rmserve.models.lean import write_lean_graph
+from rmserve.models.lean.source import TensorSource
 from rmserve.models.parity import Pair, ParityReport, TorchModel, reference_items, reference_scores
 
 REDUCED = ("fp16", "bf16")
@@ -37,14 +44,17 @@ REDUCED = ("fp16", "bf16")
 # in onnxruntime/core/providers/cuda/cuda_execution_provider.cc; RMSNormalization-23 in
 # .../cuda/nn/rms_norm.cc; RotaryEmbedding-23 in .../cuda/llm/rotary_embedding.cc; Attention-23 in
 # .../cuda/llm/attention.cc (bf16 tested since microsoft/onnxruntime#27892); Relu-14 (the
-# Qwen2.5-Math-PRM step head) in .../cuda/activation/activations.cc. Gather, Split, Reshape and Cast
+# Qwen2.5-Math-PRM step head) in .../cuda/activation/activations.cc; Gelu-20 (Gemma-2's MLP, tanh
+# approximation) in .../cuda/tensor/gelu.cc. Unsqueeze and Less build a sliding window's mask from int64
+# positions. Gather, Split, Reshape and Cast
 # move data of any type (their registrations were not re-read). The rest see int64 shapes, positions
 # and lengths only, or (a step head's rule: Sub, Sigmoid) float32 after the head's Cast.
 # loadtests/gpu_check.py counts what ONNX Runtime leaves off the GPU.
 BF16_CUDA_OPS = frozenset(
     {"MatMul", "Add", "Mul", "Sigmoid", "Relu", "RMSNormalization", "RotaryEmbedding", "Attention"}
     | {"Gather", "Split", "Reshape", "Cast"}
-    | {"Shape", "Range", "Expand", "ReduceSum", "Sub", "Max"}
+    | {"Gelu"}
+    | {"Shape", "Range", "Expand", "ReduceSum", "Sub", "Max", "Unsqueeze", "Less"}
 )
 
 
@@ -52,15 +62,17 @@ def reduce_precision(
     staging: Path,
     model: TorchModel,
     fields: dict[str, Any],
-    report: ParityReport,
+    report: ParityReport | None,
     texts: Sequence[Pair],
     source: str,
     calibration: Sequence[Pair],
     *,
     precision: str,
     external_data_bytes: int,
+    weights: TensorSource | None = None,
 ) -> ParityReport:
-    """Rewrite the staged fp32 graph at ``precision``; record and gate its drift (module docstring)."""
+    """Rewrite the staged fp32 graph at ``precision``, or (``report`` None: a streamed export with no fp32
+    graph) write it; record and gate its drift (module docstring). ``weights``: the checkpoint's tensors."""
     fields["precision"] = precision
     lean = fields.get("graph") == "lean"
     if precision == "bf16" and not lean:
@@ -77,6 +89,7 @@ def reduce_precision(
                 staging,
                 precision=precision,
                 external_data_bytes=external_data_bytes,
+                source=weights,
                 past=fields.get("past_graph") is not None,
             )
             conversion = {
@@ -88,6 +101,15 @@ def reduce_precision(
                 _check_bf16_ops(staging / MODEL_FILE)
         else:
             path = staging / MODEL_FILE
+            if not path.is_file():  # streamed: the guarded converter starts from the fp32 graph
+                write_lean_graph(
+                    model,
+                    max_length,
+                    staging,
+                    precision="fp32",
+                    external_data_bytes=external_data_bytes,
+                    source=weights,
+                )
             conversion = fp16.convert_model_fp16(path, path, external_data_bytes=external_data_bytes)
             # The guarded fp16 graph has no prefix-reuse twin: such a bundle scores every item whole.
             _drop_past_graph(staging, fields)
@@ -101,11 +123,15 @@ def reduce_precision(
         raise ExportError(f"{precision} check failed, nothing was written: " + "; ".join(drift.problems))
     if precision == "bf16":  # what the check above could not cover, said where it is read
         conversion["not_verified_here"] = "ONNX Runtime's CUDA provider: loadtests/gpu_check.py runs it"
-    report.extra[precision] = fp16.manifest_record(drift, conversion) | {
+    record = fp16.manifest_record(drift, conversion) | {
         "headroom": room.as_manifest(),
         "residual_guard": guard,
         "residual_guard_reason": _guard_reason(precision, lean, room, guard),
     }
+    if report is None:
+        report = drift
+        report.extra = {"fp32_graph": f"not written: weights streamed straight to {precision}"}
+    report.extra[precision] = record
     return report
 
 

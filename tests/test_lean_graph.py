@@ -9,6 +9,7 @@ by the same builder and checked on OpenVINO (ONNX Runtime's CPU provider has no 
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from rmserve.models.export import ExportError, export_bundle
 from rmserve.models.headroom import FP16_MAX, MARGIN
 from rmserve.models.heads import load_score_model
 from rmserve.models.lean import LAYER_NODE_BUDGET, why_not_lean
+from rmserve.models.lean.eligibility import layer_windows
 from rmserve.models.parity import builtin_pairs, spread_by_length, torch_scores
 from rmserve.models.reduced import BF16_CUDA_OPS
 from tests.support.server import serve
@@ -39,14 +41,14 @@ from tests.support.tiny import LEAN, tiny_bundle, tiny_checkpoint
 LAYERS = 2  # tests/support/tiny.py
 HEADS, KV_HEADS = 4, 2
 # Nodes of one layer, exactly: Llama's 16, Qwen2's bias Add, Qwen3's reshape-norm-reshape for q and k.
-LAYER_NODES = {"llama": 16, "mistral": 16, "qwen2": 17, "qwen3": 22}
+LAYER_NODES = {"llama": 16, "mistral": 16, "qwen2": 17, "qwen3": 22, "gemma2": 17}
 
 
 @pytest.fixture(scope="module")
 def bundles(tiny_bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """arch -> its lean bundle: llama and qwen2 from the session's tiny bundles, the others here."""
     out = {arch: tiny_bundles[arch] for arch in ("llama", "qwen2")}
-    for arch in ("qwen3", "mistral"):
+    for arch in ("qwen3", "mistral", "gemma2"):
         out[arch] = tiny_bundle(arch, tmp_path_factory.mktemp(arch))
     return out
 
@@ -87,10 +89,13 @@ def test_a_llama_layout_decoder_exports_the_lean_graph_within_its_node_budget(
     head_dim = 8
     for node in (n for n in nodes if n.op_type == "Attention"):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        assert list(node.input) == list(node.input[:3])  # query, key, value: no mask, no past
+        # query, key, value, and no past; a mask only on a sliding-window layer (Gemma-2's layer 0)
+        windowed = arch == "gemma2" and node.name.startswith("layer0/")
+        assert len(node.input) == (4 if windowed else 3)
         assert attrs["is_causal"] == 1 and (attrs["q_num_heads"], attrs["kv_num_heads"]) == (HEADS, KV_HEADS)
         # Grouped K/V as the model has them (3D, kv_heads wide), never repeated to every query head.
-        assert [widths[i] for i in node.input] == [HEADS * head_dim, KV_HEADS * head_dim, KV_HEADS * head_dim]
+        qkv = list(node.input[:3])
+        assert [widths[i] for i in qkv] == [HEADS * head_dim, KV_HEADS * head_dim, KV_HEADS * head_dim]
 
 
 def test_lean_fp32_scores_equal_pytorch_on_right_padded_mixed_batches_through_rmserve_serve(
@@ -246,18 +251,19 @@ def test_a_bf16_bundle_is_refused_on_a_gpu_without_bf16_units() -> None:
     assert problem is not None and "7.5" in problem and "--precision fp16" in problem
 
 
-def test_a_sliding_window_shorter_than_max_length_or_another_family_keeps_the_traced_graph() -> None:
+def test_a_sliding_window_shorter_than_max_length_takes_the_lean_graph_and_another_family_does_not() -> None:
     from transformers import AutoConfig
 
     mistral = AutoConfig.for_model("mistral", sliding_window=64)
-    assert why_not_lean(mistral, 64) is None  # the window covers every position
-    reason = why_not_lean(mistral, 128)
-    assert reason is not None and "sliding window (64 tokens) is shorter than max_length 128" in reason
+    assert why_not_lean(mistral, 64) is None and why_not_lean(mistral, 128) is None  # a mask, not a refusal
+    assert layer_windows(mistral) == (64,) * mistral.num_hidden_layers
     qwen2 = AutoConfig.for_model("qwen2", use_sliding_window=True, sliding_window=32, max_window_layers=0)
-    assert "sliding window (32 tokens)" in str(why_not_lean(qwen2, 128))
-    assert why_not_lean(AutoConfig.for_model("qwen2", sliding_window=32), 128) is None  # not used
-    gemma2 = why_not_lean(AutoConfig.for_model("gemma2"), 128)
-    assert gemma2 is not None and gemma2.startswith("gemma2 has no lean graph")
+    assert why_not_lean(qwen2, 128) is None and set(layer_windows(qwen2)) == {32}
+    assert set(layer_windows(AutoConfig.for_model("qwen2", sliding_window=32))) == {None}  # not used
+    gemma2 = AutoConfig.for_model("gemma2", num_hidden_layers=4, sliding_window=16)
+    assert why_not_lean(gemma2, 128) is None and layer_windows(gemma2) == (16, None, 16, None)
+    phi3 = why_not_lean(AutoConfig.for_model("phi3"), 128)
+    assert phi3 is not None and phi3.startswith("phi3 has no lean graph")
     dynamic = AutoConfig.for_model("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0})
     assert "depends on the sequence length" in str(why_not_lean(dynamic, 128))
 
@@ -265,9 +271,52 @@ def test_a_sliding_window_shorter_than_max_length_or_another_family_keeps_the_tr
 def test_graph_lean_fails_with_the_reason_where_it_does_not_apply(tmp_path: Path) -> None:
     from rmserve.models.export_command import main
 
-    checkpoint = tmp_path / "gemma2"
-    tiny_checkpoint("gemma2", checkpoint)
-    with pytest.raises(ExportError, match="--graph lean: gemma2 has no lean graph"):
+    checkpoint = tiny_checkpoint("llama", tmp_path / "dynamic")
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="--graph lean: rope_type 'dynamic' depends on the sequence length"):
         export_bundle(checkpoint, tmp_path / "out", graph="lean")
     assert not (tmp_path / "out").exists()
     assert main([str(checkpoint), str(tmp_path / "cli"), "--graph", "lean"]) == 1
+
+
+def test_a_gemma2_reward_model_takes_the_lean_graph_with_soft_capping_and_a_window_shorter_than_max_length(
+    bundles: dict[str, Path],
+) -> None:
+    """The tiny Gemma-2 has Gemma-2's config fields: query_pre_attn_scalar, attn_logit_softcapping 50,
+    final_logit_softcapping, sliding_window 16 on alternate layers (layer_types), against max_length 128."""
+    bundle = load_bundle(bundles["gemma2"])
+    assert bundle.manifest.format.max_length == 128 and bundle.manifest.parity["max_abs_diff"] <= 1e-5
+    nodes = graph_of(bundles["gemma2"]).graph.node
+    attention = {n.name.split("/")[0]: n for n in nodes if n.op_type == "Attention"}
+    softcaps = [a.f for n in attention.values() for a in n.attribute if a.name == "softcap"]
+    assert softcaps == [50.0] * LAYERS
+    # layer_types: sliding, full. The sliding layer reads the window mask; the full one reads none.
+    assert (len(attention["layer0"].input), len(attention["layer1"].input)) == (4, 3)
+    assert sum(n.op_type == "Gelu" for n in nodes) == LAYERS
+    assert [n.op_type for n in nodes if n.name.startswith("embed/")] == ["Gather", "Mul"]
+    # Against transformers' Gemma2 (eager attention) on items longer than the window, right-padded.
+    model, _, _ = load_score_model(bundles["gemma2"].parent / "checkpoint")
+    encoded = Formatter(bundle).encode(mixed_items())
+    assert max(len(e.ids) for e in encoded) > 16
+    batch = pad_rows(encoded, bundle.manifest.format.pad_token_id, "right")
+    engine = OnnxRuntimeEngine(bundle.model_path)
+    try:
+        served = engine.infer(batch)
+    finally:
+        engine.close()
+    np.testing.assert_allclose(served, torch_scores(model, batch), rtol=1e-4, atol=1e-5)
+
+
+def test_gemma2_exports_a_bf16_bundle_and_its_fp16_bundle_is_decided_by_measured_headroom(
+    bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    checkpoint = bundles["gemma2"].parent / "checkpoint"
+    bf16 = export_bundle(checkpoint, tmp_path / "bf16", precision="bf16")
+    assert bf16.graph == "lean" and bf16.parity["bf16"]["residual_guard"] is False
+    assert bf16.parity["bf16"]["pairwise_ranking_agreement"] >= 0.98
+    fp16 = export_bundle(checkpoint, tmp_path / "fp16", precision="fp16")
+    record = fp16.parity["fp16"]
+    assert record["residual_guard"] is (not record["headroom"]["fits_fp16"])
+    assert record["headroom"]["residual_max_abs"] > 0

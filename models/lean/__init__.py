@@ -10,14 +10,21 @@ Pieces: ``eligibility`` (which checkpoints), ``weights`` (the checkpoint as pack
 ``builder`` (named nodes, one float type), ``body`` (ids -> residual stream), ``heads`` (residual
 stream -> an outcome model's score per row, or a process model's step value per token). The same
 builder writes the graph in float32, float16 or bfloat16.
+
+Streaming: given the checkpoint's tensors (``source``: models/lean/source.py), the body and the score
+head read their weights from it by name, layer by layer, in the checkpoint's dtype; when the weights
+go to ``model.onnx.data`` they are written there as each is added (``WeightFile``), so the export holds
+one layer's weights and never the graph's initializers.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
 from onnx import TensorProto, helper
 
 from rmserve.bundle import MODEL_FILE, PAST_FILE
@@ -30,10 +37,12 @@ from rmserve.models.lean.body import (
     layer_node_counts,
     past_names,
     present_names,
+    window_masks_needed,
 )
-from rmserve.models.lean.builder import GraphBuilder
+from rmserve.models.lean.builder import TORCH_TYPES, GraphBuilder, WeightFile
 from rmserve.models.lean.eligibility import LAYER_NODE_BUDGET, why_not_lean
 from rmserve.models.lean.heads import head_output
+from rmserve.models.lean.source import TensorSource, body_prefix, within
 from rmserve.models.lean.weights import (
     DecoderWeights,
     GatingHeadWeights,
@@ -45,6 +54,10 @@ from rmserve.models.lean.weights import (
 from rmserve.models.process_heads import StepModel
 
 LEAN_OPSET = 23
+# A lean graph whose weights (read from the checkpoint) are larger than this streams them into
+# model.onnx.data even below the external-data threshold: built in memory, onnx would hold them three
+# times over (initializers, make_graph's copy, make_model's copy).
+STREAM_BYTES = 256 * 1024**2
 EXPORTER = "rmserve lean graph builder (models/lean)"
 
 __all__ = [
@@ -83,17 +96,19 @@ def build_lean_graph(
     w: DecoderWeights,
     head: ScoreHeadWeights | GatingHeadWeights | StepHeadWeights,
     precision: str,
+    data: WeightFile | None = None,
     *,
     past: bool = False,
 ) -> Any:
     """The ONNX model: ``input_ids``, ``attention_mask`` (int64 ``[batch, seq]``) -> ``scores``, float32
     ``[batch]`` for a score layer, ``[batch, sequence]`` for a step head (the new tokens' only), and a
-    gating head's ``components``, ``[batch, objectives]``.
+    gating head's ``components``, ``[batch, objectives]``. With ``data``, weights are written there as
+    they are added (models/lean/builder.py).
 
     ``past``: the prefix-reuse variant (models/lean/body.py), which also takes ``past_mask`` (int64
     ``[batch, past]``) and each layer's ``past_key.i`` / ``past_value.i``, and emits each layer's
     ``present_key.i`` / ``present_value.i`` (``[batch, past + sequence, kv_heads * head_dim]``)."""
-    g = GraphBuilder(precision)
+    g = GraphBuilder(precision, data)
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
     mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])
     inputs = decoder_inputs(g, ids.name, mask.name, past=past)
@@ -105,7 +120,7 @@ def build_lean_graph(
     if past:
         feeds.append(helper.make_tensor_value_info(PAST_MASK, TensorProto.INT64, ["batch", "past"]))
         width = w.kv_heads * w.head_dim
-        for i in range(len(w.layers)):
+        for i in range(w.n_layers):
             for name in past_names(i):
                 feeds.append(helper.make_tensor_value_info(name, g.float_type, ["batch", "past", width]))
             for name in present_names(i):
@@ -113,24 +128,59 @@ def build_lean_graph(
     return g.model(feeds, outs, LEAN_OPSET)
 
 
+def weights_size(source: TensorSource, precision: str) -> int:
+    """What ``source``'s tensors take at ``precision``: about what the bundle's weights take."""
+    return TORCH_TYPES[precision].itemsize * sum(math.prod(source.shape(n)) for n in source.names())
+
+
 def write_lean_graph(
-    source: ScoreModel | StepModel,
+    model: ScoreModel | StepModel,
     max_length: int,
     directory: Path,
     *,
     precision: str,
     external_data_bytes: int,
+    source: TensorSource | None = None,
     past: bool = False,
 ) -> LeanGraph:
-    """Write ``model.onnx`` (+ ``model.onnx.data`` when large) for ``source`` (an outcome or a process
-    model) at ``precision``; with ``past``, also the prefix-reuse variant as ``model_past.onnx``."""
-    weights, head = decoder_weights(source.body, max_length), head_weights(source)
-    model = build_lean_graph(weights, head, precision)
-    save_onnx(model, directory / MODEL_FILE, external_data_bytes)
+    """Write ``model.onnx`` (+ ``model.onnx.data`` when large) for ``model`` (an outcome or a process
+    model) at ``precision``; its weights are read from ``source`` (the checkpoint's tensors) when given,
+    else from the model's own parameters. Weights read from ``source`` over ``external_data_bytes``
+    or ``STREAM_BYTES`` are written to the data file as they are read. With ``past``, also the
+    prefix-reuse variant as ``model_past.onnx``, except for a model with a sliding window shorter than
+    ``max_length`` (whose window the variant's mask does not carry)."""
+    body = within(source, body_prefix(source)) if source is not None else None
+    weights = decoder_weights(model.body, max_length, body)
+    head = head_weights(model, source)
     # A gating head reads the prompt's end, which a suffix after a reused prefix may not hold.
-    past = past and not isinstance(head, GatingHeadWeights)
+    past = past and not window_masks_needed(weights) and not isinstance(head, GatingHeadWeights)
+    stream = source is not None and weights_size(source, precision) > min(external_data_bytes, STREAM_BYTES)
+    proto = _write(weights, head, precision, directory / MODEL_FILE, external_data_bytes, stream, past=False)
     if past:
-        save_onnx(
-            build_lean_graph(weights, head, precision, past=True), directory / PAST_FILE, external_data_bytes
-        )
-    return LeanGraph(precision, layer_node_counts(model), PAST_FILE if past else None)
+        _write(weights, head, precision, directory / PAST_FILE, external_data_bytes, stream, past=True)
+    return LeanGraph(precision, layer_node_counts(proto), PAST_FILE if past else None)
+
+
+def _write(
+    w: DecoderWeights,
+    head: ScoreHeadWeights | GatingHeadWeights | StepHeadWeights,
+    precision: str,
+    path: Path,
+    external_data_bytes: int,
+    stream: bool,
+    *,
+    past: bool,
+) -> Any:
+    data_path = path.with_name(path.name + ".data")
+    data_path.unlink(missing_ok=True)
+    if not stream:
+        proto = build_lean_graph(w, head, precision, past=past)
+        save_onnx(proto, path, external_data_bytes)
+        return proto
+    data = WeightFile(data_path)
+    try:
+        proto = build_lean_graph(w, head, precision, data, past=past)
+    finally:
+        data.close()
+    onnx.save_model(proto, str(path))  # the weights are in the data file already
+    return proto

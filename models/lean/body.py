@@ -1,6 +1,6 @@
 """The lean decoder body: token ids -> the residual stream after the last layer, ``[batch, seq, hidden]``.
 
-One layer, node by node (16 for Llama and Mistral, 17 for Qwen2, 22 for Qwen3):
+One layer, node by node (16 for Llama and Mistral, 17 for Qwen2, 22 for Qwen3, 17 for Gemma-2):
 
   RMSNormalization -> MatMul (packed q/k/v) [-> Add (Qwen2's q/k/v biases)] -> Split
   [Qwen3: Reshape -> RMSNormalization -> Reshape, for q and for k]
@@ -9,6 +9,13 @@ One layer, node by node (16 for Llama and Mistral, 17 for Qwen2, 22 for Qwen3):
   -> MatMul (o_proj) -> Add (residual)
   -> RMSNormalization -> MatMul (packed gate/up) -> Split -> Sigmoid -> Mul (SiLU) -> Mul (up)
   -> MatMul (down) -> Add (residual)
+
+Gemma-2's layer (models/lean/weights.py ``Layout``) is the same pieces with its options: an
+RMSNormalization on attention's output and on the MLP's output before each residual Add, ``Gelu``
+(tanh) in place of SiLU, ``softcap`` on Attention, and on its sliding-window layers an ``attn_mask``
+(a position attends only to the last ``window`` positions), made once from the positions and read by
+every such layer. Its embeddings are scaled by sqrt(hidden), in the graph's float type as Gemma-2
+rounds it.
 
 No mask, no transposes, no repeated K/V: ``Attention`` takes ``[batch, seq, heads * head_dim]`` query
 and ``[batch, seq, kv_heads * head_dim]`` key and value as the projections give them. Positions are
@@ -31,7 +38,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
+import torch
 from onnx import TensorProto
 
 from rmserve.models.lean.builder import GraphBuilder
@@ -107,8 +116,34 @@ def _head_norm(g: GraphBuilder, x: str, weight: str, w: DecoderWeights, heads: i
     return g.one("Reshape", [normed, g.ints("flat_shape", [0, 0, heads * w.head_dim])])
 
 
+def window_masks_needed(w: DecoderWeights) -> bool:
+    """Whether some layer's window is shorter than ``max_length`` (the length of the rotary tables)."""
+    return any(win is not None and win < int(w.cos.shape[0]) for win in w.layout.windows)
+
+
+def window_masks(g: GraphBuilder, w: DecoderWeights, inputs: DecoderInputs) -> dict[int, str]:
+    """window -> a boolean ``[seq, seq]`` mask, true where key ``j`` is within ``window`` of query ``i``
+    (``i - j < window``; causality is Attention's own), for each window shorter than ``max_length``."""
+    max_length = int(w.cos.shape[0])
+    windows = sorted({win for win in w.layout.windows if win is not None and win < max_length})
+    masks: dict[int, str] = {}
+    with g.scope(INPUTS):
+        for window in windows:
+            steps = g.one("Range", [g.ints("zero", 0), inputs.seq, g.ints("one", 1)])
+            rows = g.one("Unsqueeze", [steps, g.ints("axis1", [1])])
+            gap = g.one("Sub", [rows, steps])
+            masks[window] = g.one("Less", [gap, g.ints("window", window)])
+    return masks
+
+
 def _attention(
-    g: GraphBuilder, x: str, w: DecoderWeights, layer: LayerWeights, inputs: DecoderInputs, index: int
+    g: GraphBuilder,
+    x: str,
+    w: DecoderWeights,
+    layer: LayerWeights,
+    inputs: DecoderInputs,
+    masks: dict[int, str],
+    index: int,
 ) -> str:
     qkv = linear(g, x, layer.qkv, "qkv")
     sizes = [w.heads * w.head_dim, w.kv_heads * w.head_dim, w.kv_heads * w.head_dim]
@@ -118,11 +153,15 @@ def _attention(
         k = _head_norm(g, k, g.weight("k_norm", layer.k_norm), w, w.kv_heads)
     q = g.one("RotaryEmbedding", [q, ROPE_COS, ROPE_SIN, inputs.positions], num_heads=w.heads)
     k = g.one("RotaryEmbedding", [k, ROPE_COS, ROPE_SIN, inputs.positions], num_heads=w.kv_heads)
-    heads = {"q_num_heads": w.heads, "kv_num_heads": w.kv_heads, "scale": w.scale}
+    mask = [masks[layer.window]] if layer.window in masks else []
+    softcap = {"softcap": w.layout.attn_softcap} if w.layout.attn_softcap else {}
+    heads = {"q_num_heads": w.heads, "kv_num_heads": w.kv_heads, "scale": w.scale, **softcap}
     if inputs.past_attention is None:
         # softmax_precision is left unset: ONNX Runtime's CUDA kernel refuses the attribute.
-        out = g.one("Attention", [q, k, v], is_causal=1, **heads)
+        out = g.one("Attention", [q, k, v, *mask], is_causal=1, **heads)
     else:
+        if mask:
+            raise ValueError("a sliding-window layer shorter than max_length has no prefix-reuse variant")
         (past_k, past_v), (present_k, present_v) = past_names(index), present_names(index)
         k, v = g.one("Concat", [past_k, k], axis=1), g.one("Concat", [past_v, v], axis=1)
         g.rename(k, present_k)
@@ -131,26 +170,43 @@ def _attention(
     return linear(g, out, layer.o_proj, "o_proj")
 
 
-def _mlp(g: GraphBuilder, x: str, layer: LayerWeights) -> str:
+def _mlp(g: GraphBuilder, x: str, layer: LayerWeights, activation: str) -> str:
     gate_up = linear(g, x, layer.gate_up, "gate_up")
     inner = layer.down.weight.shape[0]
     gate, up = g.op("Split", [gate_up, g.ints("gate_up_sizes", [inner, inner])], outputs=2, axis=-1)
-    silu = g.one("Mul", [gate, g.one("Sigmoid", [gate])])
-    return linear(g, g.one("Mul", [silu, up]), layer.down, "down")
+    if activation == "gelu_tanh":
+        act = g.one("Gelu", [gate], approximate="tanh")
+    else:
+        act = g.one("Mul", [gate, g.one("Sigmoid", [gate])])
+    return linear(g, g.one("Mul", [act, up]), layer.down, "down")
+
+
+def _normed(g: GraphBuilder, x: str, weight: torch.Tensor | None, label: str, eps: float) -> str:
+    return x if weight is None else rms_norm(g, x, g.weight(label, weight), eps)
 
 
 def decoder_body(g: GraphBuilder, w: DecoderWeights, inputs: DecoderInputs) -> str:
-    """The residual stream after the last layer (before the final norm: each head applies it)."""
+    """The residual stream after the last layer (before the final norm: each head applies it).
+
+    Layers are read from ``w``'s source one at a time and written before the next is read."""
     g.weight("rope_cos", w.cos, name=ROPE_COS)
     g.weight("rope_sin", w.sin, name=ROPE_SIN)
+    masks = window_masks(g, w, inputs)
     with g.scope("embed"):
-        hidden = g.one("Gather", [g.weight("tokens", w.embed), inputs.input_ids])
-    for i, layer in enumerate(w.layers):
+        hidden = g.one("Gather", [g.weight("tokens", w.embed()), inputs.input_ids])
+        if w.layout.embed_scale is not None:
+            scale = np.array(w.layout.embed_scale, dtype=np.float32)
+            hidden = g.one("Mul", [hidden, g.weight("embed_scale", scale)])
+    for i in range(w.n_layers):
+        layer = w.layer(i, g.torch_type)
         with g.scope(f"layer{i}"):
             x = rms_norm(g, hidden, g.weight("input_norm", layer.input_norm), w.eps)
-            hidden = g.one("Add", [hidden, _attention(g, x, w, layer, inputs, i)])
-            x = rms_norm(g, hidden, g.weight("post_norm", layer.post_norm), w.eps)
-            hidden = g.one("Add", [hidden, _mlp(g, x, layer)])
+            attended = _attention(g, x, w, layer, inputs, masks, i)
+            hidden = g.one("Add", [hidden, _normed(g, attended, layer.attn_out_norm, "attn_out_norm", w.eps)])
+            x = rms_norm(g, hidden, g.weight("mlp_norm", layer.mlp_norm), w.eps)
+            mlp = _mlp(g, x, layer, w.layout.activation)
+            hidden = g.one("Add", [hidden, _normed(g, mlp, layer.mlp_out_norm, "mlp_out_norm", w.eps)])
+        del layer
     return hidden
 
 

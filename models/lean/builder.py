@@ -4,6 +4,10 @@ Every node made inside ``scope("layer3")`` is named ``layer3/<Op>_<k>``, so the 
 (and its nodes counted) by the part of the model they belong to. ``float_type`` is the element type
 of every float the graph computes with (float32, float16 or bfloat16); weights are cast to it as
 they are added, so one builder writes the same graph in any of the three precisions.
+
+With a ``WeightFile`` the builder streams: each weight is converted and appended to the external-data
+file as it is added, and the graph keeps only its name, offset and length, so neither the builder nor
+``make_graph``/``make_model`` (which copy every initializer) ever holds the weights' bytes.
 """
 
 from __future__ import annotations
@@ -11,26 +15,78 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 FLOAT_TYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+TORCH_TYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_TORCH_OF = {FLOAT_TYPES[p]: t for p, t in TORCH_TYPES.items()}
+# Weights smaller than this stay inside model.onnx; larger ones start on a page boundary of the data file.
+INLINE_BYTES = 1024
+ALIGN = 4096
 
 
-def _tensor(array: np.ndarray, name: str, elem_type: int) -> onnx.TensorProto:
-    # numpy's float32 -> float16 and ml_dtypes' float32 -> bfloat16 both round to nearest even, as
-    # torch's .to() does, so a weight here is the weight PyTorch would hold in that precision.
-    dtype = helper.tensor_dtype_to_np_dtype(elem_type) if array.dtype.kind == "f" else array.dtype
-    return numpy_helper.from_array(np.ascontiguousarray(array.astype(dtype, copy=False)), name)
+def as_array(value: np.ndarray | torch.Tensor, elem_type: int) -> np.ndarray:
+    """``value`` in the graph's float type (an integer array as it is), as a contiguous numpy array.
+
+    numpy's and torch's float32 -> float16 and ml_dtypes' and torch's float32 -> bfloat16 all round to
+    nearest even, so a weight here is the weight PyTorch would hold in that precision, whichever
+    dtype the checkpoint stored it in (bfloat16 -> float32 is exact).
+    """
+    dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            return value.detach().contiguous().numpy()
+        cast = value.detach().to(_TORCH_OF[elem_type]).contiguous()
+        # numpy has no bfloat16: its bits are handed over as int16 and viewed as ml_dtypes' bfloat16.
+        return (
+            cast.view(torch.int16).numpy().view(dtype) if elem_type == TensorProto.BFLOAT16 else cast.numpy()
+        )
+    if value.dtype.kind != "f":
+        return np.ascontiguousarray(value)
+    return np.ascontiguousarray(value.astype(dtype, copy=False))
+
+
+class WeightFile:
+    """The external-data file (``model.onnx.data``) a streaming builder appends weights to."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh = path.open("wb")
+        self.size = 0
+
+    def tensor(self, array: np.ndarray, name: str) -> onnx.TensorProto:
+        """Append ``array``'s bytes; the returned tensor names where they are and holds none of them."""
+        pad = -self.size % ALIGN
+        self._fh.write(b"\0" * pad)
+        start = self.size + pad
+        raw = array.reshape(-1).view(np.uint8)
+        self._fh.write(raw.data)
+        self.size = start + raw.nbytes
+        proto = onnx.TensorProto(
+            name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype)
+        )
+        proto.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", str(start)), ("length", str(raw.nbytes))):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, value
+        return proto
+
+    def close(self) -> None:
+        self._fh.close()
 
 
 class GraphBuilder:
-    def __init__(self, precision: str) -> None:
+    def __init__(self, precision: str, data: WeightFile | None = None) -> None:
         self.precision = precision
         self.float_type = FLOAT_TYPES[precision]
+        self.torch_type = TORCH_TYPES[precision]
+        self.data = data
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._scope = ""
@@ -49,10 +105,15 @@ class GraphBuilder:
         self._counts[prefix] += 1
         return f"{prefix}_{self._counts[prefix]}"
 
-    def weight(self, label: str, array: np.ndarray, *, name: str | None = None) -> str:
-        """A float array in the graph's float type (an integer array as it is); ``name`` fixes its name."""
+    def weight(self, label: str, value: np.ndarray | torch.Tensor, *, name: str | None = None) -> str:
+        """A float array in the graph's float type (an integer array as it is); ``name`` fixes its name.
+        With a ``WeightFile``, a weight of ``INLINE_BYTES`` or more is written there at once."""
         name = name or self._name(label)
-        self.initializers.append(_tensor(array, name, self.float_type))
+        array = as_array(value, self.float_type)
+        if self.data is not None and array.nbytes >= INLINE_BYTES:
+            self.initializers.append(self.data.tensor(array, name))
+        else:
+            self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
     def float32(self, label: str, value: float) -> str:

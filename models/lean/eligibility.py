@@ -3,10 +3,11 @@
 The lean graph has no padding mask: each layer's ``Attention`` is causal and nothing else, which is
 right for a right-padded row scored at its last real token (a real token attends only to earlier
 positions, which are real). That holds for a causal decoder whose attention a row's own length
-cannot change. Not for: a sliding window shorter than the bundle's ``max_length`` (the window, not
-causality alone, would decide what a token sees), rotary embeddings that depend on the sequence
-length (dynamic NTK, LongRoPE), Gemma-style models (logit soft-capping, scaled embeddings, other
-norms) or any other family whose layer is not Llama's.
+cannot change. A sliding window shorter than the bundle's ``max_length`` is a mask made from the
+positions alone (models/lean/body.py), which right padding leaves right too. Gemma-2's layer (soft-capped
+attention, sandwich norms, GELU-tanh, scaled embeddings) is Llama's with options (models/lean/weights.py
+``Layout``). Not for: rotary embeddings that depend on the sequence length (dynamic NTK, LongRoPE), an
+activation other than SiLU or GELU-tanh, or any other family whose layer is not Llama's.
 
 Both kinds of bundle take it: an outcome model scores each row's last real token, a process model each
 step token (models/lean/heads.py), and under right padding every real token sees only real tokens.
@@ -18,8 +19,10 @@ from typing import Any
 
 # model_type -> the per-layer node budget of its fp32 lean graph (tests/test_lean_graph.py holds each
 # family to it): Llama's layer, plus a bias Add for Qwen2, plus a reshape-norm-reshape for each of
-# Qwen3's per-head q and k norms.
-LAYER_NODE_BUDGET = {"llama": 20, "mistral": 20, "qwen2": 20, "qwen3": 24}
+# Qwen3's per-head q and k norms, plus Gemma-2's two extra norms (its GELU is one node where SiLU is two).
+LAYER_NODE_BUDGET = {"llama": 20, "mistral": 20, "qwen2": 20, "qwen3": 24, "gemma2": 20}
+# config.json's activation names -> the lean graph's.
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 # Rotary embeddings whose cos/sin depend on the position alone, so they are computed once at export.
 STATIC_ROPE = frozenset({"default", "linear", "llama3", "yarn"})
 
@@ -40,19 +43,25 @@ def rope_type(config: Any) -> str:
     return str(params.get("rope_type") or params.get("type") or "default")
 
 
+def layer_windows(config: Any) -> tuple[int | None, ...]:
+    """Each layer's sliding window (None: full attention), from ``layer_types`` (Mistral: every layer)."""
+    window = sliding_window(config)
+    n = int(config.num_hidden_layers)
+    types = getattr(config, "layer_types", None) or ["sliding_attention"] * n
+    return tuple(window if window is not None and t == "sliding_attention" else None for t in types)
+
+
+def activation(config: Any) -> str:
+    return str(getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu"))
+
+
 def why_not_lean(config: Any, max_length: int) -> str | None:
     """None when a checkpoint of ``config`` exports the lean graph at ``max_length``; else why not."""
     model_type = getattr(config, "model_type", "")
     if model_type not in LAYER_NODE_BUDGET:
         return f"{model_type} has no lean graph (only {', '.join(sorted(LAYER_NODE_BUDGET))})"
-    window = sliding_window(config)
-    if window is not None and window < max_length:
-        return (
-            f"its sliding window ({window} tokens) is shorter than max_length {max_length}, so attention "
-            "needs a mask"
-        )
-    if getattr(config, "hidden_act", "silu") != "silu":
-        return f"hidden_act {config.hidden_act!r} is not silu"
+    if activation(config) not in ACTIVATIONS:
+        return f"its activation {activation(config)!r} is not one of {', '.join(ACTIVATIONS)}"
     kind = rope_type(config)
     if kind not in STATIC_ROPE:
         return f"rope_type {kind!r} depends on the sequence length"
@@ -72,13 +81,14 @@ def graph_reason(
     """None when the export writes the lean graph; else why it writes the traced one.
 
     ``option`` is ``rmserve export --graph``: auto (lean where it applies), lean (or fail), traced.
-    ``attention_reason`` is why attention is unfused, if it is (the lean graph's attention is fused).
+    ``attention_reason`` is why the traced graph's attention would be unfused, if it would; the lean
+    graph writes its own fused Attention, so it decides only between the traced graph's reasons.
     """
     if family != "decoder":
         return "encoders keep the traced graph"
     if option == "traced":
         return "--graph traced"
-    reason = why_not_lean(config, max_length) or attention_reason
+    reason = why_not_lean(config, max_length)
     if reason is not None and option == "lean":
         raise ValueError(f"--graph lean: {reason}")
     return reason

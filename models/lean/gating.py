@@ -33,7 +33,7 @@ def gating_outputs(
         lengths = g.one("ReduceSum", [inputs.attention_mask, g.ints("axis", [1])], keepdims=0)
         last = g.one("Max", [g.one("Sub", [lengths, g.ints("one", 1)]), g.ints("zero", 0)])
         end = g.one("Max", [_prompt_end(g, inputs, head.pattern), g.ints("zero", 0)])
-        norm = g.weight("final_norm", w.final_norm)
+        norm = g.weight("final_norm", w.final_norm())
         at_last = rms_norm(g, g.one("Gather", [flat, g.one("Add", [starts, last])], axis=0), norm, w.eps)
         at_end = rms_norm(g, g.one("Gather", [flat, g.one("Add", [starts, end])], axis=0), norm, w.eps)
         rewards = _float32(g, linear(g, at_last, head.regression, "regression"))

@@ -53,7 +53,7 @@ def last_token_score(
         )
         flat = g.one("Reshape", [hidden, g.ints("rows_shape", [-1, w.hidden])])
         pooled = g.one("Gather", [flat, g.one("Add", [starts, last])], axis=0)
-        normed = rms_norm(g, pooled, g.weight("final_norm", w.final_norm), w.eps)
+        normed = rms_norm(g, pooled, g.weight("final_norm", w.final_norm()), w.eps)
         x = normed
         for k, layer in enumerate(score.layers):
             if k:
@@ -72,7 +72,7 @@ def last_token_score(
 def step_values(g: GraphBuilder, hidden: str, w: DecoderWeights, head: StepHeadWeights) -> str:
     """float32 ``[batch, seq]``: the step head's rule on its label logits at every position."""
     with g.scope(HEAD):
-        x = rms_norm(g, hidden, g.weight("final_norm", w.final_norm), w.eps)
+        x = rms_norm(g, hidden, g.weight("final_norm", w.final_norm()), w.eps)
         for k, layer in enumerate(head.layers):
             if k:
                 x = g.one("Relu", [x])

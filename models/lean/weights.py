@@ -1,10 +1,19 @@
-"""A checkpoint's weights as the lean graph reads them: fp32 numpy arrays, packed per layer.
+"""A checkpoint's weights as the lean graph reads them: drawn by name from a ``TensorSource``, packed
+per layer, one layer at a time.
 
 Linear layers are stored ``[in, out]`` (MatMul's right operand). Each layer's q/k/v projections are
 packed into one matrix and its gate/up projections into another, so a layer runs two products where
-the checkpoint has five; a packed bias is zero where the checkpoint has none. Rotary cos/sin come
-from the model's own rotary module at positions ``0 .. max_length - 1``, so every rope type it
-supports with static frequencies (models/lean/eligibility.py) gives PyTorch's values exactly.
+the checkpoint has five; a packed bias is zero where the checkpoint has none. Weights are read from
+the source when the graph builder asks for a layer (``DecoderWeights.layer``) and converted to the
+graph's float type on the way, so at most one layer's weights are held at once (models/lean/source.py:
+a checkpoint's safetensors read tensor by tensor in their own dtype). Rotary cos/sin come from the
+model's own rotary module at positions ``0 .. max_length - 1``, so every rope type it supports with
+static frequencies (models/lean/eligibility.py) gives PyTorch's values exactly.
+
+A ``Layout`` says what a family's layer has beyond Llama's (Gemma-2: norms that add one to their
+weight, a norm after attention and one on each side of the MLP, GELU-tanh, soft-capped attention
+logits, sliding-window layers, the sqrt(hidden) embedding scale); ``layout_of`` reads it from the
+config.
 
 The head is an outcome model's ``score`` layer (one reward per row), or a process model's
 ``StepHead`` (models/process_heads.py) as ``StepHeadWeights``: the linear layers that give its label
@@ -23,33 +32,67 @@ from torch import nn
 from rmserve.bundle import StepRule
 from rmserve.models.gating_head import GatingHead
 from rmserve.models.heads import ScoreModel
+from rmserve.models.lean.eligibility import ACTIVATIONS, activation, layer_windows
+from rmserve.models.lean.source import ModuleSource, TensorSource
 from rmserve.models.named_heads import Normalized
 from rmserve.models.process_heads import StepHead, StepModel
 
 
 @dataclass(frozen=True)
 class Linear:
-    weight: np.ndarray  # [in, out]
-    bias: np.ndarray | None = None
+    weight: torch.Tensor  # [in, out]
+    bias: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class LayerWeights:
-    input_norm: np.ndarray
+    input_norm: torch.Tensor
     qkv: Linear
-    q_norm: np.ndarray | None  # Qwen3: RMSNorm over each head's query and key
-    k_norm: np.ndarray | None
+    q_norm: torch.Tensor | None  # Qwen3: RMSNorm over each head's query and key
+    k_norm: torch.Tensor | None
     o_proj: Linear
-    post_norm: np.ndarray
+    attn_out_norm: torch.Tensor | None  # Gemma-2: a norm on attention's output before the residual add
+    mlp_norm: torch.Tensor
     gate_up: Linear
     down: Linear
+    mlp_out_norm: torch.Tensor | None  # Gemma-2: a norm on the MLP's output before the residual add
+    window: int | None  # attend to the last ``window`` positions only (a sliding-window layer)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a family's decoder layer does beyond Llama's (the module docstring)."""
+
+    norm_offset: float = 0.0  # Gemma: a norm scales by (1 + weight)
+    sandwich_norms: bool = False  # Gemma-2: post-attention, pre- and post-feed-forward norms
+    activation: str = "silu"  # or "gelu_tanh"
+    attn_softcap: float | None = None
+    embed_scale: float | None = None  # Gemma: embeddings times sqrt(hidden)
+    windows: tuple[int | None, ...] = ()  # per layer; empty: no layer has a window
+
+
+def layout_of(config: Any) -> Layout:
+    windows = layer_windows(config)
+    common = {"activation": ACTIVATIONS[activation(config)], "windows": windows if any(windows) else ()}
+    if config.model_type != "gemma2":
+        return Layout(**common)
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    return Layout(
+        norm_offset=1.0,
+        sandwich_norms=True,
+        attn_softcap=float(softcap) if softcap else None,
+        embed_scale=float(config.hidden_size) ** 0.5,
+        **common,
+    )
 
 
 @dataclass(frozen=True)
 class DecoderWeights:
-    embed: np.ndarray  # [vocab, hidden]
-    layers: tuple[LayerWeights, ...]
-    final_norm: np.ndarray
+    """A decoder body's shapes and settings, and the source its weights are read from by name."""
+
+    source: TensorSource  # names under the body: ``layers.0.self_attn.q_proj.weight``, ...
+    n_layers: int
+    hidden: int
     cos: np.ndarray  # [max_length, head_dim / 2]
     sin: np.ndarray
     eps: float
@@ -57,10 +100,63 @@ class DecoderWeights:
     kv_heads: int
     head_dim: int
     scale: float
+    layout: Layout = Layout()
 
-    @property
-    def hidden(self) -> int:
-        return int(self.embed.shape[1])
+    def embed(self) -> torch.Tensor:
+        return self.source.tensor("embed_tokens.weight")
+
+    def norm(self, name: str) -> torch.Tensor:
+        """A norm's weight as the norm multiplies by it (Gemma's ``1 + w``, summed in float32)."""
+        weight = self.source.tensor(name)
+        offset = self.layout.norm_offset
+        return weight.to(torch.float32) + offset if offset else weight
+
+    def final_norm(self) -> torch.Tensor:
+        return self.norm("norm.weight")
+
+    def layer(self, i: int, dtype: torch.dtype) -> LayerWeights:
+        """Layer ``i``'s weights, its linears packed in ``dtype`` (the graph's float type)."""
+        p, names = f"layers.{i}.", self.source.names()
+
+        def optional(name: str) -> torch.Tensor | None:
+            return self.norm(p + name) if p + name in names else None
+
+        def linears(*parts: str) -> Linear:
+            return _pack(self.source, [p + part for part in parts], dtype)
+
+        sandwich = self.layout.sandwich_norms
+        return LayerWeights(
+            input_norm=self.norm(p + "input_layernorm.weight"),
+            qkv=linears("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            q_norm=optional("self_attn.q_norm.weight"),
+            k_norm=optional("self_attn.k_norm.weight"),
+            o_proj=linears("self_attn.o_proj"),
+            attn_out_norm=self.norm(p + "post_attention_layernorm.weight") if sandwich else None,
+            mlp_norm=self.norm(
+                p + ("pre_feedforward_layernorm" if sandwich else "post_attention_layernorm") + ".weight"
+            ),
+            gate_up=linears("mlp.gate_proj", "mlp.up_proj"),
+            down=linears("mlp.down_proj"),
+            mlp_out_norm=self.norm(p + "post_feedforward_layernorm.weight") if sandwich else None,
+            window=self.layout.windows[i] if self.layout.windows else None,
+        )
+
+
+def _pack(source: TensorSource, prefixes: list[str], dtype: torch.dtype) -> Linear:
+    """Linears of one input, packed side by side: ``x @ weight`` is their outputs concatenated."""
+    names = source.names()
+    weights = [source.tensor(name + ".weight").to(dtype) for name in prefixes]
+    weight = torch.cat([w.T for w in weights], dim=1) if len(weights) > 1 else weights[0].T.contiguous()
+    del weights
+    if not any(name + ".bias" in names for name in prefixes):
+        return Linear(weight)
+    biases = [
+        source.tensor(name + ".bias").to(dtype)
+        if name + ".bias" in names
+        else torch.zeros(int(source.tensor(name + ".weight").shape[0]), dtype=dtype)
+        for name in prefixes
+    ]
+    return Linear(weight, torch.cat(biases))
 
 
 def _array(t: torch.Tensor) -> np.ndarray:
@@ -68,58 +164,43 @@ def _array(t: torch.Tensor) -> np.ndarray:
 
 
 def _linears(*layers: nn.Linear) -> Linear:
-    """Linears of one input, packed side by side: ``x @ weight`` is their outputs concatenated."""
-    weight = np.concatenate([_array(layer.weight).T for layer in layers], axis=1)
+    """Linear modules of one input, packed side by side (a step head's, in float32)."""
+    weight = torch.cat([layer.weight.detach().float().T for layer in layers], dim=1)
     if all(layer.bias is None for layer in layers):
         return Linear(weight)
     biases = [
-        _array(b) if (b := layer.bias) is not None else np.zeros(layer.out_features, np.float32)
+        b.detach().float() if (b := layer.bias) is not None else torch.zeros(layer.out_features)
         for layer in layers
     ]
-    return Linear(weight, np.concatenate(biases))
+    return Linear(weight, torch.cat(biases))
 
 
 def _eps(norm: nn.Module) -> float:
     return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
 
-def _layer(layer: Any) -> LayerWeights:
-    attn, mlp = layer.self_attn, layer.mlp
-    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-    return LayerWeights(
-        input_norm=_array(layer.input_layernorm.weight),
-        qkv=_linears(attn.q_proj, attn.k_proj, attn.v_proj),
-        q_norm=_array(q_norm.weight) if q_norm is not None else None,
-        k_norm=_array(k_norm.weight) if k_norm is not None else None,
-        o_proj=_linears(attn.o_proj),
-        post_norm=_array(layer.post_attention_layernorm.weight),
-        gate_up=_linears(mlp.gate_proj, mlp.up_proj),
-        down=_linears(mlp.down_proj),
-    )
-
-
 def rotary_tables(base: Any, max_length: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin ``[max_length, head_dim / 2]`` from the model's rotary module (rotate-half layout)."""
-    device = base.embed_tokens.weight.device
-    positions = torch.arange(max_length, device=device).unsqueeze(0)
-    probe = torch.zeros(1, device=device, dtype=torch.float32)
+    positions = torch.arange(max_length).unsqueeze(0)
+    probe = torch.zeros(1, dtype=torch.float32)
     with torch.inference_mode():
         cos, sin = base.rotary_emb(probe, positions)
     half = head_dim // 2
-    return _array(cos[0, :, :half]), _array(sin[0, :, :half])
+    return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
 
 
-def decoder_weights(base: Any, max_length: int) -> DecoderWeights:
-    """A Llama-layout decoder body (transformers' ``LlamaModel``, ``Qwen2Model``, ...: the ``body`` of a
-    ``ScoreModel`` or of a process ``StepModel``)."""
+def decoder_weights(base: Any, max_length: int, source: TensorSource | None = None) -> DecoderWeights:
+    """A Llama-layout decoder body (transformers' ``LlamaModel``, ``Qwen2Model``, ``Gemma2Model``...: the
+    ``body`` of a ``ScoreModel`` or of a process ``StepModel``), its weights read from ``source`` (names
+    under the body), or from ``base``'s own parameters."""
     config = base.config
     first = base.layers[0].self_attn
     head_dim = int(first.head_dim)
     cos, sin = rotary_tables(base, max_length, head_dim)
     return DecoderWeights(
-        embed=_array(base.embed_tokens.weight),
-        layers=tuple(_layer(layer) for layer in base.layers),
-        final_norm=_array(base.norm.weight),
+        source=source if source is not None else ModuleSource(base),
+        n_layers=len(base.layers),
+        hidden=int(config.hidden_size),
         cos=cos,
         sin=sin,
         eps=_eps(base.norm),
@@ -127,6 +208,7 @@ def decoder_weights(base: Any, max_length: int) -> DecoderWeights:
         kv_heads=int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
         head_dim=head_dim,
         scale=float(first.scaling),
+        layout=layout_of(config),
     )
 
 
@@ -173,14 +255,18 @@ def _mlp_layers(module: nn.Module, what: str) -> tuple[nn.Linear, ...]:
     raise ValueError(f"a {type(module).__name__} {what} has no lean graph")
 
 
-def score_head(hf_model: Any) -> ScoreHeadWeights | GatingHeadWeights:
-    """The outcome head (``score``, or a named head: models/named_heads.py): hidden -> one reward."""
+def score_head(hf_model: Any, source: TensorSource | None = None) -> ScoreHeadWeights | GatingHeadWeights:
+    """The outcome head (``score``, or a named head: models/named_heads.py): hidden -> one reward. A
+    plain ``score`` layer is read by name from ``source`` (the checkpoint's tensors) when given; the
+    other head forms from the loaded module."""
     head, normalize = hf_model.score, None
     if isinstance(head, GatingHead):
         return gating_weights(head)
     if isinstance(head, Normalized):
         normalize = (float(head.mean[0]), float(head.std[0]))
         head = head.head
+    if source is not None and isinstance(head, nn.Linear) and "score.weight" in source.names():
+        return ScoreHeadWeights((_pack(source, ["score"], torch.float32),), normalize)
     return ScoreHeadWeights(tuple(_linears(layer) for layer in _mlp_layers(head, "score head")), normalize)
 
 
@@ -206,8 +292,13 @@ def step_head(head: StepHead) -> StepHeadWeights:
     )
 
 
-def head_weights(model: ScoreModel | StepModel) -> ScoreHeadWeights | GatingHeadWeights | StepHeadWeights:
-    """The head the lean graph writes on the body: a process model's step head, else the score layer."""
+def head_weights(
+    model: ScoreModel | StepModel, source: TensorSource | None = None
+) -> ScoreHeadWeights | GatingHeadWeights | StepHeadWeights:
+    """The head the lean graph writes on the body: a process model's step head, else the outcome head
+    (a plain ``score`` layer read by name from ``source``, the checkpoint's tensors, when given)."""
     if isinstance(model, StepModel):
         return step_head(model.head)
-    return score_head(model.hf_model)
+    # A named head (models/named_heads.py) is built from the loaded module, not read by name.
+    named = getattr(model, "named_head", None) is not None
+    return score_head(model.hf_model, None if named else source)

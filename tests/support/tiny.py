@@ -15,8 +15,9 @@ from typing import Any
 ARCHITECTURES = ("bert", "deberta-v2", "llama", "qwen2", "qwen3", "gemma2", "mistral")
 ENCODERS = ("bert", "deberta-v2")
 DECODERS = ("llama", "qwen2", "qwen3", "gemma2", "mistral")
-# Decoders whose attention exports fused (one ONNX Attention per layer); Gemma2 soft-caps its logits.
-FUSED = ("llama", "qwen2", "qwen3", "mistral")
+# Decoders whose attention exports fused (one ONNX Attention per layer): Gemma-2 (soft-capped logits,
+# no PyTorch SDPA path) through the lean graph, which writes its own Attention.
+FUSED = ("llama", "qwen2", "qwen3", "mistral", "gemma2")
 # Decoders exported as the lean graph by default (models/lean): the fused ones, here.
 LEAN = FUSED
 # Decoders that keep a tokenizer without any pad token (the exporter must pad with EOS).

@@ -1,0 +1,130 @@
+"""Export memory and time at real sizes: random-init decoders saved in bf16, as real checkpoints are,
+exported to fp32 and to fp16/bf16 bundles, each export in its own process.
+
+    python -m loadtests.export_memory [--sizes 0.4b 1.5b] [--precisions fp32 fp16] [--arch qwen2]
+
+For each export it prints the child process's peak resident memory (``ru_maxrss``, read by the child
+at its end: everything it held, tokenizer and ONNX Runtime included), the bundle's weight bytes, the
+goal (1.25 x weight bytes + 2 GiB), bytes per parameter and seconds per billion parameters. Parity
+runs as in any export (the built-in pairs: short texts, so the reference forward's own cost stays
+small). Checkpoints are written under ``--root`` (default: a temporary directory) and deleted after.
+It asserts nothing; it is a benchmark. docs/export.md gives the table and what it implies for 8B and
+27B models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+GIB = 1024**3
+# Qwen2-0.5B's and Qwen2-1.5B's bodies with a 32k vocabulary; Llama at the same sizes.
+SIZES = {
+    "0.4b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "heads": 14, "kv": 2},
+    "1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "heads": 12, "kv": 2},
+}
+VOCAB = 32768
+
+_MAKE = """
+import sys, torch
+from transformers import AutoConfig, AutoModelForSequenceClassification
+from tests.support.tiny import _decoder_tokenizer
+arch, size, out = sys.argv[1], eval(sys.argv[2]), sys.argv[3]
+tokenizer = _decoder_tokenizer(None, with_pad=True)
+config = AutoConfig.for_model(
+    arch, vocab_size=VOCAB_SIZE, hidden_size=size["hidden_size"], intermediate_size=size["intermediate_size"],
+    num_hidden_layers=size["num_hidden_layers"], num_attention_heads=size["heads"],
+    num_key_value_heads=size["kv"], max_position_embeddings=4096, tie_word_embeddings=False,
+    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    pad_token_id=tokenizer.pad_token_id, num_labels=1,
+)
+torch.manual_seed(0)
+model = AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16)
+model.config.architectures = [type(model).__name__]
+model.save_pretrained(out)
+tokenizer.save_pretrained(out)
+print(sum(p.numel() for p in model.parameters()))
+""".replace("VOCAB_SIZE", str(VOCAB))
+
+_EXPORT = """
+import json, resource, sys, time
+from rmserve.models.export import export_bundle
+checkpoint, bundle, precision = sys.argv[1:4]
+start = time.perf_counter()
+manifest = export_bundle(
+    checkpoint, bundle, name="bench", precision=precision, max_length=512, overwrite=True
+)
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+parity = manifest.parity
+print("RESULT " + json.dumps({
+    "seconds": seconds, "peak": peak, "graph": manifest.graph, "exporter": manifest.exporter,
+    "max_rel_diff": parity.get("max_rel_diff"), "reduced": parity.get(precision),
+}, default=str))
+"""
+
+
+def _run(code: str, *args: str) -> str:
+    env = os.environ | {"RMSERVE_PARITY_DATA": "/nonexistent"}  # the built-in pairs: short texts
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=False
+    )
+    if done.returncode:
+        raise SystemExit(f"failed:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def weight_bytes(bundle: Path) -> int:
+    return sum(f.stat().st_size for f in bundle.glob("model.onnx*"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "fp16"])
+    parser.add_argument("--arch", default="qwen2")
+    parser.add_argument("--root", type=Path, default=None)
+    args = parser.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="rmserve-export-bench-", dir=args.root))
+    rows = []
+    try:
+        for size in args.sizes:
+            checkpoint = root / f"{args.arch}-{size}"
+            params = int(_run(_MAKE, args.arch, repr(SIZES[size]), str(checkpoint)).split()[-1])
+            for precision in args.precisions:
+                bundle = root / f"bundle-{size}-{precision}"
+                out = _run(_EXPORT, str(checkpoint), str(bundle), precision)
+                result = json.loads(out.split("RESULT ", 1)[1])
+                weights = weight_bytes(bundle)
+                goal = 1.25 * weights + 2 * GIB
+                row = {
+                    "model": f"{args.arch} {params / 1e9:.2f}B (bf16 checkpoint)",
+                    "bundle": precision,
+                    "peak_gib": round(result["peak"] / GIB, 2),
+                    "goal_gib": round(goal / GIB, 2),
+                    "within_goal": result["peak"] <= goal,
+                    "weights_gib": round(weights / GIB, 2),
+                    "peak_bytes_per_param": round(result["peak"] / params, 2),
+                    "seconds": round(result["seconds"], 1),
+                    "seconds_per_billion": round(result["seconds"] / (params / 1e9), 1),
+                    "max_rel_diff": result["max_rel_diff"],
+                    "graph": result["graph"],
+                    "weights_from": result["exporter"].get("weights"),
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                shutil.rmtree(bundle, ignore_errors=True)
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

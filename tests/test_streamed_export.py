@@ -1,0 +1,118 @@
+"""Streamed export: weights flow checkpoint -> graph -> model.onnx.data one tensor at a time, and the
+reference forward holds one layer at a time.
+
+Tiny real checkpoints (tests/support/tiny.py), some saved in bfloat16 as real ones are; the export is
+pushed onto its streaming path by ``external_data_bytes=0`` (every weight to model.onnx.data). The
+memory this saves at real sizes is measured by ``python -m loadtests.export_memory`` (docs/export.md),
+not here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+
+from rmserve.bundle import MODEL_FILE, load_bundle
+from rmserve.engines.batches import pad_rows
+from rmserve.engines.onnxruntime import OnnxRuntimeEngine
+from rmserve.formatting import Formatter
+from rmserve.items import PairItem
+from rmserve.models.export import export_bundle
+from rmserve.models.heads import load_score_model
+from rmserve.models.lean.source import SafetensorsSource
+from rmserve.models.parity import builtin_pairs, spread_by_length
+from tests.support.tiny import tiny_checkpoint
+
+
+def bf16_checkpoint(arch: str, directory: Path) -> Path:
+    """A tiny checkpoint of ``arch`` saved again in bfloat16."""
+    from transformers import AutoModelForSequenceClassification
+
+    checkpoint = tiny_checkpoint(arch, directory)
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    model.save_pretrained(checkpoint)
+    return checkpoint
+
+
+def items(n: int = 24) -> list[PairItem]:
+    return [PairItem(p.prompt, p.response) for p in spread_by_length(builtin_pairs(), n)]
+
+
+def served_scores(bundle: Path) -> np.ndarray:
+    loaded = load_bundle(bundle)
+    encoded = Formatter(loaded).encode(items())
+    engine = OnnxRuntimeEngine(loaded.model_path)
+    try:
+        return engine.infer(pad_rows(encoded, loaded.manifest.format.pad_token_id, "right"))
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+def test_the_layer_by_layer_reference_scores_exactly_what_the_whole_float32_model_scores(
+    arch: str, tmp_path: Path
+) -> None:
+    checkpoint = bf16_checkpoint(arch, tmp_path / arch)
+    whole, _, _ = load_score_model(checkpoint)
+    layerwise, _, _ = load_score_model(checkpoint, layerwise=True)
+    # Between forwards the layers hold no weights: they are read for each forward and dropped after.
+    assert {p.device.type for p in layerwise.body.layers.parameters()} == {"meta"}
+    ids = torch.randint(3, 300, (4, 40))
+    mask = torch.ones_like(ids)
+    mask[1, 25:] = 0
+    with torch.inference_mode():
+        assert torch.equal(whole(ids, mask), layerwise(ids, mask))
+    assert {p.device.type for p in layerwise.body.layers.parameters()} == {"meta"}
+
+
+def test_the_safetensors_source_reads_each_tensor_in_its_stored_dtype(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    checkpoint = bf16_checkpoint("llama", tmp_path / "llama")
+    source = SafetensorsSource(checkpoint)
+    stored = load_file(str(checkpoint / "model.safetensors"))
+    assert source.names() == frozenset(stored)
+    for name, tensor in stored.items():
+        read = source.tensor(name)
+        assert read.dtype == tensor.dtype == torch.bfloat16 and torch.equal(read, tensor), name
+
+
+def test_a_bf16_checkpoint_streams_straight_into_an_fp16_bundle_with_no_fp32_graph(tmp_path: Path) -> None:
+    checkpoint = bf16_checkpoint("qwen2", tmp_path / "checkpoint")
+    manifest = export_bundle(checkpoint, tmp_path / "fp16", precision="fp16", external_data_bytes=0)
+    assert manifest.exporter["weights"] == "streamed from the checkpoint's safetensors"
+    assert manifest.exporter["reference_forward"] == "float32, layer by layer"
+    assert manifest.parity["fp32_graph"] == "not written: weights streamed straight to fp16"
+    # No fp32 graph to run: the family's reference usage is held to the float32 reference forward.
+    held = manifest.parity["reference"]
+    assert held["scored_by"] == "the float32 reference forward (no fp32 graph is written)"
+    assert held["token_ids"] == "identical" and held["max_diff"] <= 1e-4
+    record = manifest.parity["fp16"]
+    assert record["residual_guard"] is False and record["pairwise_ranking_agreement"] >= 0.98
+    # Every weight is in model.onnx.data, in float16; model.onnx holds names, offsets and lengths.
+    proto = onnx.load(str(tmp_path / "fp16" / MODEL_FILE), load_external_data=False)
+    large = [t for t in proto.graph.initializer if np.prod(t.dims) >= 512]
+    assert large and all(t.data_location == TensorProto.EXTERNAL and not t.raw_data for t in large)
+    assert {t.data_type for t in large} == {TensorProto.FLOAT16}
+    assert (tmp_path / "fp16" / MODEL_FILE).stat().st_size < 64 * 1024
+    # The packed q/k/v weight of layer 0 is the checkpoint's bf16 weights converted to fp16 as torch does.
+    full = onnx.load(str(tmp_path / "fp16" / MODEL_FILE))
+    qkv = next(t for t in full.graph.initializer if t.name.startswith("layer0/qkv"))
+    source = SafetensorsSource(checkpoint)
+    parts = [source.tensor(f"model.layers.0.self_attn.{p}_proj.weight") for p in "qkv"]
+    expected = torch.cat([w.to(torch.float16).T for w in parts], dim=1).numpy()
+    np.testing.assert_array_equal(numpy_helper.to_array(qkv), expected)
+
+
+def test_a_streamed_fp32_bundle_scores_what_the_bundle_built_in_memory_scores(tmp_path: Path) -> None:
+    checkpoint = bf16_checkpoint("llama", tmp_path / "checkpoint")
+    streamed = export_bundle(checkpoint, tmp_path / "streamed", external_data_bytes=0)
+    in_memory = export_bundle(checkpoint, tmp_path / "in-memory")
+    assert "model.onnx.data" in streamed.files and "model.onnx.data" not in in_memory.files
+    assert streamed.parity["max_rel_diff"] <= 1e-4
+    np.testing.assert_array_equal(served_scores(tmp_path / "streamed"), served_scores(tmp_path / "in-memory"))
