@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Each command's options: rmserve COMMAND --help. The documentation is README.md and docs/ in "
         "rmserve's repository: docs/api.md (the HTTP API), docs/trainers.md, docs/composites.md, "
         "docs/models.md, docs/process.md, docs/prefix-reuse.md, docs/eval.md, docs/ray.md, docs/cache.md, "
-        "docs/gpu.md, docs/reliability.md.",
+        "docs/gpu.md, docs/export.md, docs/reliability.md.",
     )
     parser.add_argument("--version", action="version", version=f"rmserve {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
