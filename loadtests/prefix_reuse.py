@@ -47,7 +47,8 @@ from rmserve.kinds import kind_of
 from rmserve.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_CANDIDATES = [REPO / "shared" / "data", REPO.parent / "shared" / "data", Path("/work/shared/data")]
+# The shared data beside the checkout (never copied into it); --data names another file.
+DATA_CANDIDATES = [REPO / "shared" / "data", REPO.parent / "shared" / "data"]
 SIZES = {
     "hidden_size": 512,
     "num_hidden_layers": 11,
