@@ -20,6 +20,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+# The reason recorded when the user asks for unfused attention; it also keeps a decoder off the lean graph.
+NO_FUSE = "--no-fuse-attention"
+
 FUSED_OP = "Attention"
 FUSED_OPSET = 23
 # Ops that mean attention was left in pieces: a softmax over scores.
@@ -50,7 +53,7 @@ def plan(family: str, *, fuse: bool, opset: int | None, default_opset: int) -> A
         reason = "encoders keep their attention (rmserve export --optimize fuses BERT-style graphs)"
         return unfused(opset or default_opset, reason, family)
     if not fuse:
-        return unfused(opset or default_opset, "--no-fuse-attention")
+        return unfused(opset or default_opset, NO_FUSE)
     if opset is not None and opset < FUSED_OPSET:
         return unfused(opset, f"opset {opset} has no Attention op (it needs {FUSED_OPSET})")
     return AttentionPlan("sdpa", opset or FUSED_OPSET, True)

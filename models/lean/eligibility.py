@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rmserve.models.attention import NO_FUSE
+
 # model_type -> the per-layer node budget of its fp32 lean graph (tests/test_lean_graph.py holds each
 # family to it): Llama's layer, plus a bias Add for Qwen2, plus a reshape-norm-reshape for each of
 # Qwen3's per-head q and k norms, plus Gemma-2's two extra norms (its GELU is one node where SiLU is two).
@@ -82,13 +84,15 @@ def graph_reason(
 
     ``option`` is ``rmserve export --graph``: auto (lean where it applies), lean (or fail), traced.
     ``attention_reason`` is why the traced graph's attention would be unfused, if it would; the lean
-    graph writes its own fused Attention, so it decides only between the traced graph's reasons.
+    graph writes its own fused Attention, so a model's reason (Gemma-2's soft-capping) does not decide,
+    but the user's ``--no-fuse-attention`` does: the lean graph has no unfused form.
     """
     if family != "decoder":
         return "encoders keep the traced graph"
     if option == "traced":
         return "--graph traced"
-    reason = why_not_lean(config, max_length)
+    asked = attention_reason if attention_reason == NO_FUSE else None
+    reason = why_not_lean(config, max_length) or asked
     if reason is not None and option == "lean":
         raise ValueError(f"--graph lean: {reason}")
     return reason
