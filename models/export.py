@@ -53,7 +53,8 @@ from rmserve.models.lean.eligibility import graph_reason
 from rmserve.models.lean.source import SafetensorsSource
 from rmserve.models.named_heads import HeadRequest
 from rmserve.models.parity import Pair, ParityReport, TorchModel, check_parity, torch_scores
-from rmserve.models.process_heads import StepExport, load_step_model, process_format
+from rmserve.models.process_heads import StepExport, process_format
+from rmserve.models.process_load import load_step_model
 from rmserve.models.reduced import REDUCED, reduce_precision
 
 DEFAULT_OPSET = 18
@@ -127,7 +128,7 @@ def export_bundle(
         layout = checkpoint_family(checkpoint)
         chosen = attention.plan(layout, fuse=fuse_attention, opset=opset, default_opset=DEFAULT_OPSET)
         # Remote code and named heads (models/named_heads.py) load whole.
-        layerwise = layout == "decoder" and step is None and weights is not None and not trust_remote_code
+        layerwise = layout == "decoder" and weights is not None and not trust_remote_code
         model, tokenizer, meta, process, chosen = _load(
             checkpoint, chosen, step, trust_remote_code, head, layerwise
         )
@@ -322,6 +323,7 @@ def _load_model(
         return (*loaded, None)
     return load_step_model(
         checkpoint,
+        layerwise=layerwise,
         step_token=step.step_token,
         rule=step.rule,
         label_tokens=step.label_tokens,

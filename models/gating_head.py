@@ -105,13 +105,12 @@ def gating_head(path: Path, config: Any, tokenizer: Any, tensors: dict[str, torc
 
 
 def _tensor(path: Path, name: str) -> torch.Tensor:
-    from safetensors import safe_open
+    from rmserve.models.lean.source import SafetensorsSource, float32_tensors
 
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as fh:
-            if name in set(fh.keys()):
-                return fh.get_tensor(name).to(torch.float32)
-    raise ValueError(f"{path} has no {name}")
+    source = SafetensorsSource(path) if SafetensorsSource.present(path) else None
+    if source is None or name not in source.names():
+        raise ValueError(f"{path} has no {name}")
+    return float32_tensors(source, [name])[name]
 
 
 def objective_names(config: Any, count: int) -> tuple[str, ...]:

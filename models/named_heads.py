@@ -160,16 +160,13 @@ class BodyWithHead(nn.Module):
 
 
 def checkpoint_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """Every float32 tensor of the checkpoint's safetensors files whose name starts with ``prefix.``."""
-    from safetensors import safe_open
+    """Every tensor of the checkpoint's safetensors weights named ``prefix.<rest>``, in float32, keyed
+    by ``<rest>`` (models/lean/source.py reads them)."""
+    from rmserve.models.lean.source import SafetensorsSource, tensors_under
 
-    found: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as fh:
-            for name in sorted(fh.keys()):
-                if name.startswith(prefix + "."):
-                    found[name.removeprefix(prefix + ".")] = fh.get_tensor(name).to(torch.float32)
-    return found
+    if not SafetensorsSource.present(path):
+        return {}  # the head's checks name the tensors it lacks
+    return tensors_under(SafetensorsSource(path), prefix)
 
 
 def load_body(path: Path, config: Any, head: NamedHead, attn: str) -> nn.Module:

@@ -28,26 +28,20 @@ tokenizer, under ``separate`` any separator text (its ids are appended to each s
 the assistant's label after each step turn, one token.
 
 The head is its own module, fed by any decoder body's hidden states, so another body (a lean graph
-builder's) can feed it too.
+builder's) can feed it too. ``load_step_model`` (models/process_load.py) builds a ``StepModel`` from a
+checkpoint, whole or layer by layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 
-from rmserve.bundle import HeadForm, ProcessSettings, StepLayout, StepRule
+from rmserve.bundle import HeadForm, StepLayout, StepRule
 from rmserve.models.heads import (
-    DECODER_ATTENTION,
-    ModelMeta,
-    base_model_of,
-    family_of,
-    load_tokenizer,
     position_ids_of,
 )
 
@@ -202,154 +196,3 @@ def process_format(
     if input_format not in (None, "chat_template"):
         raise ValueError("the turns step layout renders each step as a chat turn; it needs chat_template")
     return "chat_template", bos_tokens
-
-
-def load_step_model(
-    checkpoint_dir: str | Path,
-    *,
-    step_token: str = DEFAULT_STEP_TOKEN,
-    rule: StepRule | None = None,
-    label_tokens: Sequence[str] = DEFAULT_LABEL_TOKENS,
-    attn_implementation: str | None = None,
-    layout: StepLayout = "joint",
-    prompt_suffix: str = "",
-    before_token: str = "",
-    between_steps: str = "",
-) -> tuple[StepModel, Any, ModelMeta, ProcessSettings]:
-    """Load a process reward checkpoint as an fp32 ``StepModel`` in eval mode, with its tokenizer,
-    meta and the process settings its bundle records. ValueError says what does not fit."""
-    from transformers import AutoConfig
-
-    path = Path(checkpoint_dir)
-    config = AutoConfig.from_pretrained(path)
-    if family_of(config) != "decoder":
-        raise ValueError("a process reward model must be a decoder (its step values are read causally)")
-    head = head_form(config)
-    tokenizer = load_tokenizer(path)
-    config.pad_token_id = tokenizer.pad_token_id
-    token_id, separator_ids = step_marker(tokenizer, step_token, layout)
-    if prompt_suffix and layout == "joint":
-        raise ValueError("a prompt suffix applies to the separate and turns step layouts")
-    if (before_token or between_steps) and layout != "joint":
-        raise ValueError("text before the step token and between steps applies to the joint step layout")
-    label_ids: tuple[int, int] | None = None
-    if head == "lm_head":
-        if len(label_tokens) != 2:
-            raise ValueError(f"an LM-head PRM is read at two label tokens (+, -), not {list(label_tokens)}")
-        pos_id, neg_id = (single_token(tokenizer, t, "label token") for t in label_tokens)
-        label_ids = (pos_id, neg_id)
-    attn = {"attn_implementation": attn_implementation or DECODER_ATTENTION}
-    body, projection, labels = _body_and_projection(path, config, head, attn, label_ids)
-    chosen = rule or default_rule(head, labels)
-    # The projection's outputs: (negative, positive) for 2 labels, as transformers' label order is.
-    positive, negative = (1, 0) if labels == 2 else (0, None)
-    softcap = getattr(config, "final_logit_softcapping", None) if head == "lm_head" else None
-    model = StepModel(body, StepHead(projection, chosen, positive, negative, softcap)).eval()
-    settings = ProcessSettings(
-        step_token=step_token,
-        step_token_id=token_id,
-        head=head,
-        rule=chosen,
-        # An LM head's labels are the token ids it is read at; a classifier's, label indices.
-        positive_label=label_ids[0] if label_ids else positive,
-        negative_label=label_ids[1] if label_ids else negative,
-        label_tokens=(label_tokens[0], label_tokens[1]) if label_ids else None,
-        layout=layout,
-        separator_ids=separator_ids,
-        prompt_suffix=prompt_suffix,
-        before_token=before_token,
-        between_steps=between_steps,
-    )
-    archs = getattr(config, "architectures", None) or [type(body).__name__]
-    meta = ModelMeta(
-        family="decoder",
-        pooling="step",
-        model_type=config.model_type,
-        architecture=archs[0],
-        base_model=base_model_of(path),
-        pad_token_id=int(tokenizer.pad_token_id),
-        uses_token_type_ids=False,
-        max_position_embeddings=getattr(config, "max_position_embeddings", None),
-        num_layers=getattr(config, "num_hidden_layers", None),
-    )
-    return model, tokenizer, meta, settings
-
-
-def _body_and_projection(
-    path: Path,
-    config: Any,
-    head: HeadForm,
-    attn: dict[str, str],
-    label_ids: tuple[int, int] | None,
-) -> tuple[nn.Module, nn.Module, int]:
-    """(body, projection to the label logits, number of labels); an LM head's two label rows are
-    ordered (negative, positive) like a classifier's labels."""
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
-
-    if head == "token_classification":
-        labels = int(getattr(config, "num_labels", 2))
-        if labels not in (1, 2):
-            raise ValueError(f"{path} has num_labels={labels}; a token-classification PRM has 1 or 2")
-        hf = AutoModelForTokenClassification.from_pretrained(path, config=config, dtype=torch.float32, **attn)
-        projection = getattr(hf, "score", None) or hf.classifier
-        return hf.base_model, projection, labels
-    if head in ("qwen2_prm", "value_head"):
-        body = _body(path, config, attn)
-        if head == "value_head":
-            return body, _value_head(path, config), 1
-        return body, _qwen2_prm_projection(path, config), 2
-    assert label_ids is not None
-    lm = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32, **attn)
-    full = lm.get_output_embeddings()
-    rows = nn.Linear(full.in_features, 2, bias=full.bias is not None)
-    order = [label_ids[1], label_ids[0]]
-    with torch.no_grad():  # only the two label rows: the graph never holds a [.., vocab] tensor
-        rows.weight.copy_(full.weight[order])
-        if full.bias is not None:
-            rows.bias.copy_(full.bias[order])
-    return lm.base_model, rows, 2
-
-
-def _body(path: Path, config: Any, attn: dict[str, str]) -> nn.Module:
-    """The decoder body under a head transformers has no class for, from the checkpoint's ``model.*``
-    weights; a body weight missing from the checkpoint fails the load naming it (never random)."""
-    from transformers import AutoModel
-
-    body, info = AutoModel.from_pretrained(
-        path, config=config, dtype=torch.float32, output_loading_info=True, **attn
-    )
-    if info["missing_keys"]:
-        raise ValueError(f"{path} lacks body weights: {', '.join(sorted(info['missing_keys'])[:5])}")
-    return cast(nn.Module, body)
-
-
-def _tensors(path: Path, wanted: set[str], what: str) -> dict[str, torch.Tensor]:
-    """The named tensors of a safetensors checkpoint, in float32; ValueError naming any missing."""
-    from safetensors import safe_open
-
-    found: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as fh:
-            for name in wanted & set(fh.keys()):
-                found[name] = fh.get_tensor(name).to(torch.float32)
-    missing = sorted(wanted - set(found))
-    if missing:
-        raise ValueError(f"{path} has no {', '.join(missing)}: not a {what} checkpoint in safetensors")
-    return found
-
-
-def _qwen2_prm_projection(path: Path, config: Any) -> nn.Module:
-    """The Qwen2.5-Math-PRM head (Linear, ReLU, Linear), from the checkpoint's ``score.0``/``score.2``."""
-    hidden = int(config.hidden_size)
-    mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
-    found = _tensors(path, {f"score.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}, QWEN2_PRM)
-    mlp.load_state_dict({k.removeprefix("score."): v for k, v in found.items()})
-    return cast(nn.Module, mlp)
-
-
-def _value_head(path: Path, config: Any) -> nn.Module:
-    """A value head ``Linear(hidden, 1)`` with its bias, from the checkpoint's ``v_head.summary.*``."""
-    linear = nn.Linear(int(config.hidden_size), 1)
-    found = _tensors(path, {f"{VALUE_HEAD}.weight", f"{VALUE_HEAD}.bias"}, "value-head PRM")
-    linear.load_state_dict({k.removeprefix(VALUE_HEAD + "."): v for k, v in found.items()})
-    return linear

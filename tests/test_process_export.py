@@ -79,7 +79,7 @@ def test_a_qwen2_prm_checkpoint_loads_without_remote_code_and_scores_as_its_head
     from safetensors import safe_open
     from transformers import Qwen2Model
 
-    from rmserve.models.process_heads import load_step_model
+    from rmserve.models.process_load import load_step_model
 
     checkpoint = tiny_process_checkpoint("qwen2-prm", tmp_path / "checkpoint")
     model, tokenizer, meta, settings = load_step_model(checkpoint)
@@ -224,7 +224,7 @@ def test_the_lean_step_head_applies_every_rule_as_pytorch_does_on_right_padded_b
     from rmserve.engines.onnxruntime import OnnxRuntimeEngine
     from rmserve.models.lean import write_lean_graph
     from rmserve.models.parity import torch_scores
-    from rmserve.models.process_heads import load_step_model
+    from rmserve.models.process_load import load_step_model
     from tests.support.process import SOLUTIONS, encoded
 
     bundle = process_bundles["qwen2-tc2"]

@@ -9,6 +9,7 @@ not here.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,9 @@ from rmserve.models.export import export_bundle
 from rmserve.models.heads import load_score_model
 from rmserve.models.lean.source import SafetensorsSource
 from rmserve.models.parity import builtin_pairs, spread_by_length
-from tests.support.tiny import tiny_checkpoint
+from rmserve.models.process_heads import StepExport
+from rmserve.models.process_load import load_step_model
+from tests.support.tiny import STEP_TOKENS, tiny_checkpoint, tiny_process_checkpoint
 
 
 def bf16_checkpoint(arch: str, directory: Path) -> Path:
@@ -68,6 +71,85 @@ def test_the_layer_by_layer_reference_scores_exactly_what_the_whole_float32_mode
     with torch.inference_mode():
         assert torch.equal(whole(ids, mask), layerwise(ids, mask))
     assert {p.device.type for p in layerwise.body.layers.parameters()} == {"meta"}
+
+
+def process_checkpoint(form: str, directory: Path) -> Path:
+    """A tiny process checkpoint of each head form the layer-by-layer path takes, saved in bfloat16:
+    ``tests/support/tiny.py``'s forms, an LM head tied to its input embeddings (no ``lm_head.weight``),
+    and Skywork-o1's value head (a Qwen2 body and ``v_head.summary.*``)."""
+    from safetensors.torch import load_file, save_file
+
+    base = {"llama-lm-tied": "llama-lm", "qwen2-value": "qwen2-prm"}.get(form, form)
+    checkpoint = tiny_process_checkpoint(base, directory)
+    config = json.loads((checkpoint / "config.json").read_text())
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    if form == "llama-lm-tied":
+        del weights["lm_head.weight"]
+        config["tie_word_embeddings"] = True
+    if form == "qwen2-value":
+        weights = {k: v for k, v in weights.items() if not k.startswith("score.")}
+        weights |= {
+            "v_head.summary.weight": torch.randn(1, config["hidden_size"]),
+            "v_head.summary.bias": torch.ones(1),
+        }
+        config["architectures"] = ["Qwen2ForPrmModel"]
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    bf16 = {k: v.to(torch.bfloat16).contiguous() for k, v in weights.items()}
+    save_file(bf16, str(checkpoint / "model.safetensors"), metadata={"format": "pt"})
+    return checkpoint
+
+
+HEADS = {
+    "qwen2-tc2": "token_classification",
+    "llama-tc1": "token_classification",
+    "llama-lm": "lm_head",
+    "llama-lm-tied": "lm_head",
+    "qwen2-prm": "qwen2_prm",
+    "qwen2-value": "value_head",
+}
+
+
+@pytest.mark.parametrize("form", list(HEADS))
+def test_the_layer_by_layer_process_reference_gives_exactly_the_whole_float32_models_step_values(
+    form: str, tmp_path: Path
+) -> None:
+    checkpoint = process_checkpoint(form, tmp_path / form)
+    step = STEP_TOKENS.get(form, "<extra_0>") if form != "llama-lm-tied" else STEP_TOKENS["llama-lm"]
+    rule = "sigmoid" if form in ("llama-tc1", "qwen2-value") else None
+    whole, _, _, settings = load_step_model(checkpoint, step_token=step, rule=rule)
+    layerwise, _, _, _ = load_step_model(checkpoint, step_token=step, rule=rule, layerwise=True)
+    assert settings.head == HEADS[form]
+    assert {p.device.type for p in layerwise.body.layers.parameters()} == {"meta"}
+    ids = torch.randint(3, 300, (4, 40))
+    mask = torch.ones_like(ids)
+    mask[1, 25:] = 0
+    with torch.inference_mode():
+        expected, got = whole(ids, mask), layerwise(ids, mask)
+    assert expected.shape == (4, 40) and torch.equal(expected, got)
+    assert {p.device.type for p in layerwise.body.layers.parameters()} == {"meta"}
+
+
+def test_a_process_checkpoint_missing_a_body_weight_fails_the_layer_by_layer_load_naming_it(
+    tmp_path: Path,
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = process_checkpoint("qwen2-prm", tmp_path / "prm")
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, str(checkpoint / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks body weights: layers\.1\.mlp\.up_proj\.weight"):
+        load_step_model(checkpoint, layerwise=True)
+
+
+def test_a_streamed_process_export_runs_its_reference_layer_by_layer_and_holds_parity(tmp_path: Path) -> None:
+    checkpoint = process_checkpoint("qwen2-prm", tmp_path / "checkpoint")
+    step = StepExport(STEP_TOKENS["qwen2-prm"])
+    manifest = export_bundle(checkpoint, tmp_path / "bundle", step=step, external_data_bytes=0)
+    assert manifest.kind == "process" and manifest.graph == "lean"
+    assert manifest.exporter["weights"] == "streamed from the checkpoint's safetensors"
+    assert manifest.exporter["reference_forward"] == "float32, layer by layer"
+    assert manifest.parity["max_rel_diff"] <= 1e-4
 
 
 def test_the_safetensors_source_reads_each_tensor_in_its_stored_dtype(tmp_path: Path) -> None:

@@ -10,14 +10,16 @@ memory-mapped, so a tensor's bytes count against the process only while somethin
 
 ``within(prefix)`` narrows a source to the names under one module (``model.`` for a decoder body),
 so the body reads ``layers.0.self_attn.q_proj.weight`` and a head ``score.weight``, whatever the
-checkpoint's outer class calls its body.
+checkpoint's outer class calls its body. ``float32_tensors`` reads a few named tensors whole, in
+float32: what the heads built beside a body (models/named_heads.py, models/gating_head.py,
+models/process_load.py) take from a checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -172,3 +174,14 @@ def body_prefix(source: TensorSource) -> str:
         if name.endswith("embed_tokens.weight"):
             return name[: -len("embed_tokens.weight")]
     raise ValueError("the checkpoint has no embed_tokens.weight, so its decoder body cannot be found")
+
+
+def float32_tensors(source: TensorSource, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of ``source``, each converted to float32 (KeyError for a name it lacks)."""
+    return {name: source.tensor(name).to(torch.float32) for name in names}
+
+
+def tensors_under(source: TensorSource, prefix: str) -> dict[str, torch.Tensor]:
+    """Every tensor named ``prefix.<rest>``, in float32, keyed by ``<rest>``."""
+    inner = within(source, prefix + ".")
+    return float32_tensors(inner, sorted(inner.names()))

@@ -35,7 +35,7 @@ def torch_step_values(bundle_dir: Path, items: list[Item]) -> list[list[float]]:
     """The PyTorch model's values at each item's step tokens, one unpadded item at a time."""
     import torch
 
-    from rmserve.models.process_heads import load_step_model
+    from rmserve.models.process_load import load_step_model
 
     process = load_bundle(bundle_dir).manifest.process
     assert process is not None
