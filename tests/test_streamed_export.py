@@ -79,8 +79,7 @@ def process_checkpoint(form: str, directory: Path) -> Path:
     and Skywork-o1's value head (a Qwen2 body and ``v_head.summary.*``)."""
     from safetensors.torch import load_file, save_file
 
-    base = {"llama-lm-tied": "llama-lm", "qwen2-value": "qwen2-prm"}.get(form, form)
-    checkpoint = tiny_process_checkpoint(base, directory)
+    checkpoint = tiny_process_checkpoint(FORMS[form][0], directory)
     config = json.loads((checkpoint / "config.json").read_text())
     weights = load_file(str(checkpoint / "model.safetensors"))
     if form == "llama-lm-tied":
@@ -89,7 +88,9 @@ def process_checkpoint(form: str, directory: Path) -> Path:
     if form == "qwen2-value":
         weights = {k: v for k, v in weights.items() if not k.startswith("score.")}
         weights |= {
-            "v_head.summary.weight": torch.randn(1, config["hidden_size"]),
+            "v_head.summary.weight": torch.randn(
+                1, config["hidden_size"], generator=torch.Generator().manual_seed(0)
+            ),
             "v_head.summary.bias": torch.ones(1),
         }
         config["architectures"] = ["Qwen2ForPrmModel"]
@@ -99,26 +100,26 @@ def process_checkpoint(form: str, directory: Path) -> Path:
     return checkpoint
 
 
-HEADS = {
-    "qwen2-tc2": "token_classification",
-    "llama-tc1": "token_classification",
-    "llama-lm": "lm_head",
-    "llama-lm-tied": "lm_head",
-    "qwen2-prm": "qwen2_prm",
-    "qwen2-value": "value_head",
+# form -> (the tests/support/tiny.py form it starts from, the head form load_step_model finds)
+FORMS = {
+    "qwen2-tc2": ("qwen2-tc2", "token_classification"),
+    "llama-tc1": ("llama-tc1", "token_classification"),
+    "llama-lm": ("llama-lm", "lm_head"),
+    "llama-lm-tied": ("llama-lm", "lm_head"),
+    "qwen2-prm": ("qwen2-prm", "qwen2_prm"),
+    "qwen2-value": ("qwen2-prm", "value_head"),
 }
 
 
-@pytest.mark.parametrize("form", list(HEADS))
+@pytest.mark.parametrize("form", list(FORMS))
 def test_the_layer_by_layer_process_reference_gives_exactly_the_whole_float32_models_step_values(
     form: str, tmp_path: Path
 ) -> None:
     checkpoint = process_checkpoint(form, tmp_path / form)
-    step = STEP_TOKENS.get(form, "<extra_0>") if form != "llama-lm-tied" else STEP_TOKENS["llama-lm"]
-    rule = "sigmoid" if form in ("llama-tc1", "qwen2-value") else None
-    whole, _, _, settings = load_step_model(checkpoint, step_token=step, rule=rule)
-    layerwise, _, _, _ = load_step_model(checkpoint, step_token=step, rule=rule, layerwise=True)
-    assert settings.head == HEADS[form]
+    base, head = FORMS[form]
+    whole, _, _, settings = load_step_model(checkpoint, step_token=STEP_TOKENS[base])
+    layerwise, _, _, _ = load_step_model(checkpoint, step_token=STEP_TOKENS[base], layerwise=True)
+    assert settings.head == head
     assert {p.device.type for p in layerwise.body.layers.parameters()} == {"meta"}
     ids = torch.randint(3, 300, (4, 40))
     mask = torch.ones_like(ids)
