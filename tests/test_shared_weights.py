@@ -21,6 +21,7 @@ from rmserve.config import Settings
 from rmserve.engines.base import pad_batch
 from rmserve.engines.reuse import PrefixReusingEngine, with_prefix_reuse
 from rmserve.engines.select import create_engine
+from rmserve.models.export import export_bundle
 from rmserve.models.heads import load_score_model
 from rmserve.models.lean import write_lean_graph
 from rmserve.models.lean.builder import INLINE_BYTES, SharedWeights, WeightFile
@@ -81,6 +82,15 @@ def test_an_exported_bundle_with_a_prefix_reuse_graph_carries_one_weights_file(b
     assert m.past_graph == PAST_FILE
     assert [f for f in m.files if f.endswith(".data")] == [DATA]
     assert_one_weights_file(bundle)
+
+
+def test_exporting_again_gives_the_same_files_and_version(bundle: Path, tmp_path: Path) -> None:
+    again = export_bundle(
+        bundle.parent / "checkpoint", tmp_path / "again", name="other", max_length=512, external_data_bytes=0
+    )
+    assert again.version == read_manifest(bundle).version
+    for name in (MODEL_FILE, PAST_FILE, DATA):
+        assert (tmp_path / "again" / name).read_bytes() == (bundle / name).read_bytes(), name
 
 
 def test_both_graphs_of_the_shared_file_score_and_reuse_equals_the_whole_forward(bundle: Path) -> None:
