@@ -103,6 +103,8 @@ def test_every_architecture_exports_with_parity(arch: str, bundle_of: Callable[[
     # (not the tiny Gemma-2's: its sliding window, shorter than max_length, needs a mask the variant lacks)
     with_past = arch in LEAN and arch != "gemma2"
     assert (m.past_graph == "model_past.onnx" and "model_past.onnx" in m.files) is with_past
+    # One weights file: the prefix-reuse graph refers to model.onnx.data (tests/test_shared_weights.py).
+    assert "model_past.onnx.data" not in m.files
     # Decoders fuse their attention (one Attention op per layer, opset 23), Gemma-2 too on the lean graph.
     assert m.attention == ("fused:Attention" if arch in FUSED else "unfused")
     assert m.opset == (23 if arch in FUSED else 18)

@@ -15,6 +15,10 @@ Streaming: given the checkpoint's tensors (``source``: models/lean/source.py), t
 head read their weights from it by name, layer by layer, in the checkpoint's dtype; when the weights
 go to ``model.onnx.data`` they are written there as each is added (``WeightFile``), so the export holds
 one layer's weights and never the graph's initializers.
+
+The prefix-reuse graph (``model_past.onnx``) is built after the scoring graph with the same weights under
+the same names, and refers to the scoring graph's bytes in ``model.onnx.data`` (``SharedWeights``): a
+bundle carries, and an export writes, each weight once.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from rmserve.models.lean.body import (
     present_names,
     window_masks_needed,
 )
-from rmserve.models.lean.builder import TORCH_TYPES, GraphBuilder, WeightFile
+from rmserve.models.lean.builder import TORCH_TYPES, GraphBuilder, SharedWeights, WeightFile
 from rmserve.models.lean.eligibility import LAYER_NODE_BUDGET, why_not_lean
 from rmserve.models.lean.heads import head_output
 from rmserve.models.lean.source import TensorSource, body_prefix, within
@@ -99,16 +103,18 @@ def build_lean_graph(
     data: WeightFile | None = None,
     *,
     past: bool = False,
+    shared: SharedWeights | None = None,
 ) -> Any:
     """The ONNX model: ``input_ids``, ``attention_mask`` (int64 ``[batch, seq]``) -> ``scores``, float32
     ``[batch]`` for a score layer, ``[batch, sequence]`` for a step head (the new tokens' only), and a
     gating head's ``components``, ``[batch, objectives]``. With ``data``, weights are written there as
-    they are added (models/lean/builder.py).
+    they are added (models/lean/builder.py); with ``shared``, the weights it holds are referred to where
+    they already are.
 
     ``past``: the prefix-reuse variant (models/lean/body.py), which also takes ``past_mask`` (int64
     ``[batch, past]``) and each layer's ``past_key.i`` / ``past_value.i``, and emits each layer's
     ``present_key.i`` / ``present_value.i`` (``[batch, past + sequence, kv_heads * head_dim]``)."""
-    g = GraphBuilder(precision, data)
+    g = GraphBuilder(precision, data, shared)
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
     mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])
     inputs = decoder_inputs(g, ids.name, mask.name, past=past)
@@ -148,16 +154,20 @@ def write_lean_graph(
     else from the model's own parameters. Weights read from ``source`` over ``external_data_bytes``
     or ``STREAM_BYTES`` are written to the data file as they are read. With ``past``, also the
     prefix-reuse variant as ``model_past.onnx``, except for a model with a sliding window shorter than
-    ``max_length`` (whose window the variant's mask does not carry)."""
+    ``max_length`` (whose window the variant's mask does not carry); its weights are those of
+    ``model.onnx.data``, referred to there, never written twice."""
     body = within(source, body_prefix(source)) if source is not None else None
     weights = decoder_weights(model.body, max_length, body)
     head = head_weights(model, source)
     # A gating head reads the prompt's end, which a suffix after a reused prefix may not hold.
     past = past and not window_masks_needed(weights) and not isinstance(head, GatingHeadWeights)
     stream = source is not None and weights_size(source, precision) > min(external_data_bytes, STREAM_BYTES)
-    proto = _write(weights, head, precision, directory / MODEL_FILE, external_data_bytes, stream, past=False)
+    proto = _write(weights, head, precision, directory / MODEL_FILE, external_data_bytes, stream)
+    past_path = directory / PAST_FILE
+    past_path.with_name(PAST_FILE + ".data").unlink(missing_ok=True)  # an older export's own copy
     if past:
-        _write(weights, head, precision, directory / PAST_FILE, external_data_bytes, stream, past=True)
+        shared = SharedWeights.of(directory / MODEL_FILE)
+        onnx.save_model(build_lean_graph(weights, head, precision, past=True, shared=shared), str(past_path))
     return LeanGraph(precision, layer_node_counts(proto), PAST_FILE if past else None)
 
 
@@ -168,18 +178,16 @@ def _write(
     path: Path,
     external_data_bytes: int,
     stream: bool,
-    *,
-    past: bool,
 ) -> Any:
     data_path = path.with_name(path.name + ".data")
     data_path.unlink(missing_ok=True)
     if not stream:
-        proto = build_lean_graph(w, head, precision, past=past)
+        proto = build_lean_graph(w, head, precision)
         save_onnx(proto, path, external_data_bytes)
         return proto
     data = WeightFile(data_path)
     try:
-        proto = build_lean_graph(w, head, precision, data, past=past)
+        proto = build_lean_graph(w, head, precision, data)
     finally:
         data.close()
     onnx.save_model(proto, str(path))  # the weights are in the data file already

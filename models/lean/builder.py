@@ -8,12 +8,16 @@ they are added, so one builder writes the same graph in any of the three precisi
 With a ``WeightFile`` the builder streams: each weight is converted and appended to the external-data
 file as it is added, and the graph keeps only its name, offset and length, so neither the builder nor
 ``make_graph``/``make_model`` (which copy every initializer) ever holds the weights' bytes.
+
+With ``SharedWeights`` (the external weights of a graph already written beside it) a weight of the same
+name, shape and type is not written again: the graph refers to the same bytes of the same data file.
+This is how a bundle's prefix-reuse graph shares ``model.onnx.data`` with its scoring graph.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -81,12 +85,48 @@ class WeightFile:
         self._fh.close()
 
 
+class SharedWeights:
+    """Another graph's weights in external data, by name: a graph built with them refers to those bytes
+    (the same location, offset and length) instead of writing its own copy."""
+
+    def __init__(self, tensors: Iterable[onnx.TensorProto]) -> None:
+        self._by_name = {t.name: t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL}
+
+    @classmethod
+    def of(cls, path: Path) -> SharedWeights:
+        """The external weights of the graph written at ``path`` (its data file is not read)."""
+        return cls(onnx.load(str(path), load_external_data=False).graph.initializer)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def reference(self, array: np.ndarray, name: str) -> onnx.TensorProto | None:
+        """A tensor naming where ``name``'s bytes already are, or None when the other graph has no such
+        weight. A weight of that name with another shape or type is an error, never a silent reuse."""
+        found = self._by_name.get(name)
+        if found is None:
+            return None
+        elem_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        if tuple(found.dims) != array.shape or found.data_type != elem_type:
+            there = helper.tensor_dtype_to_np_dtype(found.data_type)
+            raise ValueError(
+                f"weight {name!r} is {array.dtype}{list(array.shape)} here but "
+                f"{there}{list(found.dims)} in the shared data file"
+            )
+        proto = onnx.TensorProto()
+        proto.CopyFrom(found)
+        return proto
+
+
 class GraphBuilder:
-    def __init__(self, precision: str, data: WeightFile | None = None) -> None:
+    def __init__(
+        self, precision: str, data: WeightFile | None = None, shared: SharedWeights | None = None
+    ) -> None:
         self.precision = precision
         self.float_type = FLOAT_TYPES[precision]
         self.torch_type = TORCH_TYPES[precision]
         self.data = data
+        self.shared = shared
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._scope = ""
@@ -107,10 +147,14 @@ class GraphBuilder:
 
     def weight(self, label: str, value: np.ndarray | torch.Tensor, *, name: str | None = None) -> str:
         """A float array in the graph's float type (an integer array as it is); ``name`` fixes its name.
-        With a ``WeightFile``, a weight of ``INLINE_BYTES`` or more is written there at once."""
+        A weight ``shared`` holds is referred to where it is; else, with a ``WeightFile``, a weight of
+        ``INLINE_BYTES`` or more is written there at once."""
         name = name or self._name(label)
         array = as_array(value, self.float_type)
-        if self.data is not None and array.nbytes >= INLINE_BYTES:
+        reference = self.shared.reference(array, name) if self.shared is not None else None
+        if reference is not None:
+            self.initializers.append(reference)
+        elif self.data is not None and array.nbytes >= INLINE_BYTES:
             self.initializers.append(self.data.tensor(array, name))
         else:
             self.initializers.append(numpy_helper.from_array(array, name))

@@ -8,6 +8,14 @@ computes them for attention either way, and copying them out costs memory bandwi
 
 One session per stream, each with its share of the threads, as the main engine has (only the CPU
 provider is wired: the cache keeps its tensors in host memory).
+
+The graph's weights are the bundle's one ``model.onnx.data``, which ONNX Runtime maps into memory for
+every session of either graph; each session still holds its own copy of the matrices, prepacked for
+MLAS by ``MatMul``. Sharing those needs a ``PrepackedWeightsContainer``
+(``CreateSessionWithPrepackedWeightsContainer``, C API only); onnxruntime 1.32's Python API has none,
+and ``SessionOptions.add_initializer`` / ``add_external_initializers`` share the raw buffers only.
+Prepacking stays on: without it (``session.disable_prepacking``) the sessions share one copy, but short
+passes, this graph's usual work, ran 2-4x slower (docs/prefix-reuse.md, "The weights in memory").
 """
 
 from __future__ import annotations
