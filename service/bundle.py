@@ -18,6 +18,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rmserve.logkeys import reserved_clash
+
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 # The prefix-reuse variant of a lean decoder graph (past K/V in, present K/V out): docs/prefix-reuse.md.
@@ -237,6 +239,10 @@ class Manifest(BaseModel):
     def _process_settings(self) -> Manifest:
         if (self.kind == "process") != (self.process is not None):
             raise ValueError("a process bundle, and only a process bundle, has process settings")
+        for name in self.components:  # logged by /get_reward under their own names
+            why = reserved_clash(name, "objective")
+            if why is not None:
+                raise ValueError(why)
         if self.process is not None and self.format.maps_scores:
             raise ValueError(
                 "score_shift and score_scale apply to outcome bundles; a process bundle's step values are "
