@@ -1,5 +1,6 @@
 """A bundle's score map (``score_shift``, ``score_scale`` in its format settings): served as
-``score_scale * raw + score_shift`` wherever a score leaves, under a version of its own.
+``score_scale * raw + score_shift`` wherever a score leaves (every route, the cache, a composite, the
+client, ``rmserve eval``), under a version of its own.
 
 The shipped default bundle is copied (its files linked) and sealed again with a map, so both serve the
 same graph side by side; no torch is needed.
@@ -14,6 +15,7 @@ import httpx
 import pytest
 
 from rmserve.bundle import BundleError, default_bundle_path, load_bundle, read_manifest, write_manifest
+from rmserve.client import RewardClient
 from rmserve.models.eval.command import main as eval_main
 from tests.support.server import serve
 
@@ -45,8 +47,11 @@ def test_a_bundle_with_a_score_map_serves_mapped_scores_on_every_route_under_its
     mapped = _resealed(tmp_path, score_shift=SHIFT, score_scale=SCALE)
     plain_version = load_bundle(default_bundle_path()).manifest.version
     assert load_bundle(mapped).manifest.version != plain_version
+    composites = tmp_path / "composites.yaml"
+    composites.write_text("composites:\n  both:\n    components:\n      - {name: m, bundle: mapped}\n")
     env = {
         "RMSERVE_MODELS": f"plain={default_bundle_path()},mapped={mapped}",
+        "RMSERVE_COMPOSITES": str(composites),
         "RMSERVE_PROVIDER": "cpu",
         "RMSERVE_PRECISION": "fp32",
     }
@@ -71,6 +76,11 @@ def test_a_bundle_with_a_score_map_serves_mapped_scores_on_every_route_under_its
         classify = {"model": "mapped", "input": ["hello"], "use_activation": False}
         (row,) = http.post("/classify", json=classify).json()["data"]
         assert row["probs"] == pytest.approx([got["rewards"][0]], abs=1e-5)
+
+        composite = http.post("/v1/score", json={"model": "both", "items": items}).json()
+        assert composite["components"]["m"] == first["scores"] and composite["scores"] == first["scores"]
+        with RewardClient(server.url) as client:
+            assert client.score(PAIRS, model="mapped") == first["scores"]
 
     # rmserve eval in process reads the bundle as the server does.
     data = tmp_path / "pairs.jsonl"
