@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -50,7 +51,13 @@ def create_app(
             paths, specs = preflight(settings, keys)
             for name, path in paths.items():
                 models[name] = await load_runtime(name, path, settings, metrics, engine_factory)
-                log.info("loaded model %s version %s from %s", name, models[name].version, path)
+                log.info(
+                    "loaded model %s version %s from %s; %s",
+                    name,
+                    models[name].version,
+                    path,
+                    _prefix_reuse_words(models[name].prefix_reuse),
+                )
             if specs:
                 windows.append(make_windows(settings))
             composites = build_composites(specs, models, windows[0]) if specs else {}
@@ -121,3 +128,10 @@ def create_app(
         log_probes=settings.log_probes,
     )
     return app
+
+
+def _prefix_reuse_words(about: dict[str, Any]) -> str:
+    """A model's ``prefix_reuse`` (as ``/v1/models`` shows it) in the words of its start-up log line."""
+    if about.get("enabled"):
+        return f"prefix reuse on ({about['cache_bytes'] >> 20} MiB cache, entries kept {about['ttl_s']} s)"
+    return f"prefix reuse off: {about.get('reason')}"

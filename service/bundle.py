@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rmserve.logkeys import reserved_clash
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -87,7 +90,8 @@ class FormatSettings(BaseModel):
     # Only for text_pair bundles: how a message list becomes (prompt, response), and where a
     # plain text transcript is split. "hh" renders turns as "\n\nHuman: ..." / "\n\nAssistant: ...".
     turn_style: Literal["hh"] = "hh"
-    # Raw scores are served as the model gives them unless the bundle states an affine map.
+    # An outcome bundle's score map: each score leaves the server as ``score_scale * raw + score_shift``
+    # (``rmserve.kinds``); the defaults serve raw scores. Always in the digest, so a map is a new version.
     score_shift: float = 0.0
     score_scale: float = 1.0
     # Decoders: how many BOS ids every item starts with. None: as the text tokenizes (a chat template's
@@ -100,6 +104,20 @@ class FormatSettings(BaseModel):
     # Only for a gating head (ArmoRM): the token ids whose last occurrence marks the prompt end it reads;
     # an item whose ids lack them cannot be scored.
     gate_pattern: tuple[int, ...] | None = None
+
+    @property
+    def maps_scores(self) -> bool:
+        """Whether the bundle's scores leave the server mapped (``score_shift``, ``score_scale``)."""
+        return (self.score_shift, self.score_scale) != (0.0, 1.0)
+
+    @model_validator(mode="after")
+    def _order_kept(self) -> FormatSettings:
+        # A map that flips or flattens the order would change which of two responses is better.
+        if not (math.isfinite(self.score_scale) and self.score_scale > 0):
+            raise ValueError(f"score_scale {self.score_scale} must be a positive finite number")
+        if not math.isfinite(self.score_shift):
+            raise ValueError(f"score_shift {self.score_shift} must be a finite number")
+        return self
 
     @model_validator(mode="after")
     def _iso_date(self) -> FormatSettings:
@@ -221,6 +239,15 @@ class Manifest(BaseModel):
     def _process_settings(self) -> Manifest:
         if (self.kind == "process") != (self.process is not None):
             raise ValueError("a process bundle, and only a process bundle, has process settings")
+        for name in self.components:  # logged by /get_reward under their own names
+            why = reserved_clash(name, "objective")
+            if why is not None:
+                raise ValueError(why)
+        if self.process is not None and self.format.maps_scores:
+            raise ValueError(
+                "score_shift and score_scale apply to outcome bundles; a process bundle's step values are "
+                f"what its step rule {self.process.rule!r} makes them"
+            )
         return self
 
 

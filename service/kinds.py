@@ -7,6 +7,7 @@ the kind changes.
 * what a row of the engine's output becomes: one float (outcome graphs emit ``[batch]``), the
   values at the item's step-token positions (process graphs emit ``[batch, length]``), or a score
   with its objectives' values (a head with several outputs: the engine's ``[batch, 1 + objectives]``);
+  an outcome bundle's score leaves mapped by its ``score_scale`` and ``score_shift`` (``ScoreMap``);
 * the answer: ``scores``, for a process model ``step_scores`` with each item's aggregate of its
   step values as its score (``min`` by default, ``last``, ``mean`` or ``prod``), and for a head with
   several outputs ``components``, one list per objective.
@@ -104,11 +105,25 @@ def read_score(row: np.ndarray, encoded: Encoded, start: int = 0) -> float:
 
 
 @dataclass(frozen=True)
+class ScoreMap:
+    """An outcome bundle's ``score_scale * raw + score_shift`` (its format settings): applied where a
+    value is read for an answer, so routes, the cache, composites and eval all carry the mapped score;
+    ``values`` (what parity compares with PyTorch) stays raw."""
+
+    scale: float = 1.0
+    shift: float = 0.0
+
+    def __call__(self, score: float) -> float:
+        return score if (self.scale, self.shift) == (1.0, 0.0) else self.scale * score + self.shift
+
+
+@dataclass(frozen=True)
 class OutcomeKind:
     """One reward per item: the graph's score for the row."""
 
     model: str
     formatter: Formatter
+    score_map: ScoreMap = ScoreMap()
     name: str = "outcome"
     step_token: str | None = None
 
@@ -135,7 +150,7 @@ class OutcomeKind:
         return np.asarray(row).reshape(1)
 
     def read(self, row: np.ndarray, encoded: Encoded, start: int = 0) -> float:
-        return read_score(row, encoded, start)
+        return self.score_map(read_score(row, encoded, start))
 
     def answer(self, values: Sequence[Value], aggregate: Aggregate | None) -> Answer:
         scores = [v for v in values if isinstance(v, float)]
@@ -154,6 +169,7 @@ class ObjectivesKind:
     model: str
     formatter: Formatter
     objectives: tuple[str, ...]
+    score_map: ScoreMap = ScoreMap()  # the combined score's; the objectives' values are served raw
     name: str = "outcome"
     step_token: str | None = None
 
@@ -171,7 +187,7 @@ class ObjectivesKind:
     def read(self, row: np.ndarray, encoded: Encoded, start: int = 0) -> Objectives:
         values = _finite(np.asarray(row).reshape(-1))
         assert len(values) == 1 + len(self.objectives), "the engine returns the score, then each objective"
-        return Objectives(values[0], tuple(values[1:]))
+        return Objectives(self.score_map(values[0]), tuple(values[1:]))
 
     def answer(self, values: Sequence[Value], aggregate: Aggregate | None) -> Answer:
         rows = [v for v in values if isinstance(v, Objectives)]
@@ -252,8 +268,10 @@ class ProcessKind:
 def kind_of(model: str, bundle: Bundle, formatter: Formatter) -> BundleKind:
     """The kind object for a loaded bundle; ``model`` is the name it is served under."""
     process = bundle.manifest.process
+    settings = bundle.manifest.format
+    score_map = ScoreMap(settings.score_scale, settings.score_shift)  # a process bundle has none (Manifest)
     if process is None and bundle.manifest.components:
-        return ObjectivesKind(model, formatter, bundle.manifest.components)
+        return ObjectivesKind(model, formatter, bundle.manifest.components, score_map)
     if process is None:
-        return OutcomeKind(model, formatter)
+        return OutcomeKind(model, formatter, score_map)
     return ProcessKind(model, process, StepEncoder(formatter, process))

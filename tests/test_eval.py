@@ -293,6 +293,7 @@ def test_every_format_and_shape_scores_the_same_rows_alike(small_bundle: Path, t
         "pairs": 30 * 3 + 12 * 4,
         "best_of_n": 10,
         "plain": 10,
+        "over_max_length": 0,
         "bad_rows": 0,
     }
     # The same pair in every file and shape gets the very same scores.

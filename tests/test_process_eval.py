@@ -188,14 +188,17 @@ def test_eval_scores_a_processbench_file_in_process_and_through_the_server_alike
     assert main([str(data), "--bundle", str(bundle), "--out", str(local), *options]) == 0
     summary = json.loads((local / "summary.json").read_text())
     recs = [json.loads(line) for line in (local / "scores.jsonl").read_text().splitlines()]
-    assert summary["counts"]["processbench"] == 10 and summary["counts"]["bad_rows"] == 2
+    counts = summary["counts"]
+    assert (counts["processbench"], counts["bad_rows"], counts["over_max_length"]) == (10, 1, 1)
     over = summary["processbench"]["subsets"]["math"]
     assert (over["over_max_length"], over["rows"], summary["processbench"]["overall"]["over_max_length"]) == (
         1,
         5,
         1,
     )
-    assert any("over max_length, not scored cut" in b["reason"] for b in summary["bad_rows"]["first"])
+    (long,) = summary["over_max_length"]["first"]
+    assert "over max_length, not scored cut" in long["reason"]
+    assert not any("max_length" in b["reason"] for b in summary["bad_rows"]["first"])
     # The F1 again, from the recorded step scores, with the metric written out here.
     for subset in ("gsm8k", "math"):
         part = [r for r in recs if r["kind"] == "process" and r["subset"] == subset and "error" not in r]
@@ -225,15 +228,23 @@ def test_eval_scores_a_processbench_file_in_process_and_through_the_server_alike
 
 
 def test_the_docs_sample_file_reads_whole_and_its_rows_over_max_length_are_reported_apart(
-    process_bundles: dict[str, Path], tmp_path: Path
+    process_bundles: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """docs/process.md's worked example evaluates examples/processbench-sample.jsonl: every row must read;
-    the tiny bundle's max_length (128) is under two of its math rows, which are counted apart, unscored."""
+    the tiny bundle's max_length (128) is under two of its math rows, which are counted apart, unscored,
+    and neither as bad rows nor as rows scored, in the summary and in what the command prints."""
     sample = Path(__file__).resolve().parents[1] / "examples" / "processbench-sample.jsonl"
     out = tmp_path / "out"
     bundle = process_bundles["qwen2-tc2"]
     assert main([str(sample), "--bundle", str(bundle), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out.splitlines()
     summary = json.loads((out / "summary.json").read_text())
-    counts, pb = summary["counts"], summary["processbench"]
-    assert (counts["processbench"], counts["process_best_of_n"], counts["bad_rows"]) == (6, 2, 2)
+    counts, pb, run = summary["counts"], summary["processbench"], summary["run"]
+    assert (counts["processbench"], counts["process_best_of_n"], counts["bad_rows"]) == (6, 2, 0)
+    assert (counts["rows_read"], counts["rows_scored"], counts["over_max_length"]) == (10, 8, 2)
+    assert (run["rows_scored"], run["rows_over_max_length"], run["rows_refused"]) == (8, 2, 0)
+    assert printed[0].endswith("; 8 rows scored, 2 over max_length (not scored cut), 0 bad rows skipped")
+    assert printed[-2].startswith("8 rows scored now, 2 over max_length (not scored cut), 0 resumed, in ")
+    assert (out / "bad_rows.jsonl").read_text() == ""
+    assert len((out / "over_max_length.jsonl").read_text().splitlines()) == 2
     assert pb["overall"]["over_max_length"] == 2 and pb["subsets"]["math"]["over_max_length"] == 2

@@ -17,7 +17,7 @@ from rmserve.cli import DefaultsHelpFormatter
 from rmserve.models.eval.rows import EvalError, EvalRow, read_data
 from rmserve.models.eval.scorers import LocalScorer, RemoteScorer, Scorer, score_chunk
 from rmserve.models.eval.steps import threshold_for
-from rmserve.models.eval.store import BAD_ROWS_FILE, ScoreStore, check_run_file
+from rmserve.models.eval.store import BAD_ROWS_FILE, OVER_LENGTH_FILE, ScoreStore, check_run_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
     from rmserve.models.eval.render import write_report
-    from rmserve.models.eval.summary import bad_rows, summarize
+    from rmserve.models.eval.summary import bad_rows, over_length_rows, summarize
 
     out = Path(args.out)
     rows, bad, files = read_data(args.data, split=args.split, limit=args.limit, strict=args.strict)
@@ -159,7 +159,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         todo = [r for r in rows if r.key not in done]
         resumed = len(rows) - len(todo)
         started = time.perf_counter()
-        scored_now = 0
+        # This run's rows: sent to the model (what --stop-after counts), and what became of them.
+        sent_now, scored_now, over_now, refused_now = 0, 0, 0, 0
         with tqdm(
             total=len(rows),
             initial=resumed,
@@ -179,9 +180,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         f"bad row (--strict): {failed[0]['file']}:{failed[0]['line']}: "
                         f"the model refused it: {failed[0]['error']}"
                     )
-                scored_now += len(chunk)
+                sent_now += len(chunk)
+                over = sum(bool(r.get("too_long")) for r in failed)
+                scored_now, over_now = scored_now + len(chunk) - len(failed), over_now + over
+                refused_now += len(failed) - over
                 bar.update(len(chunk))
-                if args.stop_after is not None and scored_now >= args.stop_after:
+                if args.stop_after is not None and sent_now >= args.stop_after:
                     os._exit(75)
         seconds = time.perf_counter() - started
     finally:
@@ -191,6 +195,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     run_info = {
         "rows_resumed": resumed,
         "rows_scored": scored_now,
+        "rows_over_max_length": over_now,
+        "rows_refused": refused_now,
         "items_sent_to_model": scorer.items_sent,
         "torn_lines_discarded": store.torn,
         "seconds": round(seconds, 3),
@@ -208,9 +214,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         threshold=threshold_for(scorer.model.get("step_rule")) if args.threshold is None else args.threshold,
         aggregate=args.step_aggregate,
     )
-    with (out / BAD_ROWS_FILE).open("w", encoding="utf-8") as fh:
-        for entry in bad_rows(bad, records):
-            fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    unscored = {BAD_ROWS_FILE: bad_rows(bad, records), OVER_LENGTH_FILE: over_length_rows(records)}
+    for name, entries in unscored.items():
+        with (out / name).open("w", encoding="utf-8") as fh:
+            for entry in entries:
+                fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
     write_report(out, summary, records)
     return summary
 

@@ -44,14 +44,16 @@ def _score_pairs(
 def score_bundle(
     bundle_dir: str | Path, pairs: Sequence[PreferencePair], *, threads: int | None = None
 ) -> np.ndarray:
-    """[N, 2] (chosen, rejected) scores from a bundle on the ONNX Runtime CPU engine."""
+    """[N, 2] (chosen, rejected) scores from a bundle on the ONNX Runtime CPU engine, mapped by its
+    ``score_scale`` and ``score_shift`` as the server serves them."""
     from rmserve.bundle import load_bundle
     from rmserve.engines.onnxruntime import OnnxRuntimeEngine
 
     bundle = load_bundle(bundle_dir)
     engine = OnnxRuntimeEngine(bundle.model_path, threads=threads or available_cpus())
     try:
-        return _score_pairs(Formatter(bundle), pairs, engine.infer)
+        raw = _score_pairs(Formatter(bundle), pairs, engine.infer)
+        return raw * bundle.manifest.format.score_scale + bundle.manifest.format.score_shift
     finally:
         engine.close()
 

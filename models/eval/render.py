@@ -136,7 +136,7 @@ def markdown(summary: dict[str, Any], plots: list[str]) -> str:
             if c.get("processbench") or c.get("process_best_of_n")
             else ""
         )
-        + f"; {c['bad_rows']} bad rows skipped.",
+        + f"; {_not_scored(c)}.",
         "",
     ]
     if summary["accuracy"] is not None:
@@ -209,15 +209,25 @@ def markdown(summary: dict[str, Any], plots: list[str]) -> str:
             for b in bad["first"][:20]
         ]
         lines.append("")
+    long = summary.get("over_max_length", {"count": 0})
+    if long["count"]:
+        lines += [
+            "## Rows over max_length",
+            "",
+            f"{long['count']} rows were sent whole and not scored cut (all in `over_max_length.jsonl`):",
+            "",
+        ]
+        lines += [f"- `{b['file']}` line {b['line']}: {b['reason']}" for b in long["first"][:20]]
+        lines.append("")
     r = summary["run"]
     lines += [
         "## Run",
         "",
-        f"{r['rows_scored']} rows scored in {r['seconds']} s "
+        f"{_run_rows(r)} in {r['seconds']} s "
         f"({r['items_sent_to_model']} items sent to the model"
         + (f", {r['pairs_per_s']} pairs/s" if r.get("pairs_per_s") else "")
         + "); "
-        f"{r['rows_resumed']} rows were already scored by an earlier run.",
+        f"{r['rows_resumed']} rows were already handled by an earlier run.",
         "",
     ]
     return "\n".join(lines)
@@ -272,8 +282,7 @@ def console_lines(summary: dict[str, Any], out: Path) -> list[str]:
     m, c, r = summary["model"], summary["counts"], summary["run"]
     lines = [
         f"model {m.get('name')} {m.get('version')} ({m.get('mode')}, {m.get('provider')} "
-        f"{m.get('precision')}); {c['rows_scored']} rows scored, "
-        f"{c['bad_rows']} bad rows skipped"
+        f"{m.get('precision')}); {c['rows_scored']} rows scored, {_not_scored(c)}"
     ]
     if summary["accuracy"] is not None:
         width = max([len("overall"), *map(len, summary["files"]), *map(len, summary["subsets"])])
@@ -308,9 +317,24 @@ def console_lines(summary: dict[str, Any], out: Path) -> list[str]:
             f"(oracle {_fmt(g['oracle'])}, random {_fmt(g['random'])}) over {g['rows']} rows"
         )
     rate = f", {r['pairs_per_s']} pairs/s" if r.get("pairs_per_s") else ""
-    lines.append(
-        f"{r['rows_scored']} rows scored now, {r['rows_resumed']} resumed, in {r['seconds']} s{rate}"
-    )
+    lines.append(f"{_run_rows(r, ' now')}, {r['rows_resumed']} resumed, in {r['seconds']} s{rate}")
     n = len(summary.get("plots", []))
     lines.append(f"wrote {out}/summary.json, scores.jsonl, report.md and {n} plot{'' if n == 1 else 's'}")
     return lines
+
+
+def _not_scored(counts: dict[str, Any]) -> str:
+    """The rows read but not scored, each kind apart: over max_length (only when there are any), bad."""
+    over = counts.get("over_max_length", 0)
+    long = f"{over} over max_length (not scored cut), " if over else ""
+    return long + f"{counts['bad_rows']} bad rows skipped"
+
+
+def _run_rows(run: dict[str, Any], when: str = "") -> str:
+    """What became of the rows this run sent: scored, and (when there are any) over max_length or refused."""
+    text = f"{run['rows_scored']} rows scored{when}"
+    if run.get("rows_over_max_length"):
+        text += f", {run['rows_over_max_length']} over max_length (not scored cut)"
+    if run.get("rows_refused"):
+        text += f", {run['rows_refused']} refused by the model"
+    return text

@@ -19,6 +19,7 @@ from rmserve.models.eval.rows import EvalError
 SCORES_FILE = "scores.jsonl"
 RUN_FILE = "run.json"
 BAD_ROWS_FILE = "bad_rows.jsonl"
+OVER_LENGTH_FILE = "over_max_length.jsonl"
 
 
 class ScoreStore:

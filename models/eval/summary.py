@@ -194,20 +194,27 @@ def rewardbench_v2(accuracy: dict[str, float]) -> dict[str, Any] | None:
 
 
 def bad_rows(bad: Sequence[BadRow], records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every row not scored: unreadable ones, then the ones the model side refused."""
+    """Every bad row: unreadable ones, then the ones the model side refused (rows over max_length
+    are not bad rows: ``over_length_rows``)."""
     out = [b.as_dict() for b in bad]
-    out += [
-        {
-            "file": r["file"],
-            "line": r["line"],
-            "unit": "line",
-            "reason": ("over max_length, not scored cut: " if r.get("too_long") else "refused by the model: ")
-            + r["error"],
-        }
-        for r in records
-        if "error" in r
-    ]
+    out += [_unscored(r, "refused by the model: ") for r in records if "error" in r and not r.get("too_long")]
     return out
+
+
+def over_length_rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every row over the model's max_length: sent whole, refused, never scored cut."""
+    return [_unscored(r, "over max_length, not scored cut: ") for r in records if r.get("too_long")]
+
+
+def _unscored(record: dict[str, Any], why: str) -> dict[str, Any]:
+    return {"file": record["file"], "line": record["line"], "unit": "line", "reason": why + record["error"]}
+
+
+def _by_file(entries: Iterable[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for e in entries:
+        counts[e["file"]] += 1
+    return dict(counts)
 
 
 def summarize(
@@ -231,10 +238,8 @@ def summarize(
         by_file[r["file"]].append(o)
     subsets = {name: _group(v) for name, v in sorted(by_subset.items())}
     accuracy = {name: g["accuracy"] for name, g in subsets.items()}
-    all_bad = bad_rows(bad, records)
-    bad_by_file: dict[str, int] = defaultdict(int)
-    for b in all_bad:
-        bad_by_file[b["file"]] += 1
+    all_bad, too_long = bad_rows(bad, records), over_length_rows(records)
+    bad_by_file, long_by_file = _by_file(all_bad), _by_file(too_long)
     h = hashlib.sha256()
     for f in sorted(files, key=lambda f: f.digest):
         h.update(f.digest.encode() + b"\0")
@@ -251,6 +256,7 @@ def summarize(
             "pairs": sum(r["kind"] == "pair" for r in scored),
             "best_of_n": sum(r["kind"] == "best_of_n" for r in scored),
             "plain": sum(r["kind"] == "score" for r in scored),
+            "over_max_length": len(too_long),
             "bad_rows": len(all_bad),
         },
         "scores": {
@@ -264,11 +270,18 @@ def summarize(
             "digest": "sha256:" + h.hexdigest(),
             "limit_per_file": limit,
             "files": [
-                {"path": f.path, "digest": f.digest, "rows": f.rows, "bad_rows": bad_by_file.get(f.path, 0)}
+                {
+                    "path": f.path,
+                    "digest": f.digest,
+                    "rows": f.rows,
+                    "bad_rows": bad_by_file.get(f.path, 0),
+                    "over_max_length": long_by_file.get(f.path, 0),
+                }
                 for f in files
             ],
         },
-        "bad_rows": {"count": len(all_bad), "by_file": dict(bad_by_file), "first": all_bad[:100]},
+        "bad_rows": {"count": len(all_bad), "by_file": bad_by_file, "first": all_bad[:100]},
+        "over_max_length": {"count": len(too_long), "by_file": long_by_file, "first": too_long[:100]},
         "method": {
             "pair": "right when r_chosen > r_rejected; ties count as wrong (RewardBench v1)",
             "best_of_n": "RewardBench-2: 1 when chosen is the unique top score, 1/k when k responses "

@@ -24,6 +24,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
+from rmserve import logkeys as keys
 from rmserve.api.schemas import (
     ClassifyRequest,
     RewardRequest,
@@ -118,24 +119,25 @@ def _step_logs(result: ScoreResult | None) -> dict[str, list[float]]:
     steps = result.step_scores if result is not None else []
     dropped = result.item_dropped if result is not None else []
     return {
-        "rm_steps": [float(len(s)) for s in steps or []],
-        "rm_steps_dropped": [float(d) for d in dropped],
-        "rm_step_min": [min(s) for s in steps or []],
-        "rm_step_mean": [sum(s) / len(s) for s in steps or []],
-        "rm_step_last": [s[-1] for s in steps or []],
+        keys.STEPS: [float(len(s)) for s in steps or []],
+        keys.STEPS_DROPPED: [float(d) for d in dropped],
+        keys.STEP_MIN: [min(s) for s in steps or []],
+        keys.STEP_MEAN: [sum(s) / len(s) for s in steps or []],
+        keys.STEP_LAST: [s[-1] for s in steps or []],
     }
 
 
 def _component_logs(result: ScoreResult | None) -> dict[str, list[float]]:
     """A composite's components, as OpenRLHF logs extra_logs (one number per sample, each key its own
     metric): ``<component>`` its raw value, ``<component>_normalized`` as normalised, and ``rm_skipped``
-    how many components were left out (on_error: skip)."""
+    how many components were left out (on_error: skip). No name takes another's key (``rmserve.logkeys``:
+    the composites file and the bundle refuse such names)."""
     if result is None or result.components is None:
         return {}
     n = len(result.scores)
     logs = dict(result.components)
-    logs |= {f"{name}_normalized": values for name, values in (result.normalized or {}).items()}
-    return logs | {"rm_skipped": [float(len(result.skipped))] * n}
+    logs |= {keys.normalized_key(name): values for name, values in (result.normalized or {}).items()}
+    return logs | {keys.SKIPPED: [float(len(result.skipped))] * n}
 
 
 @router.post(
@@ -185,10 +187,10 @@ async def get_reward(
     # Several reward URLs and one sample: OpenRLHF sends the other servers empty lists.
     scores = result.scores if result is not None else []
     logs = {
-        "rm_tokens": [float(t) for t in (result.item_tokens if result is not None else [])],
-        "rm_truncated": [float(t) for t in (result.item_truncated if result is not None else [])],
-        "rm_retemplated": _flags(outcomes, "retemplated"),
-        "rm_unrecognised": _flags(outcomes, "unrecognised"),
+        keys.TOKENS: [float(t) for t in (result.item_tokens if result is not None else [])],
+        keys.TRUNCATED: [float(t) for t in (result.item_truncated if result is not None else [])],
+        keys.RETEMPLATED: _flags(outcomes, "retemplated"),
+        keys.UNRECOGNISED: _flags(outcomes, "unrecognised"),
     } | _component_logs(result)
     if step_token is None:
         return RewardResponse(rewards=scores, scores=scores, extra_logs=logs)

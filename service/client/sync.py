@@ -87,7 +87,7 @@ class RewardClient(BaseRewardClient):
     def score(
         self, items: Iterable[ItemLike], *, model: str | None = None, truncation: str | None = None
     ) -> list[float]:
-        """One raw reward per item, in order."""
+        """One reward per item, in order: the raw score, or as the bundle's score map serves it."""
         return self.score_result(items, model=model, truncation=truncation).scores
 
     def score_steps(

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rmserve.logkeys import normalized_clash, reserved_clash
 
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -61,6 +63,14 @@ class Component(_Spec):
     # rule: label_match, 1.0 when the answer taken from the response equals the item's label
     extract: Literal["boxed", "last_number", "text"] = "text"
 
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        why = reserved_clash(name, "component name")
+        if why is not None:
+            raise ValueError(why)
+        return name
+
     @model_validator(mode="after")
     def _one_source(self) -> Component:
         if (self.bundle is None) == (self.rule is None):
@@ -88,6 +98,9 @@ class Composite(_Spec):
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ValueError(f"component names must differ; given twice: {', '.join(twice)}")
+        clash = normalized_clash(names)
+        if clash is not None:
+            raise ValueError(clash)
         gates = [c.name for c in self.components if c.threshold is not None]
         if self.combine == "gate" and (self.floor is None or not gates):
             raise ValueError("combine gate needs floor and at least one component with a threshold")

@@ -239,7 +239,7 @@ def why_not(bundle: Bundle, info: EngineInfo, settings: Settings) -> str | None:
     if info.provider != "cpu":
         return (
             f"the prefix-reuse graph runs on ONNX Runtime's CPU provider only; this engine is "
-            f"{info.provider} (serve with --provider cpu to reuse prefixes)"
+            f"{info.provider} (serve with --provider cpu, RMSERVE_PROVIDER=cpu, to reuse prefixes)"
         )
     if info.precision != m.precision:
         return f"the prefix-reuse graph is {m.precision}; this engine runs {info.precision}"
