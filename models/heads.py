@@ -33,7 +33,7 @@ Family = Literal["encoder", "decoder"]
 ENCODER_TYPES = frozenset(
     {"bert", "deberta-v2", "deberta", "roberta", "xlm-roberta", "distilbert", "electra"}
 )
-DECODER_TYPES = frozenset({"llama", "qwen2", "qwen3", "gemma", "gemma2", "mistral", "phi3"})
+DECODER_TYPES = frozenset({"llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mistral", "phi3"})
 
 # Decoders are loaded with eager attention unless the caller asks for another implementation
 # (the exporter asks for "sdpa" to get a fused Attention op per layer: models/attention.py).
