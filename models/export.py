@@ -48,7 +48,7 @@ from rmserve.models.families.process import refused_process_family
 from rmserve.models.formats import default_max_length, format_settings, save_tokenizer
 from rmserve.models.graph import EXTERNAL_DATA_BYTES, ExportError, export_onnx, fuse_encoder, input_names
 from rmserve.models.heads import ModelMeta, checkpoint_family, load_score_model
-from rmserve.models.layerwise import return_freed_buffers
+from rmserve.models.layerwise import own_names, return_freed_buffers
 from rmserve.models.lean.eligibility import graph_reason
 from rmserve.models.lean.source import SafetensorsSource
 from rmserve.models.named_heads import HeadRequest
@@ -126,8 +126,14 @@ def export_bundle(
             raise ValueError(f"{entry.title} is read at one token of its LM head: pass {flags}")
         layout = checkpoint_family(checkpoint)
         chosen = attention.plan(layout, fuse=fuse_attention, opset=opset, default_opset=DEFAULT_OPSET)
-        # Remote code and named heads (models/named_heads.py) load whole.
-        layerwise = layout == "decoder" and step is None and weights is not None and not trust_remote_code
+        # Remote code, named heads (models/named_heads.py) and renamed weights load whole.
+        layerwise = (
+            layout == "decoder"
+            and step is None
+            and weights is not None
+            and own_names(weights)
+            and not trust_remote_code
+        )
         model, tokenizer, meta, process, chosen = _load(
             checkpoint, chosen, step, trust_remote_code, head, layerwise
         )

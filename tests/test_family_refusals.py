@@ -99,17 +99,6 @@ def test_a_class_no_family_knows_is_refused_by_name_not_guessed(llama: Path, tmp
     assert "LlamaForRewardModelWithGating31" in message and "docs/models.md" in message
 
 
-def test_a_gemma3_image_text_classifier_is_refused_by_name_pointing_at_the_text_class(
-    llama: Path, tmp_path: Path
-) -> None:
-    ck = copy_of(llama, tmp_path)
-    # Gemma3ForSequenceClassification's config.json: model_type gemma3, the decoder under text_config.
-    edit_config(ck, architectures=["Gemma3ForSequenceClassification"], model_type="gemma3")
-    message = refused(ck, tmp_path)
-    assert "Gemma3ForSequenceClassification" in message and "text_config" in message
-    assert "Gemma3TextForSequenceClassification" in message
-
-
 def test_a_declared_class_other_than_the_one_transformers_builds_fails_the_export(
     llama: Path, tmp_path: Path
 ) -> None:

@@ -2,7 +2,8 @@
 lean graph: per-head q/k norms, two pairs of rotary tables (``rope_local_base_freq`` for the sliding
 layers, ``rope_theta`` with linear scaling for the global ones), a window shorter than max_length, the
 sandwich norms and the scaled embeddings; held to transformers' eager forward in float32, in bf16 and
-fp16 bundles, streamed, and with the prefix-reuse graph where the window allows one.
+fp16 bundles, streamed, and with the prefix-reuse graph where the window allows one. The image-text
+class (``Gemma3ForSequenceClassification``, model_type ``gemma3``) exports its text decoder the same way.
 
 The tiny checkpoint (tests/support/tiny.py) has a sliding layer then a global one, window 16 against
 max_length 128, and the 4B+ configs' ``rope_scaling`` (linear, factor 8) on its global layer.
@@ -17,6 +18,7 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from transformers import AutoModelForSequenceClassification
 
 from rmserve.bundle import MODEL_FILE, PAST_FILE, load_bundle
 from rmserve.config import Settings
@@ -30,6 +32,7 @@ from rmserve.items import PairItem
 from rmserve.models.export import export_bundle
 from rmserve.models.heads import load_score_model
 from rmserve.models.lean import why_not_lean
+from rmserve.models.lean.source import SafetensorsSource
 from rmserve.models.parity import builtin_pairs, spread_by_length, torch_scores
 from tests.support.tiny import tiny_bundle, tiny_checkpoint
 
@@ -113,8 +116,6 @@ def test_gemma3_fp32_scores_equal_transformers_eager_forward_on_items_longer_tha
     batch = pad_rows(Formatter(load_bundle(bundle)).encode(mixed_items()), pad, "right")
     np.testing.assert_allclose(served, torch_scores(model, batch), rtol=1e-4, atol=1e-5)
     # And against the checkpoint's own class, one unpadded row at a time, as transformers scores it.
-    from transformers import AutoModelForSequenceClassification
-
     hf = AutoModelForSequenceClassification.from_pretrained(
         checkpoint, dtype=torch.float32, attn_implementation="eager"
     ).eval()
@@ -165,6 +166,66 @@ def test_a_gemma3_window_as_long_as_max_length_gets_the_prefix_reuse_graph_and_t
     expected = plain.infer(pad_batch(rows, pad))
     np.testing.assert_allclose(reusing.infer(pad_batch(rows, pad)), expected, atol=1e-5, rtol=0)
     np.testing.assert_allclose([reusing.infer(pad_batch([r], pad))[0] for r in rows], expected, atol=1e-5)
+
+
+def image_text_checkpoint(directory: Path) -> Path:
+    """The tiny Gemma-3 text decoder as a ``Gemma3ForSequenceClassification`` (model_type ``gemma3``): its
+    config under ``text_config`` beside a tiny SigLIP tower, saved as transformers saves it (the decoder's
+    weights under ``language_model.model.``)."""
+    from transformers import AutoTokenizer, Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    text = tiny_checkpoint("gemma3_text", directory / "text")
+    tokenizer = AutoTokenizer.from_pretrained(text)
+    vision = SiglipVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        vision_use_head=False,  # as in Gemma-3's configs
+    )
+    config = Gemma3Config(
+        text_config=Gemma3TextConfig.from_pretrained(text).to_dict(),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=4,
+        num_labels=1,
+        initializer_range=0.2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.config.architectures = [type(model).__name__]
+    out = directory / "image-text"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_a_gemma3_image_text_classifier_exports_its_text_decoder_and_scores_as_transformers_does(
+    tmp_path: Path,
+) -> None:
+    checkpoint = image_text_checkpoint(tmp_path)
+    stored = SafetensorsSource(checkpoint).names()
+    assert "language_model.model.embed_tokens.weight" in stored and "score.weight" in stored
+    manifest = export_bundle(checkpoint, tmp_path / "bundle", external_data_bytes=0)
+    assert (manifest.model_type, manifest.architecture) == ("gemma3", "Gemma3ForSequenceClassification")
+    assert manifest.graph == "lean" and manifest.exporter["lean"]["nodes_per_layer"] == 23  # type: ignore[attr-defined]
+    assert manifest.model_family is not None and manifest.model_family["name"] == "gemma3-text"
+    assert manifest.parity["reference"]["token_ids"] == "identical"
+    # No vision weight is written: the graph reads text only.
+    graph = onnx.load(str(tmp_path / "bundle" / MODEL_FILE), load_external_data=False)
+    assert not [t.name for t in graph.graph.initializer if "vision" in t.name or "projector" in t.name]
+    served, ids = infer(tmp_path / "bundle")
+    hf = AutoModelForSequenceClassification.from_pretrained(
+        checkpoint, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    lengths = (ids != manifest.format.pad_token_id).sum(axis=1)
+    with torch.inference_mode():
+        rows = [torch.tensor(row[:n]).unsqueeze(0) for row, n in zip(ids, lengths, strict=True)]
+        own = np.array([float(hf(input_ids=row).logits[0, 0]) for row in rows])
+    assert np.ptp(own) > 0.5  # scores spread enough for the tolerance to mean something
+    np.testing.assert_allclose(served, own, rtol=1e-4, atol=1e-5)
 
 
 def test_a_bidirectional_gemma3_config_keeps_off_the_lean_graph_with_the_reason() -> None:

@@ -1,6 +1,8 @@
-"""Gemma-3 reward models: the text decoder with transformers' ``score`` head
-(``Gemma3TextForSequenceClassification``, model_type ``gemma3_text``), exported on the lean graph
-(models/lean/layout.py), and the image-text class refused by name.
+"""Gemma-3 reward models: the text decoder with transformers' ``score`` head, as the text-only class
+(``Gemma3TextForSequenceClassification``, model_type ``gemma3_text``) or the image-text one
+(``Gemma3ForSequenceClassification``, model_type ``gemma3``, its decoder under ``text_config`` beside a
+vision tower), exported on the lean graph (models/lean/layout.py). The image-text model scores text as
+its ``language_model`` does (models/heads.py ``text_body``); its vision tower is loaded and not written.
 
 No Gemma-3 reward model with a published usage snippet was found, so the reference is transformers' own
 usage of a chat model's tokenizer, ``apply_chat_template(conversation, tokenize=True)``, which is how
@@ -18,10 +20,10 @@ from rmserve.models.families.reference import chat_usage
 register(
     ModelFamily(
         name="gemma3-text",
-        title="Gemma-3 text reward models (Gemma3TextForSequenceClassification)",
+        title="Gemma-3 reward models (Gemma3TextForSequenceClassification, Gemma3ForSequenceClassification)",
         recognition=Recognition(
-            architectures=("Gemma3TextForSequenceClassification",),
-            model_types=("gemma3_text",),
+            architectures=("Gemma3TextForSequenceClassification", "Gemma3ForSequenceClassification"),
+            model_types=("gemma3_text", "gemma3"),
             auto_map=False,
         ),
         head="score",
@@ -30,20 +32,7 @@ register(
         source="transformers' apply_chat_template(conversation, tokenize=True), as TRL's RewardTrainer "
         "tokenizes conversations (trl/trainer/reward_trainer.py); google/gemma-3-1b-it chat template",
         checked="replica of google/gemma-3-1b-it's config.json and tokenizer settings (the template's <bos>, "
-        "none added): ids identical, fp32 within 1e-4",
+        "none added): ids identical, fp32 within 1e-4; a tiny image-text classifier against its own forward",
         examples=(),
-    ),
-    ModelFamily(
-        name="gemma3-image-text",
-        title="Gemma-3 image-text checkpoints (Gemma3ForSequenceClassification, model_type gemma3)",
-        recognition=Recognition(architectures=("Gemma3ForSequenceClassification",), model_types=("gemma3",)),
-        head="score",
-        recipe="template",
-        reference=None,
-        source="transformers models/gemma3/modeling_gemma3.py (Gemma3ForSequenceClassification)",
-        status="refused",
-        refusal="its config nests the text decoder under text_config beside a SigLIP vision tower, which the "
-        "export does not load; the text decoder with its score head saved as "
-        "Gemma3TextForSequenceClassification (model_type gemma3_text) exports on the lean graph",
     ),
 )
