@@ -18,7 +18,7 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from rmserve.bundle import MODEL_FILE, PAST_FILE, load_bundle
 from rmserve.config import Settings
@@ -228,9 +228,29 @@ def test_a_gemma3_image_text_classifier_exports_its_text_decoder_and_scores_as_t
     np.testing.assert_allclose(served, own, rtol=1e-4, atol=1e-5)
 
 
-def test_a_bidirectional_gemma3_config_keeps_off_the_lean_graph_with_the_reason() -> None:
-    from transformers import AutoConfig
+def test_a_gemma3_causal_lm_exports_as_a_process_model_on_the_lean_graph(tmp_path: Path) -> None:
+    """Gemma3ForCausalLM read at a step token's label logits (its final soft-capping is None)."""
+    from tokenizers import AddedToken
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rmserve.models.process_heads import StepExport
+
+    text = tiny_checkpoint("gemma3_text", tmp_path / "text")
+    tokenizer = AutoTokenizer.from_pretrained(text)
+    tokenizer.add_tokens([AddedToken("ки", special=False, normalized=False)])
+    config = AutoConfig.from_pretrained(text, vocab_size=len(tokenizer))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    manifest = export_bundle(tmp_path / "lm", tmp_path / "bundle", step=StepExport("ки", None))
+    assert (manifest.kind, manifest.graph) == ("process", "lean")
+    assert manifest.exporter["lean"]["nodes_per_layer"] == 23  # type: ignore[attr-defined]
+    assert manifest.parity["max_abs_diff"] <= 1e-5
+
+
+def test_a_bidirectional_gemma3_config_keeps_off_the_lean_graph_with_the_reason() -> None:
     config = AutoConfig.for_model("gemma3_text", use_bidirectional_attention=True)
     assert why_not_lean(config, 128) == "use_bidirectional_attention: its attention is not causal"
     assert why_not_lean(AutoConfig.for_model("gemma3_text"), 128) is None
