@@ -7,7 +7,11 @@ For each export it prints the child process's peak resident memory (``ru_maxrss`
 at its end: everything it held, tokenizer and ONNX Runtime included), the bundle's weight bytes, the
 goal (1.25 x weight bytes + 2 GiB), bytes per parameter and seconds per billion parameters. Parity
 runs as in any export (the built-in pairs: short texts, so the reference forward's own cost stays
-small). Checkpoints are written under ``--root`` (default: a temporary directory) and deleted after.
+small). After each fp32 export it serves the bundle (a real ``rmserve serve`` on loopback, ONNX
+Runtime CPU, fp32, no cache), scores conversations over ``/v1/score`` and prints the largest difference
+from transformers' own float32 model run on the checkpoint as a model card's usage snippet runs it
+(``apply_chat_template`` then ``logits[0][0]``), with the server's peak resident memory.
+Checkpoints are written under ``--root`` (default: a temporary directory) and deleted after.
 It asserts nothing; it is a benchmark. docs/export.md gives the table and what it implies for 8B and
 27B models.
 """
@@ -18,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -70,6 +75,107 @@ print("RESULT " + json.dumps({
 """
 
 
+# The card-style usage snippet, in its own process so its float32 model does not share the export's peak.
+_PYTORCH = """
+import json, sys, torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+checkpoint, conversations = sys.argv[1], json.loads(sys.argv[2])
+tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+model = AutoModelForSequenceClassification.from_pretrained(checkpoint, dtype=torch.float32)
+scores = []
+with torch.no_grad():
+    for conversation in conversations:
+        ids = tokenizer.apply_chat_template(
+            conversation, tokenize=True, return_tensors="pt", return_dict=True
+        )
+        scores.append(model(ids["input_ids"]).logits[0][0].item())
+print("RESULT " + json.dumps(scores))
+"""
+
+_TOPICS = [
+    ("How do I boil an egg?", "Put it in boiling water for eight minutes, then cool it in cold water."),
+    ("What is the capital of Australia?", "Canberra, not Sydney as many people guess."),
+    (
+        "Write a haiku about rain.",
+        "Soft rain on the roof / the gutters hum a slow song / the street turns to glass",
+    ),
+    (
+        "Explain recursion briefly.",
+        "A function that calls itself on a smaller input until a base case stops it.",
+    ),
+    (
+        "Is it safe to eat raw cookie dough?",
+        "Raw flour and raw eggs can carry bacteria, so it is safer not to.",
+    ),
+    ("Translate 'good morning' to German.", "Guten Morgen."),
+]
+
+
+def conversations() -> list[list[dict[str, str]]]:
+    """Fixed conversations: one turn each, and a multi-turn one (about 330 tokens with the benchmark's
+    tokenizer: within max_length, so nothing is truncated and both sides see the same tokens)."""
+    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in _TOPICS]
+    long: list[dict[str, str]] = []
+    for q, a in _TOPICS[:4]:
+        long += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return [*convs, long]
+
+
+def served_scores(
+    bundle: Path, convs: list[list[dict[str, str]]]
+) -> tuple[list[float], dict[str, object], int]:
+    """Scores from a real server process on ``bundle``; what served them (headers, tokens, truncated
+    items) and the server's peak RSS in bytes."""
+    import httpx
+
+    from tests.support.server import free_port, wait_ready
+
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "rmserve.cli",
+        "serve",
+        "--models",
+        f"bench={bundle}",
+        "--provider",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--cache",
+        "off",
+        "--port",
+        str(port),
+    ]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, server, timeout=1800)
+        items = [{"messages": conv} for conv in convs]
+        answer = httpx.post(url + "/v1/score", json={"items": items}, timeout=600)
+        answer.raise_for_status()
+        status = Path(f"/proc/{server.pid}/status").read_text()
+        peak = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) * 1024
+        served = {k: answer.headers[k] for k in ("x-backend", "x-precision")}
+        served |= {k: answer.json()["usage"][k] for k in ("tokens", "truncated")}
+        return list(answer.json()["scores"]), served, peak
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=120)
+
+
+def serve_check(checkpoint: Path, bundle: Path) -> dict[str, object]:
+    convs = conversations()
+    served, headers, peak = served_scores(bundle, convs)
+    reference = json.loads(_run(_PYTORCH, str(checkpoint), json.dumps(convs)).split("RESULT ", 1)[1])
+    return {
+        "served_by": headers,
+        "items": len(convs),
+        "served_vs_pytorch_max_abs_diff": max(abs(a - b) for a, b in zip(served, reference, strict=True)),
+        "server_peak_gib": round(peak / GIB, 2),
+    }
+
+
 def _run(code: str, *args: str) -> str:
     env = os.environ | {"RMSERVE_PARITY_DATA": "/nonexistent"}  # the built-in pairs: short texts
     done = subprocess.run(
@@ -90,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "fp16"])
     parser.add_argument("--arch", default="qwen2")
     parser.add_argument("--root", type=Path, default=None)
+    parser.add_argument(
+        "--no-serve-check",
+        dest="serve_check",
+        action="store_false",
+        help="skip serving each fp32 bundle and comparing its scores with transformers' own",
+    )
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="rmserve-export-bench-", dir=args.root))
     rows = []
@@ -117,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
                     "graph": result["graph"],
                     "weights_from": result["exporter"].get("weights"),
                 }
+                if precision == "fp32" and args.serve_check:
+                    row |= serve_check(checkpoint, bundle)
+                row["load_average"] = [round(x, 1) for x in os.getloadavg()]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 shutil.rmtree(bundle, ignore_errors=True)
