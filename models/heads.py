@@ -33,7 +33,10 @@ Family = Literal["encoder", "decoder"]
 ENCODER_TYPES = frozenset(
     {"bert", "deberta-v2", "deberta", "roberta", "xlm-roberta", "distilbert", "electra"}
 )
-DECODER_TYPES = frozenset({"llama", "qwen2", "qwen3", "gemma", "gemma2", "mistral", "phi3"})
+# gemma3: Gemma-3's image-text class, whose text decoder (``text_body``) is scored.
+DECODER_TYPES = frozenset(
+    {"llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "mistral", "phi3"}
+)
 
 # Decoders are loaded with eager attention unless the caller asks for another implementation
 # (the exporter asks for "sdpa" to get a fused Attention op per layer: models/attention.py).
@@ -76,6 +79,13 @@ def uses_token_type_ids(config: Any) -> bool:
     return family_of(config) == "encoder" and int(getattr(config, "type_vocab_size", 0) or 0) > 0
 
 
+def text_body(base: Any) -> Any:
+    """The decoder that reads the token ids: ``base`` itself, or the ``language_model`` of an image-text
+    model (Gemma-3's ``Gemma3Model``: a vision tower and projector beside ``language_model``, which for
+    text alone embeds the ids and runs its layers, transformers models/gemma3/modeling_gemma3.py)."""
+    return getattr(base, "language_model", None) or base
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of each row's last real token; right under left padding, right padding and none."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device, dtype=torch.long)
@@ -105,8 +115,9 @@ class ScoreModel(nn.Module):
 
     @property
     def body(self) -> Any:
-        """The transformer under the head (``hf_model.base_model``), whose config is the model's."""
-        return self.hf_model.base_model
+        """The transformer under the head (``hf_model.base_model``; an image-text model's text decoder),
+        whose config is the model's (the text decoder's)."""
+        return text_body(self.hf_model.base_model)
 
     def forward(
         self,
@@ -342,8 +353,8 @@ def model_meta(model: ScoreModel, base_model: str, pad_token_id: int) -> ModelMe
         base_model=base_model,
         pad_token_id=pad_token_id,
         uses_token_type_ids=uses_token_type_ids(config),
-        max_position_embeddings=getattr(config, "max_position_embeddings", None),
-        num_layers=getattr(config, "num_hidden_layers", None),
+        max_position_embeddings=getattr(model.body.config, "max_position_embeddings", None),
+        num_layers=getattr(model.body.config, "num_hidden_layers", None),
     )
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rmserve.models.heads import text_body
 from rmserve.models.lean.source import TensorSource, body_prefix
 
 # mallopt's parameter number for the mmap threshold (glibc's malloc.h).
@@ -60,6 +61,14 @@ def _drop(module: nn.Module) -> None:
         _assign(module, name, torch.empty(param.shape, dtype=param.dtype, device="meta"))
 
 
+def own_names(source: TensorSource) -> bool:
+    """Whether a checkpoint keeps a sequence classifier's own weight names (its body under ``model.``), which
+    the layer-by-layer reference reads. transformers renames some checkpoints' weights as it loads them
+    (Gemma-3's image-text checkpoints store ``language_model.model.*`` for the class's
+    ``model.language_model.*``: conversion_mapping.py, the ``llava`` renamings): those load whole."""
+    return body_prefix(source) == "model."
+
+
 def layerwise_model(
     model_class: Any,
     config: Any,
@@ -79,7 +88,7 @@ def layerwise_model(
     if check is not None:
         check(hf_model, loading_info(hf_model, source))
     prefix = body_prefix(source)
-    layers = hf_model.base_model.layers
+    layers = text_body(hf_model.base_model).layers
     in_layers = {id(p) for p in layers.parameters()}
     for name, param in list(hf_model.named_parameters()):
         if id(param) not in in_layers:

@@ -23,6 +23,7 @@ from rmserve.models.families import FamilyError, ModelFamily, checkpoint_names, 
 from rmserve.models.families.process import refused_process_family
 from rmserve.models.graph import ExportError
 from rmserve.models.heads import ModelMeta, checkpoint_family, load_score_model
+from rmserve.models.layerwise import own_names
 from rmserve.models.lean.source import SafetensorsSource
 from rmserve.models.named_heads import HeadRequest
 from rmserve.models.parity import TorchModel
@@ -75,7 +76,13 @@ def load_checkpoint(
             raise ValueError(f"{entry.title} is read at one token of its LM head: pass {flags}")
         layout = checkpoint_family(checkpoint)
         chosen = attention.plan(layout, fuse=fuse_attention, opset=opset, default_opset=DEFAULT_OPSET)
-        layerwise = layout == "decoder" and weights is not None and not request.trust_remote_code
+        # Remote code, named heads (models/named_heads.py) and renamed weights load whole.
+        layerwise = (
+            layout == "decoder"
+            and weights is not None
+            and own_names(weights)
+            and not request.trust_remote_code
+        )
         model, tokenizer, meta, process, chosen = _load(request, chosen, layerwise)
     except (OSError, ValueError) as exc:
         what = "a process reward model" if step else "a reward model"

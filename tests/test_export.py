@@ -100,8 +100,9 @@ def test_every_architecture_exports_with_parity(arch: str, bundle_of: Callable[[
     assert m.format.max_length == 128  # the tiny configs' max_position_embeddings
     assert ("model.onnx.data" in m.files) is (arch == EXTERNAL_ARCH)
     # A lean graph comes with its prefix-reuse variant (docs/prefix-reuse.md), in the digest's files.
-    # (not the tiny Gemma-2's: its sliding window, shorter than max_length, needs a mask the variant lacks)
-    with_past = arch in LEAN and arch != "gemma2"
+    # (not the tiny Gemma-2's or Gemma-3's: a sliding window shorter than max_length needs a mask the
+    # variant lacks)
+    with_past = arch in LEAN and arch not in ("gemma2", "gemma3_text")
     assert (m.past_graph == "model_past.onnx" and "model_past.onnx" in m.files) is with_past
     # One weights file: the prefix-reuse graph refers to model.onnx.data (tests/test_shared_weights.py).
     assert "model_past.onnx.data" not in m.files

@@ -36,6 +36,7 @@ EXPECTED = {
     "skywork-v02-llama": ("skywork-reward", 1, 1024),
     "skywork-v02-gemma2": ("skywork-reward", 1, 1024),
     "grm-llama-ft": ("grm-ft", 2, 1024),
+    "gemma3-1b-rm": ("gemma3-text", None, 1024),
     "oasst-deberta": ("openassistant-deberta", None, 512),
 }
 
@@ -45,6 +46,10 @@ EXPECTED = {
 NOT_COMPARED = {
     "skywork-v02-gemma2": {
         "system turn": "System role not supported",
+        "tool call": "roles must alternate user/assistant/user/assistant/...; the server scores it by",
+    },
+    # Gemma-3's template takes a system turn into the first user turn, but raises on a tool result too.
+    "gemma3-1b-rm": {
         "tool call": "roles must alternate user/assistant/user/assistant/...; the server scores it by",
     },
 }
@@ -74,6 +79,18 @@ def skywork_demo(checkpoint: Path, conv: list[dict[str, Any]]) -> float:
     conv_tokenized = rm_tokenizer(conv_formatted, return_tensors="pt")
     with torch.no_grad():
         return float(rm(**conv_tokenized).logits[0][0].item())
+
+
+def transformers_usage(checkpoint: Path, conv: list[dict[str, Any]]) -> float:
+    """transformers' usage of a chat tokenizer, as TRL's RewardTrainer tokenizes a conversation:
+    ``apply_chat_template(conv, tokenize=True)`` (the template's one ``<bos>``), ``logits[0][0]``."""
+    rm = AutoModelForSequenceClassification.from_pretrained(
+        checkpoint, dtype=torch.float32, attn_implementation="eager"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    inputs = tokenizer.apply_chat_template(conv, tokenize=True, return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        return float(rm(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[0][0])
 
 
 def grm_card(checkpoint: Path, conv: list[dict[str, Any]]) -> float:
@@ -107,6 +124,7 @@ CARDS = {
     "skywork-v02-llama": skywork_demo,
     "skywork-v02-gemma2": skywork_demo,
     "grm-llama-ft": grm_card,
+    "gemma3-1b-rm": transformers_usage,
     "oasst-deberta": oasst_card,
 }
 

@@ -1,10 +1,11 @@
 """The lean decoder graph (models/lean): no padding mask, grouped K/V, a node budget per layer, right padding.
 
-Tiny random-init Llama, Qwen2, Qwen3 and Mistral reward models exported with the default settings get
-the lean graph; its fp32 scores equal PyTorch's on right-padded mixed batches (export parity, a real
-``rmserve serve``, ONNX Runtime's CPU provider and OpenVINO); the served engine refuses a left-padded
-batch; fp16 keeps the fp32 residual guard only where the measured headroom asks for it; bf16 is built
-by the same builder and checked on OpenVINO (ONNX Runtime's CPU provider has no bf16 kernels).
+Tiny random-init Llama, Qwen2, Qwen3, Mistral, Gemma-2 and Gemma-3 reward models exported with the
+default settings get the lean graph; its fp32 scores equal PyTorch's on right-padded mixed batches
+(export parity, a real ``rmserve serve``, ONNX Runtime's CPU provider and OpenVINO); the served engine
+refuses a left-padded batch; fp16 keeps the fp32 residual guard only where the measured headroom asks
+for it; bf16 is built by the same builder and checked on OpenVINO (ONNX Runtime's CPU provider has no
+bf16 kernels).
 """
 
 from __future__ import annotations
@@ -40,15 +41,16 @@ from tests.support.tiny import LEAN, tiny_bundle, tiny_checkpoint
 
 LAYERS = 2  # tests/support/tiny.py
 HEADS, KV_HEADS = 4, 2
-# Nodes of one layer, exactly: Llama's 16, Qwen2's bias Add, Qwen3's reshape-norm-reshape for q and k.
-LAYER_NODES = {"llama": 16, "mistral": 16, "qwen2": 17, "qwen3": 22, "gemma2": 17}
+# Nodes of one layer, exactly: Llama's 16, Qwen2's bias Add, Qwen3's reshape-norm-reshape for q and k,
+# Gemma-2's two extra norms (GELU one node), Gemma-3's = Gemma-2's + Qwen3's q and k norms.
+LAYER_NODES = {"llama": 16, "mistral": 16, "qwen2": 17, "qwen3": 22, "gemma2": 17, "gemma3_text": 23}
 
 
 @pytest.fixture(scope="module")
 def bundles(tiny_bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """arch -> its lean bundle: llama and qwen2 from the session's tiny bundles, the others here."""
     out = {arch: tiny_bundles[arch] for arch in ("llama", "qwen2")}
-    for arch in ("qwen3", "mistral", "gemma2"):
+    for arch in ("qwen3", "mistral", "gemma2", "gemma3_text"):
         out[arch] = tiny_bundle(arch, tmp_path_factory.mktemp(arch))
     return out
 
@@ -80,7 +82,7 @@ def test_a_llama_layout_decoder_exports_the_lean_graph_within_its_node_budget(
     per_layer = {scopes[f"layer{i}"] for i in range(LAYERS)}
     outside = sum(n for scope, n in scopes.items() if not scope.startswith("layer"))
     assert per_layer == {LAYER_NODES[arch]} == {(len(nodes) - outside) // LAYERS}
-    assert LAYER_NODES[arch] <= LAYER_NODE_BUDGET[arch] <= (24 if arch == "qwen3" else 20)
+    assert LAYER_NODES[arch] <= LAYER_NODE_BUDGET[arch] <= (24 if arch in ("qwen3", "gemma3_text") else 20)
     assert manifest.exporter["lean"]["nodes_per_layer"] == LAYER_NODES[arch]  # type: ignore[attr-defined]
     ops = Counter(node.op_type for node in nodes)
     assert ops["Attention"] == ops["RotaryEmbedding"] // 2 == LAYERS
@@ -89,8 +91,8 @@ def test_a_llama_layout_decoder_exports_the_lean_graph_within_its_node_budget(
     head_dim = 8
     for node in (n for n in nodes if n.op_type == "Attention"):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        # query, key, value, and no past; a mask only on a sliding-window layer (Gemma-2's layer 0)
-        windowed = arch == "gemma2" and node.name.startswith("layer0/")
+        # query, key, value, and no past; a mask only on a sliding-window layer (Gemma's layer 0)
+        windowed = arch in ("gemma2", "gemma3_text") and node.name.startswith("layer0/")
         assert len(node.input) == (4 if windowed else 3)
         assert attrs["is_causal"] == 1 and (attrs["q_num_heads"], attrs["kv_num_heads"]) == (HEADS, KV_HEADS)
         # Grouped K/V as the model has them (3D, kv_heads wide), never repeated to every query head.
@@ -101,7 +103,7 @@ def test_a_llama_layout_decoder_exports_the_lean_graph_within_its_node_budget(
 def test_lean_fp32_scores_equal_pytorch_on_right_padded_mixed_batches_through_rmserve_serve(
     bundles: dict[str, Path], tmp_path: Path
 ) -> None:
-    """One server holds all four; the scores of 32 mixed-length items equal each item's PyTorch score
+    """One server holds them all; the scores of 32 mixed-length items equal each item's PyTorch score
     alone, and so do ONNX Runtime's CPU provider and OpenVINO on right-padded batches of 1, 7 and 32."""
     items = mixed_items()
     env = {

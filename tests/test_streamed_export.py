@@ -56,7 +56,7 @@ def served_scores(bundle: Path) -> np.ndarray:
         engine.close()
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2", "gemma3_text"])
 def test_the_layer_by_layer_reference_scores_exactly_what_the_whole_float32_model_scores(
     arch: str, tmp_path: Path
 ) -> None:

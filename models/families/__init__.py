@@ -36,7 +36,11 @@ __all__ = [
 ]
 
 # The modules holding entries, in the order they are tried; one line each.
-FAMILY_MODULES = ("rmserve.models.families.stock", "rmserve.models.families.heads")
+FAMILY_MODULES = (
+    "rmserve.models.families.stock",
+    "rmserve.models.families.gemma3",
+    "rmserve.models.families.heads",
+)
 
 _REGISTRY: dict[str, ModelFamily] = {}
 

@@ -9,6 +9,10 @@ and unpadded, as the cards do. This, not rmserve's own PyTorch wrapper, is what 
   (Ray2333/GRM-*-rewardmodel-ft ``README.md``).
 - ``template-bos+tokenizer``: the same with the rendered text's leading BOS stripped first (the
   Skywork-Reward-V2 cards, Skywork/Skywork-Reward-V2-* ``README.md``).
+- ``template``: ``tokenizer.apply_chat_template(conv, tokenize=True)``, the template's text with no
+  special tokens added (transformers' ``apply_chat_template`` tokenizes with ``add_special_tokens=False``,
+  tokenization_utils_base.py), as TRL's ``RewardTrainer`` tokenizes a conversation
+  (trl/trainer/reward_trainer.py ``_tokenize``): the Gemma-3 text entry (models/families/gemma3.py).
 - ``text_pair``: ``tokenizer(question, answer)``, then ``logits[0]`` (OpenAssistant/
   reward-model-deberta-v3-large-v2 ``README.md``).
 
@@ -115,7 +119,9 @@ def chat_usage(recipe: Recipe, attention: str | None = None) -> ReferenceUsage:
         def tokenized(text: str) -> Any:
             if recipe == "template-bos+tokenizer" and tokenizer.bos_token:
                 text = text.removeprefix(tokenizer.bos_token)
-            return with_bos(tokenizer(text, return_tensors="pt"), tokenizer.bos_token_id, settings.bos_tokens)
+            specials = recipe != "template"  # apply_chat_template(tokenize=True) adds none
+            inputs = tokenizer(text, add_special_tokens=specials, return_tensors="pt")
+            return with_bos(inputs, tokenizer.bos_token_id, settings.bos_tokens)
 
         def length(conv: Conversation) -> int:
             return int(tokenized(rendered(conv))["input_ids"].shape[1])

@@ -14,7 +14,8 @@ from rmserve.models.families.reference import chat_usage, pair_usage, rmserve_us
 from rmserve.models.heads import DECODER_TYPES, ENCODER_TYPES
 
 CLASSIFIER = ("*ForSequenceClassification",)
-DECODERS = tuple(sorted(DECODER_TYPES))
+# Gemma-3 checkpoints have their own entry (models/families/gemma3.py).
+DECODERS = tuple(sorted(DECODER_TYPES - {"gemma3_text", "gemma3"}))
 ENCODERS = tuple(sorted(ENCODER_TYPES))
 
 

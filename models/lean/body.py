@@ -1,6 +1,7 @@
 """The lean decoder body: token ids -> the residual stream after the last layer, ``[batch, seq, hidden]``.
 
-One layer, node by node (16 for Llama and Mistral, 17 for Qwen2, 22 for Qwen3, 17 for Gemma-2):
+One layer, node by node (16 for Llama and Mistral, 17 for Qwen2, 22 for Qwen3, 17 for Gemma-2, 23 for
+Gemma-3):
 
   RMSNormalization -> MatMul (packed q/k/v) [-> Add (Qwen2's q/k/v biases)] -> Split
   [Qwen3: Reshape -> RMSNormalization -> Reshape, for q and for k]
@@ -10,12 +11,13 @@ One layer, node by node (16 for Llama and Mistral, 17 for Qwen2, 22 for Qwen3, 1
   -> RMSNormalization -> MatMul (packed gate/up) -> Split -> Sigmoid -> Mul (SiLU) -> Mul (up)
   -> MatMul (down) -> Add (residual)
 
-Gemma-2's layer (models/lean/weights.py ``Layout``) is the same pieces with its options: an
+Gemma-2's layer (models/lean/layout.py ``Layout``) is the same pieces with its options: an
 RMSNormalization on attention's output and on the MLP's output before each residual Add, ``Gelu``
 (tanh) in place of SiLU, ``softcap`` on Attention, and on its sliding-window layers an ``attn_mask``
 (a position attends only to the last ``window`` positions), made once from the positions and read by
 every such layer. Its embeddings are scaled by sqrt(hidden), in the graph's float type as Gemma-2
-rounds it.
+rounds it. Gemma-3's layer is Gemma-2's with Qwen3's per-head q and k norms (``1 + weight``), and its
+sliding layers' RotaryEmbedding nodes read a second pair of tables (``rope_local_cos``/``_sin``).
 
 No mask, no transposes, no repeated K/V: ``Attention`` takes ``[batch, seq, heads * head_dim]`` query
 and ``[batch, seq, kv_heads * head_dim]`` key and value as the projections give them. Positions are
@@ -47,8 +49,10 @@ from rmserve.models.lean.builder import GraphBuilder
 from rmserve.models.lean.weights import DecoderWeights, LayerWeights, Linear
 
 INPUTS = "inputs"
-# The rotary tables, one pair that every layer reads.
+# The rotary tables, one pair that every layer reads (Gemma-3: its global layers), and Gemma-3's
+# sliding layers' own pair.
 ROPE_COS, ROPE_SIN = "rope_cos", "rope_sin"
+LOCAL_COS, LOCAL_SIN = "rope_local_cos", "rope_local_sin"
 
 
 PAST_MASK = "past_mask"
@@ -151,8 +155,9 @@ def _attention(
     if layer.q_norm is not None and layer.k_norm is not None:
         q = _head_norm(g, q, g.weight("q_norm", layer.q_norm), w, w.heads)
         k = _head_norm(g, k, g.weight("k_norm", layer.k_norm), w, w.kv_heads)
-    q = g.one("RotaryEmbedding", [q, ROPE_COS, ROPE_SIN, inputs.positions], num_heads=w.heads)
-    k = g.one("RotaryEmbedding", [k, ROPE_COS, ROPE_SIN, inputs.positions], num_heads=w.kv_heads)
+    cos, sin = (LOCAL_COS, LOCAL_SIN) if layer.local_rope else (ROPE_COS, ROPE_SIN)
+    q = g.one("RotaryEmbedding", [q, cos, sin, inputs.positions], num_heads=w.heads)
+    k = g.one("RotaryEmbedding", [k, cos, sin, inputs.positions], num_heads=w.kv_heads)
     mask = [masks[layer.window]] if layer.window in masks else []
     softcap = {"softcap": w.layout.attn_softcap} if w.layout.attn_softcap else {}
     heads = {"q_num_heads": w.heads, "kv_num_heads": w.kv_heads, "scale": w.scale, **softcap}
@@ -191,6 +196,9 @@ def decoder_body(g: GraphBuilder, w: DecoderWeights, inputs: DecoderInputs) -> s
     Layers are read from ``w``'s source one at a time and written before the next is read."""
     g.weight("rope_cos", w.cos, name=ROPE_COS)
     g.weight("rope_sin", w.sin, name=ROPE_SIN)
+    if w.local_cos is not None and w.local_sin is not None:
+        g.weight("rope_local_cos", w.local_cos, name=LOCAL_COS)
+        g.weight("rope_local_sin", w.local_sin, name=LOCAL_SIN)
     masks = window_masks(g, w, inputs)
     with g.scope("embed"):
         hidden = g.one("Gather", [g.weight("tokens", w.embed()), inputs.input_ids])

@@ -5,9 +5,11 @@ right for a right-padded row scored at its last real token (a real token attends
 positions, which are real). That holds for a causal decoder whose attention a row's own length
 cannot change. A sliding window shorter than the bundle's ``max_length`` is a mask made from the
 positions alone (models/lean/body.py), which right padding leaves right too. Gemma-2's layer (soft-capped
-attention, sandwich norms, GELU-tanh, scaled embeddings) is Llama's with options (models/lean/weights.py
-``Layout``). Not for: rotary embeddings that depend on the sequence length (dynamic NTK, LongRoPE), an
-activation other than SiLU or GELU-tanh, or any other family whose layer is not Llama's.
+attention, sandwich norms, GELU-tanh, scaled embeddings) and Gemma-3's (``gemma3_text``: the same with
+per-head q/k norms and a second pair of rotary tables for its sliding layers) are Llama's with options
+(models/lean/layout.py). Not for: rotary embeddings that depend on the sequence length (dynamic NTK,
+LongRoPE), an activation other than SiLU or GELU-tanh, attention that is not causal (a Gemma-3 config's
+``use_bidirectional_attention``), or any other family whose layer is not Llama's.
 
 Both kinds of bundle take it: an outcome model scores each row's last real token, a process model each
 step token (models/lean/heads.py), and under right padding every real token sees only real tokens.
@@ -21,8 +23,9 @@ from rmserve.models.attention import NO_FUSE
 
 # model_type -> the per-layer node budget of its fp32 lean graph (tests/test_lean_graph.py holds each
 # family to it): Llama's layer, plus a bias Add for Qwen2, plus a reshape-norm-reshape for each of
-# Qwen3's per-head q and k norms, plus Gemma-2's two extra norms (its GELU is one node where SiLU is two).
-LAYER_NODE_BUDGET = {"llama": 20, "mistral": 20, "qwen2": 20, "qwen3": 24, "gemma2": 20}
+# Qwen3's per-head q and k norms, plus Gemma-2's two extra norms (its GELU is one node where SiLU is two);
+# Gemma-3's is Gemma-2's plus Qwen3's q and k norms.
+LAYER_NODE_BUDGET = {"llama": 20, "mistral": 20, "qwen2": 20, "qwen3": 24, "gemma2": 20, "gemma3_text": 24}
 # config.json's activation names -> the lean graph's.
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 # Rotary embeddings whose cos/sin depend on the position alone, so they are computed once at export.
@@ -40,9 +43,12 @@ def sliding_window(config: Any) -> int | None:
     return None  # Qwen2/Qwen3 carry a sliding_window that no layer uses unless use_sliding_window
 
 
-def rope_type(config: Any) -> str:
+def rope_types(config: Any) -> tuple[str, ...]:
+    """The rope type of each rotary table: one, or one per layer type where ``rope_parameters`` is kept
+    by layer type (Gemma-3's ``full_attention`` and ``sliding_attention``)."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    return str(params.get("rope_type") or params.get("type") or "default")
+    tables = [p for p in params.values() if isinstance(p, dict)] or [params]
+    return tuple(str(p.get("rope_type") or p.get("type") or "default") for p in tables)
 
 
 def layer_windows(config: Any) -> tuple[int | None, ...]:
@@ -64,9 +70,11 @@ def why_not_lean(config: Any, max_length: int) -> str | None:
         return f"{model_type} has no lean graph (only {', '.join(sorted(LAYER_NODE_BUDGET))})"
     if activation(config) not in ACTIVATIONS:
         return f"its activation {activation(config)!r} is not one of {', '.join(ACTIVATIONS)}"
-    kind = rope_type(config)
-    if kind not in STATIC_ROPE:
-        return f"rope_type {kind!r} depends on the sequence length"
+    for kind in rope_types(config):
+        if kind not in STATIC_ROPE:
+            return f"rope_type {kind!r} depends on the sequence length"
+    if getattr(config, "use_bidirectional_attention", False):
+        return "use_bidirectional_attention: its attention is not causal"
     partial = getattr(config, "partial_rotary_factor", 1.0) or 1.0
     if float(partial) != 1.0:
         return f"partial_rotary_factor {partial} is not 1"

@@ -6,14 +6,10 @@ packed into one matrix and its gate/up projections into another, so a layer runs
 the checkpoint has five; a packed bias is zero where the checkpoint has none. Weights are read from
 the source when the graph builder asks for a layer (``DecoderWeights.layer``) and converted to the
 graph's float type on the way, so at most one layer's weights are held at once (models/lean/source.py:
-a checkpoint's safetensors read tensor by tensor in their own dtype). Rotary cos/sin come from the
-model's own rotary module at positions ``0 .. max_length - 1``, so every rope type it supports with
-static frequencies (models/lean/eligibility.py) gives PyTorch's values exactly.
-
-A ``Layout`` says what a family's layer has beyond Llama's (Gemma-2: norms that add one to their
-weight, a norm after attention and one on each side of the MLP, GELU-tanh, soft-capped attention
-logits, sliding-window layers, the sqrt(hidden) embedding scale); ``layout_of`` reads it from the
-config.
+a checkpoint's safetensors read tensor by tensor in their own dtype). The rotary tables and a
+family's ``Layout`` (what its layer does beyond Llama's: Gemma-2's and Gemma-3's norms, GELU-tanh,
+soft-capping, sliding windows, Gemma-3's per-head q/k norms and second rotary tables) come from
+models/lean/layout.py.
 
 The head is an outcome model's ``score`` layer (one reward per row), or a process model's
 ``StepHead`` (models/process_heads.py) as ``StepHeadWeights``: the linear layers that give its label
@@ -32,7 +28,7 @@ from torch import nn
 from rmserve.bundle import StepRule
 from rmserve.models.gating_head import GatingHead
 from rmserve.models.heads import ScoreModel
-from rmserve.models.lean.eligibility import ACTIVATIONS, activation, layer_windows
+from rmserve.models.lean.layout import Layout, all_rotary_tables, layout_of
 from rmserve.models.lean.source import ModuleSource, TensorSource
 from rmserve.models.named_heads import Normalized
 from rmserve.models.process_heads import StepHead, StepModel
@@ -57,33 +53,7 @@ class LayerWeights:
     down: Linear
     mlp_out_norm: torch.Tensor | None  # Gemma-2: a norm on the MLP's output before the residual add
     window: int | None  # attend to the last ``window`` positions only (a sliding-window layer)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What a family's decoder layer does beyond Llama's (the module docstring)."""
-
-    norm_offset: float = 0.0  # Gemma: a norm scales by (1 + weight)
-    sandwich_norms: bool = False  # Gemma-2: post-attention, pre- and post-feed-forward norms
-    activation: str = "silu"  # or "gelu_tanh"
-    attn_softcap: float | None = None
-    embed_scale: float | None = None  # Gemma: embeddings times sqrt(hidden)
-    windows: tuple[int | None, ...] = ()  # per layer; empty: no layer has a window
-
-
-def layout_of(config: Any) -> Layout:
-    windows = layer_windows(config)
-    common = {"activation": ACTIVATIONS[activation(config)], "windows": windows if any(windows) else ()}
-    if config.model_type != "gemma2":
-        return Layout(**common)
-    softcap = getattr(config, "attn_logit_softcapping", None)
-    return Layout(
-        norm_offset=1.0,
-        sandwich_norms=True,
-        attn_softcap=float(softcap) if softcap else None,
-        embed_scale=float(config.hidden_size) ** 0.5,
-        **common,
-    )
+    local_rope: bool = False  # Gemma-3's sliding layers: rotary by the local tables
 
 
 @dataclass(frozen=True)
@@ -101,6 +71,9 @@ class DecoderWeights:
     head_dim: int
     scale: float
     layout: Layout = Layout()
+    # Gemma-3: the sliding layers' cos and sin (``rope_local_base_freq``); cos/sin are the global ones.
+    local_cos: np.ndarray | None = None
+    local_sin: np.ndarray | None = None
 
     def embed(self) -> torch.Tensor:
         return self.source.tensor("embed_tokens.weight")
@@ -139,6 +112,7 @@ class DecoderWeights:
             down=linears("mlp.down_proj"),
             mlp_out_norm=self.norm(p + "post_feedforward_layernorm.weight") if sandwich else None,
             window=self.layout.windows[i] if self.layout.windows else None,
+            local_rope=bool(self.layout.local_rope) and self.layout.local_rope[i],
         )
 
 
@@ -179,16 +153,6 @@ def _eps(norm: nn.Module) -> float:
     return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
 
-def rotary_tables(base: Any, max_length: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin ``[max_length, head_dim / 2]`` from the model's rotary module (rotate-half layout)."""
-    positions = torch.arange(max_length).unsqueeze(0)
-    probe = torch.zeros(1, dtype=torch.float32)
-    with torch.inference_mode():
-        cos, sin = base.rotary_emb(probe, positions)
-    half = head_dim // 2
-    return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
-
-
 def decoder_weights(base: Any, max_length: int, source: TensorSource | None = None) -> DecoderWeights:
     """A Llama-layout decoder body (transformers' ``LlamaModel``, ``Qwen2Model``, ``Gemma2Model``...: the
     ``body`` of a ``ScoreModel`` or of a process ``StepModel``), its weights read from ``source`` (names
@@ -196,7 +160,7 @@ def decoder_weights(base: Any, max_length: int, source: TensorSource | None = No
     config = base.config
     first = base.layers[0].self_attn
     head_dim = int(first.head_dim)
-    cos, sin = rotary_tables(base, max_length, head_dim)
+    (cos, sin), local = all_rotary_tables(base, max_length, head_dim)
     return DecoderWeights(
         source=source if source is not None else ModuleSource(base),
         n_layers=len(base.layers),
@@ -209,6 +173,8 @@ def decoder_weights(base: Any, max_length: int, source: TensorSource | None = No
         head_dim=head_dim,
         scale=float(first.scaling),
         layout=layout_of(config),
+        local_cos=None if local is None else local[0],
+        local_sin=None if local is None else local[1],
     )
 
 

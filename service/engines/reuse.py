@@ -233,8 +233,9 @@ def why_not(bundle: Bundle, info: EngineInfo, settings: Settings) -> str | None:
         )
     if m.past_graph is None:
         return (
-            "the bundle has no prefix-reuse graph (exported before it, with a traced graph or with "
-            "--no-past-graph): re-export it with rmserve export"
+            "the bundle has no prefix-reuse graph (exported before it, with a traced graph, with "
+            "--no-past-graph, or with a sliding window shorter than max_length, which the graph's mask "
+            "does not carry): re-export it with rmserve export where the reason allows"
         )
     if info.provider != "cpu":
         return (

@@ -52,6 +52,7 @@ REPLICAS = {
     "skywork-v02-llama": ("Skywork-Reward-Llama-3.1-8B-v0.2", "llama", "llama3.2_json.jinja", False),
     "grm-llama-ft": ("GRM-Llama3.2-3B-rewardmodel-ft", "llama", "llama3.2_json.jinja", True),
     "skywork-v02-gemma2": ("Skywork-Reward-Gemma-2-27B-v0.2", "gemma2", "gemma2.jinja", False),
+    "gemma3-1b-rm": ("gemma-3-1b-it-rm", "gemma3_text", "gemma3.jinja", True),
     "oasst-deberta": ("reward-model-deberta-v3-large-v2", "deberta-v2", "", True),
 }
 # A template's leading BOS, as Llama-3.2's (``{{- bos_token }}`` and a newline) and Gemma-2's write it.
@@ -215,6 +216,8 @@ def _config(model_type: str, tokenizer: Any) -> Any:
             "max_position_embeddings": 8192,
         }
         return AutoConfig.for_model("gemma2", vocab_size=vocab, **gemma2, **common)
+    if model_type == "gemma3_text":
+        return _gemma3_config(tokenizer, common)
     if model_type == "qwen3":  # Qwen3-8B config.json: rope 1e6, 40960 positions, q/k norms over head_dim
         qwen3 = {"head_dim": 8, "rope_theta": 1000000.0, "max_position_embeddings": 40960}
         return AutoConfig.for_model("qwen3", vocab_size=vocab, **qwen3, **common)
@@ -229,6 +232,36 @@ def _config(model_type: str, tokenizer: Any) -> Any:
     return AutoConfig.for_model(
         "llama", vocab_size=vocab, max_position_embeddings=131072, rope_parameters=rope, **common
     )
+
+
+def _gemma3_config(tokenizer: Any, common: dict[str, Any]) -> Any:
+    """google/gemma-3-1b-it config.json as a Gemma3TextForSequenceClassification: its fields kept, its
+    sizes scaled (head_dim 256 -> 8 with query_pre_attn_scalar, which equals head_dim there; 26 layers ->
+    6, one sliding_window_pattern; the window 512 -> 256 so the near-limit conversation crosses it), its
+    eos_token_id list [<eos>, <end_of_turn>] in this tokenizer's ids."""
+    from transformers import AutoConfig
+
+    gemma3 = {
+        "num_hidden_layers": 6,
+        "num_key_value_heads": 1,
+        "head_dim": 8,
+        "query_pre_attn_scalar": 8,
+        "sliding_window": 256,
+        "sliding_window_pattern": 6,
+        "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0,
+        "rope_scaling": None,
+        "max_position_embeddings": 32768,
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": 1e-06,
+        "attention_bias": False,
+    }
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    ids = {**common, "eos_token_id": [tokenizer.eos_token_id, end_of_turn]}
+    sizes = {k: v for k, v in ids.items() if k not in gemma3}
+    return AutoConfig.for_model("gemma3_text", vocab_size=len(tokenizer), **gemma3, **sizes)
 
 
 def replica(name: str, root: str | Path, *, seed: int = 0) -> Path:
@@ -248,7 +281,7 @@ def replica(name: str, root: str | Path, *, seed: int = 0) -> Path:
             template = LEADING_BOS.sub("", template)
         if model_type == "qwen3":
             tokenizer = qwen3_tokenizer(template)
-        elif model_type == "gemma2":
+        elif model_type in ("gemma2", "gemma3_text"):
             tokenizer = gemma_tokenizer(template)
         else:
             tokenizer = llama3_tokenizer(template, pad=name in PADDED)

@@ -12,12 +12,12 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-ARCHITECTURES = ("bert", "deberta-v2", "llama", "qwen2", "qwen3", "gemma2", "mistral")
+ARCHITECTURES = ("bert", "deberta-v2", "llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "mistral")
 ENCODERS = ("bert", "deberta-v2")
-DECODERS = ("llama", "qwen2", "qwen3", "gemma2", "mistral")
+DECODERS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "mistral")
 # Decoders whose attention exports fused (one ONNX Attention per layer): Gemma-2 (soft-capped logits,
-# no PyTorch SDPA path) through the lean graph, which writes its own Attention.
-FUSED = ("llama", "qwen2", "qwen3", "mistral", "gemma2")
+# no PyTorch SDPA path) and Gemma-3 through the lean graph, which writes its own Attention.
+FUSED = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text")
 # Decoders exported as the lean graph by default (models/lean): the fused ones, here.
 LEAN = FUSED
 # Decoders that keep a tokenizer without any pad token (the exporter must pad with EOS).
@@ -151,6 +151,18 @@ def _config(arch: str, vocab_size: int, tokenizer: Any, sizes: dict[str, Any] | 
         }
         if arch == "gemma2":
             extra |= {"head_dim": 8, "sliding_window": 16, "query_pre_attn_scalar": 8}
+        if arch == "gemma3_text":
+            # Gemma-3: a sliding layer then a global one (rope_local_base_freq vs rope_theta with the
+            # 4B+ configs' linear scaling, factor 8); the window shorter than max_length.
+            extra |= {
+                "head_dim": 8,
+                "sliding_window": 16,
+                "query_pre_attn_scalar": 8,
+                "layer_types": ["sliding_attention", "full_attention"],
+                "rope_theta": 1000000.0,
+                "rope_local_base_freq": 10000.0,
+                "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+            }
         if arch == "qwen3":
             extra |= {"head_dim": 8}  # Qwen3 normalizes q and k per head (RMSNorm over head_dim)
     # ``sizes`` overrides the tiny sizes (a benchmark's larger random-init model: loadtests/prefix_reuse.py).
