@@ -154,10 +154,16 @@ class EngineCrashed(EngineError):
     """The engine can no longer run (a lost device, a dead session): it must be rebuilt."""
 
 
-def split_threads(threads: int, streams: int) -> list[int]:
-    """Threads of each stream: ``threads`` shared as evenly as possible, at least one each."""
-    base, extra = divmod(max(threads, streams), streams)
-    return [base + (1 if i < extra else 0) for i in range(streams)]
+def shared_session_threads(threads: int, streams: int) -> int:
+    """``intra_op_num_threads`` of one ONNX Runtime session that ``streams`` callers share.
+
+    A session's pool of ``n`` threads creates ``n - 1`` workers and runs the rest of each pass on its
+    caller's thread (onnxruntime/core/common/threadpool.cc, ``ThreadPool::ThreadPool``: "uses the
+    caller as one of the threads"), so ``streams`` callers and ``threads - streams`` workers are
+    ``threads`` threads in all. With ``threads == streams`` (2 on 2 CPUs) it is 1: each pass runs on
+    its caller's thread alone, exactly as one one-thread session per stream did.
+    """
+    return max(1, threads - max(1, streams) + 1)
 
 
 def available_cpus() -> int:

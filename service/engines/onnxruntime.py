@@ -16,6 +16,17 @@ and never past ``gpu_mem_limit`` when one is set: a long-running server that onc
 batch keeps that batch's working set, not twice it. TF32 is off: an fp32 bundle promises scores
 equal to PyTorch's within 1e-4 relative (README, "Exact"), which TF32 matrix products (~3e-4) would break;
 fp16 and bf16 bundles never use TF32, and they are the fast path on a GPU (docs/gpu.md).
+
+Streams (CPU only) are lanes over one session: each lane has its own IO binding and output buffer,
+and every lane runs the one session. ONNX Runtime documents ``InferenceSession::Run`` as safe to call
+from several threads at once ("Multiple threads are allowed to run this function; hence its
+thread-safe", onnxruntime/core/session/inference_session.h), and its Python binding releases the GIL
+around the run ("release GIL to allow multiple python threads to invoke Run() in parallel",
+onnxruntime/python/onnxruntime_pybind_state.cc). A session holds its own copy of the weights,
+prepacked for MLAS's ``MatMul`` and not shareable from Python (docs/prefix-reuse.md, "The weights in
+memory"), so one session for all lanes holds the weights once, where a session per lane held them
+once per lane. The session's threads are ``shared_session_threads``: the lanes' callers plus the pool's
+workers add up to ``threads``; with one thread per lane each pass runs on its caller's thread alone.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from rmserve.engines.base import EngineError, EngineInfo, TokenBatch, split_threads, with_columns
+from rmserve.engines.base import EngineError, EngineInfo, TokenBatch, shared_session_threads, with_columns
 from rmserve.engines.registry import Backend
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -59,7 +70,7 @@ def bf16_problem(capability: tuple[int, int] | None) -> str | None:
     """Why a bf16 bundle cannot be served on a GPU of ``capability``, or None.
 
     bf16 kernels (and flash attention) need compute capability 8.0+ (Ampere); an unknown capability
-    is let through, and a GPU without them fails at its first forward pass, in the warm-up.
+    is let through, and a GPU without them fails at its session forward pass, in the warm-up.
     """
     if capability is None or capability >= (8, 0):
         return None
@@ -76,7 +87,7 @@ def cuda_options(device_id: int, gpu_mem_limit_bytes: int) -> dict[str, str]:
         "device_id": str(device_id),
         "arena_extend_strategy": "kSameAsRequested",
         "use_tf32": "0",
-        # Reward models have no convolutions; skip cuDNN's exhaustive search at the first run.
+        # Reward models have no convolutions; skip cuDNN's exhaustive search at the session run.
         "cudnn_conv_algo_search": "DEFAULT",
         # Input copies and kernels share one stream, so a bound input is ready when a kernel reads it.
         "do_copy_in_default_stream": "1",
@@ -87,7 +98,7 @@ def cuda_options(device_id: int, gpu_mem_limit_bytes: int) -> dict[str, str]:
 
 
 class _Lane:
-    """One session with its IO binding and output buffer: one forward pass at a time."""
+    """A stream: an IO binding of the shared session and an output buffer, one forward pass at a time."""
 
     def __init__(self, session: ort.InferenceSession, dtype: Any) -> None:
         self.session = session
@@ -96,7 +107,7 @@ class _Lane:
 
 
 class OnnxRuntimeEngine:
-    """``streams`` > 1 (CPU only) loads that many sessions, each with its share of the threads."""
+    """``streams`` > 1 (CPU only) runs that many forward passes at once on one session."""
 
     def __init__(
         self,
@@ -129,36 +140,33 @@ class OnnxRuntimeEngine:
             streams = max(1, min(streams, threads))
             providers = [wanted]
             self._device, self._device_id = "cpu", 0
-        sessions = [
-            self._session(model_path, lane_threads, providers)
-            for lane_threads in split_threads(threads, streams)
-        ]
-        first = sessions[0]
-        if provider == "cuda" and wanted not in first.get_providers():
+        session = self._session(model_path, shared_session_threads(threads, streams), providers)
+        if provider == "cuda" and wanted not in session.get_providers():
             # onnxruntime-gpu falls back to the CPU silently when CUDA/cuDNN libraries are missing.
             raise EngineError(
                 "onnxruntime-gpu could not start CUDAExecutionProvider (CUDA 12/13 runtime, cuBLAS or "
                 f"cuDNN libraries missing or not matching the wheel); session providers: "
-                f"{', '.join(first.get_providers())}"
+                f"{', '.join(session.get_providers())}"
             )
-        self._inputs = [i.name for i in first.get_inputs()]
-        out = first.get_outputs()[0]
+        self._inputs = [i.name for i in session.get_inputs()]
+        out = session.get_outputs()[0]
         self._output = out.name
         self._per_token = len(out.shape) == 2  # [batch, length]: a process graph
         self._extra = extra_outputs
-        missing = sorted(set(extra_outputs) - {o.name for o in first.get_outputs()})
+        missing = sorted(set(extra_outputs) - {o.name for o in session.get_outputs()})
         if missing:
             raise EngineError(f"{model_path}: the manifest names outputs the graph lacks: {missing}")
         dtype = _OUTPUT_DTYPES.get(out.type)
         if dtype is None:
             raise EngineError(f"{model_path}: output {out.name!r} is {out.type}, not a float tensor")
         self._lanes: queue.SimpleQueue[_Lane] = queue.SimpleQueue()
-        for session in sessions:
+        for _ in range(streams):
             self._lanes.put(_Lane(session, dtype))
         detail: dict[str, Any] = {
             "runtime": f"onnxruntime {ort.__version__}",
-            "providers": first.get_providers(),
+            "providers": session.get_providers(),
             "io_binding": True,
+            "sessions": 1,  # shared by the streams
         }
         if provider == "cuda":
             detail["cuda_options"] = cuda_options(device_id, gpu_mem_limit_bytes)

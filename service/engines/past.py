@@ -6,28 +6,29 @@ left-aligned in ``past_mask``, and each layer's past keys and values; it returns
 and values (past then new). Presents are fetched only when a caller will keep them: ONNX Runtime
 computes them for attention either way, and copying them out costs memory bandwidth.
 
-One session per stream, each with its share of the threads, as the main engine has (only the CPU
-provider is wired: the cache keeps its tensors in host memory).
+One session, run by up to ``streams`` threads at once, as the main engine's lanes run its one session
+(ONNX Runtime's ``Run`` is thread-safe; see rmserve.engines.onnxruntime). Only the CPU provider is
+wired: the cache keeps its tensors in host memory.
 
 The graph's weights are the bundle's one ``model.onnx.data``, which ONNX Runtime maps into memory for
-every session of either graph; each session still holds its own copy of the matrices, prepacked for
-MLAS by ``MatMul``. Sharing those needs a ``PrepackedWeightsContainer``
+both graphs' sessions; each session still holds its own copy of the matrices, prepacked for MLAS by
+``MatMul``. Sharing those between sessions needs a ``PrepackedWeightsContainer``
 (``CreateSessionWithPrepackedWeightsContainer``, C API only); onnxruntime 1.32's Python API has none,
 and ``SessionOptions.add_initializer`` / ``add_external_initializers`` share the raw buffers only.
 Prepacking stays on: without it (``session.disable_prepacking``) the sessions share one copy, but short
-passes, this graph's usual work, ran 2-4x slower (docs/prefix-reuse.md, "The weights in memory").
+passes, this graph's usual work, ran 2-4x slower (docs/prefix-reuse.md, "The weights in memory"). So
+the server holds two prepacked copies of the layer weights, one per graph, whatever its streams.
 """
 
 from __future__ import annotations
 
-import queue
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from rmserve.engines.base import EngineError, split_threads
+from rmserve.engines.base import EngineError, shared_session_threads
 
 PAST_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -52,33 +53,25 @@ class PastOutput:
 
 class PastRunner:
     def __init__(self, model_path: Path, *, threads: int, streams: int) -> None:
-        opts = []
-        for lane_threads in split_threads(threads, max(1, min(streams, threads))):
-            o = ort.SessionOptions()
-            o.intra_op_num_threads = lane_threads
-            o.inter_op_num_threads = 1
-            o.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            o.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            opts.append(o)
+        o = ort.SessionOptions()
+        o.intra_op_num_threads = shared_session_threads(threads, max(1, min(streams, threads)))
+        o.inter_op_num_threads = 1
+        o.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        o.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            sessions = [
-                ort.InferenceSession(str(model_path), o, providers=["CPUExecutionProvider"]) for o in opts
-            ]
+            first = ort.InferenceSession(str(model_path), o, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise EngineError(f"onnxruntime could not load {model_path}: {exc}") from exc
-        first = sessions[0]
         names = [i.name for i in first.get_inputs()]
         self.layers = sum(n.startswith("past_key.") for n in names)
         key = next(i for i in first.get_inputs() if i.name == "past_key.0")
         self.kv_width = int(key.shape[-1])
         self.dtype = PAST_FLOATS[key.type]
         self.per_token = len(first.get_outputs()[0].shape) == 2
-        self._lanes: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
-        for s in sessions:
-            self._lanes.put(s)
+        self._session: ort.InferenceSession | None = first
 
     def close(self) -> None:
-        self.__dict__.pop("_lanes", None)  # the sessions go with the last reference to them
+        self._session = None  # the session goes with the last reference to it
 
     def empty(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """Keys and values of no past for ``rows`` rows."""
@@ -98,11 +91,10 @@ class PastRunner:
         if presents:
             wanted += [f"present_key.{i}" for i in range(self.layers)]
             wanted += [f"present_value.{i}" for i in range(self.layers)]
-        session = self._lanes.get()
-        try:
-            out = session.run(wanted, feeds)
-        finally:
-            self._lanes.put(session)
+        session = self._session
+        if session is None:
+            raise EngineError("the prefix-reuse runner is closed")
+        out = session.run(wanted, feeds)  # callers' threads run it side by side
         scores = np.asarray(out[0], dtype=np.float32)
         if not presents:
             return PastOutput(scores, None, None)
