@@ -1,7 +1,7 @@
 """A lean bundle's two graphs and their weights: bytes on disk, the time to write the graphs, and the
 memory of a process that serves both.
 
-    python -m loadtests.shared_weights [--layers 4] [--repeats 3] [--streams 2]
+    python -m loadtests.shared_weights [--layers 4] [--repeats 3] [--streams 2] [--lanes]
 
 A random-init Qwen2 (896 hidden, 4864 intermediate, a 32k vocabulary: Qwen2-0.5B's layer) is saved in
 float32 and exported with its prefix-reuse graph, its weights forced to external data. It prints:
@@ -15,7 +15,11 @@ float32 and exported with its prefix-reuse graph, its weights forced to external
   (/proc/self/status: counted once per mapping);
 * in a fresh process each, ``--streams`` plain ONNX Runtime sessions of each graph with MLAS's weight
   prepacking on (the engines' setting) and off (``session.disable_prepacking``): their memory after a
-  forward pass each, and the scoring graph's best time at a few batch shapes.
+  forward pass each, and the scoring graph's best time at a few batch shapes;
+* with ``--lanes``, instead of the two above: in a fresh process each, the engine and the prefix-reuse
+  runner with ``--streams`` lanes sharing one session per graph (the engines' layout) and with a session
+  per lane (their layout before, ``loadtests.lanes.SessionPerLane``), each lane having run a forward
+  pass side by side with the others.
 
 It asserts nothing; it is a benchmark. docs/prefix-reuse.md gives the numbers.
 """
@@ -113,6 +117,44 @@ print("RESULT " + json.dumps(out))
 """.replace("MEMORY_FIELDS", _FIELDS)
 
 
+_LANES = """
+import json, sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+import numpy as np
+from loadtests.lanes import RunnerPerLane, SessionPerLane
+from rmserve.bundle import load_bundle
+from rmserve.engines.base import infer_all, pad_batch
+from rmserve.engines.onnxruntime import OnnxRuntimeEngine
+from rmserve.engines.past import PastPass, PastRunner
+
+MEMORY_FIELDS
+bundle = load_bundle(sys.argv[1])
+streams, shared = int(sys.argv[2]), sys.argv[3] == "shared"
+past = bundle.path / bundle.manifest.past_graph
+pad = bundle.manifest.format.pad_token_id
+out = {"before": status()}
+if shared:
+    engine = OnnxRuntimeEngine(bundle.model_path, threads=streams, streams=streams)
+else:
+    engine = SessionPerLane(bundle.model_path, streams, streams)
+rows = [list(range(5, 300)), list(range(5, 280))]
+infer_all(engine, [pad_batch(rows, pad)] * streams)  # every lane at once
+out["scoring engine"] = status()
+if shared:
+    runner = PastRunner(past, threads=streams, streams=streams)
+else:
+    runner = RunnerPerLane(past, streams, streams)
+ids = np.arange(5, 69, dtype=np.int64).reshape(2, 32)
+keys, values = runner.empty(2)
+step = PastPass(ids, np.ones_like(ids), np.zeros((2, 0), np.int64), keys, values)
+with ThreadPoolExecutor(streams) as pool:
+    list(pool.map(lambda _: runner.run(step, presents=True), range(streams)))
+out["and the prefix-reuse runner"] = status()
+print("RESULT " + json.dumps(out))
+""".replace("MEMORY_FIELDS", _FIELDS)
+
+
 def _child(code: str, *args: str) -> dict[str, Any]:
     env = os.environ | {"RMSERVE_PARITY_DATA": "/nonexistent"}
     done = subprocess.run(
@@ -184,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--streams", type=int, default=2)
     parser.add_argument("--root", type=Path, default=None)
+    parser.add_argument("--lanes", action="store_true", help="shared session against a session per lane")
     args = parser.parse_args(argv)
     from rmserve.models.export import export_bundle
 
@@ -191,14 +234,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         checkpoint = root / "checkpoint"
         params = make_checkpoint(checkpoint, args.layers)
-        seconds = write_seconds(checkpoint, root / "graphs", args.repeats)
         bundle = root / "bundle"
         os.environ["RMSERVE_PARITY_DATA"] = "/nonexistent"  # the built-in pairs: short texts
         export_bundle(checkpoint, bundle, name="bench", max_length=512, external_data_bytes=0)
         files = {f.name: f.stat().st_size for f in sorted(bundle.iterdir()) if f.name.startswith("model")}
+        print(json.dumps({"params": params, "files_mib": {k: round(v / MIB, 1) for k, v in files.items()}}))
+        if args.lanes:
+            for layout in ("session per lane", "shared", "session per lane", "shared"):
+                result = _child(_LANES, str(bundle), str(args.streams), layout.split()[0])
+                for stage, values in result.items():
+                    mib = {k: round(v / MIB) for k, v in values.items()}
+                    print(json.dumps({"layout": layout, "streams": args.streams, "stage": stage, **mib}))
+            return 0
+        seconds = write_seconds(checkpoint, root / "graphs", args.repeats)
         memory = _child(_MEMORY, str(bundle), str(args.streams))
         prepacking = {side: _child(_PREPACK, str(bundle), str(args.streams), side) for side in ("on", "off")}
-        print(json.dumps({"params": params, "files_mib": {k: round(v / MIB, 1) for k, v in files.items()}}))
         print(json.dumps({"write_lean_graph_s": round(seconds, 2), "repeats": args.repeats}))
         for stage, values in memory.items():
             print(json.dumps({"stage": stage, **{k: round(v / MIB) for k, v in values.items()}}))
