@@ -29,8 +29,10 @@ from torch import nn
 
 from rmserve.bundle import load_bundle, read_manifest
 from rmserve.client import RewardClient
+from rmserve.engines.gate import calibration_items
+from rmserve.errors import InvalidItem
 from rmserve.formatting import Formatter
-from rmserve.items import ChatItem, Message
+from rmserve.items import ChatItem, Message, PairItem
 from rmserve.models.export import ExportError, export_bundle
 from tests.support.redis import delete_prefix, shared_redis_url, unique_prefix
 from tests.support.replicas import (
@@ -137,7 +139,9 @@ def test_armorm_serves_the_published_score_from_the_prompt_end_and_the_last_toke
     card_ids, card_scores, _ = card_outputs(armorm / "checkpoint")
     items = [ChatItem(tuple(Message(m["role"], m["content"]) for m in c)) for c in CONVERSATIONS]
     assert [list(e.ids) for e in Formatter(load_bundle(armorm / "bundle")).encode(items)] == card_ids
-    with serve({"RMSERVE_MODELS": str(armorm / "bundle"), "RMSERVE_CACHE": "off"}, tmp_path) as server:
+    # fp32: the card's scores exactly (on a CPU with bf16 units ``auto`` serves gated bf16).
+    env = {"RMSERVE_MODELS": str(armorm / "bundle"), "RMSERVE_CACHE": "off", "RMSERVE_PRECISION": "fp32"}
+    with serve(env, tmp_path) as server:
         scores = RewardClient(server.url).score(CONVERSATIONS)
         refused = httpx.post(
             server.url + "/v1/score",
@@ -146,6 +150,27 @@ def test_armorm_serves_the_published_score_from_the_prompt_end_and_the_last_toke
         )
     assert scores == pytest.approx(card_scores, abs=1e-4)
     assert refused.status_code == 422 and "items[1]" in refused.text and "prompt end" in refused.text
+
+
+def test_the_quality_gate_leaves_out_calibration_pairs_the_gating_head_refuses_as_requests(
+    armorm: Path,
+) -> None:
+    bundle = load_bundle(armorm / "bundle")
+    formatter = Formatter(bundle)
+    rows = [json.loads(line) for line in (bundle.path / "calibration.jsonl").read_text().splitlines()]
+    refused = 0
+    for row in rows:
+        try:
+            formatter.encode([PairItem(row["prompt"], row["response"])])
+        except InvalidItem:
+            refused += 1
+    # The export's calibration pairs include ones whose prompt end truncation cuts off at this
+    # max_length: a request like them gets a 422, so the gate (which failed start-up on them) skips them.
+    assert refused > 0
+    items = calibration_items(bundle, formatter)
+    pattern = list(bundle.manifest.format.gate_pattern or ())
+    assert len(items) == len(rows) - refused
+    assert all(any(list(e.ids[j : j + len(pattern)]) == pattern for j in range(len(e.ids))) for e in items)
 
 
 def test_the_graphs_components_are_the_published_per_objective_rewards(armorm: Path) -> None:

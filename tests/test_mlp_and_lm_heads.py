@@ -30,6 +30,9 @@ from rmserve.models.named_heads import HeadRequest
 from tests.support.replicas import CONVERSATIONS, llama3_tokenizer, llama_config, published_module
 from tests.support.server import serve
 
+# fp32: the reference's scores exactly (on a CPU with bf16 units ``auto`` serves gated bf16).
+FP32 = {"RMSERVE_PRECISION": "fp32"}
+
 
 def _ids(out: Any) -> torch.Tensor:
     # transformers 5 answers a BatchEncoding where 4.x answered the tensor the cards were written for.
@@ -41,7 +44,7 @@ def served_ids_and_scores(bundle: Path, tmp: Path) -> tuple[list[list[int]], lis
     loaded = load_bundle(bundle)
     items = [ChatItem(tuple(Message(m["role"], m["content"]) for m in c)) for c in CONVERSATIONS]
     ids = [list(e.ids) for e in Formatter(loaded).encode(items)]
-    with serve({"RMSERVE_MODELS": str(bundle), "RMSERVE_CACHE": "off"}, tmp) as server:
+    with serve({"RMSERVE_MODELS": str(bundle), "RMSERVE_CACHE": "off", **FP32}, tmp) as server:
         scores = RewardClient(server.url).score(CONVERSATIONS)
     return ids, scores
 

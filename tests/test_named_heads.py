@@ -32,6 +32,9 @@ from tests.support.server import serve
 
 MEAN, STD = 0.37, 2.5
 
+# fp32: the reference's scores exactly (on a CPU with bf16 units ``auto`` serves gated bf16).
+FP32 = {"RMSERVE_PRECISION": "fp32"}
+
 
 def _reward_model_class(base_pretrained: Any, base: Any, prefix: str) -> Any:
     namespace: dict[str, Any] = {
@@ -147,7 +150,7 @@ def test_get_reward_answers_what_openrlhfs_own_serve_rm_answers_raw_and_normaliz
     formatter = Formatter(bundle)
     items, _ = query_items(posted, None, formatter, 100_000)
     assert [list(e.ids) for e in formatter.encode(items)] == theirs
-    with serve({"RMSERVE_MODELS": str(openrlhf[which]), "RMSERVE_CACHE": "off"}, tmp_path) as server:
+    with serve({"RMSERVE_MODELS": str(openrlhf[which]), "RMSERVE_CACHE": "off", **FP32}, tmp_path) as server:
         body = httpx.post(server.url + "/get_reward", json={"query": posted}, timeout=120).json()
     assert body["rewards"] == pytest.approx(expected, abs=1e-4)
     assert body["scores"] == body["rewards"]
@@ -213,7 +216,9 @@ def test_value_head_names_the_head_of_a_checkpoint_whose_config_does_not_as_serv
     bundle = load_bundle(tmp_path / "bundle")
     formatter = Formatter(bundle)
     items, _ = query_items(texts, None, formatter, 100_000)
-    with serve({"RMSERVE_MODELS": str(tmp_path / "bundle"), "RMSERVE_CACHE": "off"}, tmp_path) as server:
+    with serve(
+        {"RMSERVE_MODELS": str(tmp_path / "bundle"), "RMSERVE_CACHE": "off", **FP32}, tmp_path
+    ) as server:
         body = httpx.post(server.url + "/get_reward", json={"query": texts}, timeout=120).json()
     expected = []
     for enc in formatter.encode(items):

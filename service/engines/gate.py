@@ -17,6 +17,7 @@ import numpy as np
 from rmserve.bundle import Bundle
 from rmserve.engines.base import Engine
 from rmserve.engines.batches import score_rows
+from rmserve.errors import InvalidItem
 from rmserve.formatting import Encoded, Formatter
 from rmserve.items import PairItem
 
@@ -51,6 +52,7 @@ class GateReport:
 
 
 def calibration_items(bundle: Bundle, formatter: Formatter) -> list[Encoded]:
+    """The bundle's calibration pairs, encoded as requests are; those it would refuse are left out."""
     name = bundle.manifest.calibration_file
     path = bundle.path / name if name else None
     if path is None or not Path(path).is_file():
@@ -58,7 +60,25 @@ def calibration_items(bundle: Bundle, formatter: Formatter) -> list[Encoded]:
             f"{bundle.path} has no calibration pairs; a reduced precision cannot be gated"
         )
     rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return formatter.encode([PairItem(r["prompt"], r["response"]) for r in rows])
+    items = [PairItem(r["prompt"], r["response"]) for r in rows]
+    try:
+        return formatter.encode(items)
+    except InvalidItem:
+        pass
+    # A pair the bundle refuses as a request (a gating head whose prompt end truncation cut off, say)
+    # could never be served, so it measures nothing: the gate runs on the others.
+    kept: list[Encoded] = []
+    for item in items:
+        try:
+            kept += formatter.encode([item])
+        except InvalidItem:
+            continue
+    if len(kept) < 2:
+        raise ValueError(
+            f"{bundle.path}: {len(items) - len(kept)} of its {len(items)} calibration pairs are refused "
+            "as requests; a reduced precision cannot be gated"
+        )
+    return kept
 
 
 def score_items(engine: Engine, items: list[Encoded], pad_id: int, batch: int) -> np.ndarray:
