@@ -19,7 +19,7 @@ from rmserve.engines.base import Engine
 from rmserve.engines.batches import score_rows
 from rmserve.errors import InvalidItem
 from rmserve.formatting import Encoded, Formatter
-from rmserve.items import PairItem
+from rmserve.items import Item, PairItem
 
 MIN_AGREEMENT = 0.99
 MIN_SPEARMAN = 0.995
@@ -60,7 +60,7 @@ def calibration_items(bundle: Bundle, formatter: Formatter) -> list[Encoded]:
             f"{bundle.path} has no calibration pairs; a reduced precision cannot be gated"
         )
     rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    items = [PairItem(r["prompt"], r["response"]) for r in rows]
+    items: list[Item] = [PairItem(r["prompt"], r["response"]) for r in rows]
     try:
         return formatter.encode(items)
     except InvalidItem:
