@@ -34,28 +34,14 @@ SIZES = {
     "0.4b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "heads": 14, "kv": 2},
     "1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "heads": 12, "kv": 2},
 }
-VOCAB = 32768
 
+# In its own process, so the checkpoint's model is not part of any export's peak.
 _MAKE = """
-import sys, torch
-from transformers import AutoConfig, AutoModelForSequenceClassification
-from tests.support.tiny import _decoder_tokenizer
-arch, size, out = sys.argv[1], eval(sys.argv[2]), sys.argv[3]
-tokenizer = _decoder_tokenizer(None, with_pad=True)
-config = AutoConfig.for_model(
-    arch, vocab_size=VOCAB_SIZE, hidden_size=size["hidden_size"], intermediate_size=size["intermediate_size"],
-    num_hidden_layers=size["num_hidden_layers"], num_attention_heads=size["heads"],
-    num_key_value_heads=size["kv"], max_position_embeddings=4096, tie_word_embeddings=False,
-    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    pad_token_id=tokenizer.pad_token_id, num_labels=1,
-)
-torch.manual_seed(0)
-model = AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16)
-model.config.architectures = [type(model).__name__]
-model.save_pretrained(out)
-tokenizer.save_pretrained(out)
-print(sum(p.numel() for p in model.parameters()))
-""".replace("VOCAB_SIZE", str(VOCAB))
+import sys
+from pathlib import Path
+from loadtests.checkpoints import random_decoder
+print(random_decoder(Path(sys.argv[3]), arch=sys.argv[1], **eval(sys.argv[2])))
+"""
 
 _EXPORT = """
 import json, resource, sys, time

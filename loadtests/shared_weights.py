@@ -37,8 +37,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loadtests.checkpoints import random_decoder
+
 MIB = 1024**2
-VOCAB = 32768
+
 
 _FIELDS = """
 def status():
@@ -167,33 +169,16 @@ def _child(code: str, *args: str) -> dict[str, Any]:
 
 
 def make_checkpoint(directory: Path, layers: int) -> int:
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    from tests.support.tiny import _decoder_tokenizer
-
-    tokenizer = _decoder_tokenizer(None, with_pad=True)
-    config = AutoConfig.for_model(
-        "qwen2",
-        vocab_size=VOCAB,
+    """Qwen2-0.5B's layer shapes, ``layers`` of them, saved in float32."""
+    return random_decoder(
+        directory,
         hidden_size=896,
         intermediate_size=4864,
         num_hidden_layers=layers,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        num_labels=1,
+        heads=14,
+        kv=2,
+        dtype="float32",
     )
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
-    model.config.architectures = [type(model).__name__]
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return sum(p.numel() for p in model.parameters())
 
 
 def write_seconds(checkpoint: Path, directory: Path, repeats: int) -> float:
