@@ -37,6 +37,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from rmserve.bundle import Bundle
+from rmserve.engines.base import EngineInfo
 from rmserve.engines.batches import Read, score_rows
 from rmserve.engines.gate import MIN_AGREEMENT, MIN_SPEARMAN, pairwise_agreement, spearman
 from rmserve.formatting import Encoded
@@ -322,7 +323,14 @@ def measure_fp16(
     for side in sides:
         for size in sorted(batch_sizes):
             scores = score_rows(
-                encoded, engine.infer, pad_id, batch_items=size, side=side, sort=False, read=read
+                encoded,
+                engine.infer,
+                pad_id,
+                batch_items=size,
+                side=side,
+                sort=False,
+                read=read,
+                infer_many=getattr(engine, "infer_many", None),
             )
             if not np.isfinite(scores).all():
                 report.problems.append(f"non-finite {precision} scores ({side} padding, batch size {size})")
@@ -340,7 +348,7 @@ def measure_fp16(
         "ranking_agreement": round(agreement, 6),
         "spearman": round(rho, 6),
         "reference": "fp32 PyTorch",
-        "engine": f"{engine.info.provider}/{engine.info.precision}",
+        "engine": _engine_label(engine.info),
         "rule": f"max |{precision} - fp32| as measured; pairwise ranking agreement >= {min_agreement}",
     }
     if agreement < min_agreement:
@@ -350,6 +358,12 @@ def measure_fp16(
     if min_spearman is not None and rho < min_spearman:
         report.problems.append(f"{precision} Spearman vs fp32 {rho:.4f} < {min_spearman}")
     return report
+
+
+def _engine_label(info: EngineInfo) -> str:
+    pieces = info.detail.get("pieces")
+    label = f"{info.provider}/{info.precision}"
+    return f"{label}, a piece of the graph at a time ({pieces} pieces)" if pieces else label
 
 
 def manifest_record(report: ParityReport, conversion: dict[str, Any]) -> dict[str, Any]:

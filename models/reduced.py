@@ -37,6 +37,7 @@ from rmserve.models.headroom import FP16_MAX, MARGIN, Headroom, measure_headroom
 from rmserve.models.lean import write_lean_graph
 from rmserve.models.lean.source import TensorSource
 from rmserve.models.parity import Pair, ParityReport, TorchModel, reference_items, reference_scores
+from rmserve.models.piecewise import PiecewiseEngine, openvino_loader, ort_loader
 
 REDUCED = ("fp16", "bf16")
 # Ops the bf16 lean graph computes bfloat16 with, each registered for BFloat16 by ONNX Runtime's CUDA
@@ -114,7 +115,8 @@ def reduce_precision(
             # The guarded fp16 graph has no prefix-reuse twin: such a bundle scores every item whole.
             _drop_past_graph(staging, fields)
             guard = True
-        drift = _measure(unsealed_bundle(staging, **fields), model, texts, source, precision)
+        streamed = report is None
+        drift = _measure(unsealed_bundle(staging, **fields), model, texts, source, precision, streamed)
     except fp16.Fp16Error as exc:
         raise ExportError(str(exc)) from exc
     except EngineError as exc:
@@ -164,13 +166,18 @@ def _calibration(bundle: Bundle, pairs: Sequence[Pair]) -> tuple[Any, int, Any]:
 
 
 def _measure(
-    bundle: Bundle, model: TorchModel, pairs: Sequence[Pair], source: str, precision: str
+    bundle: Bundle,
+    model: TorchModel,
+    pairs: Sequence[Pair],
+    source: str,
+    precision: str,
+    piecewise: bool,
 ) -> ParityReport:
     """The reduced graph as an engine here runs it, against the fp32 ``model`` on ``pairs`` (a
-    process bundle's step values at its step tokens)."""
+    process bundle's step values at its step tokens); ``piecewise``: a piece at a time."""
     encoded, read = reference_items(bundle, pairs)
     reference = reference_scores(model, encoded, bundle.manifest.format.pad_token_id, read=read)
-    engine = _engine(bundle, precision)
+    engine = _engine(bundle, precision, piecewise)
     try:
         return fp16.measure_fp16(
             bundle,
@@ -187,19 +194,28 @@ def _measure(
         engine.close()
 
 
-def _engine(bundle: Bundle, precision: str) -> Any:
+def _engine(bundle: Bundle, precision: str, piecewise: bool) -> Any:
+    """fp16 on ONNX Runtime's CPU provider, bf16 on OpenVINO's CPU plugin; ``piecewise`` (a streamed
+    export): a piece of the graph at a time (models/piecewise.py), since a whole-graph session holds
+    float32 copies of an fp16 graph's weights."""
+    threads = available_cpus()
     if precision == "fp16":
+        if piecewise:
+            return PiecewiseEngine(
+                bundle.model_path, ort_loader, provider="cpu", precision="fp16", threads=threads
+            )
         from rmserve.engines.onnxruntime import OnnxRuntimeEngine
 
-        return OnnxRuntimeEngine(
-            bundle.model_path, provider="cpu", threads=available_cpus(), precision="fp16"
-        )
+        return OnnxRuntimeEngine(bundle.model_path, provider="cpu", threads=threads, precision="fp16")
     try:
         from rmserve.engines.openvino import OpenVinoEngine, cpu_supports_bf16
     except ImportError as exc:
         raise EngineError("bf16 bundles are checked on OpenVINO here: pip install openvino") from exc
     hint = "bf16" if cpu_supports_bf16() else "fp32"
-    return OpenVinoEngine(bundle.model_path, threads=available_cpus(), precision=hint)
+    if piecewise:
+        load = openvino_loader(hint)
+        return PiecewiseEngine(bundle.model_path, load, provider="openvino", precision=hint, threads=threads)
+    return OpenVinoEngine(bundle.model_path, threads=threads, precision=hint)
 
 
 def _drop_past_graph(staging: Path, fields: dict[str, Any]) -> None:

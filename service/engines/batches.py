@@ -21,6 +21,9 @@ from rmserve.engines.base import TokenBatch, pad_batch
 from rmserve.formatting import Encoded
 
 Infer = Callable[[TokenBatch], np.ndarray]
+# Every batch in one call: an engine that loads a graph a piece at a time (models/piecewise.py) runs
+# all batches through a piece before it loads the next.
+InferMany = Callable[[Sequence[TokenBatch]], list[np.ndarray]]
 Side = Literal["right", "left"]
 # (a row of output, its item, where the item's tokens start in the row) -> the item's value(s)
 Read = Callable[[np.ndarray, Encoded, int], Any]
@@ -83,12 +86,15 @@ def infer_rows(
     side: Side = "right",
     sort: bool = True,
     streams: int = 1,
+    infer_many: InferMany | None = None,
 ) -> list[Any]:
     """Each row's value as ``read`` takes it from its row of output, in the rows' order (see
-    ``plan_batches``), ``streams`` batches in flight."""
+    ``plan_batches``), ``streams`` batches in flight, or all of them in one ``infer_many`` call."""
     plan = plan_batches([len(r) for r in rows], items=batch_items, tokens=batch_tokens, sort=sort)
     batches = [pad_rows([rows[i] for i in idx], pad_id, side) for idx in plan]
-    if streams > 1 and len(batches) > 1:
+    if infer_many is not None:
+        results = infer_many(batches)
+    elif streams > 1 and len(batches) > 1:
         with ThreadPoolExecutor(max_workers=streams) as pool:
             results = list(pool.map(infer, batches))
     else:
@@ -117,6 +123,7 @@ def score_rows(
     sort: bool = True,
     streams: int = 1,
     read: Read | None = None,
+    infer_many: InferMany | None = None,
 ) -> np.ndarray:
     """float64 values in the rows' order: one score per row, or with ``read`` whatever it takes from
     each row (a process model's step values), one row's after another in one flat array."""
@@ -130,6 +137,7 @@ def score_rows(
         side=side,
         sort=sort,
         streams=streams,
+        infer_many=infer_many,
     )
     flat = [np.asarray(v, dtype=np.float64).reshape(-1) for v in values]
     return np.concatenate(flat) if flat else np.empty(0, dtype=np.float64)

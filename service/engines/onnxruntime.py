@@ -97,6 +97,21 @@ def cuda_options(device_id: int, gpu_mem_limit_bytes: int) -> dict[str, str]:
     return options
 
 
+def new_session(model_path: Path, threads: int, providers: list[Any]) -> ort.InferenceSession:
+    """A session of ``model_path`` on ``providers`` with the server's settings, ``threads`` intra-op."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning threads burn the cores that tokenization and HTTP need between batches.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise EngineError(f"onnxruntime could not load {model_path}: {exc}") from exc
+
+
 class _Lane:
     """A stream: an IO binding of the shared session and an output buffer, one forward pass at a time."""
 
@@ -140,7 +155,7 @@ class OnnxRuntimeEngine:
             streams = max(1, min(streams, threads))
             providers = [wanted]
             self._device, self._device_id = "cpu", 0
-        session = self._session(model_path, shared_session_threads(threads, streams), providers)
+        session = new_session(model_path, shared_session_threads(threads, streams), providers)
         if provider == "cuda" and wanted not in session.get_providers():
             # onnxruntime-gpu falls back to the CPU silently when CUDA/cuDNN libraries are missing.
             raise EngineError(
@@ -173,20 +188,6 @@ class OnnxRuntimeEngine:
         self.info = EngineInfo(
             provider=provider, precision=precision, threads=threads, streams=streams, detail=detail
         )
-
-    @staticmethod
-    def _session(model_path: Path, threads: int, providers: list[Any]) -> ort.InferenceSession:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Spinning threads burn the cores that tokenization and HTTP need between batches.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            return ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise EngineError(f"onnxruntime could not load {model_path}: {exc}") from exc
 
     def infer(self, batch: TokenBatch) -> np.ndarray:
         lane = self._lanes.get()

@@ -64,23 +64,7 @@ class OpenVinoEngine:
             )
         streams = max(1, min(streams, threads))
         hint_name = "LATENCY" if streams == 1 else "THROUGHPUT"
-        core = ov.Core()
-        try:
-            model = core.read_model(str(model_path))
-            self._compiled = core.compile_model(
-                model,
-                "CPU",
-                {
-                    "PERFORMANCE_HINT": hint_name,
-                    "NUM_STREAMS": streams,
-                    "INFERENCE_NUM_THREADS": threads,
-                    "INFERENCE_PRECISION_HINT": hint,
-                    # Pinning threads to cores fights other processes on a shared node.
-                    "ENABLE_CPU_PINNING": False,
-                },
-            )
-        except Exception as exc:  # openvino raises RuntimeError subclasses with long texts
-            raise EngineError(f"openvino could not compile {model_path}: {exc}") from exc
+        self._compiled = compile_cpu(model_path, threads, precision, streams)
         self._inputs = [p.get_any_name() for p in self._compiled.inputs]
         self._extra = extra_outputs  # returned as columns after the score (rmserve.engines.base)
         # [batch]: an outcome graph's scores; [batch, length]: a process graph's value per token.
@@ -124,6 +108,29 @@ class OpenVinoEngine:
     def close(self) -> None:
         self.__dict__.pop("_requests", None)
         self.__dict__.pop("_compiled", None)
+
+
+def compile_cpu(model_path: Path, threads: int, precision: str, streams: int = 1) -> Any:
+    """``model_path`` compiled for OpenVINO's CPU plugin at ``precision`` (fp32 or bf16), with
+    ``streams`` streams (the LATENCY hint for one, else THROUGHPUT) sharing ``threads`` threads."""
+    import openvino as ov
+
+    core = ov.Core()
+    try:
+        return core.compile_model(
+            core.read_model(str(model_path)),
+            "CPU",
+            {
+                "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT",
+                "NUM_STREAMS": streams,
+                "INFERENCE_NUM_THREADS": threads,
+                "INFERENCE_PRECISION_HINT": _HINTS[precision],
+                # Pinning threads to cores fights other processes on a shared node.
+                "ENABLE_CPU_PINNING": False,
+            },
+        )
+    except Exception as exc:  # openvino raises RuntimeError subclasses with long texts
+        raise EngineError(f"openvino could not compile {model_path}: {exc}") from exc
 
 
 def _precisions() -> tuple[str, ...]:
