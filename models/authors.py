@@ -18,7 +18,7 @@ import numpy as np
 
 from rmserve.bundle import Bundle
 from rmserve.engines.base import TokenBatch
-from rmserve.engines.batches import score_rows
+from rmserve.engines.batches import engine_rows
 from rmserve.errors import InvalidItem
 from rmserve.formatting import Encoded
 from rmserve.items import ChatItem, Item, Message, PairItem, TextItem, ToolCall
@@ -235,7 +235,7 @@ def compare(
                 f"({len(ids)} ids)"
             )
     pad = bundle.manifest.format.pad_token_id
-    served = score_rows(encoded, engine.infer, pad, batch_items=1, read=kind.values)
+    served = engine_rows(encoded, engine, pad, batch_items=1, read=kind.values)
     expected = np.asarray(ref.scores, dtype=np.float64)
     diff = np.abs(served - expected) / np.maximum(1.0, np.abs(expected))
     worst = float(diff.max()) if diff.size else 0.0

@@ -158,7 +158,8 @@ def export_bundle(
         loaded = load_whole(request, loaded)  # tracing needs the whole model in memory
     weights = loaded.weights if why_traced is None else None  # the lean graph streams them
     threshold = min(external_data_bytes, lean.STREAM_BYTES)
-    direct = weights is not None and precision in REDUCED and lean.weights_size(weights, "fp32") > threshold
+    streamed = weights is not None and lean.weights_size(weights, "fp32") > threshold
+    direct = streamed and precision in REDUCED
     texts, text_source = parity_mod.reference_pairs(32)
     plan = ParityPlan(texts, text_source, tolerance, invariance_tolerance, reference)
     calibration = calibration_set(calibration_pairs)
@@ -230,6 +231,7 @@ def export_bundle(
             calibration=calibration,
             external_data_bytes=external_data_bytes,
             weights=weights,
+            streamed=streamed,
             direct=direct,
         )
         # The one digest: every file is final here and hashed once.

@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from rmserve.bundle import Bundle
 from rmserve.engines.base import EngineInfo
-from rmserve.engines.batches import Read, score_rows
+from rmserve.engines.batches import Read, engine_rows
 from rmserve.engines.gate import MIN_AGREEMENT, MIN_SPEARMAN, pairwise_agreement, spearman
 from rmserve.formatting import Encoded
 from rmserve.models.graph import save_onnx
@@ -322,16 +322,7 @@ def measure_fp16(
     served: list[np.ndarray] = []
     for side in sides:
         for size in sorted(batch_sizes):
-            scores = score_rows(
-                encoded,
-                engine.infer,
-                pad_id,
-                batch_items=size,
-                side=side,
-                sort=False,
-                read=read,
-                infer_many=getattr(engine, "infer_many", None),
-            )
+            scores = engine_rows(encoded, engine, pad_id, batch_items=size, side=side, sort=False, read=read)
             if not np.isfinite(scores).all():
                 report.problems.append(f"non-finite {precision} scores ({side} padding, batch size {size})")
                 scores = np.nan_to_num(scores)

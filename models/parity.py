@@ -32,7 +32,7 @@ import torch
 
 from rmserve.bundle import Bundle, Manifest
 from rmserve.engines.base import TokenBatch, available_cpus
-from rmserve.engines.batches import Read, Side, score_rows
+from rmserve.engines.batches import Read, Side, engine_rows, score_rows
 from rmserve.engines.onnxruntime import OnnxRuntimeEngine
 from rmserve.errors import InvalidItem
 from rmserve.formatting import Encoded, Formatter
@@ -42,6 +42,7 @@ from rmserve.models.authors import AuthorsReference
 from rmserve.models.authors import compare as compare_with_authors
 from rmserve.models.data import hh_dev_path
 from rmserve.models.heads import ScoreModel
+from rmserve.models.piecewise import PiecewiseEngine, ort_loader
 from rmserve.models.process_heads import StepModel
 
 # The torch side of a bundle: one score per row, or (process bundles) one value per token.
@@ -302,13 +303,22 @@ def check_parity(
     invariance_tolerance: float = 1e-5,
     batch_sizes: Sequence[int] = BATCH_SIZES,
     authors: AuthorsReference | None = None,
+    piecewise: bool = False,
 ) -> ParityReport:
     """Score ``pairs`` through the bundle (as served) and through ``model``; see the module doc.
     With ``authors``, the served token ids and scores are also held to the family's reference usage
-    (models/authors.py), recorded as ``reference``."""
+    (models/authors.py), recorded as ``reference``. ``piecewise`` (a streamed export): ONNX Runtime
+    runs the graph a piece at a time (models/piecewise.py; in fp32 bit for bit the whole graph's
+    scores), so the check holds one piece's weights, not the model's."""
     encoded, read = reference_items(bundle, pairs)
     pad_id = bundle.manifest.format.pad_token_id
-    engine = OnnxRuntimeEngine(bundle.model_path, provider="cpu", threads=available_cpus())
+    engine: OnnxRuntimeEngine | PiecewiseEngine
+    if piecewise:
+        engine = PiecewiseEngine(
+            bundle.model_path, ort_loader, provider="cpu", precision="fp32", threads=available_cpus()
+        )
+    else:
+        engine = OnnxRuntimeEngine(bundle.model_path, provider="cpu", threads=available_cpus())
     report = ParityReport(
         text_source=text_source,
         n_texts=len(pairs),
@@ -328,6 +338,10 @@ def check_parity(
             report.problems += problems
     finally:
         engine.close()
+    if piecewise:
+        report.extra["engine"] = (
+            f"onnxruntime cpu, a piece of the graph at a time ({engine.info.detail['pieces']} pieces)"
+        )
     _check_invariance(served, invariance_sides(bundle.manifest), report)
     if report.max_rel_diff > tolerance:
         report.problems.append(
@@ -338,7 +352,7 @@ def check_parity(
 
 
 def _compare(
-    engine: OnnxRuntimeEngine,
+    engine: OnnxRuntimeEngine | PiecewiseEngine,
     model: TorchModel,
     encoded: Sequence[Encoded],
     pad_id: int,
@@ -360,9 +374,7 @@ def _compare(
     low, high = np.inf, -np.inf
     for side in sides:
         for size in sorted(batch_sizes, reverse=True):
-            onnx = score_rows(
-                encoded, engine.infer, pad_id, batch_items=size, side=side, sort=False, read=read
-            )
+            onnx = engine_rows(encoded, engine, pad_id, batch_items=size, side=side, sort=False, read=read)
             if size == 1 and alone_ref is not None:
                 ref = alone_ref
             else:

@@ -71,9 +71,11 @@ def reduce_precision(
     precision: str,
     external_data_bytes: int,
     weights: TensorSource | None = None,
+    piecewise: bool = False,
 ) -> ParityReport:
     """Rewrite the staged fp32 graph at ``precision``, or (``report`` None: a streamed export with no fp32
-    graph) write it; record and gate its drift (module docstring). ``weights``: the checkpoint's tensors."""
+    graph) write it; record and gate its drift (module docstring). ``weights``: the checkpoint's tensors.
+    ``piecewise`` (a streamed export): the graph is run a piece at a time (models/piecewise.py)."""
     fields["precision"] = precision
     lean = fields.get("graph") == "lean"
     if precision == "bf16" and not lean:
@@ -115,8 +117,7 @@ def reduce_precision(
             # The guarded fp16 graph has no prefix-reuse twin: such a bundle scores every item whole.
             _drop_past_graph(staging, fields)
             guard = True
-        streamed = report is None
-        drift = _measure(unsealed_bundle(staging, **fields), model, texts, source, precision, streamed)
+        drift = _measure(unsealed_bundle(staging, **fields), model, texts, source, precision, piecewise)
     except fp16.Fp16Error as exc:
         raise ExportError(str(exc)) from exc
     except EngineError as exc:

@@ -58,12 +58,16 @@ def verify_bundle(
     calibration: Sequence[Pair],
     external_data_bytes: int,
     weights: TensorSource | None,
+    streamed: bool,
     direct: bool,
 ) -> ParityReport:
-    """Run the checks (the module docstring) on ``staged``; ``direct``: the weights were streamed
+    """Run the checks (the module docstring) on ``staged``; ``streamed``: the weights were streamed
+    into the bundle, so ONNX Runtime runs it a piece at a time (models/piecewise.py); ``direct``:
     straight to ``precision``, so there is no fp32 graph to hold to parity. ``scratch``: an empty
     directory's path for the fused candidate."""
-    report = None if direct else parity_or_fail(staged.directory, staged.fields, staged.model, plan)
+    report = None
+    if not direct:
+        report = parity_or_fail(staged.directory, staged.fields, staged.model, plan, piecewise=streamed)
     held = authors_without_fp32_graph(staged, plan) if direct else None
     if optimize and report is not None:
         report = try_optimize(staged, scratch, report, plan)
@@ -79,6 +83,7 @@ def verify_bundle(
             precision=precision,
             external_data_bytes=external_data_bytes,
             weights=weights,
+            piecewise=streamed,
         )
     assert report is not None, "a streamed reduced-precision export is measured by reduce_precision"
     if held is not None:
@@ -89,7 +94,7 @@ def verify_bundle(
 
 
 def parity_or_fail(
-    bundle_dir: Path, fields: dict[str, Any], model: TorchModel, plan: ParityPlan
+    bundle_dir: Path, fields: dict[str, Any], model: TorchModel, plan: ParityPlan, *, piecewise: bool = False
 ) -> ParityReport:
     """Parity of the bundle in ``bundle_dir`` against ``model``; ExportError with the numbers if not."""
     report = check_parity(
@@ -100,6 +105,7 @@ def parity_or_fail(
         tolerance=plan.tolerance,
         invariance_tolerance=plan.invariance,
         authors=plan.reference,
+        piecewise=piecewise,
     )
     if not report.ok:
         raise ExportError(

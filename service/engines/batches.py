@@ -107,6 +107,12 @@ def infer_rows(
     return out
 
 
+def engine_rows(rows: Sequence[Encoded], engine: Any, pad_id: int, **how: Any) -> np.ndarray:
+    """``score_rows`` through an engine, handing it every batch at once where it takes them so
+    (``infer_many``: models/piecewise.py); ``how``: score_rows' keywords."""
+    return score_rows(rows, engine.infer, pad_id, infer_many=getattr(engine, "infer_many", None), **how)
+
+
 def _score(line: np.ndarray, row: Encoded, start: int) -> float:
     """A row's score: its one value, or the first column before a bundle's extra outputs."""
     return float(np.asarray(line).reshape(-1)[0])
