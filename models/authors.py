@@ -43,9 +43,10 @@ class AuthorsReference:
     reference: Reference
     bos_tokens: int | None
     bos_source: str
+    layerwise: bool = False  # the reference's model read layer by layer (ReferenceSettings.layerwise)
 
     def as_manifest(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.family.name,
             "title": self.family.title,
             "head": self.family.head,
@@ -54,6 +55,9 @@ class AuthorsReference:
             "bos_tokens": self.bos_tokens,
             "bos_decided_by": self.bos_source,
         }
+        if self.layerwise:
+            out["model_loaded"] = "its class, each decoder layer's float32 weights read as it runs"
+        return out
 
 
 def today() -> str:
@@ -79,31 +83,34 @@ def run_reference(
     trust_remote_code: bool,
     date: str | None,
     bos_override: int | None,
+    layerwise: bool = False,
 ) -> AuthorsReference:
-    """The family's reference on the fixed conversations, and the BOS policy it implies."""
+    """The family's reference on the fixed conversations, and the BOS policy it implies; ``layerwise``:
+    its model read layer by layer (``ReferenceSettings.layerwise``)."""
     if family.reference is None:
         raise ExportError(f"{family.title} has no reference usage to check an export against")
     bos_id = tokenizer.bos_token_id
     if bos_override is not None and (bos_id is None or family.input_format != "chat_template"):
         raise ExportError(f"--bos-tokens {bos_override}: only a decoder whose tokenizer has BOS takes it")
     longest = min(max_length, LONGEST_REFERENCE)
-    settings = ReferenceSettings(trust_remote_code, date or today(), longest, bos_override)
+    settings = ReferenceSettings(trust_remote_code, date or today(), longest, bos_override, layerwise)
     reference = family.reference(checkpoint, CONVERSATIONS, settings)
     if bos_override is not None:
-        return AuthorsReference(family, reference, bos_override, "--bos-tokens")
+        return AuthorsReference(family, reference, bos_override, "--bos-tokens", layerwise)
     if family.input_format != "chat_template" or bos_id is None:
-        return AuthorsReference(family, reference, None, "no BOS policy (as the text tokenizes)")
+        return AuthorsReference(family, reference, None, "no BOS policy (as the text tokenizes)", layerwise)
     # Per conversation: the BOS ids the reference starts with, and those the template's text alone gives.
     counts = [_lead(x, bos_id) for x in reference.ids]
     plain = [tuple(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in reference.rendered]
     own = [_lead(ids, bos_id) for ids in plain]
     if counts == own:
-        return AuthorsReference(family, reference, None, f"the template's BOS ({max(own, default=0)})")
+        own_bos = f"the template's BOS ({max(own, default=0)})"
+        return AuthorsReference(family, reference, None, own_bos, layerwise)
     if len(set(counts)) != 1:
         raise ExportError(f"the reference starts its conversations with {sorted(set(counts))} BOS tokens")
     wanted = counts[0]
     how = "the tokenizer's" if max(own, default=0) == 0 else "the template's and the tokenizer's"
-    return AuthorsReference(family, reference, wanted, f"{how} BOS ({wanted})")
+    return AuthorsReference(family, reference, wanted, f"{how} BOS ({wanted})", layerwise)
 
 
 def _lead(ids: tuple[int, ...], bos: int) -> int:

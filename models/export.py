@@ -132,6 +132,7 @@ def export_bundle(
             trust_remote_code=trust_remote_code,
             date=date,
             bos_override=bos_tokens,
+            layerwise=loaded.layerwise,
         )
     try:
         input_format, bos_tokens = process_format(step, tokenizer, input_format, bos_tokens)

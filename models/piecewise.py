@@ -204,7 +204,7 @@ def ort_loader(path: Path, threads: int) -> Run:
     """A piece on ONNX Runtime's CPU provider, with the server's session settings."""
     from rmserve.engines.onnxruntime import new_session
 
-    session = new_session(path, threads, ["CPUExecutionProvider"])
+    session = new_session(path, threads, ["CPUExecutionProvider"], arena=False)
     names = [o.name for o in session.get_outputs()]
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -46,6 +46,9 @@ class ReferenceSettings:
     max_length: int
     # ``--bos-tokens``: the recipe's token ids with their leading BOS replaced by exactly this many.
     bos_tokens: int | None = None
+    # The checkpoint's class built with its decoder layers' weights read as each runs (models/layerwise.py),
+    # so the reference holds one layer, not the model; its scores are the whole model's bit for bit.
+    layerwise: bool = False
 
 
 @dataclass(frozen=True)

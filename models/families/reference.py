@@ -54,14 +54,31 @@ def pinned_now(day: str) -> Iterator[None]:
 
 def authors_model(checkpoint: Path, settings: ReferenceSettings, attention: str | None = None) -> Any:
     """The checkpoint as its class loads it (``AutoModelForSequenceClassification``), fp32, eval, with
-    the attention implementation its card names (None: transformers' default)."""
+    the attention implementation its card names (None: transformers' default); with
+    ``settings.layerwise``, the same class and forward with each decoder layer's float32 weights read
+    from the checkpoint as it runs (models/layerwise.py)."""
     import torch
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    if settings.layerwise:
+        from rmserve.models.layerwise import layerwise_model
+        from rmserve.models.lean.source import SafetensorsSource
+
+        config = AutoConfig.from_pretrained(checkpoint)
+        return layerwise_model(
+            AutoModelForSequenceClassification, config, SafetensorsSource(checkpoint), attention, _complete
+        )
     extra = {} if attention is None else {"attn_implementation": attention}
     return AutoModelForSequenceClassification.from_pretrained(
         checkpoint, dtype=torch.float32, trust_remote_code=settings.trust_remote_code, **extra
     ).eval()
+
+
+def _complete(_model: Any, info: dict[str, list[Any]]) -> None:
+    """A layer-by-layer reference reads every weight its class has from the checkpoint, or none."""
+    lacking = info["missing_keys"] + info["mismatched_keys"]
+    if lacking:
+        raise ValueError(f"the checkpoint lacks or misshapes weights its class needs: {lacking[:5]}")
 
 
 def authors_tokenizer(checkpoint: Path, settings: ReferenceSettings) -> Any:

@@ -97,9 +97,14 @@ def cuda_options(device_id: int, gpu_mem_limit_bytes: int) -> dict[str, str]:
     return options
 
 
-def new_session(model_path: Path, threads: int, providers: list[Any]) -> ort.InferenceSession:
-    """A session of ``model_path`` on ``providers`` with the server's settings, ``threads`` intra-op."""
+def new_session(
+    model_path: Path, threads: int, providers: list[Any], *, arena: bool = True
+) -> ort.InferenceSession:
+    """A session of ``model_path`` on ``providers`` with the server's settings, ``threads`` intra-op.
+    ``arena`` False: the CPU allocator frees each buffer as it goes, instead of keeping the arena's
+    chunks (grown by doubling) until the session ends."""
     opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = arena
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
