@@ -48,6 +48,6 @@ def random_decoder(
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config, dtype=getattr(torch, dtype))
     model.config.architectures = [type(model).__name__]
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, max_shard_size="5GB")  # sharded as the hub's 8B checkpoints are
     tokenizer.save_pretrained(directory)
     return sum(p.numel() for p in model.parameters())

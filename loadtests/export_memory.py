@@ -177,6 +177,16 @@ def _run(code: str, *args: str) -> str:
     return done.stdout
 
 
+def stored_parameters(checkpoint: Path) -> int:
+    """The parameter count of a checkpoint already written, from its safetensors headers."""
+    from math import prod
+
+    from rmserve.models.lean.source import SafetensorsSource
+
+    source = SafetensorsSource(checkpoint)
+    return sum(prod(source.shape(name)) for name in source.names())
+
+
 def weight_bytes(bundle: Path) -> int:
     return sum(f.stat().st_size for f in bundle.glob("model.onnx*"))
 
@@ -193,13 +203,22 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="skip serving each fp32 bundle and comparing its scores with transformers' own",
     )
+    parser.add_argument(
+        "--checkpoints",
+        type=Path,
+        default=None,
+        help="keep the random checkpoints here and reuse one already there (an 8B one takes minutes to make)",
+    )
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="rmserve-export-bench-", dir=args.root))
     rows = []
     try:
         for size in args.sizes:
-            checkpoint = root / f"{args.arch}-{size}"
-            params = int(_run(_MAKE, args.arch, repr(SIZES[size]), str(checkpoint)).split()[-1])
+            checkpoint = (args.checkpoints or root) / f"{args.arch}-{size}"
+            if (checkpoint / "config.json").is_file():
+                params = stored_parameters(checkpoint)
+            else:
+                params = int(_run(_MAKE, args.arch, repr(SIZES[size]), str(checkpoint)).split()[-1])
             for precision in args.precisions:
                 bundle = root / f"bundle-{size}-{precision}"
                 out = _run(_EXPORT, str(checkpoint), str(bundle), precision)
@@ -226,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 shutil.rmtree(bundle, ignore_errors=True)
-            shutil.rmtree(checkpoint, ignore_errors=True)
+            if args.checkpoints is None:
+                shutil.rmtree(checkpoint, ignore_errors=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0
