@@ -31,12 +31,20 @@ from pathlib import Path
 
 GIB = 1024**3
 # Qwen2-0.5B's and Qwen2-1.5B's bodies with a 32k vocabulary; Llama at the same sizes. "8b" is
-# Llama-3.1-8B's body (7.1B parameters with the 32k vocabulary): making its checkpoint takes ~15 GB of
-# RAM, its fp32 bundle 27 GiB of disk, and serving that bundle more RAM than 24 GB (--no-serve-check).
+# Llama-3.1-8B's body (7.1B parameters with the 32k vocabulary), its checkpoint written in 5 GB shards
+# without building the model (loadtests/checkpoints.py); its fp32 bundle takes 27 GiB of disk, and
+# serving that bundle more RAM than 24 GB (--no-serve-check).
 SIZES = {
     "0.4b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "heads": 14, "kv": 2},
     "1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "heads": 12, "kv": 2},
-    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "heads": 32, "kv": 8},
+    "8b": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "heads": 32,
+        "kv": 8,
+        "shard_bytes": 5 * 10**9,
+    },
 }
 DEFAULT_SIZES = ["0.4b", "1.5b"]
 
