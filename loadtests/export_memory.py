@@ -2,7 +2,7 @@
 exported to fp32 and to fp16/bf16 bundles, each export in its own process.
 
     python -m loadtests.export_memory [--sizes 0.4b 1.5b] [--precisions fp32 fp16 bf16] [--arch qwen2]
-    python -m loadtests.export_memory --sizes 8b --arch llama --precisions fp32 --no-serve-check
+    python -m loadtests.export_memory --sizes 8b --arch llama --precisions fp16 --no-serve-check
 
 For each export it prints the child process's peak resident memory (``ru_maxrss``, read by the child
 at its end: everything it held, tokenizer and ONNX Runtime included), the bundle's weight bytes, the
@@ -202,7 +202,7 @@ def weight_bytes(bundle: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES, choices=list(SIZES))
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "fp16"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "bf16"])
     parser.add_argument("--arch", default="qwen2")
     parser.add_argument("--root", type=Path, default=None)
     parser.add_argument(
