@@ -48,6 +48,7 @@ from rmserve.models.parity import (
     invariance_sides,
     scaled_diff,
 )
+from rmserve.models.piecewise import how_run
 
 FP32_OPS = frozenset(
     {
@@ -354,7 +355,7 @@ def measure_fp16(
 def _engine_label(info: EngineInfo) -> str:
     pieces = info.detail.get("pieces")
     label = f"{info.provider}/{info.precision}"
-    return f"{label}, a piece of the graph at a time ({pieces} pieces)" if pieces else label
+    return f"{label}, {how_run(pieces)}" if pieces else label
 
 
 def manifest_record(report: ParityReport, conversion: dict[str, Any]) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from rmserve.models.authors import AuthorsReference
 from rmserve.models.authors import compare as compare_with_authors
 from rmserve.models.data import hh_dev_path
 from rmserve.models.heads import ScoreModel
-from rmserve.models.piecewise import PiecewiseEngine, ort_loader
+from rmserve.models.piecewise import PiecewiseEngine, how_run, ort_loader
 from rmserve.models.process_heads import StepModel
 
 # The torch side of a bundle: one score per row, or (process bundles) one value per token.
@@ -339,9 +339,7 @@ def check_parity(
     finally:
         engine.close()
     if piecewise:
-        report.extra["engine"] = (
-            f"onnxruntime cpu, a piece of the graph at a time ({engine.info.detail['pieces']} pieces)"
-        )
+        report.extra["engine"] = f"onnxruntime cpu, {how_run(engine.info.detail['pieces'])}"
     _check_invariance(served, invariance_sides(bundle.manifest), report)
     if report.max_rel_diff > tolerance:
         report.problems.append(

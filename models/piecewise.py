@@ -91,10 +91,11 @@ def cut(model: ModelProto, budget: int) -> list[Piece]:
                     readers[name] = index
     pieces = []
     for index, nodes in enumerate(groups):
-        made = {o for node in nodes for o in node.output if o}
-        read = [n for node in nodes for n in node.input if n and n not in weights and n not in made]
+        made = [o for node in nodes for o in node.output if o]  # in node order
+        inside = set(made)
+        read = [n for node in nodes for n in node.input if n and n not in weights and n not in inside]
         uses = {n for node in nodes for n in node.input if n in weights}
-        outputs = [o for o in _ordered(made, nodes) if o in wanted or readers.get(o, -1) > index]
+        outputs = [o for o in made if o in wanted or readers.get(o, -1) > index]
         pieces.append(
             Piece(
                 nodes=tuple(nodes),
@@ -107,8 +108,9 @@ def cut(model: ModelProto, budget: int) -> list[Piece]:
     return pieces
 
 
-def _ordered(made: set[str], nodes: Sequence[onnx.NodeProto]) -> list[str]:
-    return [o for node in nodes for o in node.output if o in made]
+def how_run(pieces: int) -> str:
+    """How a report says its graph was run."""
+    return f"a piece of the graph at a time ({pieces} pieces)"
 
 
 class PiecewiseEngine:
